@@ -1,0 +1,94 @@
+"""The cacheable request prefix of an expert, built in one place for keepwarm and production.
+
+A cache hit needs the prefix (tools, then system, up to the breakpoint) to be
+byte-identical between the keepalive ping and the application's real requests. The
+safest way to get that is for both to build it here:
+
+    from keepwarm.prefix import load_prefix
+    prefix = load_prefix("/etc/keepwarm/keepwarm.yaml", "chief-economist")
+    client.messages.create(model="claude-sonnet-4-6", max_tokens=1024,
+                           messages=[...], **prefix.params())
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def cache_marker(ttl: str) -> dict[str, str]:
+    """The `cache_control` value for a TTL; 5m is the API's default and is sent bare."""
+    if ttl == "1h":
+        return {"type": "ephemeral", "ttl": "1h"}
+    return {"type": "ephemeral"}
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The `system` blocks and `tools` of an expert, exactly as they are sent."""
+
+    system: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...] | None = None
+
+    def params(self) -> dict[str, Any]:
+        """Keyword arguments for `client.messages.create` (fresh copies each call)."""
+        out: dict[str, Any] = {"system": copy.deepcopy(list(self.system))}
+        if self.tools is not None:
+            out["tools"] = copy.deepcopy(list(self.tools))
+        return out
+
+    def fingerprint(self, model: str) -> str:
+        """The SPEC §1 fingerprint of this prefix on one model."""
+        return fingerprint(model, list(self.system), None if self.tools is None else list(self.tools))
+
+
+def build_prefix(
+    system: Sequence[str | dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    ttl: str = "5m",
+) -> Prefix:
+    """Build a prefix from system texts (or text blocks) and optional tool definitions.
+
+    A block given as a dict is kept as it is, `cache_control` included. If no system block
+    and no tool carries a `cache_control` marker, the last system block gets one for `ttl`.
+    """
+    blocks = [
+        {"type": "text", "text": item} if isinstance(item, str) else copy.deepcopy(dict(item))
+        for item in system
+    ]
+    tool_list = None if tools is None else [copy.deepcopy(dict(t)) for t in tools]
+    marked = any("cache_control" in b for b in blocks) or any("cache_control" in t for t in tool_list or [])
+    if not marked:
+        if blocks:
+            blocks[-1]["cache_control"] = cache_marker(ttl)
+        elif tool_list:
+            tool_list[-1]["cache_control"] = cache_marker(ttl)
+    return Prefix(system=tuple(blocks), tools=None if tool_list is None else tuple(tool_list))
+
+
+def fingerprint(model: str, system: Any, tools: Any = None) -> str:
+    """sha256 of the canonical JSON of model, system and tools (SPEC §1)."""
+    doc: dict[str, Any] = {"model": model, "system": system}
+    if tools is not None:
+        doc["tools"] = tools
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_prefix(config_path: str | Path, expert: str) -> Prefix:
+    """The prefix keepwarm warms for `expert`, read from a keepwarm config file.
+
+    Raises `keepwarm.config.ConfigError` if the config is invalid, `KeyError` if it has no
+    such expert.
+    """
+    from keepwarm.config import load_config  # late import: config imports this module
+
+    config = load_config(Path(config_path))
+    for pair in config.pairs:
+        if pair.expert == expert:
+            return pair.prefix
+    raise KeyError(f"no expert named {expert!r} in {config_path}")
