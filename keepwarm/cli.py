@@ -1,0 +1,247 @@
+"""The `keepwarm` command line (SPEC §4). `main(argv) -> int`; exit codes are interface."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from keepwarm import __version__
+from keepwarm.classify import Result
+from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
+from keepwarm.durations import format_duration
+from keepwarm.logs import event, setup_logging
+
+log = logging.getLogger("keepwarm")
+
+EX_OK = 0
+EX_FAIL = 1
+EX_USAGE = 2
+EX_NOT_ALL_WARM = 3
+EX_CONFIG = 78
+DEFAULT_EMULATOR_SCALE = 0.05
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="keepwarm",
+        description="Keeps Anthropic prompt caches warm and shows, in dollars, whether that pays.",
+    )
+    p.add_argument("--version", action="version", version=f"keepwarm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, scaled: bool = False) -> None:
+        sp.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get("KEEPWARM_CONFIG"),
+            help="the YAML config (default: $KEEPWARM_CONFIG)",
+        )
+        sp.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        sp.add_argument(
+            "--emulator",
+            action="store_true",
+            help="talk to the built-in API emulator on loopback: no key, no network, no cost",
+        )
+        if scaled:
+            sp.add_argument(
+                "--time-scale",
+                type=float,
+                default=DEFAULT_EMULATOR_SCALE,
+                help=f"with --emulator: multiply every TTL, interval and jitter by this (default {DEFAULT_EMULATOR_SCALE}: "
+                "a 5m TTL lasts 15s, a 4m interval 12s)",
+            )
+
+    common(sub.add_parser("run", help="the daemon: keep every pair warm until SIGTERM; SIGHUP reloads"), scaled=True)
+    common(sub.add_parser("once", help="ping every pair once, print a row per pair, exit"))
+    common(sub.add_parser("check", help="validate the config and count each prefix's tokens; sends no ping"))
+    emu = sub.add_parser("emulator", help="serve the local Messages API emulator on 127.0.0.1")
+    emu.add_argument("--port", type=int, default=8080)
+    emu.add_argument("--time-scale", type=float, default=1.0, help="multiply every cache TTL by this")
+    emu.add_argument("--api-key", action="append", default=None, help="accept only this key (repeatable)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `keepwarm` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "emulator":
+        from keepwarm.emulator import serve
+
+        return serve(args.port, args.time_scale, args.api_key)
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    if args.config is None:
+        print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
+        return EX_USAGE
+    if args.command == "run":
+        if args.emulator and not args.time_scale > 0:
+            print("keepwarm: --time-scale must be above 0", file=sys.stderr)
+            return EX_USAGE
+        from keepwarm.daemon import Daemon, EmulatorMode
+
+        mode = EmulatorMode(args.time_scale) if args.emulator else None
+        return Daemon(args.config, mode).run()
+    try:
+        with _session(args) as (config, client):
+            if args.command == "once":
+                return once(config, client)
+            return check(config, client)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            event(log, logging.ERROR, "config error", source=exc.source or str(args.config), problem=problem)
+        return EX_CONFIG
+
+
+@contextlib.contextmanager
+def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
+    """A validated config and an SDK client, against the emulator when asked."""
+    from keepwarm.ping import make_client
+
+    config = load_config(args.config)
+    if not args.emulator:
+        key, warnings = resolve_api_key(config)
+        for warning in warnings:
+            event(log, logging.WARNING, warning)
+        yield config, _Client(make_client(config.api.base_url, key.value, config.api.timeout), key)
+        return
+    from keepwarm.emulator import Emulator
+
+    with Emulator() as emu:
+        key = ApiKey("emulator-key", "the built-in emulator")
+        yield config, _Client(make_client(emu.base_url, key.value, config.api.timeout), key)
+
+
+class _Client:
+    """An SDK client with the description of its key (for error messages)."""
+
+    def __init__(self, sdk: Any, key: ApiKey) -> None:
+        self.sdk = sdk
+        self.key = key
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _usd(value: float | None, places: int = 6) -> str:
+    return "unknown" if value is None or math.isnan(value) else f"${value:.{places}f}"
+
+
+# --- once ------------------------------------------------------------------------------------
+
+
+def once(config: Config, client: _Client) -> int:
+    """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
+    from keepwarm.metrics import Metrics
+    from keepwarm.runner import PairState, PingOutcome, Runner
+
+    runner = Runner(client.sdk, config.prices, Metrics(), threading.Event(), key_source=client.key.source)
+    states = [PairState(pair=p, max_tokens=p.max_tokens) for p in config.pairs]
+    with concurrent.futures.ThreadPoolExecutor(config.api.max_concurrency) as pool:
+        outcomes: list[PingOutcome] = list(pool.map(runner.ping, states))
+    rows = []
+    for o in outcomes:
+        u = o.usage
+        rows.append(
+            [
+                o.pair.expert,
+                o.pair.model,
+                o.result.value,
+                "-" if u is None else str(u.cache_read),
+                "-" if u is None else str(u.cache_write),
+                "-" if u is None else str(u.input),
+                "-" if u is None else _usd(o.total_cost),
+                f"{o.final.latency * 1000:.0f}ms",
+                o.pair.fingerprint[:12],
+                "" if o.error is None else f"{o.error.error_type}: {o.error.message}"[:80],
+            ]
+        )
+    print(
+        _table(
+            ["EXPERT", "MODEL", "RESULT", "READ", "WRITTEN", "INPUT", "COST", "LATENCY", "FINGERPRINT", "ERROR"], rows
+        )
+    )
+    ok = all(o.result in (Result.WARM, Result.REWARMED) for o in outcomes)
+    return EX_OK if ok else EX_NOT_ALL_WARM
+
+
+# --- check -----------------------------------------------------------------------------------
+
+
+def pings_per_day(pair: Pair) -> float:
+    """How many pings a day keep the pair warm: one per mean gap (interval + jitter / 2)."""
+    return 86400.0 / (pair.interval + pair.jitter / 2)
+
+
+def check(config: Config, client: _Client) -> int:
+    """Count each prefix's tokens (free endpoint) against the model's minimum; send no ping."""
+    import anthropic
+
+    from keepwarm.ping import describe_error
+
+    rows, below, failed = [], 0, 0
+    for pair in config.pairs:
+        price = config.prices.get(pair.model)
+        minimum = price.min_cacheable_tokens
+        try:
+            message = [{"role": "user", "content": pair.ping_message}]
+            total = client.sdk.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
+            tail = client.sdk.messages.count_tokens(model=pair.model, messages=message)
+        except anthropic.AnthropicError as exc:
+            failed += 1
+            err = describe_error(exc)
+            rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
+                         f"error: {err.error_type}: {err.message}"[:80]])
+            continue
+        prefix_tokens = total.input_tokens - tail.input_tokens
+        ping = config.prices.warm_ping_cost(pair.model, prefix_tokens, tail.input_tokens, pair.max_tokens)
+        daily = None if ping is None else ping * pings_per_day(pair)
+        penalty = config.prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
+        breakeven = None if daily is None or not penalty else daily / penalty
+        status = "ok"
+        if minimum is None:
+            status = "minimum unknown"
+        elif prefix_tokens < minimum:
+            status = "below-minimum"
+            below += 1
+        if ping is None:
+            status += ", no price"
+        rows.append(
+            [
+                pair.expert,
+                pair.model,
+                pair.fingerprint[:12],
+                str(prefix_tokens),
+                "?" if minimum is None else str(minimum),
+                _usd(ping),
+                _usd(daily, 4),
+                _usd(penalty),
+                "unknown" if breakeven is None else f"{breakeven:.2f}/day",
+                status,
+            ]
+        )
+    print(
+        _table(
+            ["EXPERT", "MODEL", "FINGERPRINT", "TOKENS", "MINIMUM", "PING COST", "KEEPALIVE/DAY", "MISS PENALTY",
+             "BREAK-EVEN", "STATUS"],
+            rows,
+        )
+    )
+    if below:
+        print(f"\n{below} pair(s) below the model's minimum cacheable length: they cannot cache; "
+              "lengthen the prompt or drop the pair.")
+    if failed:
+        print(f"\n{failed} pair(s) could not be counted: see the errors above.", file=sys.stderr)
+        return EX_FAIL
+    return EX_NOT_ALL_WARM if below else EX_OK

@@ -1,0 +1,266 @@
+"""The life of one ping: bounded retries, classification, cost, metrics and the log line.
+
+The scheduler decides *when*; `ping.py` does the HTTP call; this module owns everything in
+between. Retry decisions are a pure function (`retry_delay`) so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import anthropic
+
+from keepwarm.classify import Result, Usage, classify
+from keepwarm.config import Pair
+from keepwarm.logs import event
+from keepwarm.metrics import Metrics
+from keepwarm.ping import TRANSIENT, PingAttempt, PingError, send_ping
+from keepwarm.pricing import PriceTable
+
+log = logging.getLogger("keepwarm.ping")
+
+MAX_ATTEMPTS = 5
+BASE_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+
+
+class LedgerLike(Protocol):
+    """What the runner needs of a ledger: one call per finished ping."""
+
+    def record(self, outcome: PingOutcome) -> None: ...
+
+
+@dataclass
+class PairState:
+    """What the daemon knows about one pair between pings. Guarded by `lock`."""
+
+    pair: Pair
+    max_tokens: int
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    last_start: float = 0.0  # wall time the last ping began (0: never)
+    expires_at: float = 0.0  # wall time the cache entry expires if untouched (0: unknown)
+    next_due: float = 0.0  # wall time of the next scheduled ping (0: none)
+    last_result: Result | None = None
+    last_error: str | None = None
+    pings: int = 0
+    spend: float = 0.0
+    spend_unknown: bool = False
+    prefix_tokens: int = 0
+    parked: str | None = None  # why the pair is not pinged until its config changes
+
+
+@dataclass(frozen=True)
+class PingOutcome:
+    """Everything worth knowing about one finished ping."""
+
+    pair: Pair
+    result: Result
+    started: float
+    duration: float
+    attempts: tuple[PingAttempt, ...]
+    usage: Usage | None
+    cost: dict[str, float] | None
+    expires_at: float
+    scheduled_at: float | None = None
+
+    @property
+    def final(self) -> PingAttempt:
+        """The attempt whose answer counts."""
+        return self.attempts[-1]
+
+    @property
+    def error(self) -> PingError | None:
+        """The final attempt's error, if the ping failed."""
+        return self.final.error
+
+    @property
+    def total_cost(self) -> float | None:
+        """USD for the whole ping, or None when the model has no price."""
+        return None if self.cost is None else math.fsum(self.cost.values())
+
+
+def retry_delay(error: PingError, attempt: int, now: float, deadline: float) -> float | None:
+    """Seconds to wait before trying again, or None to give up on this ping.
+
+    Only transient errors are retried, with exponential backoff or the server's
+    `retry-after`, and never so late that the retry would land after `deadline` (when the
+    cache expires): a ping after expiry cannot keep anything warm.
+    """
+    if error.error_type not in TRANSIENT or error.spend_cap or attempt >= MAX_ATTEMPTS:
+        return None
+    delay = error.retry_after if error.retry_after is not None else min(BASE_BACKOFF * 2 ** (attempt - 1), MAX_BACKOFF)
+    if now + delay >= deadline:
+        return None
+    return delay
+
+
+class Runner:
+    """Runs pings for pairs and records what they found."""
+
+    def __init__(
+        self,
+        client: anthropic.Anthropic,
+        prices: PriceTable,
+        metrics: Metrics,
+        stop: threading.Event,
+        key_source: str = "",
+        ledger: LedgerLike | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.prices = prices
+        self.metrics = metrics
+        self.stop = stop
+        self.key_source = key_source
+        self.ledger = ledger
+        self.clock = clock
+
+    def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome:
+        """Ping one pair (retrying within bounds) and record the outcome."""
+        pair = state.pair
+        started = self.clock()
+        if scheduled_at is not None:
+            self.metrics.lateness.observe(max(started - scheduled_at, 0.0))
+        deadline = state.expires_at if state.expires_at > started else started + pair.interval
+        attempts: list[PingAttempt] = []
+        t0 = time.monotonic()
+        while True:
+            attempt = send_ping(self.client, pair, state.max_tokens)
+            attempts.append(attempt)
+            if attempt.error is None:
+                break
+            self.metrics.errors.labels(pair.expert, pair.model, attempt.error.error_type).inc()
+            if self._fallback_from_zero(state, attempt):
+                continue
+            delay = retry_delay(attempt.error, len(attempts), self.clock(), deadline)
+            self._log_failed_attempt(state, attempt, delay)
+            if delay is None or self.stop.wait(delay):
+                break
+        outcome = self._outcome(state, attempts, started, time.monotonic() - t0, scheduled_at)
+        self._record(state, outcome)
+        return outcome
+
+    def _fallback_from_zero(self, state: PairState, attempt: PingAttempt) -> bool:
+        """`max_tokens: 0` is a newer API feature; if it is refused, fall back to 1 for good."""
+        err = attempt.error
+        if attempt.max_tokens == 0 and err is not None and err.error_type == "invalid_request":
+            state.max_tokens = 1
+            event(
+                log,
+                logging.WARNING,
+                "max_tokens 0 rejected; falling back to 1",
+                expert=state.pair.expert,
+                model=state.pair.model,
+                api_message=err.message,
+            )
+            return True
+        return False
+
+    def _log_failed_attempt(self, state: PairState, attempt: PingAttempt, delay: float | None) -> None:
+        err = attempt.error
+        assert err is not None
+        fields = {
+            "expert": state.pair.expert,
+            "model": state.pair.model,
+            "error_type": err.error_type,
+            "status": err.status,
+            "api_message": err.message,
+            "request_id": attempt.request_id,
+            "retry_in_s": None if delay is None else round(delay, 3),
+        }
+        if err.spend_cap:
+            event(log, logging.ERROR, "rate limited without retry-after: likely the monthly spend cap;"
+                  " pings will fail until it resets or is raised", **fields)
+        elif err.error_type in ("authentication", "permission"):
+            event(log, logging.ERROR, f"the API refused the key from {self.key_source or 'unknown source'}",
+                  **fields)
+        elif err.error_type == "invalid_request":
+            event(log, logging.ERROR, "the API rejected the ping; the pair is parked until its config changes",
+                  **fields)
+        else:
+            event(log, logging.WARNING, "ping attempt failed", **fields)
+
+    def _outcome(
+        self,
+        state: PairState,
+        attempts: list[PingAttempt],
+        started: float,
+        duration: float,
+        scheduled_at: float | None,
+    ) -> PingOutcome:
+        pair = state.pair
+        final = attempts[-1]
+        usage = final.usage
+        result = classify(usage)
+        expires = state.expires_at
+        if usage is not None and (usage.cache_read or usage.cache_write):
+            # The TTL runs from the start of the request that read or wrote the entry.
+            expires = final.started_wall + pair.ttl_seconds
+        elif result is Result.UNCACHED:
+            expires = 0.0
+        cost = None if usage is None else self.prices.cost(pair.model, usage)
+        return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at)
+
+    def _record(self, state: PairState, outcome: PingOutcome) -> None:
+        pair, m = outcome.pair, self.metrics
+        labels = (pair.expert, pair.model)
+        m.pings.labels(*labels, outcome.result.value).inc()
+        m.duration.labels(*labels).observe(outcome.duration)
+        m.last_ping.labels(*labels).set(outcome.started)
+        m.expires.labels(*labels).set(outcome.expires_at)
+        usage = outcome.usage
+        state.last_start = outcome.started
+        state.expires_at = outcome.expires_at
+        state.last_result = outcome.result
+        state.pings += 1
+        state.last_error = None if outcome.error is None else f"{outcome.error.error_type}: {outcome.error.message}"
+        if outcome.error is not None and outcome.error.error_type == "invalid_request":
+            state.parked = outcome.error.message
+        if usage is not None:
+            for kind, n in usage.by_kind().items():
+                m.tokens.labels(*labels, kind).inc(n)
+            prefix = usage.cache_read + usage.cache_write if outcome.result is not Result.UNCACHED else usage.input
+            state.prefix_tokens = prefix
+            m.prefix_tokens.labels(*labels).set(prefix)
+            penalty = self.prices.miss_penalty(pair.model, prefix, pair.ttl)
+            m.miss_penalty.labels(*labels).set(math.nan if penalty is None else penalty)
+            if outcome.cost is None:
+                m.unpriced.labels(*labels).inc()
+                state.spend_unknown = True
+            else:
+                for kind, usd in outcome.cost.items():
+                    m.cost.labels(*labels, kind).inc(usd)
+                state.spend += math.fsum(outcome.cost.values())
+        if self.ledger is not None:
+            self.ledger.record(outcome)
+        self._log_outcome(outcome)
+
+    def _log_outcome(self, outcome: PingOutcome) -> None:
+        pair, usage, final = outcome.pair, outcome.usage, outcome.final
+        level = logging.WARNING if outcome.result in (Result.ERROR, Result.UNCACHED, Result.PARTIAL) else logging.INFO
+        expires_in = outcome.expires_at - self.clock() if outcome.expires_at else None
+        event(
+            log,
+            level,
+            "ping",
+            expert=pair.expert,
+            model=pair.model,
+            result=outcome.result.value,
+            read=None if usage is None else usage.cache_read,
+            written=None if usage is None else usage.cache_write,
+            input=None if usage is None else usage.input,
+            output=None if usage is None else usage.output,
+            cost_usd=outcome.total_cost if usage is not None else None,
+            cost="unknown" if usage is not None and outcome.cost is None else None,
+            latency_ms=round(final.latency * 1000, 1),
+            attempts=len(outcome.attempts) if len(outcome.attempts) > 1 else None,
+            expires_in_s=None if expires_in is None else round(expires_in, 1),
+            error_type=None if final.error is None else final.error.error_type,
+            fingerprint=pair.fingerprint[:12],
+            request_id=final.request_id,
+        )

@@ -1,0 +1,270 @@
+"""When each pair is pinged: APScheduler 3.11 with one self-rearming job per pair.
+
+Every pair's job is a one-shot `DateTrigger`; when a ping finishes, the job schedules the
+pair's next ping from the pure policy `next_ping_at`. That keeps the "when next" decision
+in one small function (later traffic-aware), makes overlapping pings of one pair
+impossible (the next is only scheduled once the current one is done), and turns any
+stall into exactly one catch-up ping per pair: a pair has at most one pending run.
+
+Start-up is spread: each pair's first ping comes at a stable phase within its interval,
+derived from a hash of the pair, so a restart does not fire every pair at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterable
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent, JobEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from keepwarm.config import Pair
+from keepwarm.logs import event
+from keepwarm.metrics import Metrics
+from keepwarm.runner import PairState, Runner
+
+log = logging.getLogger("keepwarm.scheduler")
+
+HEARTBEAT_EVERY = 1.0  # seconds between scheduler heartbeats (watchdog and /healthz)
+
+
+# --- the pure policy -------------------------------------------------------------------------
+
+
+def phase(key: str, interval: float) -> float:
+    """A stable offset in [0, interval) for a pair, the same across restarts."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * interval
+
+
+def next_ping_at(last_start: float, interval: float, jitter: float, draw: float) -> float:
+    """When to ping a pair next, given when its last ping started.
+
+    The cache's TTL runs from the start of the request that touched it, so the next ping
+    is `interval` after that start, plus a jitter that only ever delays (`draw` in [0, 1)):
+    the gap stays within [interval, interval + jitter], which the config keeps below the TTL.
+    """
+    return last_start + interval + jitter * draw
+
+
+def missed_slots(scheduled_at: float, started: float, interval: float) -> int:
+    """How many whole intervals a ping started late: slots that never ran."""
+    return max(int((started - scheduled_at) // interval), 0) if interval > 0 else 0
+
+
+# --- the scheduler ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What a (re)load changed."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Scheduler:
+    """Owns the APScheduler instance and the per-pair state."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        metrics: Metrics,
+        max_workers: int = 8,
+        clock: Callable[[], float] = time.time,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self.runner = runner
+        self.metrics = metrics
+        self.clock = clock
+        self.draw = draw
+        self.states: dict[str, PairState] = {}
+        self.stopping = threading.Event()
+        self._inflight = 0
+        self._inflight_cv = threading.Condition()
+        self.last_heartbeat = time.monotonic()
+        self._aps = BackgroundScheduler(
+            executors={
+                "pings": ThreadPoolExecutor(max_workers),
+                # Its own thread, so busy ping workers never delay the heartbeat.
+                "heartbeat": ThreadPoolExecutor(1),
+            },
+            job_defaults={
+                # One pending run per pair; a late run still runs (once), however late:
+                # a late ping still re-warms the cache, a skipped one helps nobody.
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": None,
+            },
+            timezone=timezone.utc,
+        )
+        self._aps.add_listener(self._on_job_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, pairs: Iterable[Pair]) -> ApplyReport:
+        """Schedule every pair at its phase and start the scheduler thread."""
+        report = self.apply(pairs)
+        self._aps.add_job(
+            self._heartbeat, "interval", seconds=HEARTBEAT_EVERY, id="heartbeat", executor="heartbeat"
+        )
+        self._aps.start()
+        return report
+
+    def stop(self, deadline: float) -> int:
+        """Start no new pings; wait up to `deadline` seconds for those in flight.
+
+        Returns how many were still running at the deadline.
+        """
+        self.stopping.set()
+        self._aps.shutdown(wait=False)
+        end = time.monotonic() + deadline
+        with self._inflight_cv:
+            while self._inflight and time.monotonic() < end:
+                self._inflight_cv.wait(max(end - time.monotonic(), 0))
+            return self._inflight
+
+    @property
+    def running(self) -> bool:
+        """True while the APScheduler thread is running."""
+        return bool(self._aps.running)
+
+    def _heartbeat(self) -> None:
+        self.last_heartbeat = time.monotonic()
+
+    # --- (re)configuration -------------------------------------------------------------------
+
+    def apply(self, pairs: Iterable[Pair]) -> ApplyReport:
+        """Make the schedule match `pairs`, touching only what changed.
+
+        Unchanged pairs keep their state and next run; a pair whose settings changed gets
+        fresh state, and is pinged at once if its prefix changed (its old cache is useless
+        to production); removed pairs lose their job and their metric series.
+        """
+        wanted = {p.key: p for p in pairs}
+        added, removed, changed, unchanged = [], [], [], []
+        now = self.clock()
+        for key in list(self.states):
+            if key not in wanted:
+                old = self.states.pop(key)
+                self._remove_job(key)
+                self.metrics.remove_pair(old.pair)
+                removed.append(key)
+        for key, pair in wanted.items():
+            old_state = self.states.get(key)
+            if old_state is not None and old_state.pair == pair:
+                unchanged.append(key)
+                continue
+            state = PairState(pair=pair, max_tokens=pair.max_tokens)
+            self.states[key] = state
+            if old_state is None:
+                added.append(key)
+                self.metrics.add_pair(pair)
+                self._schedule(state, now + phase(key, pair.interval))
+            else:
+                changed.append(key)
+                self.metrics.remove_pair(old_state.pair)
+                self.metrics.add_pair(pair)
+                if old_state.pair.fingerprint != pair.fingerprint:
+                    self._schedule(state, now)
+                else:
+                    # Same cache, new timing: keep its phase from the last ping.
+                    state.last_start, state.expires_at = old_state.last_start, old_state.expires_at
+                    base = old_state.last_start or now
+                    self._schedule(state, max(next_ping_at(base, pair.interval, pair.jitter, self.draw()), now))
+        return ApplyReport(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+    def _schedule(self, state: PairState, at: float) -> None:
+        state.next_due = at
+        key = state.pair.key
+        self._aps.add_job(
+            self._run,
+            DateTrigger(run_date=_utc(at)),
+            args=[key, at],
+            id=key,
+            name=key,
+            executor="pings",
+            replace_existing=True,
+        )
+
+    def _remove_job(self, key: str) -> None:
+        job = self._aps.get_job(key)
+        if job is not None:
+            job.remove()
+
+    # --- the job ---------------------------------------------------------------------------
+
+    def _run(self, key: str, scheduled_at: float) -> None:
+        """Ping one pair, then arm its next ping. Runs in a worker thread."""
+        state = self.states.get(key)
+        if state is None or self.stopping.is_set():
+            return
+        with self._inflight_cv:
+            self._inflight += 1
+        state.next_due = 0.0  # in flight: not overdue, whatever its retries take
+        try:
+            started = self.clock()
+            missed = missed_slots(scheduled_at, started, state.pair.interval)
+            if missed:
+                self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
+            with state.lock:
+                self.runner.ping(state, scheduled_at)
+        except Exception:  # noqa: BLE001 - a bug in one ping must not stop the pair's schedule
+            log.exception("ping job failed", extra={"keepwarm_fields": {"pair": key}})
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                self._inflight_cv.notify_all()
+            # Re-arm only if this state is still the pair's (a reload may have replaced it).
+            if not self.stopping.is_set() and self.states.get(key) is state and state.parked is None:
+                base = state.last_start or self.clock()
+                pair = state.pair
+                self._schedule(state, next_ping_at(base, pair.interval, pair.jitter, self.draw()))
+
+    def _on_job_event(self, ev: JobEvent | JobExecutionEvent) -> None:
+        """A run that APScheduler skipped: count it and re-arm the pair so its chain continues."""
+        state = self.states.get(ev.job_id)
+        if state is None or self.stopping.is_set():
+            return
+        self.metrics.missed.labels(state.pair.expert, state.pair.model).inc()
+        event(log, logging.WARNING, "ping skipped by the scheduler; re-arming", pair=ev.job_id, code=ev.code)
+        self._schedule(state, self.clock() + min(1.0, state.pair.interval / 10))
+
+    # --- health ----------------------------------------------------------------------------
+
+    def overdue(self, now: float | None = None) -> list[str]:
+        """Pairs whose ping is so late that their cache may lapse."""
+        now = self.clock() if now is None else now
+        late = []
+        for key, state in list(self.states.items()):
+            pair = state.pair
+            margin = max(pair.ttl_seconds - pair.interval - pair.jitter, 1.0)
+            if state.next_due and now - state.next_due > margin:
+                late.append(key)
+        return late
+
+    def healthy(self) -> tuple[bool, str]:
+        """Alive and on time: the heartbeat is fresh and no pair is overdue."""
+        if not self.running:
+            return False, "scheduler not running"
+        age = time.monotonic() - self.last_heartbeat
+        if age > 5 * HEARTBEAT_EVERY:
+            return False, f"scheduler heartbeat is {age:.1f}s old"
+        late = self.overdue()
+        if late:
+            return False, f"{len(late)} pair(s) overdue, e.g. {late[0]}"
+        return True, "ok"

@@ -1,0 +1,132 @@
+"""The HTTP face of the daemon: `/metrics`, `/healthz`, and a landing page at `/`."""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keepwarm import __version__
+from keepwarm.durations import format_duration
+from keepwarm.metrics import Metrics
+from keepwarm.runner import PairState
+
+
+def cache_state(state: PairState, now: float) -> str:
+    """A word for the page: warm, cold, uncached, error, parked or pending."""
+    if state.parked:
+        return "parked"
+    if state.last_result is None:
+        return "pending"
+    if state.last_result.value == "uncached":
+        return "uncached"
+    if state.expires_at > now:
+        return "warm"
+    return "error" if state.last_result.value == "error" else "cold"
+
+
+_STYLE = """
+body{font:14px system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.warm{color:#080;font-weight:600}.cold,.error,.parked{color:#b00;font-weight:600}
+.uncached{color:#a60;font-weight:600}.pending{color:#666}code{font-size:12px}
+"""
+
+
+def render_page(states: list[PairState], healthy: tuple[bool, str], now: float | None = None) -> str:
+    """The landing page: one row per pair, the page an operator opens first."""
+    now = time.time() if now is None else now
+    rows = []
+    for s in sorted(states, key=lambda s: s.pair.key):
+        word = cache_state(s, now)
+        expires = format_duration(round(s.expires_at - now)) if s.expires_at > now else "—"
+        last = f"{format_duration(round(now - s.last_start))} ago" if s.last_start else "never"
+        spend = "unknown" if s.spend_unknown else f"${s.spend:.6f}"
+        nxt = f"in {format_duration(max(round(s.next_due - now), 0))}" if s.next_due else "—"
+        rows.append(
+            "<tr>"
+            f"<td>{html.escape(s.pair.expert)}</td><td>{html.escape(s.pair.model)}</td>"
+            f'<td class="{word}">{word}</td><td class="n">{expires}</td>'
+            f"<td>{html.escape(s.last_result.value if s.last_result else '—')}</td>"
+            f"<td>{last}</td><td>{nxt}</td><td class=\"n\">{s.pings}</td><td class=\"n\">{spend}</td>"
+            f"<td><code>{s.pair.fingerprint[:12]}</code></td>"
+            f"<td>{html.escape(s.last_error or s.parked or '')}</td>"
+            "</tr>"
+        )
+    ok, why = healthy
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>"
+        f"<title>keepwarm</title><style>{_STYLE}</style></head><body>"
+        f"<h1>keepwarm {html.escape(__version__)}</h1>"
+        f"<p>Health: <b class=\"{'warm' if ok else 'error'}\">{html.escape(why)}</b> · "
+        f"{len(states)} pairs · <a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a></p>"
+        "<table><tr><th>expert</th><th>model</th><th>state</th><th>expires in</th><th>last result</th>"
+        "<th>last ping</th><th>next ping</th><th>pings</th><th>spend</th><th>fingerprint</th><th>problem</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+
+
+class WebServer:
+    """A small threaded HTTP server for the daemon's three pages."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        states: Callable[[], list[PairState]],
+        health: Callable[[], tuple[bool, str]],
+    ) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(server.metrics.registry))
+                elif path == "/healthz":
+                    ok, why = server.health()
+                    self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
+                elif path == "/":
+                    page = render_page(server.states(), server.health())
+                    self._send(200, "text/html; charset=utf-8", page.encode())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass  # scrapes every 15 s would drown the ping log
+
+        self.metrics = metrics
+        self.states = states
+        self.health = health
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="keepwarm-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (the port is real even when 0 was asked for)."""
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
