@@ -100,7 +100,9 @@ class LedgerSection(_Strict):
 class FileSection(_Strict):
     api: ApiSection = ApiSection()
     defaults: DefaultsSection = DefaultsSection()
-    experts: Annotated[list[ExpertSection], Field(min_length=1)]
+    # Each expert is validated on its own (see parse_config), so one bad expert does not
+    # hide the cross-key problems of the others.
+    experts: Annotated[list[Any], Field(min_length=1)]
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
@@ -181,16 +183,16 @@ def _loc(parts: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _pydantic_problems(exc: ValidationError) -> list[str]:
+def _pydantic_problems(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
     problems = []
     for err in exc.errors():
         # Pydantic reports the input's problem at a path; our own validators raise
         # ValueError whose text is already user-facing (drop pydantic's "Value error, ").
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif err["type"] == "literal_error":
+        elif err["type"] in ("literal_error", "string_pattern_mismatch"):
             msg = f"{msg}, got {err.get('input')!r}"
         elif err["type"].endswith("_type"):
             msg = f"{msg}, got {type(err.get('input')).__name__} {err.get('input')!r}"
@@ -257,12 +259,16 @@ def _check_marker_order(prefix: Prefix, where: str, problems: list[str]) -> None
         problems.append(f"{where}: {markers} cache_control markers; the API allows at most 4")
 
 
-def _resolve(raw: FileSection, base: Path, path: Path | None) -> Config:
+def _resolve(
+    raw: FileSection, experts: list[ExpertSection | None], shape_problems: list[str], base: Path, path: Path | None
+) -> Config:
     problems: list[str] = []
     d = raw.defaults
     names: set[str] = set()
     pairs: list[Pair] = []
-    for i, expert in enumerate(raw.experts):
+    for i, expert in enumerate(experts):
+        if expert is None:
+            continue  # its shape problems are already reported
         where = f"experts[{i}]"
         if expert.name in names:
             problems.append(f"{where}.name: duplicate expert name {expert.name!r}")
@@ -354,6 +360,7 @@ def _resolve(raw: FileSection, base: Path, path: Path | None) -> Config:
         problems.append("api.timeout: must be above 0")
     if raw.shutdown_timeout < 0:
         problems.append("shutdown_timeout: must be 0 or more")
+    problems = shape_problems + problems
     if problems:
         # Settings inherited from `defaults` would repeat one problem per expert.
         raise ConfigError(list(dict.fromkeys(problems)), str(path) if path else "")
@@ -379,11 +386,19 @@ def parse_config(data: Any, base: Path, path: Path | None = None) -> Config:
     if not isinstance(data, dict):
         kind = "an empty file" if data is None else f"a {type(data).__name__}"
         raise ConfigError([f"(top level): expected a mapping of settings, got {kind}"], str(path or ""))
+    problems: list[str] = []
+    experts: list[ExpertSection | None] = []
+    for i, item in enumerate(data.get("experts") or [] if isinstance(data.get("experts"), list) else []):
+        try:
+            experts.append(ExpertSection.model_validate(item))
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, ("experts", i))
+            experts.append(None)
     try:
         raw = FileSection.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc), str(path or "")) from None
-    return _resolve(raw, base, path)
+        raise ConfigError(_pydantic_problems(exc) + problems, str(path or "")) from None
+    return _resolve(raw, experts, problems, base, path)
 
 
 def load_config(path: Path) -> Config:

@@ -111,6 +111,7 @@ class Runner:
         key_source: str = "",
         ledger: LedgerLike | None = None,
         clock: Callable[[], float] = time.time,
+        wait: Callable[[float], bool] | None = None,
     ) -> None:
         self.client = client
         self.prices = prices
@@ -119,6 +120,8 @@ class Runner:
         self.key_source = key_source
         self.ledger = ledger
         self.clock = clock
+        # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
+        self.wait = wait if wait is not None else stop.wait
 
     def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome:
         """Ping one pair (retrying within bounds) and record the outcome."""
@@ -139,7 +142,7 @@ class Runner:
                 continue
             delay = retry_delay(attempt.error, len(attempts), self.clock(), deadline)
             self._log_failed_attempt(state, attempt, delay)
-            if delay is None or self.stop.wait(delay):
+            if delay is None or self.wait(delay):
                 break
         outcome = self._outcome(state, attempts, started, time.monotonic() - t0, scheduled_at)
         self._record(state, outcome)

@@ -1,0 +1,238 @@
+"""The `keepwarm` command as a user runs it: real processes, a real emulator, real HTTP.
+
+TTL and interval are shrunk together (the emulator scales its TTLs) so a daemon shows
+minutes of cache life in seconds; tests poll with a deadline, they never sleep a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from keepwarm.emulator import Emulator
+
+from conftest import ROOT, basic_doc, free_port, keepwarm_cmd, write_config
+
+DEADLINE = 40.0
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        keepwarm_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str], deadline: float = DEADLINE) -> None:
+    """Poll `check` until it holds; fail with the daemon's output if it never does."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            break
+        try:
+            if check():
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(f"timed out waiting for {what}; exit={proc.returncode}\n{err[-3000:]}")
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, err
+
+
+def test_help_for_every_command() -> None:
+    for cmd in ("run", "once", "check", "emulator"):
+        result = run(cmd, "--help")
+        assert result.returncode == 0 and "usage: keepwarm" in result.stdout, cmd
+
+
+def test_usage_and_config_errors_have_their_exit_codes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KEEPWARM_CONFIG"}
+    result = subprocess.run(keepwarm_cmd("check"), capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2 and "--config is required" in result.stderr
+    bad = ROOT / "tests" / "data" / "invalid-timing.yaml"
+    for cmd in ("run", "once", "check"):
+        result = run(cmd, "--config", str(bad))
+        assert result.returncode == 78, cmd
+        assert "defaults.interval: 5m must be below the ttl (5m)" in result.stderr
+    # The config may come from the environment too.
+    result = run("check", env={"KEEPWARM_CONFIG": str(bad)})
+    assert result.returncode == 78
+
+
+def test_an_unreadable_key_file_is_a_config_error(tmp_path: Path, emulator: Emulator) -> None:
+    doc = basic_doc(emulator.base_url)
+    doc["api"]["api_key_file"] = "missing-key"
+    path = write_config(tmp_path, doc)
+    result = run("once", "--config", str(path), env={"ANTHROPIC_API_KEY": ""})
+    assert result.returncode == 78 and "missing-key: cannot read it" in result.stderr
+
+
+def test_check_flags_the_below_minimum_pair_and_exits_3(tmp_path: Path, emulator: Emulator) -> None:
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    result = run("check", "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test-check"})
+    assert result.returncode == 3, result.stderr
+    rows = {line.split()[0] + "/" + line.split()[1]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert "below-minimum" in rows["terse/claude-sonnet-4-6"]
+    assert "below-minimum" not in rows["analyst/claude-sonnet-4-6"] and " ok" in rows["analyst/claude-sonnet-4-6"]
+    assert not [e for e in emulator.log if e.status == 200 and "count_tokens" not in e.path], "check sends no ping"
+
+
+def test_check_exits_0_when_everything_can_cache(tmp_path: Path, emulator: Emulator) -> None:
+    doc = basic_doc(emulator.base_url)
+    doc["experts"] = doc["experts"][:1]
+    path = write_config(tmp_path, doc)
+    result = run("check", "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test-check"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header[:5] == ["EXPERT", "MODEL", "FINGERPRINT", "TOKENS", "MINIMUM"]
+
+
+def test_once_exit_codes(tmp_path: Path, emulator: Emulator) -> None:
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    env = {"ANTHROPIC_API_KEY": "sk-test-once"}
+    result = run("once", "--config", str(path), env=env)
+    assert result.returncode == 3, "the terse pair is uncached"
+    assert re.search(r"terse\s+claude-sonnet-4-6\s+uncached", result.stdout)
+    assert re.search(r"analyst\s+claude-sonnet-4-6\s+rewarmed", result.stdout)
+    doc = basic_doc(emulator.base_url)
+    doc["experts"] = doc["experts"][:1]
+    result = run("once", "--config", str(write_config(tmp_path, doc, "ok.yaml")), env=env)
+    assert result.returncode == 0 and "warm" in result.stdout, "second pass reads the cache the first wrote"
+
+
+def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path) -> None:
+    """rewarmed then warm, uncached flagged, costs equal the usage, reload as a diff, SIGTERM exits 0."""
+    # The emulator's 5m TTL lasts 3 s; the daemon pings every second.
+    with Emulator(time_scale=0.01) as emu:
+        port = free_port()
+        doc = basic_doc(emu.base_url, interval="1s", jitter="0s")
+        doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        path = write_config(tmp_path, doc)
+        proc = subprocess.Popen(
+            keepwarm_cmd("run", "--config", str(path), "--log-format", "json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-daemon"},
+        )
+        pairs = [("analyst", "claude-sonnet-4-6"), ("analyst", "claude-opus-4-8")]
+
+        def warm_everywhere() -> bool:
+            m = scrape(port)
+            return all((sample(m, "keepwarm_pings_total", expert=e, model=mo, result="warm") or 0) >= 2 for e, mo in pairs) and (
+                sample(m, "keepwarm_pings_total", expert="terse", model="claude-sonnet-4-6", result="uncached") or 0
+            ) >= 1
+
+        wait_for("every cacheable pair warm, the short one uncached", warm_everywhere, proc)
+        m = scrape(port)
+        for expert, model in pairs:
+            labels = {"expert": expert, "model": model}
+            assert sample(m, "keepwarm_pings_total", **labels, result="rewarmed") == 1
+            # Costs in /metrics equal a hand calculation from the usage the emulator returned:
+            # the first N successful requests of this pair are the N pings /metrics has counted.
+            n = sum(sample(m, "keepwarm_pings_total", **labels, result=r) or 0 for r in ("warm", "rewarmed"))
+            fingerprint = next(
+                dict(k[1])["fingerprint"] for k in m if k[0] == "keepwarm_pair_info" and dict(k[1])["model"] == model
+                and dict(k[1])["expert"] == expert
+            )
+            usages = [e.usage for e in emu.log if e.fingerprint == fingerprint and e.status == 200][: int(n)]
+            price = {"claude-sonnet-4-6": 3e-6, "claude-opus-4-8": 5e-6}[model]
+            expected = {
+                "cache_read": sum(u["cache_read_input_tokens"] for u in usages) * price * 0.1,
+                "cache_write_5m": sum(u["cache_creation"]["ephemeral_5m_input_tokens"] for u in usages) * price * 1.25,
+                "input": sum(u["input_tokens"] for u in usages) * price,
+            }
+            for kind, usd in expected.items():
+                assert sample(m, "keepwarm_cost_usd_total", **labels, kind=kind) == pytest.approx(usd, rel=1e-9), kind
+            assert (sample(m, "keepwarm_cache_expires_timestamp_seconds", **labels) or 0) > time.time()
+        assert sample(m, "keepwarm_cache_expires_timestamp_seconds", expert="terse", model="claude-sonnet-4-6") == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            page = resp.read().decode()
+        assert 'class="warm">warm<' in page and 'class="uncached">uncached<' in page
+
+        # A bad config on SIGHUP is rejected and the old one keeps running.
+        path.write_text("experts: [}\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for("the reload to fail", lambda: sample(scrape(port), "keepwarm_config_last_reload_successful") == 0, proc)
+        # A good one is applied as a diff: the removed pair's series disappear.
+        doc["experts"] = doc["experts"][:1]
+        write_config(tmp_path, doc)
+        proc.send_signal(signal.SIGHUP)
+        wait_for("the reload to succeed", lambda: sample(scrape(port), "keepwarm_config_last_reload_successful") == 1, proc)
+        m = scrape(port)
+        assert sample(m, "keepwarm_pings_total", expert="terse", model="claude-sonnet-4-6", result="uncached") is None
+        assert (sample(m, "keepwarm_pings_total", expert="analyst", model="claude-sonnet-4-6", result="warm") or 0) >= 2
+
+        code, err = stop(proc)
+    assert code == 0, err[-2000:]
+    events = [line for line in err.splitlines() if line.startswith("{")]
+    assert any('"event": "reload rejected; the old config keeps running"' in e for e in events)
+    assert any('"event": "stopped"' in e for e in events)
+    assert "sk-test-daemon" not in err
+
+
+def test_run_with_the_builtin_emulator_as_the_readme_shows(tmp_path: Path) -> None:
+    """The README's first command: the example config against `--emulator`, no key at all."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    config = tmp_path / "config" / "keepwarm.yaml"
+    port = free_port()
+    config.write_text(config.read_text().replace("listen: 127.0.0.1:9464", f"listen: 127.0.0.1:{port}"))
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    # At 0.01 a 4m interval is 2.4 s and a 5m TTL 3 s.
+    proc = subprocess.Popen(
+        keepwarm_cmd("run", "--config", str(config), "--emulator", "--time-scale", "0.01"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    key = ("keepwarm_pings_total", "chief-economist", "claude-haiku-4-5")
+
+    def shows_warm() -> bool:
+        m = scrape(port)
+        return (sample(m, key[0], expert=key[1], model=key[2], result="warm") or 0) >= 1 and (
+            sample(m, key[0], expert="style-editor", model="claude-sonnet-4-6", result="uncached") or 0
+        ) >= 1
+
+    wait_for("a warm ping in /metrics", shows_warm, proc)
+    code, err = stop(proc, signal.SIGINT)
+    assert code == 0
+    lines = [line for line in err.splitlines() if "expert=chief-economist model=claude-haiku-4-5" in line]
+    results = [re.search(r"result=(\w+)", line).group(1) for line in lines]  # type: ignore[union-attr]
+    assert results[:2] == ["rewarmed", "warm"], err[-2000:]
+    assert "emulator mode" in err and "time_scale=0.01" in err, "the log says time is scaled"
+    assert re.search(r"expert=style-editor .*result=uncached", err)
