@@ -10,13 +10,20 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from keepwarm import __version__
 from keepwarm.classify import Result
-from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
-from keepwarm.durations import format_duration
+from keepwarm.config import (
+    ApiKey,
+    Config,
+    ConfigError,
+    Pair,
+    load_config,
+    resolve_api_key,
+)
 from keepwarm.logs import event, setup_logging
 
 log = logging.getLogger("keepwarm")

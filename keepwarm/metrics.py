@@ -113,15 +113,16 @@ class Metrics:
     def remove_pair(self, pair: Pair) -> None:
         """Drop every series of a pair (after a reload removed or changed it)."""
         labels = (pair.expert, pair.model)
-        for metric, extra in (
+        labelled: tuple[tuple[Counter, tuple[str, ...]], ...] = (
             (self.pings, RESULTS),
             (self.errors, ERROR_TYPES),
             (self.tokens, COST_KINDS),
             (self.cost, COST_KINDS),
-        ):
+        )
+        for metric, extra in labelled:
             for value in extra:
                 _remove(metric, *labels, value)
-        for metric in (
+        plain: tuple[Counter | Gauge | Histogram, ...] = (
             self.unpriced,
             self.missed,
             self.duration,
@@ -130,8 +131,9 @@ class Metrics:
             self.prefix_tokens,
             self.miss_penalty,
             self.interval,
-        ):
-            _remove(metric, *labels)
+        )
+        for one in plain:
+            _remove(one, *labels)
         _remove(self.pair_info, *labels, pair.ttl, pair.fingerprint)
 
 

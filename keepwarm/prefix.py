@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def cache_marker(ttl: str) -> dict[str, str]:
@@ -56,7 +57,7 @@ def build_prefix(
     A block given as a dict is kept as it is, `cache_control` included. If no system block
     and no tool carries a `cache_control` marker, the last system block gets one for `ttl`.
     """
-    blocks = [
+    blocks: list[dict[str, Any]] = [
         {"type": "text", "text": item} if isinstance(item, str) else copy.deepcopy(dict(item))
         for item in system
     ]

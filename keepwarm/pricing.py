@@ -8,10 +8,11 @@ unknown, never zero. The table ships as `keepwarm/data/models.yaml`; a user's
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -132,8 +133,10 @@ def _table_from_mapping(data: Any, where: str) -> tuple[PriceTable, list[str]]:
             value = data[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 errors.append(f"{where}.{key}: expected a number > 0, got {value!r}")
+            elif key == "write_5m_multiplier":
+                table = replace(table, write_5m_multiplier=float(value))
             else:
-                table = replace(table, **{key: float(value)})
+                table = replace(table, write_1h_multiplier=float(value))
     return table, errors
 
 

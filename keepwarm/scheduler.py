@@ -17,11 +17,16 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Iterable
+from datetime import UTC, datetime
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent, JobEvent
+from apscheduler.events import (
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+    JobExecutionEvent,
+)
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
@@ -74,7 +79,7 @@ class ApplyReport:
 
 
 def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 class Scheduler:
@@ -110,7 +115,7 @@ class Scheduler:
                 "max_instances": 1,
                 "misfire_grace_time": None,
             },
-            timezone=timezone.utc,
+            timezone=UTC,
         )
         self._aps.add_listener(self._on_job_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
 
@@ -223,7 +228,7 @@ class Scheduler:
                 self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
             with state.lock:
                 self.runner.ping(state, scheduled_at)
-        except Exception:  # noqa: BLE001 - a bug in one ping must not stop the pair's schedule
+        except Exception:
             log.exception("ping job failed", extra={"keepwarm_fields": {"pair": key}})
         finally:
             with self._inflight_cv:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
+import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -72,6 +73,10 @@ def render_page(states: list[PairState], healthy: tuple[bool, str], now: float |
     )
 
 
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class WebServer:
     """A small threaded HTTP server for the daemon's three pages."""
 
@@ -86,7 +91,7 @@ class WebServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(server.metrics.registry))
@@ -106,13 +111,14 @@ class WebServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every 15 s would drown the ping log
 
         self.metrics = metrics
         self.states = states
         self.health = health
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        server_class = _V6Server if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host, port), Handler)
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="keepwarm-http", daemon=True)
 
