@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import referencing
 import yaml
-from kubernetes_validate import utils as kv
+from kubernetes_validate import utils as kv  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -48,7 +48,8 @@ def tool(name: str) -> str:
 def load(name: str) -> dict[str, Any]:
     docs = [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
     assert len(docs) == 1, f"{name}: one object per file"
-    return docs[0]
+    document: dict[str, Any] = docs[0]
+    return document
 
 
 # --- kubernetes-validate ----------------------------------------------------------------------
@@ -57,7 +58,7 @@ def load(name: str) -> dict[str, Any]:
 def test_kubernetes_validate_strict(name: str) -> None:
     result = subprocess.run(
         [tool("kubernetes-validate"), "--strict", "--quiet", str(K8S / name)],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0, output
@@ -225,9 +226,9 @@ def test_kustomization_applies_one_variant_and_never_the_example_secret() -> Non
 
 def pod_spec(name: str) -> dict[str, Any]:
     obj = load(name)
-    if obj["kind"] == "CronJob":
-        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return obj["spec"]["template"]["spec"]
+    template = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+    spec: dict[str, Any] = template["template"]["spec"]
+    return spec
 
 
 def check_hardened(spec: dict[str, Any]) -> None:
