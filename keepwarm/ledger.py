@@ -1,0 +1,427 @@
+"""The ledger: one SQLite row per ping, failed ones included, money at full precision.
+
+It is what `keepwarm report` proves its figures from, so it must survive what a daemon
+meets: a crash mid-write (WAL, one commit per ping), several worker threads (one
+connection behind a lock), a disk that fills or a file another process locks (logged,
+counted, never raised into the runner: losing a ledger row must not stop the pinging).
+
+The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[i]` takes a database from
+version i to i + 1, so a new column is one more function appended to the list.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from keepwarm.classify import Usage
+from keepwarm.logs import event
+from keepwarm.pricing import COST_KINDS
+
+if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
+    from keepwarm.runner import PingOutcome
+
+log = logging.getLogger("keepwarm.ledger")
+
+RETENTION_EVERY = 3600.0  # seconds between two retention sweeps
+MAX_PENDING = 10_000  # rows kept in memory while the file cannot be written (~days of pings)
+USAGE_COLUMNS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
+COST_COLUMNS = tuple(f"cost_{kind}" for kind in COST_KINDS)
+COLUMNS = (
+    "time",
+    "expert",
+    "model",
+    "ttl",
+    "fingerprint",
+    "result",
+    *USAGE_COLUMNS,
+    *COST_COLUMNS,
+    "latency",
+    "duration",
+    "attempts",
+    "request_id",
+    "error_type",
+    "error_message",
+    "expires_at",
+    "miss_cause",
+)
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be used (corrupt, unreadable, or from a newer keepwarm)."""
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """Say whether the file is busy (try again) or broken (move it aside)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return f"cannot use it: {exc}"
+    return f"not a usable SQLite database ({exc}); move it aside or set another ledger.path"
+
+
+# --- schema --------------------------------------------------------------------------------
+
+
+def _create_v1(db: sqlite3.Connection) -> None:
+    db.execute(
+        """
+        CREATE TABLE pings (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,              -- the ping's start, unix seconds
+            expert TEXT NOT NULL,
+            model TEXT NOT NULL,
+            ttl TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            result TEXT NOT NULL,
+            input INTEGER,                   -- usage: NULL when the ping failed
+            cache_read INTEGER,
+            cache_write_5m INTEGER,
+            cache_write_1h INTEGER,
+            output INTEGER,
+            cost_input REAL,                 -- USD: NULL when failed or the model has no price
+            cost_cache_read REAL,
+            cost_cache_write_5m REAL,
+            cost_cache_write_1h REAL,
+            cost_output REAL,
+            latency REAL,                    -- seconds, final attempt
+            duration REAL,                   -- seconds, all attempts and their backoff
+            attempts INTEGER NOT NULL,
+            request_id TEXT,
+            error_type TEXT,
+            error_message TEXT,
+            expires_at REAL,                 -- NULL when unknown
+            miss_cause TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX pings_time ON pings (time)")
+    db.execute("CREATE INDEX pings_pair_time ON pings (expert, model, time)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+
+
+def schema_version() -> int:
+    """The version this keepwarm writes: one per migration."""
+    return len(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection, where: str) -> int:
+    """Bring the schema up to `schema_version()`; return the version found before.
+
+    Each step runs in its own transaction together with its `user_version` bump, so a crash
+    mid-migration leaves the previous version intact. BEGIN IMMEDIATE takes the write lock
+    before reading the version, so two processes opening the same new file cannot both
+    create it.
+    """
+    target = schema_version()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if found > target:
+            raise LedgerError(
+                f"ledger {where} has schema version {found}, newer than this keepwarm knows ({target}): "
+                "upgrade keepwarm or point ledger.path at another file"
+            )
+        version = found
+        while version < target:
+            MIGRATIONS[version](db)
+            version += 1
+            # PRAGMA takes no parameters; `version` is an int we computed.
+            db.execute(f"PRAGMA user_version = {version}")
+            if version < target:
+                db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return found
+
+
+# --- rows ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One recorded ping, as stored."""
+
+    id: int
+    time: float
+    expert: str
+    model: str
+    ttl: str
+    fingerprint: str
+    result: str
+    input: int | None
+    cache_read: int | None
+    cache_write_5m: int | None
+    cache_write_1h: int | None
+    output: int | None
+    cost_input: float | None
+    cost_cache_read: float | None
+    cost_cache_write_5m: float | None
+    cost_cache_write_1h: float | None
+    cost_output: float | None
+    latency: float | None
+    duration: float | None
+    attempts: int
+    request_id: str | None
+    error_type: str | None
+    error_message: str | None
+    expires_at: float | None
+    miss_cause: str | None
+
+    @property
+    def usage(self) -> Usage | None:
+        """The token counts, or None for a failed ping."""
+        if self.input is None:
+            return None
+        return Usage(
+            input=self.input,
+            cache_read=self.cache_read or 0,
+            cache_write_5m=self.cache_write_5m or 0,
+            cache_write_1h=self.cache_write_1h or 0,
+            output=self.output or 0,
+        )
+
+    @property
+    def costs(self) -> dict[str, float] | None:
+        """USD by kind, or None when unknown (a failed ping or a model with no price)."""
+        values = [getattr(self, column) for column in COST_COLUMNS]
+        if any(v is None for v in values):
+            return None
+        return dict(zip(COST_KINDS, values))
+
+
+def _row_values(outcome: PingOutcome) -> tuple[Any, ...]:
+    pair, usage, final = outcome.pair, outcome.usage, outcome.final
+    counts: list[int | None] = (
+        [None] * len(USAGE_COLUMNS) if usage is None else [usage.by_kind()[k] for k in USAGE_COLUMNS]
+    )
+    costs: list[float | None] = (
+        [None] * len(COST_KINDS) if outcome.cost is None else [outcome.cost[k] for k in COST_KINDS]
+    )
+    error = outcome.error
+    return (
+        outcome.started,
+        pair.expert,
+        pair.model,
+        pair.ttl,
+        pair.fingerprint,
+        outcome.result.value,
+        *counts,
+        *costs,
+        final.latency,
+        outcome.duration,
+        len(outcome.attempts),
+        final.request_id,
+        None if error is None else error.error_type,
+        None if error is None else error.message,
+        outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
+        None,  # miss_cause: filled by a later schema version
+    )
+
+
+_INSERT = f"INSERT INTO pings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM pings"
+
+
+def _select(db: sqlite3.Connection, since: float | None) -> list[LedgerRow]:
+    if since is None:
+        cursor = db.execute(_SELECT + " ORDER BY time, id")
+    else:
+        cursor = db.execute(_SELECT + " WHERE time >= ? ORDER BY time, id", (since,))
+    return [LedgerRow(*row) for row in cursor]
+
+
+# --- the writer ----------------------------------------------------------------------------
+
+
+class Ledger:
+    """The daemon's ledger file; `record()` may be called from any thread."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        retention_days: float | None = None,
+        *,
+        busy_timeout: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.write_errors = 0
+        self.dropped = 0  # rows lost for good because the backlog overflowed
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Rows that failed to commit (locked or full file) wait here and go in with the next
+        # ping, so a passing lock costs no row; bounded so a dead disk cannot eat memory.
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._last_sweep = float("-inf")
+        self._db: sqlite3.Connection | None = self._open(busy_timeout)
+        if retention_days is not None:
+            with self._lock:
+                try:
+                    self._sweep()
+                except sqlite3.Error as exc:  # old rows can wait for the next sweep; pinging cannot
+                    self._failed("cannot delete old ledger rows", exc)
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        where = str(self.path)
+        try:
+            # One connection shared by the worker threads, serialised by self._lock: simpler
+            # than a connection per thread, and a ping's insert takes well under a millisecond.
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one commit per ping.
+            db = sqlite3.connect(where, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {where}: cannot open it: {exc}") from None
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":  # e.g. a filesystem without shared memory
+                event(log, logging.WARNING, "ledger is not in WAL mode; readers may block pings",
+                      path=where, journal_mode=mode)
+            # FULL, not NORMAL: with WAL, NORMAL survives a process crash but can lose the
+            # last commits on power loss, and the SPEC allows losing only the ping in flight.
+            # The price is one fsync per ping, a few a minute: nothing.
+            db.execute("PRAGMA synchronous=FULL")
+            migrate(db, where)
+        except LedgerError:
+            db.close()
+            raise
+        except sqlite3.Error as exc:
+            db.close()
+            raise LedgerError(f"ledger {where}: {_describe(exc)}") from None
+        return db
+
+    def record(self, outcome: PingOutcome) -> None:
+        """Store one ping; never raises: a failure is logged and counted in `write_errors`."""
+        try:
+            values = _row_values(outcome)
+        except Exception as exc:  # noqa: BLE001 - a malformed outcome is a bug, not worth a crash
+            self._failed("cannot turn the ping into a row", exc)
+            return
+        with self._lock:
+            self._pending.append(values)
+            while len(self._pending) > MAX_PENDING:
+                self._pending.popleft()
+                self.dropped += 1
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - record() must never stop the pinging
+                self._failed("cannot write the ledger; the row is kept in memory and retried with the next ping",
+                             exc)
+                return
+            try:
+                if self.retention_days is not None and self._clock() - self._last_sweep >= RETENTION_EVERY:
+                    self._sweep()
+            except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
+                self._failed("cannot delete old ledger rows", exc)
+
+    def _flush(self) -> None:
+        """Commit every pending row in one transaction (the caller holds the lock)."""
+        if self._db is None:
+            raise LedgerError(f"ledger {self.path} is closed")
+        if not self._pending:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(_INSERT, self._pending)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._pending.clear()
+
+    def _sweep(self) -> None:
+        """Delete rows older than the retention (the caller holds the lock)."""
+        assert self._db is not None and self.retention_days is not None
+        now = self._clock()
+        cursor = self._db.execute("DELETE FROM pings WHERE time < ?", (now - self.retention_days * 86400.0,))
+        self._last_sweep = now
+        if cursor.rowcount:
+            event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=cursor.rowcount,
+                  retention_days=self.retention_days)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.write_errors += 1
+        event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
+              write_errors=self.write_errors, pending=len(self._pending), dropped=self.dropped or None)
+
+    def rows(self, since: float | None = None) -> list[LedgerRow]:
+        """Every committed row with `time >= since` (all when None), oldest first."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"ledger {self.path} is closed")
+            return _select(self._db, since)
+
+    def close(self) -> None:
+        """Write what is pending, checkpoint the WAL into the main file, and close."""
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
+                self._failed(f"cannot write {len(self._pending)} pending ledger row(s) at close; they are lost", exc)
+            try:
+                # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # another reader holds the WAL: the next open finishes it
+                event(log, logging.WARNING, "ledger checkpoint skipped", path=str(self.path), error=str(exc))
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- readers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _readonly(path: Path | str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to an existing keepwarm ledger; every failure is a LedgerError."""
+    where = str(path)
+    if not Path(path).is_file():
+        raise LedgerError(f"ledger {where}: no such file (is ledger.path set, and has the daemon run?)")
+    try:
+        # mode=ro: a report must never create, migrate or prune the daemon's file.
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {where}: cannot open it: {exc}") from None
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version < 1:
+            raise LedgerError(f"ledger {where}: not a keepwarm ledger (schema version {version})")
+        # A newer schema only adds columns, and we select ours by name: still readable.
+        yield db
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {where}: {_describe(exc)}") from None
+    finally:
+        db.close()
+
+
+def read_ledger(path: Path | str, since: float | None = None) -> list[LedgerRow]:
+    """Rows with `time >= since` of a ledger file, read without writing to it; raise LedgerError."""
+    with _readonly(path) as db:
+        return _select(db, since)
+
+
+def read_first_seen(path: Path | str) -> dict[tuple[str, str], float]:
+    """When each (expert, model) pair was first recorded, whatever the window asked for."""
+    with _readonly(path) as db:
+        cursor = db.execute("SELECT expert, model, MIN(time) FROM pings GROUP BY expert, model")
+        return {(expert, model): float(first) for expert, model, first in cursor}
