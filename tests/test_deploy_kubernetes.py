@@ -318,6 +318,19 @@ def test_config_listens_on_all_interfaces_and_names_existing_prompts() -> None:
     assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) for key in data)
 
 
+def test_configmap_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
+    # Lay the ConfigMap out as its volume does (one file per key) and load it with the
+    # daemon's own strict loader: an unknown key or a missing prompt would be a ConfigError.
+    from keepwarm.config import load_config
+
+    for key, value in load("configmap.yaml")["data"].items():
+        (tmp_path / key).write_text(value)
+    config = load_config(tmp_path / "keepwarm.yaml")
+    assert (config.metrics_host, config.metrics_port) == ("0.0.0.0", 9464)
+    assert str(config.ledger_path) == config_document()["ledger"]["path"]
+    assert len(config.pairs) >= 2
+
+
 def test_service_and_servicemonitor_reach_the_pods() -> None:
     service = load("service.yaml")
     # Prometheus Operator names the job after the Service: the alerts look for job="keepwarm".
