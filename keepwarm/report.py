@@ -1,0 +1,363 @@
+"""`keepwarm report`: what the ledger says each pair cost and whether that pays. Pure functions.
+
+Definitions, per (expert, model) pair, over the rows in the window:
+
+- hit rate: the seed's `cache_read / (cache_read + cache_write)`, token sums; None when
+  the pair read and wrote nothing at all (every ping failed or was uncached).
+- spend: the exact sum (`math.fsum`) of every known cost in the ledger. A ping that got an
+  answer but has no cost (its model had no price) makes the spend *unknown*: the known part
+  is still shown, flagged, and nothing is extrapolated from it. Failed pings are not billed.
+- window: with `--since`, from `now - since` to `now`, but never starting before the pair's
+  first row in the whole ledger: a pair added an hour ago is judged on that hour, not
+  diluted over a day it did not exist. Without `--since`, the span of the pair's rows.
+- spend per day: `spend / window_seconds * 86400`; None when the window is empty.
+- miss penalty: what one production request pays extra when it finds the cache cold,
+  from the price table, on the pair's latest prefix (cache_read + cache_write of its most
+  recent cached ping) at that ping's TTL.
+- break-even: spend per day / miss penalty: how many production misses a day the
+  keepalive must prevent to pay for itself.
+
+The total row sums counts, tokens and spend over all pairs, and spend per day as the sum
+of the pairs' rates (what the whole keepalive costs a day); a penalty and a break-even have
+no meaning across pairs, so the total has none.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from keepwarm.classify import Result
+from keepwarm.durations import format_duration
+from keepwarm.ledger import LedgerError, LedgerRow, read_first_seen, read_ledger
+from keepwarm.pricing import COST_KINDS, PriceTable
+
+EX_OK = 0
+EX_USAGE = 2
+EX_CONFIG = 78
+FORMATS = ("table", "json", "csv")
+RESULTS = tuple(r.value for r in Result)
+TOTAL = "TOTAL"  # upper case cannot be an expert name, so the total row is unambiguous
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """One pair's figures over the window; money in USD at full precision."""
+
+    expert: str
+    model: str
+    ttl: str
+    pings: dict[str, int]  # by result, every result present
+    cache_read: int
+    cache_write: int
+    hit_rate: float | None
+    spend: float  # the known part when spend_unknown
+    spend_by_kind: dict[str, float]
+    spend_unknown: bool
+    window_seconds: float
+    spend_per_day: float | None
+    prefix_tokens: int | None
+    miss_penalty: float | None
+    break_even: float | None  # production misses a day the keepalive must prevent
+
+    @property
+    def total_pings(self) -> int:
+        """All pings, whatever their result."""
+        return sum(self.pings.values())
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every pair, the total, and the window they cover."""
+
+    pairs: list[PairReport]
+    total: PairReport
+    since_seconds: float | None
+    now: float
+
+
+def hit_rate(cache_read: int, cache_write: int) -> float | None:
+    """The seed's hit rate; None when nothing was read or written."""
+    cached = cache_read + cache_write
+    return None if cached == 0 else cache_read / cached
+
+
+def spend_per_day(spend: float, window_seconds: float) -> float | None:
+    """Spend scaled to 24 hours; None for an empty window."""
+    return None if window_seconds <= 0 else spend / window_seconds * 86400.0
+
+
+def break_even(per_day: float | None, miss_penalty: float | None) -> float | None:
+    """Misses a day the keepalive must prevent to pay for itself; None when unknowable."""
+    if per_day is None or not miss_penalty:
+        return None
+    return per_day / miss_penalty
+
+
+def _is_cached(row: LedgerRow) -> bool:
+    return bool((row.cache_read or 0) + (row.cache_write_5m or 0) + (row.cache_write_1h or 0))
+
+
+def pair_report(
+    rows: Sequence[LedgerRow],
+    prices: PriceTable,
+    now: float,
+    since_seconds: float | None = None,
+    first_seen: float | None = None,
+) -> PairReport:
+    """The figures of one pair from its rows in the window (one expert and model, oldest first).
+
+    `first_seen` is the pair's first row in the whole ledger (default: its first row here):
+    with `since_seconds`, the window starts there if that is later than `now - since_seconds`.
+    """
+    if not rows:
+        raise ValueError("a pair report needs at least one row")
+    first, last = rows[0], rows[-1]
+    pings = dict.fromkeys(RESULTS, 0)
+    for row in rows:
+        pings[row.result] = pings.get(row.result, 0) + 1
+    read = sum(r.cache_read or 0 for r in rows)
+    written = sum((r.cache_write_5m or 0) + (r.cache_write_1h or 0) for r in rows)
+    known = [c for c in (r.costs for r in rows) if c is not None]
+    # An answered ping without a cost was billed at a price we do not know.
+    unknown = any(r.costs is None and r.result != Result.ERROR.value for r in rows)
+    spend = math.fsum(v for c in known for v in c.values())
+    by_kind = {k: math.fsum(c[k] for c in known) for k in COST_KINDS}
+    if since_seconds is None:
+        window = last.time - first.time
+    else:
+        window = now - max(now - since_seconds, first.time if first_seen is None else first_seen)
+    per_day = None if unknown else spend_per_day(spend, window)
+    latest = next((r for r in reversed(rows) if _is_cached(r)), None)
+    prefix = penalty = None
+    if latest is not None:
+        prefix = (latest.cache_read or 0) + (latest.cache_write_5m or 0) + (latest.cache_write_1h or 0)
+        penalty = prices.miss_penalty(last.model, prefix, latest.ttl)
+    return PairReport(
+        expert=last.expert,
+        model=last.model,
+        ttl=last.ttl,
+        pings=pings,
+        cache_read=read,
+        cache_write=written,
+        hit_rate=hit_rate(read, written),
+        spend=spend,
+        spend_by_kind=by_kind,
+        spend_unknown=unknown,
+        window_seconds=window,
+        spend_per_day=per_day,
+        prefix_tokens=prefix,
+        miss_penalty=penalty,
+        break_even=break_even(per_day, penalty),
+    )
+
+
+def _total(pairs: Sequence[PairReport], rows: Sequence[LedgerRow]) -> PairReport:
+    rates = [p.spend_per_day for p in pairs]
+    known = [c for c in (r.costs for r in rows) if c is not None]
+    read = sum(p.cache_read for p in pairs)
+    written = sum(p.cache_write for p in pairs)
+    return PairReport(
+        expert=TOTAL,
+        model="",
+        ttl="",
+        pings={r: sum(p.pings.get(r, 0) for p in pairs) for r in RESULTS},
+        cache_read=read,
+        cache_write=written,
+        hit_rate=hit_rate(read, written),
+        # From the rows, not from the pairs' sums: a sum of rounded sums can differ in the
+        # last bit from the exact sum a reader gets by adding every cost in the ledger.
+        spend=math.fsum(v for c in known for v in c.values()),
+        spend_by_kind={k: math.fsum(c[k] for c in known) for k in COST_KINDS},
+        spend_unknown=any(p.spend_unknown for p in pairs),
+        window_seconds=max((p.window_seconds for p in pairs), default=0.0),
+        spend_per_day=None if not pairs or None in rates else math.fsum(r for r in rates if r is not None),
+        prefix_tokens=None,
+        miss_penalty=None,
+        break_even=None,
+    )
+
+
+def build_report(
+    rows: Iterable[LedgerRow],
+    prices: PriceTable,
+    since_seconds: float | None = None,
+    now: float | None = None,
+    first_seen: Mapping[tuple[str, str], float] | None = None,
+) -> Report:
+    """Group rows by pair (sorted by expert, model) and compute every figure.
+
+    Rows before the window are dropped here, after they have told when each pair started;
+    a caller that reads only the window passes `first_seen` (see `read_first_seen`).
+    """
+    now = time.time() if now is None else now
+    cutoff = None if since_seconds is None else now - since_seconds
+    starts: dict[tuple[str, str], float] = dict(first_seen or {})
+    groups: dict[tuple[str, str], list[LedgerRow]] = {}
+    for row in sorted(rows, key=lambda r: (r.time, r.id)):
+        key = (row.expert, row.model)
+        starts[key] = min(starts.get(key, row.time), row.time)
+        if cutoff is None or row.time >= cutoff:
+            groups.setdefault(key, []).append(row)
+    pairs = [pair_report(groups[key], prices, now, since_seconds, starts[key]) for key in sorted(groups)]
+    kept = [row for key in sorted(groups) for row in groups[key]]
+    return Report(pairs=pairs, total=_total(pairs, kept), since_seconds=since_seconds, now=now)
+
+
+# --- output --------------------------------------------------------------------------------
+
+CSV_FIELDS = (
+    "expert",
+    "model",
+    "ttl",
+    "pings",
+    *RESULTS,
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "hit_rate",
+    "spend_usd",
+    "spend_known_usd",
+    "spend_unknown",
+    *(f"spend_{k}_usd" for k in COST_KINDS),
+    "window_seconds",
+    "spend_per_day_usd",
+    "prefix_tokens",
+    "miss_penalty_usd",
+    "break_even_misses_per_day",
+)
+
+
+def _machine(p: PairReport) -> dict[str, Any]:
+    """A pair's figures under the CSV/JSON field names, floats untouched."""
+    out: dict[str, Any] = {"expert": p.expert, "model": p.model, "ttl": p.ttl, "pings": p.total_pings}
+    out.update(p.pings)
+    # An unknown spend is null, never a number a script could add up as if complete; the
+    # known part stays available under its own name.
+    unknown = p.spend_unknown
+    out.update(
+        cache_read_tokens=p.cache_read,
+        cache_write_tokens=p.cache_write,
+        hit_rate=p.hit_rate,
+        spend_usd=None if unknown else p.spend,
+        spend_known_usd=p.spend,
+        spend_unknown=unknown,
+    )
+    out.update({f"spend_{k}_usd": None if unknown else p.spend_by_kind[k] for k in COST_KINDS})
+    out.update(
+        window_seconds=p.window_seconds,
+        spend_per_day_usd=p.spend_per_day,
+        prefix_tokens=p.prefix_tokens,
+        miss_penalty_usd=p.miss_penalty,
+        break_even_misses_per_day=p.break_even,
+    )
+    return out
+
+
+def render_json(report: Report, prices: PriceTable) -> str:
+    """The report as one JSON document; floats keep every bit (Python writes repr)."""
+    doc = {
+        "generated_at": report.now,
+        "since_seconds": report.since_seconds,
+        "prices_verified": prices.verified or None,
+        "pairs": [_machine(p) for p in report.pairs],
+        "total": _machine(report.total),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # the shortest text that reads back as the same float
+    return str(value)
+
+
+def render_csv(report: Report, out: TextIO) -> None:
+    """One row per pair and a last row `TOTAL`; empty cells are unknown."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for p in [*report.pairs, report.total]:
+        row = _machine(p)
+        writer.writerow([_csv_cell(row[f]) for f in CSV_FIELDS])
+
+
+def _usd(value: float | None, places: int) -> str:
+    return "unknown" if value is None else f"${value:,.{places}f}"
+
+
+def _spend_text(p: PairReport) -> str:
+    if not p.spend_unknown:
+        return _usd(p.spend, 4)
+    return "unknown" if p.spend == 0 else f">= {_usd(p.spend, 4)} (some unpriced)"
+
+
+def render_table(report: Report) -> str:
+    """The human table: rounded money, percentages, a window line on top."""
+    if report.since_seconds is None:
+        head = "window: all rows in the ledger"
+    else:
+        start = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(report.now - report.since_seconds))
+        head = f"window: last {format_duration(report.since_seconds)} (since {start})"
+    if not report.pairs:
+        return head + "\nno pings in the window\n"
+    headers = ["EXPERT", "MODEL", "PINGS", *(r.upper() for r in RESULTS), "HIT RATE", "SPEND", "SPEND/DAY",
+               "MISS PENALTY", "BREAK-EVEN"]
+    rows = []
+    for p in [*report.pairs, report.total]:
+        rows.append(
+            [
+                p.expert,
+                p.model,
+                str(p.total_pings),
+                *(str(p.pings[r]) for r in RESULTS),
+                "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
+                _spend_text(p),
+                _usd(p.spend_per_day, 4),
+                "-" if p is report.total else _usd(p.miss_penalty, 6),
+                "-" if p is report.total else ("unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"),
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
+    foot = ("break-even: production misses a day the keepalive must prevent to pay for itself "
+            "(spend/day / miss penalty)")
+    return "\n".join([head, *lines, "", foot]) + "\n"
+
+
+def run_report(
+    ledger_path: Path,
+    prices: PriceTable,
+    since_seconds: float | None,
+    fmt: str,
+    out: TextIO,
+    now: float | None = None,
+) -> int:
+    """`keepwarm report`: read the ledger, write the report to `out`; return the exit code."""
+    if fmt not in FORMATS:
+        print(f"keepwarm report: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", file=sys.stderr)
+        return EX_USAGE
+    now = time.time() if now is None else now
+    try:
+        rows = read_ledger(ledger_path, None if since_seconds is None else now - since_seconds)
+        first_seen = read_first_seen(ledger_path)
+    except LedgerError as exc:
+        print(f"keepwarm report: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    report = build_report(rows, prices, since_seconds, now, first_seen)
+    if fmt == "json":
+        out.write(render_json(report, prices))
+    elif fmt == "csv":
+        render_csv(report, out)
+    else:
+        out.write(render_table(report))
+    return EX_OK
