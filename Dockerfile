@@ -16,8 +16,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY keepwarm ./keepwarm
 # A self-contained virtualenv; the final stage copies it whole, without pip's caches or the source.
+# Bytecode is compiled here (pip's default): the final root filesystem may be read-only.
 RUN python -m venv /opt/keepwarm \
- && /opt/keepwarm/bin/pip install --no-compile . \
+ && /opt/keepwarm/bin/pip install . \
  && /opt/keepwarm/bin/keepwarm --help > /dev/null
 
 FROM python:3.11.13-slim-bookworm
