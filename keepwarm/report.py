@@ -44,6 +44,7 @@ EX_USAGE = 2
 EX_CONFIG = 78
 FORMATS = ("table", "json", "csv")
 RESULTS = tuple(r.value for r in Result)
+SHORT_WINDOW = 3600.0  # below this, a day's figures rest on a handful of pings
 TOTAL = "TOTAL"  # upper case cannot be an expert name, so the total row is unambiguous
 
 
@@ -329,9 +330,14 @@ def render_table(report: Report) -> str:
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
-    foot = ("break-even: production misses a day the keepalive must prevent to pay for itself "
-            "(spend/day / miss penalty)")
-    return "\n".join([head, *lines, "", foot]) + "\n"
+    foot = ["break-even: production misses a day the keepalive must prevent to pay for itself (spend/day / miss penalty)"]
+    short = [f"{p.expert}/{p.model} ({format_duration(round(p.window_seconds, 1))})"
+             for p in report.pairs if p.window_seconds < SHORT_WINDOW]
+    if short:
+        # A first cold write scaled from minutes to a day looks alarming; say so next to it.
+        foot.append(f"note: per-day figures extrapolate from less than {format_duration(SHORT_WINDOW)} for "
+                    + ", ".join(short))
+    return "\n".join([head, *lines, "", *foot]) + "\n"
 
 
 def run_report(

@@ -157,6 +157,9 @@ def test_the_window_never_starts_before_the_pairs_first_row(tmp_path: Path) -> N
     report = pair_report(rows, PRICES, now=T0 + 3600, since_seconds=DAY)
     assert report.window_seconds == 3600
     assert report.spend_per_day == pytest.approx(report.spend * 24)
+    young = build_report(rows, PRICES, since_seconds=DAY, now=T0 + 600)
+    assert "note: per-day figures extrapolate from less than 1h for economist/claude-sonnet-4-6 (10m)" \
+        in render_table(young)
 
 
 def test_a_pair_older_than_the_window_is_judged_on_the_whole_window(tmp_path: Path) -> None:
