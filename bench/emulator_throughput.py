@@ -85,7 +85,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
+        nproc = int(subprocess.run(["nproc"], check=False, capture_output=True, text=True).stdout.strip())
     except (OSError, ValueError):
         nproc = os.cpu_count() or 0
     return {

@@ -21,7 +21,8 @@ from keepwarm.emulator import Emulator, Fault
 SONNET = "claude-sonnet-4-6"  # minimum 1024 tokens
 HAIKU = "claude-haiku-4-5"  # minimum 4096 tokens
 KEY = "sk-test-alpha"
-PING = [{"role": "user", "content": "ping"}]  # 1 token
+# Typed Any: the SDK's TypedDict parameters would reject plain dict literals under mypy.
+PING: Any = [{"role": "user", "content": "ping"}]  # 1 token
 
 
 class FakeClock:
@@ -75,7 +76,7 @@ def text(tokens: int, fill: str = "x") -> str:
     return fill * (4 * tokens)
 
 
-def block(tokens: int, ttl: str | None = "5m", fill: str = "x") -> dict[str, Any]:
+def block(tokens: int, ttl: str | None = "5m", fill: str = "x") -> Any:
     """A system text block, with a breakpoint unless ttl is None."""
     result: dict[str, Any] = {"type": "text", "text": text(tokens, fill)}
     if ttl is not None:
@@ -87,7 +88,8 @@ def usage_of(client: anthropic.Anthropic, model: str = SONNET, **request: Any) -
     request.setdefault("messages", PING)
     request.setdefault("max_tokens", 1)
     message = client.messages.create(model=model, **request)
-    return message.usage.model_dump()
+    usage: dict[str, Any] = message.usage.model_dump()
+    return usage
 
 
 def counts(usage: dict[str, Any]) -> tuple[int, int, int]:
@@ -99,7 +101,7 @@ def counts(usage: dict[str, Any]) -> tuple[int, int, int]:
     )
 
 
-SYSTEM_2000 = [block(2000)]
+SYSTEM_2000: Any = [block(2000)]
 
 
 # --- write, read, TTL ---------------------------------------------------------------------
@@ -415,7 +417,7 @@ def test_max_tokens_zero_prewarms(client: anthropic.Anthropic) -> None:
 def test_max_tokens_zero_refuses_what_needs_output(
     client: anthropic.Anthropic, extra: dict[str, Any]
 ) -> None:
-    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    tools: Any = [{"name": "lookup", "input_schema": {"type": "object"}}]
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         client.messages.create(
             model=SONNET, max_tokens=0, system=SYSTEM_2000, messages=PING, tools=tools, **extra
@@ -442,8 +444,9 @@ def test_unknown_model_is_404(client: anthropic.Anthropic) -> None:
 
 
 def test_every_model_in_the_data_file_is_known(client: anthropic.Anthropic) -> None:
-    import yaml
     from importlib.resources import files
+
+    import yaml
 
     models = yaml.safe_load(files("keepwarm").joinpath("data/models.yaml").read_text())["models"]
     for model, facts in models.items():
@@ -456,7 +459,7 @@ def test_every_model_in_the_data_file_is_known(client: anthropic.Anthropic) -> N
 
 
 def test_count_tokens_totals_tools_system_and_messages(client: anthropic.Anthropic) -> None:
-    tool = {"name": "lookup", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}
+    tool: Any = {"name": "lookup", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}
     # The tool counts its canonical JSON without cache_control.
     tool_json = '{"input_schema":{"type":"object"},"name":"lookup"}'
     counted = client.messages.count_tokens(

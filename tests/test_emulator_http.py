@@ -21,7 +21,7 @@ from keepwarm.emulator import Emulator
 
 REPO = Path(__file__).resolve().parent.parent
 SONNET = "claude-sonnet-4-6"
-PING_BODY = {"model": SONNET, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+PING_BODY: Any = {"model": SONNET, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
 GOOD_KEY = "sk-test-good"
 
 
@@ -85,14 +85,17 @@ def test_missing_or_wrong_key_is_401(emulator: Emulator, headers: dict[str, str]
     assert status == 401
     assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
     assert body["request_id"] == response_headers["request-id"]
+    entry = emulator.log[-1]
+    assert entry.status == 401 and entry.error_type == "authentication_error"
+    assert entry.model == SONNET and entry.fingerprint is not None and entry.usage is None
 
 
 def test_sdk_with_a_wrong_key_gets_authentication_error(emulator: Emulator) -> None:
     client = anthropic.Anthropic(api_key="sk-test-wrong", base_url=emulator.base_url, max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
-        client.messages.create(**PING_BODY)  # type: ignore[arg-type]
+        client.messages.create(**PING_BODY)
     good = anthropic.Anthropic(api_key=GOOD_KEY, base_url=emulator.base_url, max_retries=0)
-    assert good.messages.create(**PING_BODY).usage.input_tokens == 1  # type: ignore[arg-type]
+    assert good.messages.create(**PING_BODY).usage.input_tokens == 1
 
 
 def test_without_a_key_list_any_nonempty_key_is_accepted() -> None:
@@ -197,11 +200,11 @@ def test_control_injects_a_fault_without_an_api_key(emulator: Emulator) -> None:
     assert answer["faults"][0]["status"] == 529 and answer["faults"][0]["remaining"] == 2
     client = anthropic.Anthropic(api_key=GOOD_KEY, base_url=emulator.base_url, max_retries=0)
     with pytest.raises(anthropic.OverloadedError):
-        client.messages.create(**PING_BODY)  # type: ignore[arg-type]
+        client.messages.create(**PING_BODY)
     assert call(emulator, "GET", "/_emulator/faults")[2]["faults"][0]["remaining"] == 1
     assert call(emulator, "DELETE", "/_emulator/faults")[0] == 200
     assert call(emulator, "GET", "/_emulator/faults")[2] == {"faults": []}
-    client.messages.create(**PING_BODY)  # type: ignore[arg-type]
+    client.messages.create(**PING_BODY)
 
 
 def test_control_accepts_a_list_and_retry_after(emulator: Emulator) -> None:

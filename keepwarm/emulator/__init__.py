@@ -33,7 +33,12 @@ Approximations (deliberate, and the same everywhere):
 from keepwarm.emulator.errors import ApiError
 from keepwarm.emulator.faults import Fault
 from keepwarm.emulator.prompt import count_text_tokens
-from keepwarm.emulator.server import Emulator, LogEntry, builtin_min_cacheable_tokens, serve
+from keepwarm.emulator.server import (
+    Emulator,
+    LogEntry,
+    builtin_min_cacheable_tokens,
+    serve,
+)
 
 __all__ = [
     "ApiError",

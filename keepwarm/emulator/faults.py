@@ -77,24 +77,30 @@ class Fault:
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
-        """A Fault from its JSON form (the field names as keys); ValueError if malformed."""
+        """A Fault from its JSON form (the field names as keys); TypeError or ValueError if
+        malformed."""
         if not isinstance(data, Mapping):
-            raise ValueError("a fault is a JSON object")
+            raise TypeError("a fault is a JSON object")
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(unknown)}")
-        numbers = {"status": int, "retry_after": (int, float), "latency": (int, float), "count": int}
+        numbers: dict[str, tuple[type, ...]] = {
+            "status": (int,),
+            "retry_after": (int, float),
+            "latency": (int, float),
+            "count": (int,),
+        }
         for name, kinds in numbers.items():
             value = data.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-                raise ValueError(f"{name} must be a number")
+                raise TypeError(f"{name} must be a number")
         for name in ("kind", "model", "path", "message"):
             value = data.get(name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string")
+                raise TypeError(f"{name} must be a string")
         if not isinstance(data.get("spend_cap", False), bool):
-            raise ValueError("spend_cap must be true or false")
+            raise TypeError("spend_cap must be true or false")
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:

@@ -148,17 +148,17 @@ def read_prompt(body: Mapping[str, Any], model: str) -> Prompt:
         if target is not None and markers[target] is None:
             markers[target] = ttl
 
-    found = sum(1 for ttl in markers if ttl is not None)
+    found = sum(1 for marker in markers if marker is not None)
     if found > MAX_BREAKPOINTS:
         raise invalid(
             f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
             f"Found {found}."
         )
     seen_5m = False
-    for raw, ttl in zip(raw_blocks, markers):
-        if ttl == "5m":
+    for raw, marker in zip(raw_blocks, markers):
+        if marker == "5m":
             seen_5m = True
-        elif ttl == "1h" and seen_5m:
+        elif marker == "1h" and seen_5m:
             raise invalid(
                 f"{raw.where}.cache_control.ttl: a ttl='1h' cache_control block cannot come "
                 "after a ttl='5m' cache_control block. Blocks with a longer ttl must come "
@@ -179,7 +179,7 @@ def read_prompt(body: Mapping[str, Any], model: str) -> Prompt:
         canon = _block_json(raw.block)
         # The separators are control characters, which canonical JSON always escapes, so two
         # different block sequences can never hash the same bytes.
-        hasher.update(f"{raw.section}\x1f{raw.role}\x1f{canon}\x1e".encode("utf-8"))
+        hasher.update(f"{raw.section}\x1f{raw.role}\x1f{canon}\x1e".encode())
         digests.append(hasher.copy().digest())
         running += _block_tokens(raw, canon)
         cumulative.append(running)

@@ -18,15 +18,20 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
 from keepwarm.emulator.cache import PromptCache
-from keepwarm.emulator.errors import SPEND_CAP_ERROR_CODE, SPEND_CAP_MESSAGE, ApiError, invalid
+from keepwarm.emulator.errors import (
+    SPEND_CAP_ERROR_CODE,
+    SPEND_CAP_MESSAGE,
+    ApiError,
+    invalid,
+)
 from keepwarm.emulator.faults import COUNT_TOKENS_PATH, MESSAGES_PATH, Fault, FaultQueue
 from keepwarm.emulator.prompt import (
     Prompt,
@@ -43,6 +48,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # Distinct request bodies whose analysis (fingerprint, blocks, hashes) is remembered. Keepalive
 # pings repeat the same bytes, and serialising a 20 kB prompt canonically costs ~0.1 ms each time.
 ANALYSIS_MEMO_SIZE = 256
+# The "malformed" fault's answer: cut off mid-object, as by a broken proxy.
+MALFORMED_BODY = b'{"id": "msg_emulator_malformed", "type": "message", "content": [{"type'
 # Reported in anthropic-ratelimit-requests-* headers; the emulator never enforces it.
 REQUESTS_PER_MINUTE = 4000
 
@@ -112,8 +119,20 @@ class _Record:
 @functools.lru_cache(maxsize=4)
 def _minute_end(minute: int) -> str:
     """RFC 3339 time at which a wall-clock minute (minutes since the epoch) ends."""
-    end = datetime.fromtimestamp((minute + 1) * 60, tz=timezone.utc)
+    end = datetime.fromtimestamp((minute + 1) * 60, tz=UTC)
     return end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fault_error(fault: Fault, headers: dict[str, str]) -> ApiError:
+    """The error a `status` fault answers with; adds its headers to `headers`."""
+    if fault.spend_cap:
+        return ApiError(429, fault.message or SPEND_CAP_MESSAGE, error_code=SPEND_CAP_ERROR_CODE)
+    if fault.retry_after is not None:
+        seconds = fault.retry_after
+        headers["retry-after"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
+    if fault.effective_status == 429:
+        headers["anthropic-ratelimit-requests-remaining"] = "0"
+    return ApiError(fault.effective_status, fault.message)
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
         self.emulator = emulator
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client resetting its connection is normal traffic, not an emulator bug to print.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can hang offline.
@@ -271,8 +296,9 @@ class Emulator:
         """Where a local client reaches the server (a wildcard bind answers on loopback)."""
         return ("127.0.0.1" if self.host in ("", "0.0.0.0") else self.host, self.port)
 
-    def __enter__(self) -> Emulator:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(
         self,
@@ -353,7 +379,6 @@ class Emulator:
                 self._read_body(handler)
                 raise ApiError(405, f"Method Not Allowed: {handler.command} {path}")
             raw = self._read_body(handler)
-            key = self._authenticate(handler, record)
             try:
                 body = json.loads(raw)
             except ValueError:
@@ -365,40 +390,38 @@ class Emulator:
                 record.model = model if isinstance(model, str) else None
                 known = self._memo.get(raw)
                 record.fingerprint = known[0] if known else fingerprint(body)
+            key = self._authenticate(handler, record)
             record.headers = self._ratelimit_headers(key)
 
             fault = self._faults.take(path, record.model)
-            if fault is not None and fault.kind == "hang":
+            if fault is not None and fault.latency and fault.kind != "hang":
+                self._stopping.wait(fault.latency)  # real time: the client's clock sees it
+            if fault is None or fault.kind == "latency":
+                response = self._answer(path, raw, body, known, key, record)
+            elif fault.kind == "hang":
                 handler.close_connection = True
                 record.error_type = "hang"
                 hang = fault.latency
-            elif fault is not None and (outcome := self._suffer(handler, fault, record)) is not None:
-                response = outcome if isinstance(outcome, _Response) else None
+            elif fault.kind == "drop":
+                handler.close_connection = True
+                record.error_type = "drop"
+            elif fault.kind == "malformed":
+                record.status, record.error_type = 200, "malformed"
+                response = _Response(200, MALFORMED_BODY, record.headers)
             else:
-                if body is None:
-                    raise invalid("There was an issue with your request body: it is not valid JSON.")
-                if not isinstance(body, dict):
-                    raise invalid("body: Input should be a valid dictionary")
-                prompt = self._analyse(raw, body, record.fingerprint or "", known)
-                if path == MESSAGES_PATH:
-                    payload = self._create_message(body, prompt, key, record)
-                else:
-                    record.usage = {"input_tokens": prompt.total_tokens}
-                    payload = dict(record.usage)
-                record.status = 200
-                response = _Response(200, json.dumps(payload).encode("utf-8"), record.headers)
+                raise _fault_error(fault, record.headers)
         except ApiError as error:
             record.status = error.status
             record.error_type = error.type
             response = _error_response(error, request_id, record.headers)
         except OSError:
             raise  # the client went away while sending: nobody to answer
-        except Exception:
+        except Exception:  # noqa: BLE001 - any bug must still get an API-shaped answer
             # A bug in the emulator: answer like the API would, and keep the traceback visible.
             traceback.print_exc(file=sys.stderr)
-            error = ApiError(500, "Internal server error (emulator bug).")
-            record.status, record.error_type = 500, error.type
-            response = _error_response(error, request_id, {})
+            bug = ApiError(500, "Internal server error (emulator bug).")
+            record.status, record.error_type = 500, bug.type
+            response = _error_response(bug, request_id, {})
         # Logged before answering, so whoever got the answer finds the request in the log.
         with self._log_lock:
             self._log.append(record.entry())
@@ -434,29 +457,28 @@ class Emulator:
             raise ApiError(401, "invalid x-api-key")
         return key
 
-    def _suffer(self, handler: _Handler, fault: Fault, record: _Record) -> _Response | bool | None:
-        """Apply a fault other than a hang: None to go on serving the request normally, a
-        response to send instead, or True when the connection is dropped without one."""
-        if fault.latency:
-            self._stopping.wait(fault.latency)
-        if fault.kind == "latency":
-            return None
-        if fault.kind == "drop":
-            handler.close_connection = True
-            record.error_type = "drop"
-            return True
-        if fault.kind == "malformed":
-            record.status, record.error_type = 200, "malformed"
-            body = b'{"id": "msg_emulator_malformed", "type": "message", "content": [{"type'
-            return _Response(200, body, record.headers)
-        if fault.spend_cap:
-            raise ApiError(429, fault.message or SPEND_CAP_MESSAGE, error_code=SPEND_CAP_ERROR_CODE)
-        if fault.retry_after is not None:
-            seconds = fault.retry_after
-            record.headers["retry-after"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
-        if fault.effective_status == 429:
-            record.headers["anthropic-ratelimit-requests-remaining"] = "0"
-        raise ApiError(fault.effective_status, fault.message)
+    def _answer(
+        self,
+        path: str,
+        raw: bytes,
+        body: Any,
+        known: tuple[str, Prompt] | None,
+        key: str,
+        record: _Record,
+    ) -> _Response:
+        """The normal answer to an API request (ApiError for an invalid one)."""
+        if body is None:
+            raise invalid("There was an issue with your request body: it is not valid JSON.")
+        if not isinstance(body, dict):
+            raise invalid("body: Input should be a valid dictionary")
+        prompt = self._analyse(raw, body, record.fingerprint or "", known)
+        if path == MESSAGES_PATH:
+            payload = self._create_message(body, prompt, key, record)
+        else:
+            record.usage = {"input_tokens": prompt.total_tokens}
+            payload = dict(record.usage)
+        record.status = 200
+        return _Response(200, json.dumps(payload).encode("utf-8"), record.headers)
 
     def _known_model(self, model: str) -> int:
         min_tokens = self._models.get(model)
@@ -585,7 +607,7 @@ def serve(port: int, time_scale: float, api_keys: list[str] | None, host: str = 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, on_signal)
     try:
