@@ -92,3 +92,17 @@ def classify(usage: Usage | None) -> Result:
     if written:
         return Result.REWARMED
     return Result.UNCACHED
+
+
+# Why a ping found the cache cold (keepwarm_cache_misses_total{cause}): what keepwarm knows
+# itself first, then the API's own diagnosis (the cache-diagnostics beta), else unexplained.
+LOCAL_MISS_CAUSES = ("cold_start", "prefix_changed", "ttl_lapsed", "unexplained")
+API_MISS_CAUSES = (
+    "model_changed",
+    "system_changed",
+    "tools_changed",
+    "messages_changed",
+    "previous_message_not_found",
+    "unavailable",
+)
+MISS_CAUSES = LOCAL_MISS_CAUSES + API_MISS_CAUSES

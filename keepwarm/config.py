@@ -55,6 +55,7 @@ class ApiSection(_Strict):
     api_key_file: str | None = None
     timeout: Duration = 30.0
     max_concurrency: int = Field(default=8, ge=1, le=1024)
+    cache_diagnostics: bool = False
 
 
 class CacheControl(_Strict):
@@ -141,6 +142,7 @@ class ApiSettings:
     api_key_file: Path | None
     timeout: float
     max_concurrency: int
+    cache_diagnostics: bool = False
 
 
 @dataclass(frozen=True)
@@ -371,6 +373,7 @@ def _resolve(
             api_key_file=base / raw.api.api_key_file if raw.api.api_key_file else None,
             timeout=raw.api.timeout,
             max_concurrency=raw.api.max_concurrency,
+            cache_diagnostics=raw.api.cache_diagnostics,
         ),
         pairs=tuple(pairs),
         prices=prices,

@@ -113,7 +113,14 @@ class Daemon:
 
         metrics = Metrics()
         client = make_client(self._base_url(config), key.value, config.api.timeout)
-        runner = Runner(client, config.prices, metrics, self.stop_event, key_source=key.source)
+        runner = Runner(
+            client,
+            config.prices,
+            metrics,
+            self.stop_event,
+            key_source=key.source,
+            diagnostics=config.api.cache_diagnostics,
+        )
         scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
         try:
             web = WebServer(
@@ -196,6 +203,7 @@ class Daemon:
             event(log, logging.WARNING, "metrics.listen and api.max_concurrency take effect only at restart")
         runner.key_source = key.source
         runner.prices = new.prices
+        runner.diagnostics = new.api.cache_diagnostics
         report = scheduler.apply(new.pairs)
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),

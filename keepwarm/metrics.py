@@ -3,11 +3,26 @@
 Metrics are built against an injectable registry so each test gets a fresh one. Every
 configured pair's series exist from start-up at 0, so a dashboard or alert never has to
 guess whether a missing series means "zero" or "not configured".
+
+A pair has 47 series, so 10,000 pairs have 470,000. prometheus_client keeps one object, with
+its own lock, per series: at that size it took 240 MB and 11 s to create them and 23 s per
+scrape (docs/performance.md). So the per-pair series live here in one flat array per pair,
+behind handles with prometheus_client's `labels(...).inc()` face, and are read by a collector
+(for `generate_latest` and `get_sample_value`) or streamed by `exposition()`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+import threading
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from keepwarm import __version__
 from keepwarm.classify import Result
@@ -20,6 +35,202 @@ _PAIR = ("expert", "model")
 # Pings take tens of milliseconds to many seconds (retries, slow API).
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Big enough that a scrape of 10,000 pairs is a few hundred writes, small enough to stay cheap.
+_CHUNK_CHARS = 256 * 1024
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One per-pair metric family and where its values sit in a pair's array."""
+
+    name: str  # as exposed; counters end in _total, histograms are the base name
+    kind: str  # counter | gauge | histogram
+    documentation: str
+    offset: int
+    label: str | None = None  # the third label, if any
+    values: tuple[str, ...] = ("",)  # its values; one unnamed slot when there is none
+
+    @property
+    def width(self) -> int:
+        """How many array slots the family uses for one pair."""
+        if self.kind == "histogram":
+            return len(_DURATION_BUCKETS) + 2  # a count per bucket, +Inf included, then the sum
+        return len(self.values)
+
+
+def _layout() -> tuple[_Family, ...]:
+    specs: list[tuple[str, str, str, str | None, tuple[str, ...]]] = [
+        ("keepwarm_pings_total", "counter", "Pings by final result.", "result", RESULTS),
+        ("keepwarm_ping_errors_total", "counter", "Failed ping attempts by kind, retried ones included.",
+         "error_type", ERROR_TYPES),
+        ("keepwarm_tokens_total", "counter", "Tokens billed to pings, by kind.", "kind", COST_KINDS),
+        ("keepwarm_cost_usd_total", "counter", "What pings cost, in USD, by kind.", "kind", COST_KINDS),
+        ("keepwarm_unpriced_pings_total", "counter",
+         "Pings whose cost is unknown because the model has no price in the table.", None, ("",)),
+        ("keepwarm_missed_pings_total", "counter",
+         "Scheduled ping slots skipped because the process fell more than an interval behind.", None, ("",)),
+        ("keepwarm_ping_duration_seconds", "histogram", "Time from a ping's first attempt to its final answer.",
+         None, ("",)),
+        ("keepwarm_last_ping_timestamp_seconds", "gauge", "When the pair was last pinged (0: never).", None, ("",)),
+        ("keepwarm_cache_expires_timestamp_seconds", "gauge",
+         "When the pair's cache entry expires if nothing touches it again (0: unknown).", None, ("",)),
+        ("keepwarm_prefix_tokens", "gauge", "Tokens in the pair's cacheable prefix (0: not yet known).", None, ("",)),
+        ("keepwarm_miss_penalty_usd", "gauge",
+         "Extra USD one production request pays when it finds this cache cold (NaN: no price).", None, ("",)),
+        ("keepwarm_ping_interval_seconds", "gauge", "The pair's configured ping interval.", None, ("",)),
+    ]
+    families, offset = [], 0
+    for name, kind, documentation, label, values in specs:
+        family = _Family(name, kind, documentation, offset, label, values)
+        families.append(family)
+        offset += family.width
+    return tuple(families)
+
+
+_FAMILIES = _layout()
+_BY_NAME = {f.name: f for f in _FAMILIES}
+_WIDTH = sum(f.width for f in _FAMILIES)
+_INTERVAL = _BY_NAME["keepwarm_ping_interval_seconds"]
+_LE = tuple(floatToGoString(b) for b in _DURATION_BUCKETS) + ("+Inf",)
+
+
+class _Series:
+    """One pair's values. `configured` is False for a pair the runner touched without
+    `add_pair` (`keepwarm once`, or a ping that finished after a reload removed its pair):
+    such a pair gets no interval or info series, as prometheus_client would not create them."""
+
+    __slots__ = ("labels", "label_text", "values", "info", "configured")
+
+    def __init__(self, expert: str, model: str) -> None:
+        self.labels = (expert, model)
+        self.label_text = f'expert="{_escape(expert)}",model="{_escape(model)}"'
+        self.values = array("d", bytes(8 * _WIDTH))
+        self.info: tuple[str, str] | None = None  # (ttl, fingerprint)
+        self.configured = False
+
+
+class _Store:
+    """The per-pair arrays; one lock serialises writers, readers take snapshots."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pairs: dict[tuple[str, str], _Series] = {}
+
+    def series(self, expert: str, model: str) -> _Series:
+        found = self.pairs.get((expert, model))  # one dict read: safe without the lock
+        if found is not None:
+            return found
+        with self.lock:
+            return self.pairs.setdefault((expert, model), _Series(expert, model))
+
+    def snapshot(self) -> list[_Series]:
+        with self.lock:
+            return list(self.pairs.values())
+
+
+class _Cell:
+    """One series of one pair: what `labels(...)` returns."""
+
+    __slots__ = ("_store", "_values", "_index", "_kind")
+
+    def __init__(self, store: _Store, values: array[float], index: int, kind: str) -> None:
+        self._store, self._values, self._index, self._kind = store, values, index, kind
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add `amount` (counters refuse a negative one, as prometheus_client does)."""
+        if self._kind == "counter" and amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        with self._store.lock:
+            self._values[self._index] += amount
+
+    def set(self, value: float) -> None:
+        """Set a gauge."""
+        if self._kind != "gauge":
+            raise AttributeError(f"a {self._kind} cannot be set")
+        self._values[self._index] = float(value)
+
+    def observe(self, amount: float) -> None:
+        """Count one observation into a histogram."""
+        if self._kind != "histogram":
+            raise AttributeError(f"a {self._kind} cannot observe")
+        bucket = bisect.bisect_left(_DURATION_BUCKETS, amount)
+        with self._store.lock:
+            self._values[self._index + bucket] += 1
+            self._values[self._index + len(_DURATION_BUCKETS) + 1] += amount
+
+
+class PairMetric:
+    """A per-pair family with prometheus_client's `labels(expert, model[, extra])` face."""
+
+    def __init__(self, store: _Store, family: _Family) -> None:
+        self._store = store
+        self._family = family
+        self._slot = {value: i for i, value in enumerate(family.values)}
+
+    def labels(self, expert: str, model: str, *extra: str) -> _Cell:
+        """The series of one pair (created at 0 if the pair is new), as prometheus_client does."""
+        family = self._family
+        if len(extra) != (family.label is not None):
+            raise ValueError(f"{family.name} takes labels expert, model{', ' + family.label if family.label else ''}")
+        slot = self._slot.get(extra[0] if extra else "")
+        if slot is None:
+            raise ValueError(f"{family.name}: unknown {family.label} {extra[0]!r}; expected one of {family.values}")
+        series = self._store.series(expert, model)
+        return _Cell(self._store, series.values, family.offset + slot, family.kind)
+
+
+class _PairCollector(Collector):
+    """Exposes the per-pair arrays to a prometheus_client registry."""
+
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+
+    def describe(self) -> Iterable[Metric]:
+        """The family names, so the registry can refuse a duplicate."""
+        return [_empty_family(f) for f in _FAMILIES] + [_empty_info()]
+
+    def collect(self) -> Iterable[Metric]:
+        """Every per-pair family, each pair's values read once."""
+        pairs = self._store.snapshot()
+        for family in _FAMILIES:
+            out = _empty_family(family)
+            for series in pairs:
+                if family is _INTERVAL and not series.configured:
+                    continue
+                values = series.values
+                if isinstance(out, HistogramMetricFamily):
+                    counts, running = [], 0.0
+                    for i, le in enumerate(_LE):
+                        running += values[family.offset + i]
+                        counts.append((le, running))
+                    out.add_metric(list(series.labels), counts, values[family.offset + len(_LE)])
+                else:
+                    for i, extra in enumerate(family.values):
+                        labels = [*series.labels, extra] if family.label else list(series.labels)
+                        out.add_metric(labels, values[family.offset + i])
+            yield out
+        info = _empty_info()
+        for series in pairs:
+            if series.info is not None:
+                info.add_metric([*series.labels, *series.info], 1.0)
+        yield info
+
+
+def _empty_family(family: _Family) -> CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily:
+    labels = [*_PAIR, family.label] if family.label else list(_PAIR)
+    if family.kind == "counter":
+        return CounterMetricFamily(family.name, family.documentation, labels=labels)
+    if family.kind == "histogram":
+        return HistogramMetricFamily(family.name, family.documentation, labels=labels)
+    return GaugeMetricFamily(family.name, family.documentation, labels=labels)
+
+
+def _empty_info() -> GaugeMetricFamily:
+    return GaugeMetricFamily("keepwarm_pair_info", "Configured pairs (=1).", labels=[*_PAIR, "ttl", "fingerprint"])
 
 
 class Metrics:
@@ -27,118 +238,102 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.pings = Counter("keepwarm_pings", "Pings by final result.", [*_PAIR, "result"], registry=r)
-        self.errors = Counter(
-            "keepwarm_ping_errors",
-            "Failed ping attempts by kind, retried ones included.",
-            [*_PAIR, "error_type"],
-            registry=r,
-        )
-        self.tokens = Counter("keepwarm_tokens", "Tokens billed to pings, by kind.", [*_PAIR, "kind"], registry=r)
-        self.cost = Counter("keepwarm_cost_usd", "What pings cost, in USD, by kind.", [*_PAIR, "kind"], registry=r)
-        self.unpriced = Counter(
-            "keepwarm_unpriced_pings",
-            "Pings whose cost is unknown because the model has no price in the table.",
-            _PAIR,
-            registry=r,
-        )
-        self.missed = Counter(
-            "keepwarm_missed_pings",
-            "Scheduled ping slots skipped because the process fell more than an interval behind.",
-            _PAIR,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "keepwarm_ping_duration_seconds",
-            "Time from a ping's first attempt to its final answer.",
-            _PAIR,
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
+        self._store = _Store()
+        self.registry.register(_PairCollector(self._store))
+        pair = {f.name: PairMetric(self._store, f) for f in _FAMILIES}
+        self.pings = pair["keepwarm_pings_total"]
+        self.errors = pair["keepwarm_ping_errors_total"]
+        self.tokens = pair["keepwarm_tokens_total"]
+        self.cost = pair["keepwarm_cost_usd_total"]
+        self.unpriced = pair["keepwarm_unpriced_pings_total"]
+        self.missed = pair["keepwarm_missed_pings_total"]
+        self.duration = pair["keepwarm_ping_duration_seconds"]
+        self.last_ping = pair["keepwarm_last_ping_timestamp_seconds"]
+        self.expires = pair["keepwarm_cache_expires_timestamp_seconds"]
+        self.prefix_tokens = pair["keepwarm_prefix_tokens"]
+        self.miss_penalty = pair["keepwarm_miss_penalty_usd"]
+        self.interval = pair["keepwarm_ping_interval_seconds"]
+
+        # The few unlabelled metrics stay prometheus_client's own; they also sit in a registry
+        # of their own, which `exposition()` renders after the per-pair families.
+        self._plain = CollectorRegistry()
         self.lateness = Histogram(
             "keepwarm_ping_lateness_seconds",
             "How late each ping started against its scheduled time.",
             buckets=_LATENESS_BUCKETS,
-            registry=r,
-        )
-        self.last_ping = Gauge(
-            "keepwarm_last_ping_timestamp_seconds", "When the pair was last pinged (0: never).", _PAIR, registry=r
-        )
-        self.expires = Gauge(
-            "keepwarm_cache_expires_timestamp_seconds",
-            "When the pair's cache entry expires if nothing touches it again (0: unknown).",
-            _PAIR,
-            registry=r,
-        )
-        self.prefix_tokens = Gauge(
-            "keepwarm_prefix_tokens", "Tokens in the pair's cacheable prefix (0: not yet known).", _PAIR, registry=r
-        )
-        self.miss_penalty = Gauge(
-            "keepwarm_miss_penalty_usd",
-            "Extra USD one production request pays when it finds this cache cold (NaN: no price).",
-            _PAIR,
-            registry=r,
-        )
-        self.interval = Gauge(
-            "keepwarm_ping_interval_seconds", "The pair's configured ping interval.", _PAIR, registry=r
-        )
-        self.pair_info = Gauge(
-            "keepwarm_pair_info", "Configured pairs (=1).", [*_PAIR, "ttl", "fingerprint"], registry=r
+            registry=None,
         )
         self.reload_ok = Gauge(
-            "keepwarm_config_last_reload_successful", "1 if the last config (re)load succeeded.", registry=r
+            "keepwarm_config_last_reload_successful", "1 if the last config (re)load succeeded.", registry=None
         )
-        self.build_info = Gauge("keepwarm_build_info", "keepwarm's version (=1).", ["version"], registry=r)
+        self.build_info = Gauge("keepwarm_build_info", "keepwarm's version (=1).", ["version"], registry=None)
+        for metric in (self.lateness, self.reload_ok, self.build_info):
+            self.registry.register(metric)
+            self._plain.register(metric)
         self.build_info.labels(__version__).set(1)
         self.reload_ok.set(1)
 
     def add_pair(self, pair: Pair) -> None:
         """Create every series of a pair at 0."""
-        labels = (pair.expert, pair.model)
-        for result in RESULTS:
-            self.pings.labels(*labels, result)
-        for error_type in ERROR_TYPES:
-            self.errors.labels(*labels, error_type)
-        for kind in COST_KINDS:
-            self.tokens.labels(*labels, kind)
-            self.cost.labels(*labels, kind)
-        for metric in (self.unpriced, self.missed, self.duration, self.last_ping, self.expires):
-            metric.labels(*labels)
-        for metric in (self.prefix_tokens, self.miss_penalty):
-            metric.labels(*labels)
-        self.interval.labels(*labels).set(pair.interval)
-        self.pair_info.labels(*labels, pair.ttl, pair.fingerprint).set(1)
+        series = self._store.series(pair.expert, pair.model)
+        with self._store.lock:
+            series.values[_INTERVAL.offset] = pair.interval
+            series.info = (pair.ttl, pair.fingerprint)
+            series.configured = True
 
     def remove_pair(self, pair: Pair) -> None:
         """Drop every series of a pair (after a reload removed or changed it)."""
-        labels = (pair.expert, pair.model)
-        labelled: tuple[tuple[Counter, tuple[str, ...]], ...] = (
-            (self.pings, RESULTS),
-            (self.errors, ERROR_TYPES),
-            (self.tokens, COST_KINDS),
-            (self.cost, COST_KINDS),
-        )
-        for metric, extra in labelled:
-            for value in extra:
-                _remove(metric, *labels, value)
-        plain: tuple[Counter | Gauge | Histogram, ...] = (
-            self.unpriced,
-            self.missed,
-            self.duration,
-            self.last_ping,
-            self.expires,
-            self.prefix_tokens,
-            self.miss_penalty,
-            self.interval,
-        )
-        for one in plain:
-            _remove(one, *labels)
-        _remove(self.pair_info, *labels, pair.ttl, pair.fingerprint)
+        with self._store.lock:
+            self._store.pairs.pop((pair.expert, pair.model), None)
+
+    def exposition(self) -> Iterator[bytes]:
+        """The Prometheus text format (what `generate_latest` gives), in chunks.
+
+        Written straight from the arrays, a scrape of 10,000 pairs takes a fraction of a second
+        and never holds the whole 45 MB page in memory, if the caller writes chunks as they come.
+        """
+        pairs = self._store.snapshot()
+        parts: list[str] = []
+        size = 0
+        for family in _FAMILIES:
+            parts.append(f"# HELP {family.name} {family.documentation}\n# TYPE {family.name} {family.kind}\n")
+            for series in pairs:
+                if family is _INTERVAL and not series.configured:
+                    continue
+                text = _pair_lines(family, series)
+                parts.append(text)
+                size += len(text)
+                if size >= _CHUNK_CHARS:
+                    yield "".join(parts).encode("utf-8")
+                    parts, size = [], 0
+        parts.append(_info_lines(pairs))
+        yield "".join(parts).encode("utf-8")
+        yield generate_latest(self._plain)
 
 
-def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-    try:
-        metric.remove(*labels)
-    except KeyError:
-        pass  # never created: nothing to remove
+def _pair_lines(family: _Family, series: _Series) -> str:
+    values, offset, labels = series.values, family.offset, series.label_text
+    if family.kind == "histogram":
+        lines, running = [], 0.0
+        for i, le in enumerate(_LE):
+            running += values[offset + i]
+            lines.append(f'{family.name}_bucket{{{labels},le="{le}"}} {floatToGoString(running)}\n')
+        lines.append(f"{family.name}_count{{{labels}}} {floatToGoString(running)}\n")
+        lines.append(f"{family.name}_sum{{{labels}}} {floatToGoString(values[offset + len(_LE)])}\n")
+        return "".join(lines)
+    if family.label is None:
+        return f"{family.name}{{{labels}}} {floatToGoString(values[offset])}\n"
+    return "".join(
+        f'{family.name}{{{labels},{family.label}="{extra}"}} {floatToGoString(values[offset + i])}\n'
+        for i, extra in enumerate(family.values)
+    )
+
+
+def _info_lines(pairs: list[_Series]) -> str:
+    lines = ["# HELP keepwarm_pair_info Configured pairs (=1).\n# TYPE keepwarm_pair_info gauge\n"]
+    for series in pairs:
+        if series.info is not None:
+            ttl, fingerprint = series.info
+            lines.append(f'keepwarm_pair_info{{{series.label_text},ttl="{_escape(ttl)}",'
+                         f'fingerprint="{_escape(fingerprint)}"}} 1.0\n')
+    return "".join(lines)

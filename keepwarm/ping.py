@@ -52,6 +52,8 @@ class PingAttempt:
     request_id: str | None
     error: PingError | None = None
     max_tokens: int = 1
+    message_id: str | None = None
+    miss_reason: str | None = None  # the API's cache diagnosis, when asked for and given
 
 
 def make_client(base_url: str | None, api_key: str, timeout: float) -> anthropic.Anthropic:
@@ -126,15 +128,38 @@ def describe_error(exc: Exception) -> PingError:
     return PingError("other", f"{type(exc).__name__}: malformed or unexpected response")
 
 
-def send_ping(client: anthropic.Anthropic, pair: Pair, max_tokens: int) -> PingAttempt:
-    """Send one ping; never raises for API or network trouble."""
+DIAGNOSTICS_BETA = "cache-diagnosis-2026-04-07"
+
+
+def send_ping(
+    client: anthropic.Anthropic, pair: Pair, max_tokens: int, previous_message_id: str | None = None
+) -> PingAttempt:
+    """Send one ping; never raises for API or network trouble.
+
+    With `previous_message_id`, the cache-diagnostics beta is asked why this request could
+    not reuse that one's prefix (opt-in: `api.cache_diagnostics`).
+    """
+    params = request_params(pair, max_tokens)
+    if previous_message_id:
+        params["diagnostics"] = {"previous_message_id": previous_message_id}
+        params["extra_headers"] = {"anthropic-beta": DIAGNOSTICS_BETA}
     wall = time.time()
     t0 = time.monotonic()
     try:
-        raw = client.messages.with_raw_response.create(**request_params(pair, max_tokens))
+        raw = client.messages.with_raw_response.create(**params)
         message = raw.parse()
         usage = usage_from_api(message.usage, pair.ttl)
-        return PingAttempt(wall, time.monotonic() - t0, usage, raw.headers.get("request-id"), None, max_tokens)
+        reason = getattr(getattr(message, "diagnostics", None), "cache_miss_reason", None)
+        return PingAttempt(
+            wall,
+            time.monotonic() - t0,
+            usage,
+            raw.headers.get("request-id"),
+            None,
+            max_tokens,
+            message.id,
+            getattr(reason, "type", None),
+        )
     except Exception as exc:  # noqa: BLE001 - every failure becomes data, the daemon lives on
         request_id = getattr(exc, "request_id", None)
         return PingAttempt(wall, time.monotonic() - t0, None, request_id, describe_error(exc), max_tokens)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import anthropic
 
-from keepwarm.classify import Result, Usage, classify
+from keepwarm.classify import API_MISS_CAUSES, Result, Usage, classify
 from keepwarm.config import Pair
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
@@ -53,6 +53,8 @@ class PairState:
     spend_unknown: bool = False
     prefix_tokens: int = 0
     parked: str | None = None  # why the pair is not pinged until its config changes
+    last_message_id: str | None = None  # for the cache-diagnostics beta
+    miss_hint: str | None = None  # a known reason the next ping will miss (a changed prefix)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class PingOutcome:
     cost: dict[str, float] | None
     expires_at: float
     scheduled_at: float | None = None
+    miss_cause: str | None = None
 
     @property
     def final(self) -> PingAttempt:
@@ -83,6 +86,27 @@ class PingOutcome:
     def total_cost(self) -> float | None:
         """USD for the whole ping, or None when the model has no price."""
         return None if self.cost is None else math.fsum(self.cost.values())
+
+
+
+
+def miss_cause(state: PairState, result: Result, started: float, api_reason: str | None) -> str | None:
+    """Why this ping found the cache (wholly or partly) cold, or None if it did not.
+
+    `started` is when the ping that missed began; `state` still holds what was known before it.
+    """
+    if result not in (Result.REWARMED, Result.PARTIAL):
+        return None
+    if state.miss_hint:
+        return state.miss_hint
+    if not state.last_start:
+        return "cold_start"
+    if state.expires_at and started >= state.expires_at:
+        # The last touch was longer ago than the TTL: the ping came late, or failed before.
+        return "ttl_lapsed"
+    if api_reason in API_MISS_CAUSES:
+        return api_reason
+    return "unexplained"
 
 
 def retry_delay(error: PingError, attempt: int, now: float, deadline: float) -> float | None:
@@ -111,6 +135,7 @@ class Runner:
         stop: threading.Event,
         key_source: str = "",
         ledger: LedgerLike | None = None,
+        diagnostics: bool = False,
         clock: Callable[[], float] = time.time,
         wait: Callable[[float], bool] | None = None,
     ) -> None:
@@ -120,6 +145,7 @@ class Runner:
         self.stop = stop
         self.key_source = key_source
         self.ledger = ledger
+        self.diagnostics = diagnostics
         self.clock = clock
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
@@ -134,7 +160,8 @@ class Runner:
         attempts: list[PingAttempt] = []
         t0 = time.monotonic()
         while True:
-            attempt = send_ping(self.client, pair, state.max_tokens)
+            previous = state.last_message_id if self.diagnostics else None
+            attempt = send_ping(self.client, pair, state.max_tokens, previous)
             attempts.append(attempt)
             if attempt.error is None:
                 break
@@ -208,7 +235,8 @@ class Runner:
         elif result is Result.UNCACHED:
             expires = 0.0
         cost = None if usage is None else self.prices.cost(pair.model, usage)
-        return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at)
+        cause = miss_cause(state, result, final.started_wall, final.miss_reason)
+        return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at, cause)
 
     def _record(self, state: PairState, outcome: PingOutcome) -> None:
         pair, m = outcome.pair, self.metrics
@@ -223,6 +251,12 @@ class Runner:
         state.last_result = outcome.result
         state.pings += 1
         state.last_error = None if outcome.error is None else f"{outcome.error.error_type}: {outcome.error.message}"
+        if outcome.final.message_id:
+            state.last_message_id = outcome.final.message_id
+        if outcome.miss_cause:
+            m.misses.labels(*labels, outcome.miss_cause).inc()
+        if outcome.result is not Result.ERROR:
+            state.miss_hint = None
         if outcome.error is not None and outcome.error.error_type == "invalid_request":
             state.parked = outcome.error.message
         if usage is not None:
@@ -264,6 +298,7 @@ class Runner:
             latency_ms=round(final.latency * 1000, 1),
             attempts=len(outcome.attempts) if len(outcome.attempts) > 1 else None,
             expires_in_s=None if expires_in is None else round(expires_in, 1),
+            miss_cause=outcome.miss_cause,
             error_type=None if final.error is None else final.error.error_type,
             fingerprint=pair.fingerprint[:12],
             request_id=final.request_id,

@@ -185,6 +185,7 @@ class Scheduler:
                 self.metrics.remove_pair(old_state.pair)
                 self.metrics.add_pair(pair)
                 if old_state.pair.fingerprint != pair.fingerprint:
+                    state.miss_hint = "prefix_changed"
                     self._schedule(state, now)
                 else:
                     # Same cache, new timing: keep its phase from the last ping.

@@ -324,3 +324,51 @@ def test_overdue_pairs_make_health_fail(emulator: Emulator) -> None:
     assert scheduler.overdue(due + margin - 1) == []
     assert scheduler.overdue(due + margin + 1) == [pair.key]
     assert scheduler.healthy() == (False, "scheduler not running")
+
+
+# --- miss causes -----------------------------------------------------------------------------
+
+
+def test_miss_cause_rules() -> None:
+    from keepwarm.runner import miss_cause
+
+    pair = _config("http://unused").pairs[0]
+    fresh = PairState(pair=pair, max_tokens=1)
+    assert miss_cause(fresh, Result.WARM, 100.0, None) is None
+    assert miss_cause(fresh, Result.REWARMED, 100.0, None) == "cold_start"
+    seen = PairState(pair=pair, max_tokens=1, last_start=50.0, expires_at=350.0)
+    assert miss_cause(seen, Result.REWARMED, 400.0, None) == "ttl_lapsed", "last touch longer ago than the TTL"
+    assert miss_cause(seen, Result.REWARMED, 200.0, None) == "unexplained"
+    assert miss_cause(seen, Result.PARTIAL, 200.0, "system_changed") == "system_changed", "the API's diagnosis"
+    seen.miss_hint = "prefix_changed"
+    assert miss_cause(seen, Result.REWARMED, 200.0, None) == "prefix_changed"
+
+
+def test_misses_are_counted_by_cause(emulator: Emulator) -> None:
+    metrics = Metrics()
+    clock = FakeClock()
+    runner = _runner(emulator, metrics, clock)
+    pair = _config(emulator.base_url).pairs[0]
+    metrics.add_pair(pair)
+    state = PairState(pair=pair, max_tokens=1)
+    assert runner.ping(state).miss_cause == "cold_start"
+    emulator.expire_all()  # evicted early: keepwarm cannot tell why
+    assert runner.ping(state).miss_cause == "unexplained"
+    labels = {"expert": pair.expert, "model": pair.model}
+    assert _value(metrics, "keepwarm_cache_misses_total", **labels, cause="cold_start") == 1
+    assert _value(metrics, "keepwarm_cache_misses_total", **labels, cause="unexplained") == 1
+    assert _value(metrics, "keepwarm_cache_misses_total", **labels, cause="ttl_lapsed") == 0
+
+
+def test_a_changed_prefix_is_the_cause_of_the_next_miss(emulator: Emulator, tmp_path: Path) -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    scheduler = _scheduler(emulator, clock, metrics)
+    pair = _config(emulator.base_url).pairs[0]
+    scheduler.apply([pair])
+    scheduler._run(pair.key, clock.now)
+    doc = basic_doc(emulator.base_url)
+    doc["experts"][0]["system"] = [{"text": LONG_PROMPT + " v2"}]
+    scheduler.apply([parse_config(doc, tmp_path).pairs[0]])
+    scheduler._run(pair.key, clock.now)
+    assert _value(metrics, "keepwarm_cache_misses_total", expert=pair.expert, model=pair.model, cause="prefix_changed") == 1
