@@ -4,11 +4,12 @@ Metrics are built against an injectable registry so each test gets a fresh one. 
 configured pair's series exist from start-up at 0, so a dashboard or alert never has to
 guess whether a missing series means "zero" or "not configured".
 
-A pair has 47 series, so 10,000 pairs have 470,000. prometheus_client keeps one object, with
-its own lock, per series: at that size it took 240 MB and 11 s to create them and 23 s per
-scrape (docs/performance.md). So the per-pair series live here in one flat array per pair,
-behind handles with prometheus_client's `labels(...).inc()` face, and are read by a collector
-(for `generate_latest` and `get_sample_value`) or streamed by `exposition()`.
+A pair has 57 series, so 10,000 pairs have 570,000. prometheus_client keeps one object, with
+its own lock, per series: at 47 series a pair it took 240 MB and 11 s to create those of
+10,000 pairs, and 23 s to scrape them (docs/performance.md). So the per-pair series live here in
+one flat array per pair, behind handles with prometheus_client's `labels(...).inc()` face, and
+are read by a collector (for `generate_latest` and `get_sample_value`) or streamed by
+`exposition()`, which writes the same bytes as `generate_latest` in a tenth of the time.
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ from __future__ import annotations
 import bisect
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from keepwarm import __version__
-from keepwarm.classify import Result
+from keepwarm.classify import MISS_CAUSES, Result
 from keepwarm.config import Pair
 from keepwarm.ping import ERROR_TYPES
 from keepwarm.pricing import COST_KINDS
@@ -35,6 +42,8 @@ _PAIR = ("expert", "model")
 # Pings take tens of milliseconds to many seconds (retries, slow API).
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# prometheus_client's own float formatting, so `exposition()` matches `generate_latest` byte for byte.
+_go_float = cast(Callable[[float], str], _untyped_go_float)
 # Big enough that a scrape of 10,000 pairs is a few hundred writes, small enough to stay cheap.
 _CHUNK_CHARS = 256 * 1024
 
@@ -65,6 +74,7 @@ class _Family:
 def _layout() -> tuple[_Family, ...]:
     specs: list[tuple[str, str, str, str | None, tuple[str, ...]]] = [
         ("keepwarm_pings_total", "counter", "Pings by final result.", "result", RESULTS),
+        ("keepwarm_cache_misses_total", "counter", "Pings that found the cache cold, by cause.", "cause", MISS_CAUSES),
         ("keepwarm_ping_errors_total", "counter", "Failed ping attempts by kind, retried ones included.",
          "error_type", ERROR_TYPES),
         ("keepwarm_tokens_total", "counter", "Tokens billed to pings, by kind.", "kind", COST_KINDS),
@@ -95,7 +105,7 @@ _FAMILIES = _layout()
 _BY_NAME = {f.name: f for f in _FAMILIES}
 _WIDTH = sum(f.width for f in _FAMILIES)
 _INTERVAL = _BY_NAME["keepwarm_ping_interval_seconds"]
-_LE = tuple(floatToGoString(b) for b in _DURATION_BUCKETS) + ("+Inf",)
+_LE = tuple(_go_float(b) for b in _DURATION_BUCKETS) + ("+Inf",)
 
 
 class _Series:
@@ -103,11 +113,12 @@ class _Series:
     `add_pair` (`keepwarm once`, or a ping that finished after a reload removed its pair):
     such a pair gets no interval or info series, as prometheus_client would not create them."""
 
-    __slots__ = ("labels", "label_text", "values", "info", "configured")
+    __slots__ = ("configured", "expert", "info", "labels", "model", "values")
 
     def __init__(self, expert: str, model: str) -> None:
         self.labels = (expert, model)
-        self.label_text = f'expert="{_escape(expert)}",model="{_escape(model)}"'
+        self.expert = f'expert="{_escape(expert)}"'  # rendered once, used in every line
+        self.model = f'model="{_escape(model)}"'
         self.values = array("d", bytes(8 * _WIDTH))
         self.info: tuple[str, str] | None = None  # (ttl, fingerprint)
         self.configured = False
@@ -135,7 +146,7 @@ class _Store:
 class _Cell:
     """One series of one pair: what `labels(...)` returns."""
 
-    __slots__ = ("_store", "_values", "_index", "_kind")
+    __slots__ = ("_index", "_kind", "_store", "_values")
 
     def __init__(self, store: _Store, values: array[float], index: int, kind: str) -> None:
         self._store, self._values, self._index, self._kind = store, values, index, kind
@@ -242,6 +253,7 @@ class Metrics:
         self.registry.register(_PairCollector(self._store))
         pair = {f.name: PairMetric(self._store, f) for f in _FAMILIES}
         self.pings = pair["keepwarm_pings_total"]
+        self.misses = pair["keepwarm_cache_misses_total"]
         self.errors = pair["keepwarm_ping_errors_total"]
         self.tokens = pair["keepwarm_tokens_total"]
         self.cost = pair["keepwarm_cost_usd_total"]
@@ -311,20 +323,40 @@ class Metrics:
         yield generate_latest(self._plain)
 
 
+def _fmt(value: float) -> str:
+    return "0.0" if value == 0.0 and str(value) == "0.0" else _go_float(value)
+
+
+def _labels(series: _Series, name: str | None = None, value: str = "") -> str:
+    """The label set in the sorted order prometheus_client writes, so the bytes match.
+
+    `value` comes from keepwarm's own constants (results, kinds, bucket bounds): no escaping.
+    """
+    if name is None:
+        return f"{series.expert},{series.model}"
+    if name < "expert":
+        return f'{name}="{value}",{series.expert},{series.model}'
+    if name < "model":
+        return f'{series.expert},{name}="{value}",{series.model}'
+    return f'{series.expert},{series.model},{name}="{value}"'
+
+
 def _pair_lines(family: _Family, series: _Series) -> str:
-    values, offset, labels = series.values, family.offset, series.label_text
+    values, offset, name = series.values, family.offset, family.name
     if family.kind == "histogram":
         lines, running = [], 0.0
         for i, le in enumerate(_LE):
             running += values[offset + i]
-            lines.append(f'{family.name}_bucket{{{labels},le="{le}"}} {floatToGoString(running)}\n')
-        lines.append(f"{family.name}_count{{{labels}}} {floatToGoString(running)}\n")
-        lines.append(f"{family.name}_sum{{{labels}}} {floatToGoString(values[offset + len(_LE)])}\n")
+            lines.append(f"{name}_bucket{{{_labels(series, 'le', le)}}} {_fmt(running)}\n")
+        plain = _labels(series)
+        lines.append(f"{name}_count{{{plain}}} {_fmt(running)}\n")
+        lines.append(f"{name}_sum{{{plain}}} {_fmt(values[offset + len(_LE)])}\n")
         return "".join(lines)
     if family.label is None:
-        return f"{family.name}{{{labels}}} {floatToGoString(values[offset])}\n"
+        return f"{name}{{{_labels(series)}}} {_fmt(values[offset])}\n"
+    label = family.label
     return "".join(
-        f'{family.name}{{{labels},{family.label}="{extra}"}} {floatToGoString(values[offset + i])}\n'
+        f"{name}{{{_labels(series, label, extra)}}} {_fmt(values[offset + i])}\n"
         for i, extra in enumerate(family.values)
     )
 
@@ -334,6 +366,6 @@ def _info_lines(pairs: list[_Series]) -> str:
     for series in pairs:
         if series.info is not None:
             ttl, fingerprint = series.info
-            lines.append(f'keepwarm_pair_info{{{series.label_text},ttl="{_escape(ttl)}",'
-                         f'fingerprint="{_escape(fingerprint)}"}} 1.0\n')
+            labels = f'{series.expert},fingerprint="{_escape(fingerprint)}",{series.model},ttl="{_escape(ttl)}"'
+            lines.append(f"keepwarm_pair_info{{{labels}}} 1.0\n")
     return "".join(lines)
