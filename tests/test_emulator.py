@@ -619,11 +619,13 @@ def test_bad_fault_definitions_are_refused() -> None:
 def test_parallel_requests_sent_before_the_first_response_both_write() -> None:
     with Emulator() as emu:  # the real clock: this is about real overlap
         client = sdk(emu)
-        emu.inject(Fault(kind="latency", latency=0.4, count=2))
+        emu.inject(Fault(kind="latency", latency=0.5, count=2))
         results: list[dict[str, Any]] = []
         lock = threading.Lock()
+        together = threading.Barrier(2)  # both arrive well inside the other's 0.5 s delay
 
         def ping() -> None:
+            together.wait()
             usage = usage_of(client, system=SYSTEM_2000)
             with lock:
                 results.append(usage)

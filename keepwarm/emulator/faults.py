@@ -17,26 +17,28 @@ _PATH_ALIASES = {"messages": MESSAGES_PATH, "count_tokens": COUNT_TOKENS_PATH}
 class Fault:
     """What the next `count` matching requests suffer.
 
+    status: the HTTP status a `status` fault answers (default 500; 429 with `spend_cap`).
+    retry_after: seconds for its `retry-after` header.
+    spend_cap: the monthly spend-limit 429, which has no `retry-after`.
+    latency: seconds of real delay before the answer (for `hang`: how long to hold on).
     kind:
-      status     answer `status` (default 500; 429 with `spend_cap`) after `latency` seconds
+      status     answer `status` after `latency` seconds
       latency    wait `latency` seconds, then answer normally
       hang       hold the connection without answering for `latency` seconds (0: until the
                  emulator stops), then close it
       drop       close the connection without a response (after `latency` seconds)
       malformed  answer 200 with a body that is not valid JSON (after `latency` seconds)
-    retry_after: seconds for the `retry-after` header of a status fault.
-    spend_cap: the monthly spend-limit 429, which has no `retry-after`.
     count: how many requests it applies to; None = every one until cleared.
     model, path: apply only to requests for this model / to this path (`messages`,
       `count_tokens`, a full path, or `*`). Without `path` only `/v1/messages` is affected.
     message: the error message, instead of the API-like default.
     """
 
-    kind: str = "status"
     status: int | None = None
     retry_after: float | None = None
     spend_cap: bool = False
     latency: float = 0.0
+    kind: str = "status"
     count: int | None = 1
     model: str | None = None
     path: str | None = None
