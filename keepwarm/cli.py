@@ -83,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "emulator":
         from keepwarm.emulator import serve
 
-        return serve(args.port, args.time_scale, args.api_key)
+        try:
+            return serve(args.port, args.time_scale, args.api_key)
+        except OSError as exc:
+            print(f"keepwarm emulator: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+            return EX_FAIL
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.config is None:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)

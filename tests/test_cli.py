@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,6 +63,25 @@ def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str], 
     proc.kill()
     out, err = proc.communicate()
     pytest.fail(f"timed out waiting for {what}; exit={proc.returncode}\n{err[-3000:]}")
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `keepwarm` processes that are killed at the end of the test, whatever happens."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            keepwarm_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or dict(os.environ)
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
@@ -132,7 +151,7 @@ def test_once_exit_codes(tmp_path: Path, emulator: Emulator) -> None:
     assert result.returncode == 0 and "warm" in result.stdout, "second pass reads the cache the first wrote"
 
 
-def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path) -> None:
+def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]) -> None:
     """rewarmed then warm, uncached flagged, costs equal the usage, reload as a diff, SIGTERM exits 0."""
     # The emulator's 5m TTL lasts 3 s; the daemon pings every second.
     with Emulator(time_scale=0.01) as emu:
@@ -140,12 +159,8 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path) -> None:
         doc = basic_doc(emu.base_url, interval="1s", jitter="0s")
         doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
         path = write_config(tmp_path, doc)
-        proc = subprocess.Popen(
-            keepwarm_cmd("run", "--config", str(path), "--log-format", "json"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-daemon"},
+        proc = spawn(
+            "run", "--config", str(path), "--log-format", "json", env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-daemon"}
         )
         pairs = [("analyst", "claude-sonnet-4-6"), ("analyst", "claude-opus-4-8")]
 
@@ -205,7 +220,9 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path) -> None:
     assert "sk-test-daemon" not in err
 
 
-def test_run_with_the_builtin_emulator_as_the_readme_shows(tmp_path: Path) -> None:
+def test_run_with_the_builtin_emulator_as_the_readme_shows(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     """The README's first command: the example config against `--emulator`, no key at all."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     config = tmp_path / "config" / "keepwarm.yaml"
@@ -213,13 +230,7 @@ def test_run_with_the_builtin_emulator_as_the_readme_shows(tmp_path: Path) -> No
     config.write_text(config.read_text().replace("listen: 127.0.0.1:9464", f"listen: 127.0.0.1:{port}"))
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     # At 0.01 a 4m interval is 2.4 s and a 5m TTL 3 s.
-    proc = subprocess.Popen(
-        keepwarm_cmd("run", "--config", str(config), "--emulator", "--time-scale", "0.01"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = spawn("run", "--config", str(config), "--emulator", "--time-scale", "0.01", env=env)
     key = ("keepwarm_pings_total", "chief-economist", "claude-haiku-4-5")
 
     def shows_warm() -> bool:

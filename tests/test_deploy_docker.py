@@ -177,14 +177,6 @@ def test_dockerignore_admits_only_the_build_inputs() -> None:
 
 # --- the image's command as a process ---------------------------------------------------------
 
-def cli_importable() -> bool:
-    try:
-        import keepwarm.cli  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -206,7 +198,6 @@ PROMPT = " ".join(
 )
 
 
-@pytest.mark.skipif(not cli_importable(), reason="keepwarm.cli has not landed yet")
 def test_image_command_serves_healthz_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     from keepwarm.emulator import Emulator
 

@@ -1,0 +1,57 @@
+"""Every metric the alert rules and the dashboard use is exported by the running daemon.
+
+A rename in the code would otherwise silently break an alert: Prometheus evaluates a rule on a
+missing series as "no data", which never fires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, free_port, keepwarm_cmd
+from deploy_metrics import metric_names_used
+
+
+def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: Path) -> None:
+    used = metric_names_used()
+    assert len(used) >= 10, used
+    config = tmp_path / "config"
+    config.mkdir()
+    for item in (ROOT / "config").iterdir():
+        os.symlink(item, config / item.name)
+    (config / "keepwarm.yaml").unlink()
+    port = free_port()
+    text = (ROOT / "config" / "keepwarm.yaml").read_text().replace("127.0.0.1:9464", f"127.0.0.1:{port}")
+    (config / "keepwarm.yaml").write_text(text)
+    proc = subprocess.Popen(
+        keepwarm_cmd("run", "--config", str(config / "keepwarm.yaml"), "--emulator"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        exported: set[str] = set()
+        end = time.monotonic() + 30
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    families = text_string_to_metric_families(resp.read().decode())
+                    # Sample names are what PromQL sees: counters with _total, histogram parts.
+                    exported = {s.name for f in families for s in f.samples}
+                break
+            except OSError:
+                time.sleep(0.1)
+        histograms = {n.removesuffix(part) for n in exported for part in ("_bucket", "_count", "_sum") if n.endswith(part)}
+        missing = sorted(used - exported - histograms)
+        assert not missing, f"used by rules or dashboard but not exported: {missing}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
