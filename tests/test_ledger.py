@@ -233,7 +233,10 @@ CHILD = textwrap.dedent(
 
 def test_kill_9_loses_no_committed_row(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    errors = tmp_path / "child.stderr"
+    with errors.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(ROOT)],
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert child.stdout is not None
     reported: list[int] = []
     for line in child.stdout:
@@ -242,8 +245,10 @@ def test_kill_9_loses_no_committed_row(tmp_path: Path) -> None:
             break
     os.kill(child.pid, signal.SIGKILL)  # mid-burst: it keeps writing until the signal lands
     child.wait(timeout=10)
-    reported += [int(x) for x in child.stdout.read().split()]  # read() drains what iteration buffered
-    assert child.returncode == -signal.SIGKILL
+    with child.stdout:
+        reported += [int(x) for x in child.stdout.read().split()]  # read() drains what iteration buffered
+    assert child.returncode == -signal.SIGKILL, errors.read_text()
+    assert reported, errors.read_text()
     rows = read_ledger(path)
     committed = max(reported)
     times = {r.time for r in rows}

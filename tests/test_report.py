@@ -15,7 +15,7 @@ import pytest
 from keepwarm.advisor import prefix_cost_per_day, ttl_advice, usd
 from keepwarm.classify import Usage, classify
 from keepwarm.config import Pair, parse_config
-from keepwarm.ledger import Ledger, LedgerRow
+from keepwarm.ledger import Ledger, LedgerRow, read_ledger
 from keepwarm.ping import PingAttempt, PingError
 from keepwarm.pricing import MILLION, builtin_table
 from keepwarm.report import TOTAL, build_report, pair_report, render_table, run_report
@@ -133,7 +133,7 @@ def test_hit_rate_is_none_without_any_cached_token(tmp_path: Path) -> None:
 
 
 def test_spend_per_day_over_the_since_window(day_ledger: Path) -> None:
-    report = build_report(Ledger(day_ledger).rows(), PRICES, since_seconds=DAY, now=T0 + DAY)
+    report = build_report(read_ledger(day_ledger), PRICES, since_seconds=DAY, now=T0 + DAY)
     econ = next(p for p in report.pairs if p.model == "claude-sonnet-4-6" and p.expert == "economist")
     assert econ.spend == math.fsum(raw_costs(day_ledger, "economist", "claude-sonnet-4-6"))
     assert econ.window_seconds == DAY
@@ -197,7 +197,7 @@ def test_failed_pings_cost_nothing_and_are_not_unknown(tmp_path: Path) -> None:
 
 
 def test_an_unpriced_model_makes_spend_unknown_not_zero(day_ledger: Path) -> None:
-    report = build_report(Ledger(day_ledger).rows(), PRICES, since_seconds=DAY, now=T0 + DAY)
+    report = build_report(read_ledger(day_ledger), PRICES, since_seconds=DAY, now=T0 + DAY)
     unpriced = next(p for p in report.pairs if p.model == "claude-unpriced-9")
     assert unpriced.spend_unknown
     assert unpriced.spend_per_day is None and unpriced.miss_penalty is None and unpriced.break_even is None
