@@ -24,6 +24,7 @@ from keepwarm.config import (
     load_config,
     resolve_api_key,
 )
+from keepwarm.ledger import LedgerError
 from keepwarm.logs import event, setup_logging
 
 log = logging.getLogger("keepwarm")
@@ -70,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("run", help="the daemon: keep every pair warm until SIGTERM; SIGHUP reloads"), scaled=True)
     common(sub.add_parser("once", help="ping every pair once, print a row per pair, exit"))
     common(sub.add_parser("check", help="validate the config and count each prefix's tokens; sends no ping"))
+    rep = sub.add_parser("report", help="from the ledger: per pair, pings by result, hit rate, spend, break-even")
+    rep.add_argument(
+        "--config", type=Path, default=os.environ.get("KEEPWARM_CONFIG"), help="read ledger.path and prices from it"
+    )
+    rep.add_argument("--ledger", type=Path, help="the ledger file, instead of the config's ledger.path")
+    rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
+    rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
     emu = sub.add_parser("emulator", help="serve the local Messages API emulator on 127.0.0.1")
     emu.add_argument("--port", type=int, default=8080)
     emu.add_argument("--time-scale", type=float, default=1.0, help="multiply every cache TTL by this")
@@ -88,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"keepwarm emulator: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
             return EX_FAIL
+    if args.command == "report":
+        return report(args)
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.config is None:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
@@ -104,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _session(args) as (config, client):
             if args.command == "once":
                 return once(config, client)
-            return check(config, client)
+            return check(config, client, verbose=args.verbose)
     except ConfigError as exc:
         for problem in exc.problems:
             event(log, logging.ERROR, "config error", source=exc.source or str(args.config), problem=problem)
+        return EX_CONFIG
+    except LedgerError as exc:
+        event(log, logging.ERROR, "cannot open the ledger", error=str(exc))
         return EX_CONFIG
 
 
@@ -149,6 +162,41 @@ def _usd(value: float | None, places: int = 6) -> str:
     return "unknown" if value is None or math.isnan(value) else f"${value:.{places}f}"
 
 
+# --- report ----------------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace) -> int:
+    """`keepwarm report`: what the ledger says about each pair over a window."""
+    from keepwarm.durations import parse_duration
+    from keepwarm.pricing import load_price_table
+    from keepwarm.report import run_report
+
+    try:
+        since = None if args.since == "all" else parse_duration(args.since)
+    except ValueError as exc:
+        print(f"keepwarm report: --since: {exc}", file=sys.stderr)
+        return EX_USAGE
+    prices = None
+    path = args.ledger
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EX_CONFIG
+        prices = config.prices
+        path = path or config.ledger_path
+        if path is None:
+            print(f"keepwarm report: {args.config} has no ledger.path, and no --ledger was given", file=sys.stderr)
+            return EX_CONFIG
+    if path is None:
+        print("keepwarm report: give --config (with ledger.path) or --ledger", file=sys.stderr)
+        return EX_USAGE
+    if prices is None:
+        prices, _ = load_price_table()
+    return int(run_report(path, prices, since, args.format, sys.stdout))
+
+
 # --- once ------------------------------------------------------------------------------------
 
 
@@ -157,10 +205,20 @@ def once(config: Config, client: _Client) -> int:
     from keepwarm.metrics import Metrics
     from keepwarm.runner import PairState, PingOutcome, Runner
 
-    runner = Runner(client.sdk, config.prices, Metrics(), threading.Event(), key_source=client.key.source)
+    from keepwarm.ledger import Ledger
+
+    # A CronJob running `once` keeps its history in the ledger, like the daemon.
+    ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None
+    runner = Runner(
+        client.sdk, config.prices, Metrics(), threading.Event(), key_source=client.key.source, ledger=ledger
+    )
     states = [PairState(pair=p, max_tokens=p.max_tokens) for p in config.pairs]
-    with concurrent.futures.ThreadPoolExecutor(config.api.max_concurrency) as pool:
-        outcomes: list[PingOutcome] = list(pool.map(runner.ping, states))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(config.api.max_concurrency) as pool:
+            outcomes: list[PingOutcome] = list(pool.map(runner.ping, states))
+    finally:
+        if ledger is not None:
+            ledger.close()
     rows = []
     for o in outcomes:
         u = o.usage
@@ -195,13 +253,15 @@ def pings_per_day(pair: Pair) -> float:
     return 86400.0 / (pair.interval + pair.jitter / 2)
 
 
-def check(config: Config, client: _Client) -> int:
+def check(config: Config, client: _Client, verbose: bool = False) -> int:
     """Count each prefix's tokens (free endpoint) against the model's minimum; send no ping."""
     import anthropic
 
+    from keepwarm.advisor import ttl_advice
     from keepwarm.ping import describe_error
 
     rows, below, failed = [], 0, 0
+    arithmetic: list[str] = []
     for pair in config.pairs:
         price = config.prices.get(pair.model)
         minimum = price.min_cacheable_tokens
@@ -213,7 +273,7 @@ def check(config: Config, client: _Client) -> int:
             failed += 1
             err = describe_error(exc)
             rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
-                         f"error: {err.error_type}: {err.message}"[:80]])
+                         "-", f"error: {err.error_type}: {err.message}"[:80]])
             continue
         prefix_tokens = total.input_tokens - tail.input_tokens
         ping = config.prices.warm_ping_cost(pair.model, prefix_tokens, tail.input_tokens, pair.max_tokens)
@@ -228,6 +288,17 @@ def check(config: Config, client: _Client) -> int:
             below += 1
         if ping is None:
             status += ", no price"
+        # The 5m option at this pair's own timing; the 1h one at 55 m with the same jitter.
+        advice = ttl_advice(
+            config.prices,
+            pair.model,
+            prefix_tokens,
+            tail.input_tokens,
+            interval_5m=(pair.interval if pair.ttl == "5m" else 240.0) + pair.jitter / 2,
+            interval_1h=(pair.interval if pair.ttl == "1h" else 3300.0) + pair.jitter / 2,
+            output_tokens=pair.max_tokens,
+        )
+        arithmetic += [f"{pair.key}:", *(f"  {line}" for line in advice.lines)]
         rows.append(
             [
                 pair.expert,
@@ -239,16 +310,19 @@ def check(config: Config, client: _Client) -> int:
                 _usd(daily, 4),
                 _usd(penalty),
                 "unknown" if breakeven is None else f"{breakeven:.2f}/day",
+                advice.recommended,
                 status,
             ]
         )
     print(
         _table(
             ["EXPERT", "MODEL", "FINGERPRINT", "TOKENS", "MINIMUM", "PING COST", "KEEPALIVE/DAY", "MISS PENALTY",
-             "BREAK-EVEN", "STATUS"],
+             "BREAK-EVEN", "TTL ADVICE", "STATUS"],
             rows,
         )
     )
+    if verbose:
+        print("\nTTL advice, with the arithmetic:\n" + "\n".join(arithmetic))
     if below:
         print(f"\n{below} pair(s) below the model's minimum cacheable length: they cannot cache; "
               "lengthen the prompt or drop the pair.")

@@ -96,6 +96,7 @@ class MetricsSection(_Strict):
 
 class LedgerSection(_Strict):
     path: str | None = None
+    retention_days: float | None = Field(default=None, gt=0)
 
 
 class FileSection(_Strict):
@@ -157,6 +158,7 @@ class Config:
     metrics_port: int
     ledger_path: Path | None
     shutdown_timeout: float
+    ledger_retention_days: float | None = None
     time_scale: float = 1.0
 
     def scaled(self, factor: float) -> Config:
@@ -380,6 +382,7 @@ def _resolve(
         metrics_host=host,
         metrics_port=port,
         ledger_path=base / raw.ledger.path if raw.ledger.path else None,
+        ledger_retention_days=raw.ledger.retention_days,
         shutdown_timeout=raw.shutdown_timeout,
     )
 

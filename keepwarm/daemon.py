@@ -20,6 +20,7 @@ from typing import Any
 from keepwarm import __version__, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
 from keepwarm.durations import format_duration
+from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
@@ -111,6 +112,11 @@ class Daemon:
                 example_interval=format_duration(config.pairs[0].interval) if config.pairs else None,
             )
 
+        try:
+            ledger = self._open_ledger(config)
+        except LedgerError as exc:
+            event(log, logging.ERROR, "cannot open the ledger", error=str(exc))
+            return EX_CONFIG
         metrics = Metrics()
         client = make_client(self._base_url(config), key.value, config.api.timeout)
         runner = Runner(
@@ -119,6 +125,7 @@ class Daemon:
             metrics,
             self.stop_event,
             key_source=key.source,
+            ledger=ledger,
             diagnostics=config.api.cache_diagnostics,
         )
         scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
@@ -162,7 +169,7 @@ class Daemon:
             while not self.stop_event.wait(tick):
                 if self.reload_event.is_set():
                     self.reload_event.clear()
-                    config, client = self._reload(config, metrics, runner, scheduler)
+                    config = self._reload(config, metrics, runner, scheduler)
                 # The watchdog follows the scheduler's own heartbeat, not API success: an API
                 # outage must not turn into a restart storm, a stuck scheduler must.
                 if watchdog and time.monotonic() - scheduler.last_heartbeat < watchdog / 2:
@@ -174,39 +181,57 @@ class Daemon:
             if left:
                 event(log, logging.WARNING, "pings still in flight at the shutdown deadline; abandoning them",
                       inflight=left)
+            if runner.ledger is not None:
+                runner.ledger.close()
             web.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
         event(log, logging.INFO, "stopped")
         return EX_OK
 
-    def _reload(self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler) -> tuple[Config, Any]:
+    @staticmethod
+    def _open_ledger(config: Config) -> Ledger | None:
+        if config.ledger_path is None:
+            return None
+        return Ledger(config.ledger_path, config.ledger_retention_days)
+
+    def _reload(self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler) -> Config:
         """Apply a new config as a diff, or keep the old one if the new one is bad."""
         sdnotify.notify("RELOADING=1")
         try:
             new, key, warnings = self._load()
-        except ConfigError as exc:
+            ledger_changed = (new.ledger_path, new.ledger_retention_days) != (
+                config.ledger_path,
+                config.ledger_retention_days,
+            )
+            ledger = self._open_ledger(new) if ledger_changed else runner.ledger
+        except (ConfigError, LedgerError) as exc:
             metrics.reload_ok.set(0)
-            for problem in exc.problems:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
                 event(log, logging.ERROR, "reload rejected; the old config keeps running",
-                      source=exc.source or str(self.config_path), problem=problem)
+                      source=str(self.config_path), problem=problem)
             sdnotify.notify("READY=1")
-            return config, runner.client
+            return config
         for warning in warnings:
             event(log, logging.WARNING, warning)
-        # Always a fresh client: the key file is re-read on every reload, so a rotated key
-        # takes effect without a restart.
-        runner.client = make_client(self._base_url(new), key.value, new.api.timeout)
         if (new.metrics_host, new.metrics_port, new.api.max_concurrency) != (
             config.metrics_host, config.metrics_port, config.api.max_concurrency
         ):
             event(log, logging.WARNING, "metrics.listen and api.max_concurrency take effect only at restart")
+        # Always a fresh client: the key file is re-read on every reload, so a rotated key
+        # takes effect without a restart.
+        runner.client = make_client(self._base_url(new), key.value, new.api.timeout)
         runner.key_source = key.source
         runner.prices = new.prices
         runner.diagnostics = new.api.cache_diagnostics
+        if ledger_changed:
+            old, runner.ledger = runner.ledger, ledger
+            if old is not None:
+                old.close()
         report = scheduler.apply(new.pairs)
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),
               changed=len(report.changed), unchanged=len(report.unchanged))
         sdnotify.notify("READY=1")
-        return new, runner.client
+        return new

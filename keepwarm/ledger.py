@@ -227,7 +227,7 @@ def _row_values(outcome: PingOutcome) -> tuple[Any, ...]:
         None if error is None else error.error_type,
         None if error is None else error.message,
         outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
-        None,  # miss_cause: filled by a later schema version
+        outcome.miss_cause,
     )
 
 

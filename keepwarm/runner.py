@@ -31,9 +31,11 @@ MAX_BACKOFF = 30.0
 
 
 class LedgerLike(Protocol):
-    """What the runner needs of a ledger: one call per finished ping."""
+    """What the runner needs of a ledger: one call per finished ping, and a close at the end."""
 
     def record(self, outcome: PingOutcome) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass

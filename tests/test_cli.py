@@ -6,6 +6,8 @@ minutes of cache life in seconds; tests poll with a deadline, they never sleep a
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.emulator import Emulator
+from keepwarm.ledger import read_ledger
 
 from conftest import ROOT, basic_doc, free_port, keepwarm_cmd, write_config
 
@@ -125,6 +128,8 @@ def test_check_flags_the_below_minimum_pair_and_exits_3(tmp_path: Path, emulator
     rows = {line.split()[0] + "/" + line.split()[1]: line for line in result.stdout.splitlines()[1:] if line.strip()}
     assert "below-minimum" in rows["terse/claude-sonnet-4-6"]
     assert "below-minimum" not in rows["analyst/claude-sonnet-4-6"] and " ok" in rows["analyst/claude-sonnet-4-6"]
+    assert "TTL ADVICE" in result.stdout.splitlines()[0]
+    assert re.search(r"\s(5m|1h)\s+ok$", rows["analyst/claude-sonnet-4-6"]), "a TTL recommendation per pair"
     assert not [e for e in emulator.log if e.status == 200 and "count_tokens" not in e.path], "check sends no ping"
 
 
@@ -158,6 +163,7 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
         port = free_port()
         doc = basic_doc(emu.base_url, interval="1s", jitter="0s")
         doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        doc["ledger"] = {"path": "ledger.sqlite"}
         path = write_config(tmp_path, doc)
         proc = spawn(
             "run", "--config", str(path), "--log-format", "json", env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-daemon"}
@@ -212,8 +218,26 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
         assert sample(m, "keepwarm_pings_total", expert="terse", model="claude-sonnet-4-6", result="uncached") is None
         assert (sample(m, "keepwarm_pings_total", expert="analyst", model="claude-sonnet-4-6", result="warm") or 0) >= 2
 
+        final = scrape(port)
         code, err = stop(proc)
     assert code == 0, err[-2000:]
+
+    # The ledger holds every ping; the first N rows of a pair are the N its counters had seen.
+    rows = read_ledger(tmp_path / "ledger.sqlite")
+    labels = {"expert": "analyst", "model": "claude-sonnet-4-6"}
+    counted = int(sum(sample(final, "keepwarm_pings_total", **labels, result=r) or 0 for r in ("warm", "rewarmed")))
+    mine = [r for r in rows if (r.expert, r.model) == ("analyst", "claude-sonnet-4-6")][:counted]
+    for kind in ("cache_read", "cache_write_5m", "input", "output"):
+        from_rows = math.fsum((r.costs or {})[kind] for r in mine)
+        assert sample(final, "keepwarm_cost_usd_total", **labels, kind=kind) == pytest.approx(from_rows, rel=1e-9)
+    # `keepwarm report` agrees with the sum of the ledger's rows, to the cent and beyond.
+    result = run("report", "--config", str(path), "--since", "1h", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    all_costs = math.fsum(c for r in rows for c in (r.costs or {}).values())
+    assert report["total"]["spend_usd"] == pytest.approx(all_costs, rel=1e-12)
+    assert round(report["total"]["spend_usd"], 2) == round(all_costs, 2)
+    assert report["total"]["pings"] == len(rows)
     events = [line for line in err.splitlines() if line.startswith("{")]
     assert any('"event": "reload rejected; the old config keeps running"' in e for e in events)
     assert any('"event": "stopped"' in e for e in events)
@@ -247,3 +271,21 @@ def test_run_with_the_builtin_emulator_as_the_readme_shows(
     assert results[:2] == ["rewarmed", "warm"], err[-2000:]
     assert "emulator mode" in err and "time_scale=0.01" in err, "the log says time is scaled"
     assert re.search(r"expert=style-editor .*result=uncached", err)
+
+
+def test_report_needs_a_ledger_and_once_records_into_it(tmp_path: Path, emulator: Emulator) -> None:
+    doc = basic_doc(emulator.base_url)
+    path = write_config(tmp_path, doc)
+    result = run("report", "--config", str(path))
+    assert result.returncode == 78 and "has no ledger.path" in result.stderr
+    assert run("report").returncode in (2, 78)
+    doc["ledger"] = {"path": "pings.sqlite", "retention_days": 30}
+    path = write_config(tmp_path, doc)
+    env = {"ANTHROPIC_API_KEY": "sk-test-report"}
+    assert run("once", "--config", str(path), env=env).returncode == 3
+    result = run("report", "--ledger", str(tmp_path / "pings.sqlite"), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("expert,model,ttl,pings,warm,rewarmed")
+    assert len(lines) == 1 + 3 + 1, "three pairs and a total"
+    assert run("report", "--ledger", str(tmp_path / "pings.sqlite"), "--since", "soon").returncode == 2
