@@ -26,6 +26,7 @@ from typing import Any, Self
 import yaml
 
 from keepwarm.emulator.cache import PromptCache
+from keepwarm.emulator.diagnostics import Diagnoser, requested
 from keepwarm.emulator.errors import (
     SPEND_CAP_ERROR_CODE,
     SPEND_CAP_MESSAGE,
@@ -100,6 +101,7 @@ class _Record:
     body: Any = None
     key_suffix: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    beta: str | None = None  # the anthropic-beta request header
 
     def entry(self) -> LogEntry:
         return LogEntry(
@@ -237,6 +239,7 @@ class Emulator:
         self._cache = PromptCache(time_scale)
         self._faults = FaultQueue()
         self._memo = _AnalysisMemo(ANALYSIS_MEMO_SIZE)
+        self._diagnoser = Diagnoser()
         self._log_lock = threading.Lock()
         self._log: deque[LogEntry] = deque(maxlen=log_limit)
         self._minute_counts: dict[str, tuple[int, int]] = {}  # key -> (wall minute, requests)
@@ -392,6 +395,7 @@ class Emulator:
                 record.fingerprint = known[0] if known else fingerprint(body)
             key = self._authenticate(handler, record)
             record.headers = self._ratelimit_headers(key)
+            record.beta = handler.headers.get("anthropic-beta")
 
             fault = self._faults.take(path, record.model)
             if fault is not None and fault.latency and fault.kind != "hang":
@@ -508,6 +512,7 @@ class Emulator:
         model = prompt.model
         min_tokens = self._models[model]
         max_tokens = validate_generation(body)
+        previous_id = requested(body, record.beta)
         usage = self._cache.settle(
             (key, model), prompt, min_tokens, started=record.time, responding=self._clock()
         )
@@ -516,8 +521,14 @@ class Emulator:
         usage["service_tier"] = "standard"
         record.usage = usage
         content = [{"type": "text", "text": "".join(REPLY_TOKENS[:output_tokens])}] if output_tokens else []
+        message_id = "msg_" + secrets.token_hex(12)
+        extra: dict[str, Any] = {}
+        if previous_id is not None:
+            extra["diagnostics"] = self._diagnoser.diagnose(previous_id, body, usage)
+        if record.beta and "cache-diagnosis" in record.beta:
+            self._diagnoser.remember(message_id, body)
         return {
-            "id": "msg_" + secrets.token_hex(12),
+            "id": message_id,
             "type": "message",
             "role": "assistant",
             "model": model,
@@ -525,6 +536,7 @@ class Emulator:
             "stop_reason": "end_turn" if max_tokens >= len(REPLY_TOKENS) else "max_tokens",
             "stop_sequence": None,
             "usage": usage,
+            **extra,
         }
 
     def _ratelimit_headers(self, key: str) -> dict[str, str]:
