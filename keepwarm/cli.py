@@ -205,22 +205,33 @@ def once(config: Config, client: _Client) -> int:
     from keepwarm.metrics import Metrics
     from keepwarm.runner import PairState, PingOutcome, Runner
 
+    from keepwarm.gate import Gate
     from keepwarm.ledger import Ledger
 
     # A CronJob running `once` keeps its history in the ledger, like the daemon.
     ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None
     runner = Runner(
-        client.sdk, config.prices, Metrics(), threading.Event(), key_source=client.key.source, ledger=ledger
+        client.sdk,
+        config.prices,
+        Metrics(),
+        threading.Event(),
+        key_source=client.key.source,
+        ledger=ledger,
+        gate=Gate(config.api.requests_per_minute),
     )
     states = [PairState(pair=p, max_tokens=p.max_tokens) for p in config.pairs]
     try:
         with concurrent.futures.ThreadPoolExecutor(config.api.max_concurrency) as pool:
-            outcomes: list[PingOutcome] = list(pool.map(runner.ping, states))
+            outcomes: list[PingOutcome | None] = list(pool.map(runner.ping, states))
     finally:
         if ledger is not None:
             ledger.close()
     rows = []
-    for o in outcomes:
+    for state, o in zip(states, outcomes):
+        if o is None:
+            rows.append([state.pair.expert, state.pair.model, "deferred", "-", "-", "-", "-", "-",
+                         state.pair.fingerprint[:12], f"not sent: the API asked every pair to wait ({runner.gate.reason})"])
+            continue
         u = o.usage
         rows.append(
             [
@@ -241,7 +252,7 @@ def once(config: Config, client: _Client) -> int:
             ["EXPERT", "MODEL", "RESULT", "READ", "WRITTEN", "INPUT", "COST", "LATENCY", "FINGERPRINT", "ERROR"], rows
         )
     )
-    ok = all(o.result in (Result.WARM, Result.REWARMED) for o in outcomes)
+    ok = all(o is not None and o.result in (Result.WARM, Result.REWARMED) for o in outcomes)
     return EX_OK if ok else EX_NOT_ALL_WARM
 
 

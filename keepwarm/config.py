@@ -55,6 +55,7 @@ class ApiSection(_Strict):
     api_key_file: str | None = None
     timeout: Duration = 30.0
     max_concurrency: int = Field(default=8, ge=1, le=1024)
+    requests_per_minute: float | None = Field(default=None, gt=0)
     cache_diagnostics: bool = False
 
 
@@ -144,6 +145,7 @@ class ApiSettings:
     timeout: float
     max_concurrency: int
     cache_diagnostics: bool = False
+    requests_per_minute: float | None = None
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,7 @@ def _resolve(
             timeout=raw.api.timeout,
             max_concurrency=raw.api.max_concurrency,
             cache_diagnostics=raw.api.cache_diagnostics,
+            requests_per_minute=raw.api.requests_per_minute,
         ),
         pairs=tuple(pairs),
         prices=prices,

@@ -20,6 +20,7 @@ from typing import Any
 from keepwarm import __version__, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
 from keepwarm.durations import format_duration
+from keepwarm.gate import Gate
 from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
@@ -127,6 +128,7 @@ class Daemon:
             key_source=key.source,
             ledger=ledger,
             diagnostics=config.api.cache_diagnostics,
+            gate=Gate(config.api.requests_per_minute),
         )
         scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
         try:
@@ -225,6 +227,8 @@ class Daemon:
         runner.key_source = key.source
         runner.prices = new.prices
         runner.diagnostics = new.api.cache_diagnostics
+        # A reload is how an operator says "fixed": a new key or limit starts with an open gate.
+        runner.gate = Gate(new.api.requests_per_minute)
         if ledger_changed:
             old, runner.ledger = runner.ledger, ledger
             if old is not None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -279,7 +279,18 @@ class Metrics:
             "keepwarm_config_last_reload_successful", "1 if the last config (re)load succeeded.", registry=None
         )
         self.build_info = Gauge("keepwarm_build_info", "keepwarm's version (=1).", ["version"], registry=None)
-        for metric in (self.lateness, self.reload_ok, self.build_info):
+        self.deferred = Counter(
+            "keepwarm_pings_deferred",
+            "Pings not sent because the API asked every pair to wait (429/529 retry-after, spend cap, bad key).",
+            registry=None,
+        )
+        self.ledger_errors = Counter(
+            "keepwarm_ledger_errors", "Ledger writes or opens that failed; pinging went on.", registry=None
+        )
+        # process_start_time_seconds and friends: the stale-ping alert measures a pair that
+        # has never pinged from the process's start.
+        process = ProcessCollector(registry=None)
+        for metric in (self.lateness, self.reload_ok, self.build_info, self.deferred, self.ledger_errors, process):
             self.registry.register(metric)
             self._plain.register(metric)
         self.build_info.labels(__version__).set(1)

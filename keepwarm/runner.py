@@ -18,6 +18,7 @@ import anthropic
 
 from keepwarm.classify import API_MISS_CAUSES, Result, Usage, classify
 from keepwarm.config import Pair
+from keepwarm.gate import Gate
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
 from keepwarm.ping import TRANSIENT, PingAttempt, PingError, send_ping
@@ -28,6 +29,7 @@ log = logging.getLogger("keepwarm.ping")
 MAX_ATTEMPTS = 5
 BASE_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
+GATE_HOLD_MAX = 5.0  # seconds a worker may wait at the shared gate before deferring the ping
 
 
 class LedgerLike(Protocol):
@@ -140,6 +142,7 @@ class Runner:
         diagnostics: bool = False,
         clock: Callable[[], float] = time.time,
         wait: Callable[[float], bool] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.client = client
         self.prices = prices
@@ -151,9 +154,14 @@ class Runner:
         self.clock = clock
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
+        self.gate = gate if gate is not None else Gate()
 
-    def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome:
-        """Ping one pair (retrying within bounds) and record the outcome."""
+    def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome | None:
+        """Ping one pair (retrying within bounds) and record the outcome.
+
+        Returns None when nothing was sent because the shared gate stays shut past the
+        point where this ping could still help (the API asked every pair to wait).
+        """
         pair = state.pair
         started = self.clock()
         if scheduled_at is not None:
@@ -161,22 +169,50 @@ class Runner:
         deadline = state.expires_at if state.expires_at > started else started + pair.interval
         attempts: list[PingAttempt] = []
         t0 = time.monotonic()
+        latest = self.gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
         while True:
+            # A first attempt facing a long hold gives its worker back and is re-armed for when
+            # the gate opens; a retry already under way may wait up to its deadline.
+            turn = self.gate.reserve(latest, GATE_HOLD_MAX if not attempts else float("inf"))
+            if turn is None or (turn > 0 and self.wait(turn)):
+                if not attempts:
+                    return None
+                break  # give up with the last attempt's error
             previous = state.last_message_id if self.diagnostics else None
             attempt = send_ping(self.client, pair, state.max_tokens, previous)
             attempts.append(attempt)
             if attempt.error is None:
+                self.gate.succeeded()
                 break
-            self.metrics.errors.labels(pair.expert, pair.model, attempt.error.error_type).inc()
+            err = attempt.error
+            self.metrics.errors.labels(pair.expert, pair.model, err.error_type).inc()
             if self._fallback_from_zero(state, attempt):
                 continue
-            delay = retry_delay(attempt.error, len(attempts), self.clock(), deadline)
-            self._log_failed_attempt(state, attempt, delay)
+            held = self._hold_gate(pair, err)
+            delay = retry_delay(err, len(attempts), self.clock(), deadline)
+            self._log_failed_attempt(state, attempt, delay, held)
             if delay is None or self.wait(delay):
                 break
         outcome = self._outcome(state, attempts, started, time.monotonic() - t0, scheduled_at)
         self._record(state, outcome)
         return outcome
+
+    def _hold_gate(self, pair: Pair, err: PingError) -> float | None:
+        """Make every pair wait when the API's answer concerns the key, not this pair.
+
+        Returns how long the gate is now held for, if this error held it.
+        """
+        if err.spend_cap:
+            return self.gate.spend_cap_hit()
+        if err.error_type in ("rate_limit", "overloaded") and err.retry_after:
+            self.gate.close_for(err.retry_after, err.error_type)
+            return err.retry_after
+        if err.error_type in ("authentication", "permission"):
+            # Every pair shares the key: one refusal is enough to know. Back off up to the
+            # interval rather than have every pair hammer the API with a dead key.
+            self.gate.close_for(pair.interval, err.error_type)
+            return pair.interval
+        return None
 
     def _fallback_from_zero(self, state: PairState, attempt: PingAttempt) -> bool:
         """`max_tokens: 0` is a newer API feature; if it is refused, fall back to 1 for good."""
@@ -194,7 +230,9 @@ class Runner:
             return True
         return False
 
-    def _log_failed_attempt(self, state: PairState, attempt: PingAttempt, delay: float | None) -> None:
+    def _log_failed_attempt(
+        self, state: PairState, attempt: PingAttempt, delay: float | None, held: float | None = None
+    ) -> None:
         err = attempt.error
         assert err is not None
         fields = {
@@ -205,6 +243,7 @@ class Runner:
             "api_message": err.message,
             "request_id": attempt.request_id,
             "retry_in_s": None if delay is None else round(delay, 3),
+            "all_pairs_wait_s": None if held is None else round(held, 3),
         }
         if err.spend_cap:
             event(log, logging.ERROR, "rate limited without retry-after: likely the monthly spend cap;"

@@ -222,13 +222,17 @@ class Scheduler:
         with self._inflight_cv:
             self._inflight += 1
         state.next_due = 0.0  # in flight: not overdue, whatever its retries take
+        deferred = False
         try:
             started = self.clock()
             missed = missed_slots(scheduled_at, started, state.pair.interval)
             if missed:
                 self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
             with state.lock:
-                self.runner.ping(state, scheduled_at)
+                outcome = self.runner.ping(state, scheduled_at)
+            if outcome is None:
+                deferred = True
+                self.metrics.deferred.inc()
         except Exception:
             log.exception("ping job failed", extra={"keepwarm_fields": {"pair": key}})
         finally:
@@ -237,9 +241,14 @@ class Scheduler:
                 self._inflight_cv.notify_all()
             # Re-arm only if this state is still the pair's (a reload may have replaced it).
             if not self.stopping.is_set() and self.states.get(key) is state and state.parked is None:
-                base = state.last_start or self.clock()
                 pair = state.pair
-                self._schedule(state, next_ping_at(base, pair.interval, pair.jitter, self.draw()))
+                at = next_ping_at(state.last_start or self.clock(), pair.interval, pair.jitter, self.draw())
+                if deferred:
+                    # Not sent: the API asked every pair to wait. Come back when the gate opens,
+                    # spread over a few seconds so the pairs do not all return at once.
+                    reopen = self.clock() + self.runner.gate.open_in() + self.draw() * min(pair.interval, 10.0)
+                    at = max(at, reopen)
+                self._schedule(state, at)
 
     def _on_job_event(self, ev: JobEvent | JobExecutionEvent) -> None:
         """A run that APScheduler skipped: count it and re-arm the pair so its chain continues."""

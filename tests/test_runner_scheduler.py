@@ -10,6 +10,7 @@ import pytest
 from keepwarm.classify import Result
 from keepwarm.config import parse_config
 from keepwarm.emulator import Emulator, Fault
+from keepwarm.gate import Gate
 from keepwarm.metrics import RESULTS, Metrics
 from keepwarm.ping import ERROR_TYPES, PingError, make_client
 from keepwarm.pricing import COST_KINDS
@@ -36,9 +37,11 @@ def _config(base_url: str, **defaults):  # type: ignore[no-untyped-def]
 def _runner(emulator: Emulator, metrics: Metrics, clock: FakeClock | None = None, waits: list | None = None) -> Runner:
     config = _config(emulator.base_url)
     waited = waits if waits is not None else []
+    mono = FakeClock(1000.0)  # the gate's monotonic clock, moved by the waits below
 
     def wait(seconds: float) -> bool:
         waited.append(seconds)
+        mono.now += seconds
         return False
 
     return Runner(
@@ -49,6 +52,7 @@ def _runner(emulator: Emulator, metrics: Metrics, clock: FakeClock | None = None
         key_source="test",
         clock=clock or FakeClock(),
         wait=wait,
+        gate=Gate(clock=mono),
     )
 
 
