@@ -9,6 +9,7 @@ runs in order: scheduler (no new pings), in-flight pings (bounded by
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -74,6 +75,10 @@ class Daemon:
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
+        if self.signals > 1:
+            # A second signal means "now": every committed ledger row is already on disk.
+            os.write(2, b"second stop signal: exiting at once\n")
+            os._exit(1)
         self.stop_event.set()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
@@ -113,12 +118,15 @@ class Daemon:
                 example_interval=format_duration(config.pairs[0].interval) if config.pairs else None,
             )
 
-        try:
-            ledger = self._open_ledger(config)
-        except LedgerError as exc:
-            event(log, logging.ERROR, "cannot open the ledger", error=str(exc))
-            return EX_CONFIG
         metrics = Metrics()
+        try:
+            ledger = self._open_ledger(config, metrics)
+        except LedgerError as exc:
+            # The ledger is bookkeeping; the pings are the job. Run without it, loudly.
+            metrics.ledger_errors.inc()
+            event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
+                  error=str(exc))
+            ledger = None
         client = make_client(self._base_url(config), key.value, config.api.timeout)
         runner = Runner(
             client,
@@ -192,10 +200,10 @@ class Daemon:
         return EX_OK
 
     @staticmethod
-    def _open_ledger(config: Config) -> Ledger | None:
+    def _open_ledger(config: Config, metrics: Metrics) -> Ledger | None:
         if config.ledger_path is None:
             return None
-        return Ledger(config.ledger_path, config.ledger_retention_days)
+        return Ledger(config.ledger_path, config.ledger_retention_days, on_error=metrics.ledger_errors.inc)
 
     def _reload(self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler) -> Config:
         """Apply a new config as a diff, or keep the old one if the new one is bad."""
@@ -205,8 +213,8 @@ class Daemon:
             ledger_changed = (new.ledger_path, new.ledger_retention_days) != (
                 config.ledger_path,
                 config.ledger_retention_days,
-            )
-            ledger = self._open_ledger(new) if ledger_changed else runner.ledger
+            ) or (new.ledger_path is not None and runner.ledger is None)  # retry one that failed to open
+            ledger = self._open_ledger(new, metrics) if ledger_changed else runner.ledger
         except (ConfigError, LedgerError) as exc:
             metrics.reload_ok.set(0)
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]

@@ -256,8 +256,10 @@ class Ledger:
         *,
         busy_timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._on_error = on_error  # e.g. a metric's inc: failures must be visible, not just logged
         self.retention_days = retention_days
         self.write_errors = 0
         self.dropped = 0  # rows lost for good because the backlog overflowed
@@ -354,6 +356,8 @@ class Ledger:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.write_errors += 1
+        if self._on_error is not None:
+            self._on_error()
         event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
               write_errors=self.write_errors, pending=len(self._pending), dropped=self.dropped or None)
 

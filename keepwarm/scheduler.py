@@ -39,6 +39,9 @@ from keepwarm.runner import PairState, Runner
 log = logging.getLogger("keepwarm.scheduler")
 
 HEARTBEAT_EVERY = 1.0  # seconds between scheduler heartbeats (watchdog and /healthz)
+# A wall clock that moved this much more (or less) than the monotonic clock between two
+# heartbeats was stepped (NTP, an operator, a VM restored): re-anchor the schedule.
+CLOCK_JUMP_THRESHOLD = 2.0
 
 
 # --- the pure policy -------------------------------------------------------------------------
@@ -92,8 +95,11 @@ class Scheduler:
         max_workers: int = 8,
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
+        self.mono = mono
+        self._anchor = (clock(), mono())  # wall and monotonic time at the last heartbeat
         self.metrics = metrics
         self.clock = clock
         self.draw = draw
@@ -150,6 +156,27 @@ class Scheduler:
 
     def _heartbeat(self) -> None:
         self.last_heartbeat = time.monotonic()
+        wall, mono = self.clock(), self.mono()
+        jump = (wall - self._anchor[0]) - (mono - self._anchor[1])
+        self._anchor = (wall, mono)
+        if abs(jump) > CLOCK_JUMP_THRESHOLD:
+            self.shift(jump)
+
+    def shift(self, jump: float) -> None:
+        """Move every pair's timeline by a wall-clock step of `jump` seconds.
+
+        APScheduler runs jobs at wall-clock times: after a step back every ping would come
+        late by the step (and caches lapse), after a step forward all would fire at once.
+        The caches did not move, so keep each ping the same real time away.
+        """
+        event(log, logging.WARNING, "wall clock stepped; re-anchoring every pair's schedule", jump_s=round(jump, 3))
+        for state in list(self.states.values()):
+            if state.last_start:
+                state.last_start += jump
+            if state.expires_at:
+                state.expires_at += jump
+            if state.next_due:  # 0: in flight or parked; the ping re-arms itself from last_start
+                self._schedule(state, state.next_due + jump)
 
     # --- (re)configuration -------------------------------------------------------------------
 

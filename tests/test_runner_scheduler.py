@@ -376,3 +376,25 @@ def test_a_changed_prefix_is_the_cause_of_the_next_miss(emulator: Emulator, tmp_
     scheduler.apply([parse_config(doc, tmp_path).pairs[0]])
     scheduler._run(pair.key, clock.now)
     assert _value(metrics, "keepwarm_cache_misses_total", expert=pair.expert, model=pair.model, cause="prefix_changed") == 1
+
+
+def test_a_wall_clock_step_is_detected_and_the_schedule_re_anchored(emulator: Emulator) -> None:
+    wall, mono = FakeClock(), FakeClock(5000.0)
+    metrics = Metrics()
+    scheduler = Scheduler(_runner(emulator, metrics, wall), metrics, clock=wall, draw=lambda: 0.0, mono=mono)
+    scheduler._aps.start(paused=True)
+    pair = _config(emulator.base_url).pairs[0]
+    scheduler.apply([pair])
+    due = scheduler.states[pair.key].next_due
+    wall.now += 1.0
+    mono.now += 1.0
+    scheduler._heartbeat()  # a normal second: nothing moves
+    assert _job_time(scheduler, pair.key) == pytest.approx(due, abs=1e-3)
+    wall.now -= 3600  # stepped back an hour
+    mono.now += 1.0
+    scheduler._heartbeat()
+    assert _job_time(scheduler, pair.key) == pytest.approx(due - 3601, abs=1e-3), "the same real time away"
+    wall.now += 7200  # and forward two hours
+    mono.now += 1.0
+    scheduler._heartbeat()
+    assert _job_time(scheduler, pair.key) == pytest.approx(due - 3601 + 7199, abs=1e-3)
