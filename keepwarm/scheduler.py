@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import threading
 import time
@@ -42,6 +43,12 @@ HEARTBEAT_EVERY = 1.0  # seconds between scheduler heartbeats (watchdog and /hea
 # A wall clock that moved this much more (or less) than the monotonic clock between two
 # heartbeats was stepped (NTP, an operator, a VM restored): re-anchor the schedule.
 CLOCK_JUMP_THRESHOLD = 2.0
+# Ping workers busy more than this share of a minute: pings queue for a free worker and start
+# late; at 100 % the queue grows without bound and caches lapse (docs/performance.md). The
+# warning suggests a pool that would be half busy (at least: a saturated pool hides demand).
+BUSY_WARN_SHARE = 0.8
+BUSY_WINDOW = 60.0
+BUSY_WARN_EVERY = 600.0
 
 
 # --- the pure policy -------------------------------------------------------------------------
@@ -61,6 +68,11 @@ def next_ping_at(last_start: float, interval: float, jitter: float, draw: float)
     the gap stays within [interval, interval + jitter], which the config keeps below the TTL.
     """
     return last_start + interval + jitter * draw
+
+
+def busy_share(busy_seconds: float, window: float, workers: int) -> float:
+    """The share of the workers' time spent in pings over a window: demand over capacity."""
+    return busy_seconds / (window * workers) if window > 0 and workers > 0 else 0.0
 
 
 def missed_slots(scheduled_at: float, started: float, interval: float) -> int:
@@ -107,6 +119,10 @@ class Scheduler:
         self.stopping = threading.Event()
         self._inflight = 0
         self._inflight_cv = threading.Condition()
+        self.max_workers = max_workers
+        self._busy = 0.0  # worker-seconds spent in finished pings since _busy_since
+        self._busy_since = mono()
+        self._busy_warned = -math.inf
         self.last_heartbeat = time.monotonic()
         self._aps = BackgroundScheduler(
             executors={
@@ -161,6 +177,26 @@ class Scheduler:
         self._anchor = (wall, mono)
         if abs(jump) > CLOCK_JUMP_THRESHOLD:
             self.shift(jump)
+        if mono - self._busy_since >= BUSY_WINDOW:
+            self._check_busy(mono)
+
+    def _check_busy(self, now: float) -> None:
+        """Warn when the ping workers cannot keep up, before the lateness turns into lapses."""
+        with self._inflight_cv:
+            busy, self._busy = self._busy, 0.0
+            window, self._busy_since = now - self._busy_since, now
+        share = busy_share(busy, window, self.max_workers)
+        if share >= BUSY_WARN_SHARE and now - self._busy_warned >= BUSY_WARN_EVERY:
+            self._busy_warned = now
+            event(
+                log,
+                logging.WARNING,
+                "ping workers are busy most of the time: pings start late and caches may lapse;"
+                " raise api.max_concurrency",
+                busy_share=round(share, 2),
+                max_concurrency=self.max_workers,
+                suggested_at_least=math.ceil(busy / window / 0.5),
+            )
 
     def shift(self, jump: float) -> None:
         """Move every pair's timeline by a wall-clock step of `jump` seconds.
@@ -248,6 +284,7 @@ class Scheduler:
             return
         with self._inflight_cv:
             self._inflight += 1
+        began = self.mono()
         state.next_due = 0.0  # in flight: not overdue, whatever its retries take
         deferred = False
         try:
@@ -265,6 +302,7 @@ class Scheduler:
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
+                self._busy += self.mono() - began
                 self._inflight_cv.notify_all()
             # Re-arm only if this state is still the pair's (a reload may have replaced it).
             if not self.stopping.is_set() and self.states.get(key) is state and state.parked is None:
