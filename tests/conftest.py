@@ -57,3 +57,150 @@ def basic_doc(base_url: str | None = None, **defaults: Any) -> dict[str, Any]:
 def keepwarm_cmd(*args: str) -> list[str]:
     """The `keepwarm` command, run with this interpreter."""
     return [sys.executable, "-m", "keepwarm", *args]
+
+
+# --- the real daemon as a process (the reliability tests) -------------------------------------
+#
+# A `keepwarm run` whose stderr goes to a file rather than a pipe, so a test can read the log
+# while the daemon runs (a pipe nobody drains would also block it once full), with helpers to
+# scrape /metrics and poll with a deadline. Appended for tests/test_reliability_*.py.
+
+import json  # noqa: E402 - this section was appended; its imports stay with it
+import os  # noqa: E402
+import signal as signals  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+# The environment a daemon inherits, minus anything that would change where its key or config
+# comes from: each test says exactly which it means.
+_DAEMON_ENV_DROP = ("ANTHROPIC_API_KEY", "CREDENTIALS_DIRECTORY", "KEEPWARM_CONFIG", "ANTHROPIC_BASE_URL")
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """os.environ without key or config variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ENV_DROP}
+    env.update(extra)
+    return env
+
+
+class DaemonProcess:
+    """One `keepwarm run --log-format json` process and what it exposes."""
+
+    def __init__(self, config: Path, port: int, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.port = port
+        self.log_path = config.parent / f"daemon-{port}.log"
+        self._log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            keepwarm_cmd("run", "--config", str(config), "--log-format", "json", *args),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    # --- what it says -----------------------------------------------------------------------
+
+    def text(self) -> str:
+        """Everything the daemon wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log events so far; a half-written last line is left for the next call."""
+        out = []
+        for line in self.text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def get(self, path: str) -> tuple[int, str]:
+        """GET a page of the daemon's web server: (status, body)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode("utf-8", errors="replace")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, keyed by (name, sorted labels)."""
+        _, text = self.get("/metrics")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of every sample of `name` whose labels include `labels` (0 when none)."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.metrics().items() if n == name and wanted <= set(ls))
+
+    # --- what it does -----------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_for(self, what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:
+        """Poll `check` until it holds; fail with the daemon's log if it never does or the daemon dies."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if not self.alive:
+                pytest.fail(f"the daemon exited ({self.proc.returncode}) while waiting for {what}\n{self.text()[-4000:]}")
+            try:
+                if check():
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass  # not listening yet
+            time.sleep(0.05)
+        pytest.fail(f"timed out after {deadline:.0f}s waiting for {what}\n{self.text()[-4000:]}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, signum: int | None = None, timeout: float = 30.0) -> tuple[int | None, float]:
+        """Send SIGTERM (or `signum`) and wait: (exit code, seconds it took); None if it did not exit."""
+        t0 = time.monotonic()
+        if self.alive:
+            self.proc.send_signal(signals.SIGTERM if signum is None else signum)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def keepwarm_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real `keepwarm run` processes from config documents; all are killed at the end.
+
+    `start(doc, env=..., name=..., args=...)` writes `doc` (its metrics.listen set to a free
+    loopback port) next to the test's other files and starts the daemon on it.
+    """
+    started: list[DaemonProcess] = []
+
+    def start(
+        doc: dict[str, Any], env: dict[str, str] | None = None, name: str = "keepwarm.yaml", args: tuple[str, ...] = ()
+    ) -> DaemonProcess:
+        port = free_port()
+        doc.setdefault("metrics", {})["listen"] = f"127.0.0.1:{port}"
+        daemon = DaemonProcess(write_config(tmp_path, doc, name), port, env if env is not None else daemon_env(), args)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
