@@ -49,6 +49,7 @@ retries may run on past the scaled expiry: that only makes outages longer, never
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -184,7 +185,7 @@ def lapses(entries: list[LogEntry], outages: list[Outage], ttl_real: float) -> l
     """
     found = []
     for model, pings in successes(entries).items():
-        for before, after in zip(pings, pings[1:]):
+        for before, after in itertools.pairwise(pings):
             if not is_rewarmed(after) or before.fingerprint != after.fingerprint:
                 continue
             if any(o.real_start <= after.time and o.real_end >= before.time for o in outages):

@@ -1,0 +1,243 @@
+"""The reliability features of "Survive the real world", tested against the real daemon process.
+
+Written beside the features, not after them: a shared rate-limit gate (a 429/529 with
+`retry-after` holds every pair; the spend cap pauses every pair, loudly), an optional
+`api.requests_per_minute`, wall-clock step detection, a second SIGTERM that exits at once,
+and a ledger that cannot be opened no longer stopping the daemon. The wall-clock tests step
+only the daemon's clock, with libfaketime (Debian's `faketime` package), never the host's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keepwarm.config import ConfigError, parse_config
+from keepwarm.emulator import Emulator, Fault, LogEntry
+from keepwarm.ledger import read_ledger
+
+from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env
+
+KEY = "sk-ant-test-pending-5e6f7a8b"
+MODELS = ("claude-sonnet-4-6", "claude-opus-4-8", "claude-sonnet-4-5", "claude-sonnet-5")
+DEADLINE = 15.0
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+Start = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    with Emulator(time_scale=0.01, log_limit=20_000) as emulator:  # the 5m TTL lasts 3 s
+        yield emulator
+
+
+def doc_for(base_url: str, models: tuple[str, ...] = MODELS, interval: str = "500ms", **api: Any) -> dict[str, Any]:
+    return {
+        "api": {"base_url": base_url, "timeout": "5s", **api},
+        "defaults": {"interval": interval, "jitter": "0s", "models": list(models)},
+        "experts": [{"name": "analyst", "system": [{"text": LONG_PROMPT}]}],
+        "ledger": {"path": "ledger.sqlite"},
+    }
+
+
+def messages(emu: Emulator, since: float = 0.0) -> list[LogEntry]:
+    return [e for e in emu.log if e.path == "/v1/messages" and e.time >= since]
+
+
+def warm_pings(daemon: DaemonProcess) -> float:
+    return daemon.total("keepwarm_pings_total", result="warm")
+
+
+def every_pair_warm(daemon: DaemonProcess, pairs: int) -> None:
+    """Wait until each of `pairs` pairs has had a warm ping from now on."""
+
+    def counts() -> dict[Any, float]:
+        return {
+            labels: v for (name, labels), v in daemon.metrics().items()
+            if name == "keepwarm_pings_total" and ("result", "warm") in labels
+        }
+
+    try:
+        before = counts()
+    except OSError:
+        before = {}
+    daemon.wait_for(
+        f"{pairs} pairs warm",
+        lambda: len(now := counts()) == pairs and all(v > before.get(k, 0.0) for k, v in now.items()),
+        DEADLINE,
+    )
+
+
+def pending_faults(emu: Emulator) -> list[Any]:
+    with urllib.request.urlopen(f"{emu.base_url}/_emulator/faults", timeout=5) as resp:
+        return list(json.load(resp)["faults"])
+
+
+# --- the shared gate ---------------------------------------------------------------------------
+
+
+def test_a_429_with_retry_after_holds_every_pair(keepwarm_daemon: Start, emu: Emulator) -> None:
+    daemon = keepwarm_daemon(doc_for(emu.base_url), env=daemon_env(ANTHROPIC_API_KEY=KEY))
+    every_pair_warm(daemon, len(MODELS))
+    emu.inject(Fault(429, retry_after=2))
+    daemon.wait_for("the 429", lambda: any(e.status == 429 for e in emu.log), DEADLINE)
+    told = next(e for e in emu.log if e.status == 429)
+    every_pair_warm(daemon, len(MODELS))
+    # Pings already on the wire when the 429 came back may land; nothing may start after it.
+    early = [e for e in messages(emu, told.time + 0.1) if e.time < told.time + 2 - 0.05]
+    assert early == [], f"{len(early)} requests inside the 2 s every pair was told to wait"
+
+
+def test_the_spend_cap_pauses_every_pair_loudly(keepwarm_daemon: Start, emu: Emulator) -> None:
+    daemon = keepwarm_daemon(doc_for(emu.base_url), env=daemon_env(ANTHROPIC_API_KEY=KEY))
+    every_pair_warm(daemon, len(MODELS))
+    logged = len(daemon.events())
+    emu.inject(Fault(spend_cap=True, count=None))  # until cleared
+    daemon.wait_for("the spend cap", lambda: any(e.status == 429 for e in emu.log), DEADLINE)
+    capped = next(e for e in emu.log if e.status == 429)
+    # Left alone, four pairs pinging every half second would send ~24 requests in 3 s.
+    watch_until = capped.time + 3.0
+    daemon.wait_for("three seconds of the cap", lambda: time.monotonic() > watch_until, 10)
+    during = [e for e in messages(emu, capped.time) if e.time < watch_until]
+    assert len(during) <= len(MODELS), f"{len(during)} requests in 3 s under the spend cap: the pairs did not pause"
+    loud = [e for e in daemon.events()[logged:] if e.get("status") == 429]
+    assert loud and loud[0]["level"] == "error" and "SPEND CAP" in loud[0]["event"], loud
+    assert daemon.total("keepwarm_pings_deferred_total") >= 1, "pings held back are counted"
+    assert daemon.alive
+
+
+def test_requests_per_minute_is_validated(tmp_path: Path) -> None:
+    doc = basic_doc("http://127.0.0.1:9")
+    doc["api"]["requests_per_minute"] = 120
+    assert parse_config(doc, tmp_path).api.requests_per_minute == 120
+    for bad in (0, -5, "fast", True):
+        doc["api"]["requests_per_minute"] = bad
+        with pytest.raises(ConfigError) as info:
+            parse_config(doc, tmp_path)
+        assert info.value.problems[0].startswith("api.requests_per_minute: "), info.value.problems
+
+
+def test_requests_per_minute_caps_the_request_rate(keepwarm_daemon: Start, emu: Emulator) -> None:
+    """Four pairs that want eight requests a second, capped at 30 a minute: one every 2 s."""
+    daemon = keepwarm_daemon(doc_for(emu.base_url, requests_per_minute=30), env=daemon_env(ANTHROPIC_API_KEY=KEY))
+    daemon.wait_for("the first request", lambda: messages(emu) != [], DEADLINE)
+    first = messages(emu)[0].time
+    daemon.wait_for("six seconds of traffic", lambda: time.monotonic() > first + 6.0, 12)
+    starts = [e.time for e in messages(emu) if e.time < first + 6.0]
+    assert len(starts) <= 4, f"{len(starts)} requests in 6 s with requests_per_minute 30"
+    assert all(b - a >= 2.0 - 0.1 for a, b in itertools.pairwise(starts)), starts
+    assert daemon.alive
+
+
+# --- the second SIGTERM ------------------------------------------------------------------------
+
+
+def test_a_second_sigterm_exits_at_once_and_keeps_the_ledger(
+    keepwarm_daemon: Start, emu: Emulator, tmp_path: Path
+) -> None:
+    doc = doc_for(emu.base_url, MODELS[:2])
+    doc["shutdown_timeout"] = "10s"
+    daemon = keepwarm_daemon(doc, env=daemon_env(ANTHROPIC_API_KEY=KEY))
+    every_pair_warm(daemon, 2)
+    emu.inject(Fault(kind="hang", latency=8))
+    daemon.wait_for("a hung ping", lambda: pending_faults(emu) == [], DEADLINE)
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_for("the first signal to be seen", lambda: any(e.get("event") == "stopping" for e in daemon.events()))
+    code, took = daemon.stop(signal.SIGTERM, timeout=15)
+    assert code == 1 and took < 1.5, f"exit {code} after {took:.1f}s: the second SIGTERM must not wait"
+    answered = {e.request_id for e in messages(emu) if e.status == 200}
+    assert answered <= {r.request_id for r in read_ledger(tmp_path / "ledger.sqlite")}, "committed rows survive"
+
+
+# --- a ledger that cannot be opened ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", ["corrupt", "unopenable"])
+def test_a_ledger_that_cannot_be_opened_does_not_stop_the_pings(
+    keepwarm_daemon: Start, emu: Emulator, tmp_path: Path, broken: str
+) -> None:
+    doc = doc_for(emu.base_url, MODELS[:2])
+    if broken == "corrupt":
+        (tmp_path / "ledger.sqlite").write_bytes(b"this is not a database, it only has its name\n" * 100)
+        where = str(tmp_path / "ledger.sqlite")
+    else:
+        (tmp_path / "a-file").write_text("a file where a directory should be")
+        doc["ledger"]["path"] = "a-file/ledger.sqlite"
+        where = str(tmp_path / "a-file" / "ledger.sqlite")
+    daemon = keepwarm_daemon(doc, env=daemon_env(ANTHROPIC_API_KEY=KEY))
+    every_pair_warm(daemon, 2)
+    every_pair_warm(daemon, 2)
+    loud = [e for e in daemon.events() if e["level"] == "error" and where in json.dumps(e)]
+    assert loud, "the ledger problem is logged at error level, naming the file"
+    assert daemon.total("keepwarm_ledger_errors_total") >= 1
+    assert daemon.stop()[0] == 0
+
+
+# --- wall-clock steps ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stepped_clock(tmp_path: Path) -> Iterator[tuple[dict[str, str], Callable[[str], None]]]:
+    """An environment whose processes see a wall clock this test can step, and the stepper.
+
+    libfaketime re-reads the offset file on every call; the monotonic clock stays real, as it
+    does when NTP or an operator steps the clock.
+    """
+    assert LIBFAKETIME.exists(), f"{LIBFAKETIME} is missing: install Debian's faketime package"
+    offset = tmp_path / "clock-offset"
+    offset.write_text("+0\n")
+    env = daemon_env(
+        ANTHROPIC_API_KEY=KEY,
+        LD_PRELOAD=str(LIBFAKETIME),
+        FAKETIME_TIMESTAMP_FILE=str(offset),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+        FAKETIME_DONT_RESET="1",
+    )
+    yield env, lambda step: offset.write_text(step + "\n")
+
+
+def test_a_wall_clock_step_back_does_not_stall_the_pings(
+    keepwarm_daemon: Start, emu: Emulator, stepped_clock: tuple[dict[str, str], Callable[[str], None]]
+) -> None:
+    env, step = stepped_clock
+    daemon = keepwarm_daemon(doc_for(emu.base_url, MODELS[:2]), env=env)
+    every_pair_warm(daemon, 2)
+    step("-3600")  # an hour back: every scheduled ping is now an hour away on the wall clock
+    stepped = time.monotonic()
+    every_pair_warm(daemon, 2)
+    after = {e.model for e in messages(emu, stepped) if e.status == 200}
+    assert after == set(MODELS[:2])
+    daemon.wait_for("/healthz to be 200", lambda: daemon.get("/healthz")[0] == 200, 5)
+    assert any("clock" in e.get("event", "") for e in daemon.events()), "the step is logged"
+
+
+def test_a_wall_clock_step_forward_makes_no_burst(
+    keepwarm_daemon: Start, emu: Emulator, stepped_clock: tuple[dict[str, str], Callable[[str], None]]
+) -> None:
+    env, step = stepped_clock
+    interval = 0.5
+    daemon = keepwarm_daemon(doc_for(emu.base_url, MODELS[:2]), env=env)
+    every_pair_warm(daemon, 2)
+    missed = daemon.total("keepwarm_missed_pings_total")
+    step("+3600")  # an hour ahead: seven thousand slots "missed" on the wall clock
+    stepped = time.monotonic()
+    every_pair_warm(daemon, 2)
+    every_pair_warm(daemon, 2)
+    # The ping already due on the new wall clock may fire before the step is noticed (one
+    # early ping, harmless); what must not happen is a walk through the hour's slots.
+    window = messages(emu, stepped)
+    window = [e for e in window if e.time < stepped + 4 * interval]
+    for model in MODELS[:2]:
+        count = len([e for e in window if e.model == model])
+        assert count <= 4 + 1, f"{model}: {count} pings in four intervals after the step"
+    assert daemon.total("keepwarm_missed_pings_total") - missed <= 2, "a clock step is not thousands of missed pings"
+    daemon.wait_for("/healthz to be 200", lambda: daemon.get("/healthz")[0] == 200, 5)
