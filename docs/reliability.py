@@ -59,16 +59,20 @@ ELSEWHERE = [
      ["tests/test_reliability_signals.py::test_sigterm_abandons_a_hung_ping_at_the_shutdown_deadline"]),
     ("a second SIGTERM", "exits at once (1); committed ledger rows survive",
      [PENDING + "test_a_second_sigterm_exits_at_once_and_keeps_the_ledger"]),
-    ("SIGHUP with a bad config", "rejected with the start-up messages, the old config keeps running",
-     ["tests/test_reliability_signals.py::test_sighup_with_a_bad_config_keeps_the_old_one_with_the_start_up_messages"]),
-    ("SIGHUP with a good config", "applied as a diff: unchanged pairs keep their cadence, a changed prompt is pinged at once",
-     ["tests/test_reliability_signals.py::test_sighup_with_a_good_config_is_applied_as_a_diff"]),
+    ("SIGHUP with a bad config, then a good one",
+     "the bad one is rejected with the start-up messages and the old one keeps running; the good one is applied as"
+     " a diff: unchanged pairs keep their cadence, a changed prompt is pinged at once, removed pairs' series go",
+     ["tests/test_reliability_signals.py::test_sighup_rejects_a_bad_config_then_applies_a_good_one_as_a_diff"]),
+    ("SIGSTOP for several intervals, then SIGCONT", "one catch-up ping per pair, skipped slots counted",
+     ["tests/test_reliability_signals.py::test_after_sigstop_for_four_intervals_each_pair_catches_up_once"]),
     ("a corrupt or unopenable ledger at start", "runs without it, logs it as an error, counts `keepwarm_ledger_errors_total`",
      [PENDING + "test_a_ledger_that_cannot_be_opened_does_not_stop_the_pings"]),
     ("any YAML at all as a config", "a `ConfigError` whose every problem starts with its location: exit 78, no traceback",
      ["tests/test_reliability_config_fuzz.py"]),
     ("the key, anywhere", "never printed, served or stored; at most its last four characters",
      ["tests/test_reliability_secrets.py"]),
+    ("every API fault, one at a time", "counted under its `error_type`, survived, every pair warm again without a restart",
+     ["tests/test_reliability_faults.py"]),
 ]
 
 

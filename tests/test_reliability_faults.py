@@ -54,13 +54,13 @@ class Rig:
             (e, m): self.daemon.total("keepwarm_pings_total", expert=e, model=m, result="warm") for e, m in PAIRS
         }
 
-    def wait_every_pair_warm(self, what: str) -> None:
+    def wait_every_pair_warm(self, what: str, deadline: float = DEADLINE) -> None:
         """Wait until every pair has had a `warm` ping from now on."""
         before = self.warm_counts()
         self.daemon.wait_for(
             f"every pair warm {what}",
             lambda: all(n > before[p] for p, n in self.warm_counts().items()),
-            DEADLINE,
+            deadline,
         )
 
     def wait_errors(self, what: str, check: Callable[[dict[str, float]], bool]) -> dict[str, float]:
@@ -279,4 +279,4 @@ def test_the_spend_cap_is_rate_limit_logged_loudly_and_not_retried(fx: Rig) -> N
     assert [e for e in retried if e.request_id != capped.request_id] == [], "the spend cap is not retried at once"
     # The operator raises the cap and reloads: every pair is warm again, without a restart.
     fx.reload(fx.doc)
-    fx.wait_every_pair_warm("after the cap was raised")
+    fx.wait_every_pair_warm("after the cap was raised", deadline=8)  # sixteen intervals

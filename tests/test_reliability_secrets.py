@@ -162,13 +162,12 @@ def test_the_key_never_appears_in_any_output(
     broken_config = write_config(tmp_path, broken, "broken.yaml")
     (tmp_path / "two-keys").write_text(f"{KEY} {OTHER_KEY}\n", encoding="utf-8")
     two_keys = write_config(tmp_path, doc_for(url, api_key_file="two-keys"), "two.yaml")
-    out.start("once(file)", "once", "--config", str(file_config), env=bare, expect=0)
     out.start("check(file)", "check", "--config", str(file_config), env=bare, expect=0)
     out.start("once(creds)", "once", "--config", str(creds_config), "--log-format", "json",
               env=daemon_env(CREDENTIALS_DIRECTORY=str(creds)), expect=0)
     out.start("once(refused key)", "once", "--config", str(creds_config), env=daemon_env(ANTHROPIC_API_KEY=OTHER_KEY),
               expect=3)
-    out.start("run(config error)", "run", "--config", str(broken_config), env=with_env, expect=78)
+    out.start("report(config error)", "report", "--config", str(broken_config), env=with_env, expect=78)
     out.start("run(bad key file)", "run", "--config", str(two_keys), env=bare, expect=78)
     # A key file others can read is used, with a warning that names the file.
     shared = tmp_path / "shared.key"
