@@ -104,19 +104,20 @@ def _outcome(tests: list[str], scenario: dict[str, Any] | None) -> str:
     if scenario is None:
         return "not run (`--run-tests`)"
     passed = failed = 0
-    first = None
+    whys: list[str] = []
     for test in tests:
         for name, entry in scenario["tests"].items():
             # A test id, or a whole file when no test is named.
             if name == test or ("::" not in test and name.startswith(test + "::")):
                 passed += entry["passed"]
                 failed += entry["failed"]
-                first = first or entry["first_failure"]
+                if entry["first_failure"] and entry["first_failure"] not in whys:
+                    whys.append(entry["first_failure"])
     if not passed and not failed:
         return "not run"
     if not failed:
         return f"{passed} of {passed} pass"
-    why = (first or "").replace("|", "\\|").replace("`", "'")
+    why = "; ".join(whys[:3]).replace("|", "\\|").replace("`", "'")
     return f"**{failed} of {passed + failed} fail**: {why}"
 
 
