@@ -202,11 +202,10 @@ def report(args: argparse.Namespace) -> int:
 
 def once(config: Config, client: _Client) -> int:
     """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
-    from keepwarm.metrics import Metrics
-    from keepwarm.runner import PairState, PingOutcome, Runner
-
     from keepwarm.gate import Gate
     from keepwarm.ledger import Ledger
+    from keepwarm.metrics import Metrics
+    from keepwarm.runner import PairState, PingOutcome, Runner
 
     # A CronJob running `once` keeps its history in the ledger, like the daemon.
     ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # The spend cap does not clear until the month resets or someone raises it: retry rarely.
 SPEND_CAP_FIRST_BACKOFF = 60.0
