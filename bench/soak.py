@@ -240,6 +240,7 @@ class Soak:
         self.port = 0
         self.stopped = False
         self.errors_before_outages: dict[str, float] = {}
+        self.baseline: dict[str, float] = {}  # the daemon's error counts when last looked at
         self.emu = self._new_emulator()
         self.metrics_port = _free_port()
         self.config = self.workdir / "keepwarm.yaml"

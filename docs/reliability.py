@@ -30,13 +30,17 @@ BEHAVIOUR = {
     "rate_limit_429": ("429 with `retry-after`", "retried after `retry-after`; every pair waits behind the shared gate"),
     "overloaded_529": ("529 overloaded", "retried with exponential back-off (1 s, 2 s, 4 s…), counted `overloaded`"),
     "server_5xx": ("500 / 502 / 503", "retried with exponential back-off, counted `server`"),
-    "timeout_hang": ("API hangs past `api.timeout`", "the client gives up at the timeout, counted `timeout` (not `connection`), retried"),
+    "timeout_hang": ("API hangs past `api.timeout`",
+                     "the client gives up at the timeout, counted `timeout` (not `connection`), retried"),
     "connection_drop": ("connection closed without an answer", "counted `connection`, retried"),
     "malformed_body": ("200 with a truncated body", "counted `other`, retried"),
     "connection_refused": ("API port closed", "counted `connection`, retried; the next ping after it reopens re-warms"),
     "auth_401": ("401: key refused", "not retried; every pair waits one interval; the log names where the key came from"),
-    "invalid_400": ("400: request rejected", "logged with the API's message; the pair is parked until its config changes (here: the prompt is edited, SIGHUP)"),
-    "process_stopped": ("process frozen (SIGSTOP … SIGCONT)", "one catch-up ping per pair, skipped slots counted in `keepwarm_missed_pings_total`"),
+    "invalid_400": ("400: request rejected",
+                    "logged with the API's message; the pair is parked until its config changes"
+                    " (here: the prompt is edited, SIGHUP)"),
+    "process_stopped": ("process frozen (SIGSTOP … SIGCONT)",
+                        "one catch-up ping per pair, skipped slots counted in `keepwarm_missed_pings_total`"),
     "slow_api": ("slow answers (100 s, under the timeout)", "waits; nothing fails"),
 }
 
@@ -150,6 +154,11 @@ def render(figures: dict[str, Any]) -> str:
         )
     shutdown = figures["shutdown"]
     leaks = figures["key_leaks"]
+    catch_up = "—" if figures["catch_up_pings_max"] is None else figures["catch_up_pings_max"]
+    stop_how = (f"answered pings without a row, after SIGTERM with {shutdown['pings_in_flight']} pings in flight:"
+                f" exit {shutdown['exit']} in {shutdown['seconds']:g} s")
+    searched = (f"places the key was found, of {figures['places_searched_for_the_key']} searched:"
+                " logs, pages, ledger, report, emulator log")
     scenario = figures.get("scenario_tests")
     elsewhere = "\n".join(
         f"| {fault} | {does} | {', '.join(sorted({t.split('::')[0].removeprefix('tests/') for t in tests}))} "
@@ -177,9 +186,9 @@ schedule (seed {s["seed"]}) throws {figures["outages"]} outages of {len(figures[
 | daemon crashes | {figures["crashes"]} |
 | outages after which every pair was warm again before the next | {figures["recoveries"]} of {figures["outages"]} |
 | cache lapses outside outages (a cold cache with no outage since the pair's last success) | {figures["cache_lapses_outside_outages"]} |
-| most pings one pair sent right after a frozen process resumed | {figures["catch_up_pings_max"] if figures["catch_up_pings_max"] is not None else "—"} |
-| ledger rows lost (answered pings without a row, after SIGTERM with {shutdown["pings_in_flight"]} pings in flight: exit {shutdown["exit"]} in {shutdown["seconds"]:g} s) | {figures["rows_lost"]} |
-| key leaks (places the key was found, of {figures["places_searched_for_the_key"]} searched: logs, pages, ledger, report, emulator log) | {leaks} |
+| most pings one pair sent right after a frozen process resumed | {catch_up} |
+| ledger rows lost ({stop_how}) | {figures["rows_lost"]} |
+| key leaks ({searched}) | {leaks} |
 
 ## By fault
 

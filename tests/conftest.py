@@ -72,7 +72,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 

@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import LONG_PROMPT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keepwarm.config import Config, ConfigError, load_config, parse_config
-
-from conftest import LONG_PROMPT
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOP_KEYS = ("api", "defaults", "experts", "pricing_file", "metrics", "ledger", "shutdown_timeout")

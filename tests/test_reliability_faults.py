@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LONG_PROMPT, DaemonProcess, daemon_env, free_port, write_config
 
 from keepwarm.emulator import Emulator, Fault, LogEntry
-
-from conftest import LONG_PROMPT, DaemonProcess, daemon_env, free_port, write_config
 
 KEY = "sk-ant-test-faults-7f3c9a1e5b2d4086-Q8zK"
 PAIRS = (("analyst", "claude-sonnet-4-6"), ("critic", "claude-opus-4-8"))

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env
 
 from keepwarm.config import ConfigError, parse_config
 from keepwarm.emulator import Emulator, Fault, LogEntry
 from keepwarm.ledger import read_ledger
-
-from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env
 
 KEY = "sk-ant-test-pending-5e6f7a8b"
 MODELS = ("claude-sonnet-4-6", "claude-opus-4-8", "claude-sonnet-4-5", "claude-sonnet-5")

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LONG_PROMPT, DaemonProcess, daemon_env, free_port, keepwarm_cmd, write_config
 
 from keepwarm.config import load_config, resolve_api_key
-
-from conftest import LONG_PROMPT, DaemonProcess, daemon_env, free_port, keepwarm_cmd, write_config
 
 # Distinctive, and shaped like a real key; `PREFIX` is what must never appear anywhere.
 KEY = "sk-ant-api03-LEAKCHECK-9f2b7c41e8d6a5307b1c-secretsTAIL"

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import LONG_PROMPT, DaemonProcess, daemon_env, keepwarm_cmd, write_config
 
 from keepwarm.emulator import Emulator, Fault, LogEntry
 from keepwarm.ledger import read_ledger
-
-from conftest import LONG_PROMPT, DaemonProcess, daemon_env, keepwarm_cmd, write_config
 
 KEY = "sk-ant-test-signals-0a1b2c3d"
 SONNET, OPUS = "claude-sonnet-4-6", "claude-opus-4-8"

@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
 from conftest import ROOT
 
 KINDS = ("overloaded_529", "connection_refused", "invalid_400", "process_stopped")
