@@ -225,7 +225,7 @@ def _read_text(base: Path, rel: str, where: str, problems: list[str]) -> str | N
     except FileNotFoundError:
         problems.append(f"{where}: file not found: {path}")
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         problems.append(f"{where}: cannot read {path}: {exc}")
         return None
     if not text.strip():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_LONGEST = 365 * 86400.0  # longer is a typo, and infinity would break every comparison after
 _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 
 
@@ -16,7 +18,10 @@ def parse_duration(text: object) -> float:
     compact = text.strip()
     if not _WHOLE.fullmatch(compact):
         raise ValueError(f"expected a duration such as 30s, 4m or 1h, got {text!r}")
-    return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    if not math.isfinite(seconds) or seconds > _LONGEST:
+        raise ValueError(f"duration {text!r} is too long (at most 365d)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

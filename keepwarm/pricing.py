@@ -104,7 +104,7 @@ def _parse_models(raw: Any, where: str) -> tuple[dict[str, ModelPrice], list[str
         if not isinstance(entry, dict):
             errors.append(f"{loc}: expected a mapping with {sorted(_MODEL_KEYS)}")
             continue
-        unknown = set(entry) - _MODEL_KEYS
+        unknown = {str(k) for k in entry} - _MODEL_KEYS  # YAML keys may be numbers too
         if unknown:
             errors.append(f"{loc}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_MODEL_KEYS)}")
             continue
@@ -166,6 +166,8 @@ def load_price_table(override: Path | None = None) -> tuple[PriceTable, list[str
         data = yaml.safe_load(override.read_text(encoding="utf-8"))
     except OSError as exc:
         return base, [f"pricing_file: cannot read {where}: {exc.strerror or exc}"]
+    except (UnicodeDecodeError, ValueError) as exc:  # not UTF-8, or a NUL byte in the path
+        return base, [f"pricing_file: cannot read {where}: {exc}"]
     except yaml.YAMLError as exc:
         return base, [f"pricing_file: {where} is not valid YAML: {exc}"]
     extra, errors = _table_from_mapping(data, f"pricing_file {where}")
