@@ -28,14 +28,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from keepwarm.classify import Result, classify
-from keepwarm.config import load_config
-from keepwarm.logs import setup_logging
-from keepwarm.metrics import Metrics
-from keepwarm.ping import make_client, send_ping
-from keepwarm.runner import PingOutcome, Runner
-from keepwarm.scheduler import Scheduler
-from keepwarm.web import WebServer
+from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.runner import PingOutcome, Runner  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.scheduler import Scheduler  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.web import WebServer  # noqa: E402 - imported after sys.path names this tree
 
 # A ping found the cache cold although the pair had been pinged before: the cache lapsed.
 COLD = {Result.REWARMED.value, Result.PARTIAL.value}
