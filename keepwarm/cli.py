@@ -109,7 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from keepwarm.daemon import Daemon, EmulatorMode
 
         mode = EmulatorMode(args.time_scale) if args.emulator else None
-        return Daemon(args.config, mode).run()
+        daemon = Daemon(args.config, mode)
+        code = daemon.run()
+        if daemon.abandoned:
+            # Pings past the shutdown deadline run in worker threads that the interpreter would
+            # wait for at exit (up to api.timeout): leave now, the deadline is the contract.
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)
+        return code
     try:
         with _session(args) as (config, client):
             if args.command == "once":

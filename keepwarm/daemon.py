@@ -57,6 +57,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.signals = 0
+        self.abandoned = 0  # pings still running at the stop deadline: the caller must not wait for them
 
     # --- config ----------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Daemon:
         tick = min(HEARTBEAT_EVERY, watchdog / 2) if watchdog else HEARTBEAT_EVERY
         try:
             while not self.stop_event.wait(tick):
+                scheduler.check_clock()
                 if self.reload_event.is_set():
                     self.reload_event.clear()
                     config = self._reload(config, metrics, runner, scheduler)
@@ -191,6 +193,7 @@ class Daemon:
             if left:
                 event(log, logging.WARNING, "pings still in flight at the shutdown deadline; abandoning them",
                       inflight=left)
+                self.abandoned = left
             if runner.ledger is not None:
                 runner.ledger.close()
             web.stop()
@@ -242,6 +245,7 @@ class Daemon:
             if old is not None:
                 old.close()
         report = scheduler.apply(new.pairs)
+        scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),
               changed=len(report.changed), unchanged=len(report.unchanged))

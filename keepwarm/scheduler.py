@@ -111,7 +111,8 @@ class Scheduler:
     ) -> None:
         self.runner = runner
         self.mono = mono
-        self._anchor = (clock(), mono())  # wall and monotonic time at the last heartbeat
+        self._anchor = (clock(), mono())  # wall and monotonic time at the last clock check
+        self._clock_lock = threading.Lock()
         self.metrics = metrics
         self.clock = clock
         self.draw = draw
@@ -172,11 +173,8 @@ class Scheduler:
 
     def _heartbeat(self) -> None:
         self.last_heartbeat = time.monotonic()
-        wall, mono = self.clock(), self.mono()
-        jump = (wall - self._anchor[0]) - (mono - self._anchor[1])
-        self._anchor = (wall, mono)
-        if abs(jump) > CLOCK_JUMP_THRESHOLD:
-            self.shift(jump)
+        self.check_clock()
+        mono = self.mono()
         if mono - self._busy_since >= BUSY_WINDOW:
             self._check_busy(mono)
 
@@ -198,6 +196,32 @@ class Scheduler:
                 suggested_at_least=math.ceil(busy / window / 0.5),
             )
 
+    def check_clock(self) -> float:
+        """Detect a wall-clock step since the last check and re-anchor the schedule; return it.
+
+        Called from the daemon's main loop (which waits on the monotonic clock, so it runs even
+        when a step back has left APScheduler asleep until a far wall time), from the
+        heartbeat, and by every ping job before it starts.
+        """
+        with self._clock_lock:
+            wall, mono = self.clock(), self.mono()
+            jump = (wall - self._anchor[0]) - (mono - self._anchor[1])
+            self._anchor = (wall, mono)
+            if abs(jump) <= CLOCK_JUMP_THRESHOLD:
+                return 0.0
+            self.shift(jump)
+            return jump
+
+    def release_held(self) -> int:
+        """Bring back pairs pushed out by a gate hold (after a reload opened a fresh gate)."""
+        now, released = self.clock(), 0
+        for state in list(self.states.values()):
+            pair = state.pair
+            if state.next_due and state.next_due > now + pair.interval + pair.jitter:
+                self._schedule(state, now + self.draw() * min(pair.interval, 10.0))
+                released += 1
+        return released
+
     def shift(self, jump: float) -> None:
         """Move every pair's timeline by a wall-clock step of `jump` seconds.
 
@@ -213,6 +237,9 @@ class Scheduler:
                 state.expires_at += jump
             if state.next_due:  # 0: in flight or parked; the ping re-arms itself from last_start
                 self._schedule(state, state.next_due + jump)
+        if self._aps.get_job("heartbeat") is not None:
+            # The heartbeat's own next run is a wall-clock time too.
+            self._aps.reschedule_job("heartbeat", trigger="interval", seconds=HEARTBEAT_EVERY)
 
     # --- (re)configuration -------------------------------------------------------------------
 
@@ -282,6 +309,9 @@ class Scheduler:
         state = self.states.get(key)
         if state is None or self.stopping.is_set():
             return
+        self.check_clock()
+        if state.next_due and abs(state.next_due - scheduled_at) > CLOCK_JUMP_THRESHOLD:
+            return  # superseded: a clock step re-anchored this pair, and its new run is pending
         with self._inflight_cv:
             self._inflight += 1
         began = self.mono()

@@ -109,7 +109,7 @@ def test_a_deferred_ping_is_rearmed_when_the_gate_opens(emulator: Emulator) -> N
     scheduler._aps.start(paused=True)
     scheduler.apply([a.pair])
     runner.gate.close_for(500, "spend cap")
-    scheduler._run(a.pair.key, wall.now)
+    scheduler._run(a.pair.key, scheduler.states[a.pair.key].next_due)
     assert metrics.registry.get_sample_value("keepwarm_pings_deferred_total") == 1
     assert scheduler.states[a.pair.key].next_due == wall.now + 500
     assert not emulator.log
