@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
             help="the YAML config (default: $KEEPWARM_CONFIG)",
         )
         sp.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr")
+        sp.add_argument(
+            "--shard",
+            type=_shard_arg,
+            default=None,
+            metavar="K/N",
+            help="warm only shard K of N (0-based) of the pairs; overrides the config's shard",
+        )
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         sp.add_argument(
             "--emulator",
@@ -85,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shard_arg(text: str) -> tuple[int, int]:
+    from keepwarm.shard import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `keepwarm` console script."""
     args = _parser().parse_args(argv)
@@ -109,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from keepwarm.daemon import Daemon, EmulatorMode
 
         mode = EmulatorMode(args.time_scale) if args.emulator else None
-        daemon = Daemon(args.config, mode)
+        daemon = Daemon(args.config, mode, shard=args.shard)
         code = daemon.run()
         if daemon.abandoned:
             # Pings past the shutdown deadline run in worker threads that the interpreter would
@@ -137,7 +153,7 @@ def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
     """A validated config and an SDK client, against the emulator when asked."""
     from keepwarm.ping import make_client
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.shard)
     if not args.emulator:
         key, warnings = resolve_api_key(config)
         for warning in warnings:

@@ -10,9 +10,11 @@ The result is a frozen `Config` whose `pairs` are what the daemon warms.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from keepwarm.durations import format_duration, parse_duration
 from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
+from keepwarm.shard import in_shard, parse_shard
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 DEFAULT_INTERVAL = {"5m": 240.0, "1h": 3300.0}
@@ -54,7 +57,7 @@ class ApiSection(_Strict):
     base_url: str | None = None
     api_key_file: str | None = None
     timeout: Duration = 30.0
-    max_concurrency: int = Field(default=8, ge=1, le=1024)
+    max_concurrency: int | None = Field(default=None, ge=1, le=1024)  # None: sized from the pairs
     requests_per_minute: float | None = Field(default=None, gt=0)
     cache_diagnostics: bool = False
 
@@ -109,6 +112,7 @@ class FileSection(_Strict):
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
+    shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
 
 
@@ -161,6 +165,7 @@ class Config:
     ledger_path: Path | None
     shutdown_timeout: float
     ledger_retention_days: float | None = None
+    shard: tuple[int, int] | None = None
     time_scale: float = 1.0
 
     def scaled(self, factor: float) -> Config:
@@ -218,8 +223,11 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _read_text(base: Path, rel: str, where: str, problems: list[str]) -> str | None:
+def _read_text(base: Path, rel: str, where: str, problems: list[str], seen: dict[Path, str]) -> str | None:
+    """Read a prompt or tools file once per load: thousands of experts often share a few files."""
     path = base / rel
+    if path in seen:
+        return seen[path]
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -231,11 +239,14 @@ def _read_text(base: Path, rel: str, where: str, problems: list[str]) -> str | N
     if not text.strip():
         problems.append(f"{where}: file is empty: {path}")
         return None
+    seen[path] = text
     return text
 
 
-def _read_tools(base: Path, rel: str, where: str, problems: list[str]) -> list[dict[str, Any]] | None:
-    text = _read_text(base, rel, where, problems)
+def _read_tools(
+    base: Path, rel: str, where: str, problems: list[str], seen: dict[Path, str]
+) -> list[dict[str, Any]] | None:
+    text = _read_text(base, rel, where, problems, seen)
     if text is None:
         return None
     try:
@@ -265,10 +276,25 @@ def _check_marker_order(prefix: Prefix, where: str, problems: list[str]) -> None
         problems.append(f"{where}: {markers} cache_control markers; the API allows at most 4")
 
 
+def auto_concurrency(pairs: Iterable[Pair], latency: float = 1.0, headroom: float = 1.5) -> int:
+    """Workers enough for every pair's pings at `latency` seconds each, with headroom (at least 8).
+
+    N pairs at interval I start N / I pings a second; each holds a worker for its latency.
+    """
+    rate = sum(1.0 / p.interval for p in pairs if p.interval > 0)
+    return min(max(8, math.ceil(rate * latency * headroom)), 1024)
+
+
 def _resolve(
-    raw: FileSection, experts: list[ExpertSection | None], shape_problems: list[str], base: Path, path: Path | None
+    raw: FileSection,
+    experts: list[ExpertSection | None],
+    shape_problems: list[str],
+    base: Path,
+    path: Path | None,
+    shard: tuple[int, int] | None = None,
 ) -> Config:
     problems: list[str] = []
+    seen: dict[Path, str] = {}
     d = raw.defaults
     names: set[str] = set()
     pairs: list[Pair] = []
@@ -327,7 +353,7 @@ def _resolve(
             if (block.file is None) == (block.text is None):
                 problems.append(f"{bwhere}: give exactly one of `file` or `text`")
                 continue
-            text = block.text if block.text is not None else _read_text(base, block.file or "", f"{bwhere}.file", problems)
+            text = block.text if block.text is not None else _read_text(base, block.file or "", f"{bwhere}.file", problems, seen)
             if text is None:
                 continue
             if block.text is not None and not text.strip():
@@ -336,7 +362,7 @@ def _resolve(
             if block.cache_control is not None:
                 item["cache_control"] = block.cache_control.model_dump(exclude_none=True)
             blocks.append(item)
-        tools = _read_tools(base, expert.tools_file, f"{where}.tools_file", problems) if expert.tools_file else None
+        tools = _read_tools(base, expert.tools_file, f"{where}.tools_file", problems, seen) if expert.tools_file else None
         prefix = build_prefix(blocks, tools, ttl)
         _check_marker_order(prefix, where, problems)
         for model in dict.fromkeys(models):
@@ -362,6 +388,13 @@ def _resolve(
     except ValueError as exc:
         problems.append(f"metrics.listen: {exc}")
         host, port = "127.0.0.1", 9464
+    if shard is None and raw.shard is not None:
+        try:
+            shard = parse_shard(raw.shard)
+        except ValueError as exc:
+            problems.append(f"shard: {exc}")
+    if shard is not None:
+        pairs = [p for p in pairs if in_shard(p.key, *shard)]
     if raw.api.timeout <= 0:
         problems.append("api.timeout: must be above 0")
     if raw.shutdown_timeout < 0:
@@ -376,7 +409,7 @@ def _resolve(
             base_url=raw.api.base_url,
             api_key_file=base / raw.api.api_key_file if raw.api.api_key_file else None,
             timeout=raw.api.timeout,
-            max_concurrency=raw.api.max_concurrency,
+            max_concurrency=raw.api.max_concurrency or auto_concurrency(pairs),
             cache_diagnostics=raw.api.cache_diagnostics,
             requests_per_minute=raw.api.requests_per_minute,
         ),
@@ -386,11 +419,12 @@ def _resolve(
         metrics_port=port,
         ledger_path=base / raw.ledger.path if raw.ledger.path else None,
         ledger_retention_days=raw.ledger.retention_days,
+        shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
     )
 
 
-def parse_config(data: Any, base: Path, path: Path | None = None) -> Config:
+def parse_config(data: Any, base: Path, path: Path | None = None, shard: tuple[int, int] | None = None) -> Config:
     """Validate already-parsed YAML; file paths inside resolve against `base`."""
     if not isinstance(data, dict):
         kind = "an empty file" if data is None else f"a {type(data).__name__}"
@@ -407,23 +441,32 @@ def parse_config(data: Any, base: Path, path: Path | None = None) -> Config:
         raw = FileSection.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_pydantic_problems(exc) + problems, str(path or "")) from None
-    return _resolve(raw, experts, problems, base, path)
+    return _resolve(raw, experts, problems, base, path, shard)
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a config file; raise ConfigError naming every problem."""
+def load_config(path: Path, shard: tuple[int, int] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError naming every problem.
+
+    `shard` (from `--shard K/N`) overrides the file's own `shard:` key.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read the config file: {exc}"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's loader when present: a 10,000-pair config loads in half the time.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        data = None
+    try:
+        # The pure-Python loader's errors point at the line; parse again only to report them.
+        data = data if data is not None else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(YAML)"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: not valid YAML: {problem}"], str(path)) from None
-    return parse_config(data, path.parent, path)
+    return parse_config(data, path.parent, path, shard)
 
 
 # --- the API key ---------------------------------------------------------------------------

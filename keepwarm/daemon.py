@@ -50,8 +50,11 @@ def _is_loopback(host: str) -> bool:
 class Daemon:
     """The running keepalive: one instance per `keepwarm run`."""
 
-    def __init__(self, config_path: Path, emulator: EmulatorMode | None = None) -> None:
+    def __init__(
+        self, config_path: Path, emulator: EmulatorMode | None = None, shard: tuple[int, int] | None = None
+    ) -> None:
         self.config_path = config_path
+        self.shard = shard
         self.emulator_mode = emulator
         self.emulator: Any = None
         self.stop_event = threading.Event()
@@ -62,7 +65,7 @@ class Daemon:
     # --- config ----------------------------------------------------------------------------
 
     def _load(self) -> tuple[Config, ApiKey, list[str]]:
-        config = load_config(self.config_path)
+        config = load_config(self.config_path, self.shard)
         if self.emulator is not None:
             config = config.scaled(self.emulator_mode.time_scale if self.emulator_mode else 1.0)
             return config, ApiKey("emulator-key", "the built-in emulator"), []
@@ -169,6 +172,8 @@ class Daemon:
             "keepwarm started",
             version=__version__,
             pairs=len(config.pairs),
+            shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
+            workers=config.api.max_concurrency,
             metrics=f"http://{host}:{port}/metrics",
             key=key.hint if self.emulator is None else None,
             key_source=key.source,

@@ -6,10 +6,10 @@ import html
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from keepwarm import __version__
 from keepwarm.durations import format_duration
@@ -94,7 +94,7 @@ class WebServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(server.metrics.registry))
+                    self._stream(CONTENT_TYPE_LATEST, server.metrics.exposition())
                 elif path == "/healthz":
                     ok, why = server.health()
                     self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
@@ -103,6 +103,17 @@ class WebServer:
                     self._send(200, "text/html; charset=utf-8", page.encode())
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _stream(self, ctype: str, chunks: Iterator[bytes]) -> None:
+                # 10,000 pairs are ~55 MB of text: write it as it is made, and let the end of
+                # the connection mark the end of the body (no Content-Length to know up front).
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(chunk)
 
             def _send(self, status: int, ctype: str, body: bytes) -> None:
                 self.send_response(status)

@@ -199,3 +199,34 @@ def test_a_key_file_readable_by_others_is_warned_about(tmp_path: Path) -> None:
     key, warnings = resolve_api_key(_cfg(tmp_path, "k"), {})
     assert warnings and "readable by other users" in warnings[0]
     assert SECRET not in repr(key) and SECRET not in str(key) and key.hint == "…wxyz"
+
+
+def test_shards_split_the_pairs_and_the_cli_overrides_the_file(tmp_path: Path) -> None:
+    doc = {
+        "defaults": {"models": ["claude-sonnet-4-6", "claude-opus-4-8"]},
+        "experts": [{"name": f"e{i}", "system": [{"text": "x"}]} for i in range(30)],
+        "shard": "0/3",
+    }
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    everyone = {p.key for p in parse_config({**doc, "shard": None}, tmp_path).pairs}
+    parts = [{p.key for p in load_config(path, (k, 3)).pairs} for k in range(3)]
+    assert set().union(*parts) == everyone and sum(map(len, parts)) == len(everyone) == 60
+    assert {p.key for p in load_config(path).pairs} == parts[0], "the file's own shard: key"
+    assert load_config(path).shard == (0, 3)
+    with pytest.raises(ConfigError, match=r"shard: shard 3 does not exist in 3 shard\(s\)"):
+        parse_config({**doc, "shard": "3/3"}, tmp_path)
+
+
+def test_worker_count_is_sized_from_the_pairs_unless_set() -> None:
+    from keepwarm.config import auto_concurrency
+
+    small = parse_config({"defaults": {"models": ["m"]}, "experts": [{"name": "a", "system": [{"text": "x"}]}]}, Path("."))
+    assert small.api.max_concurrency == 8
+    many = [small.pairs[0]] * 10_000  # 10,000 pairs every 4 m: 41.7 pings/s of ~1 s each
+    assert auto_concurrency(many) == 63
+    fixed = parse_config(
+        {"api": {"max_concurrency": 3}, "defaults": {"models": ["m"]}, "experts": [{"name": "a", "system": [{"text": "x"}]}]},
+        Path("."),
+    )
+    assert fixed.api.max_concurrency == 3

@@ -71,7 +71,7 @@ def test_kubernetes_validate_strict(name: str) -> None:
 
 
 def test_every_manifest_is_known() -> None:
-    builtin = {"configmap.yaml", "cronjob.yaml", "deployment.yaml", "secret.example.yaml", "service.yaml"}
+    builtin = {"configmap.yaml", "cronjob.yaml", "deployment.yaml", "secret.example.yaml", "service.yaml", "statefulset-sharded.yaml"}
     assert set(MANIFESTS) == builtin | CRD_FILES | NOT_KUBERNETES_OBJECTS
 
 
@@ -217,7 +217,7 @@ def test_kustomization_applies_one_variant_and_never_the_example_secret() -> Non
     resources = kustomization["resources"]
     assert len(resources) == len(set(resources))
     assert all((K8S / r).is_file() for r in resources), resources
-    assert set(resources) == set(MANIFESTS) - {"kustomization.yaml", "cronjob.yaml", "secret.example.yaml"}
+    assert set(resources) == set(MANIFESTS) - {"kustomization.yaml", "cronjob.yaml", "secret.example.yaml", "statefulset-sharded.yaml"}
     images = {image["name"] for image in kustomization.get("images", [])}
     assert images <= {"keepwarm"}
 
