@@ -119,7 +119,7 @@ class FileSection(_Strict):
 # --- the resolved, frozen config the daemon uses ------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 10,000 of them: no per-instance __dict__
 class Pair:
     """One (expert, model) cache to keep warm, with every setting resolved."""
 

@@ -40,7 +40,7 @@ class LedgerLike(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)  # one per pair: no per-instance __dict__
 class PairState:
     """What the daemon knows about one pair between pings. Guarded by `lock`."""
 
