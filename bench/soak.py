@@ -41,7 +41,7 @@ docs/reliability.md).
 
 Not simulated: the spend-cap 429, whose back-off (1 minute, doubling) is real time and would
 last simulated hours here (tests/test_reliability_faults.py covers it), and wall-clock steps
-(tests/test_reliability_pending.py steps the daemon's clock with libfaketime). The daemon is
+(tests/test_reliability_limits.py steps the daemon's clock with libfaketime). The daemon is
 given its interval, jitter and timeout already scaled but still believes in a 300 s TTL, so its
 retries may run on past the scaled expiry: that only makes outages longer, never hides a lapse.
 """

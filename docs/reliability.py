@@ -44,25 +44,25 @@ BEHAVIOUR = {
     "slow_api": ("slow answers (100 s, under the timeout)", "waits; nothing fails"),
 }
 
-PENDING = "tests/test_reliability_pending.py::"
+LIMITS = "tests/test_reliability_limits.py::"
 ELSEWHERE = [
     ("spend-cap 429 (no `retry-after`)",
      "every pair pauses 1 min, doubling to 1 h, `SPEND CAP` logged; a reload opens the gate",
      ["tests/test_reliability_faults.py::test_the_spend_cap_is_rate_limit_logged_loudly_and_not_retried",
-      PENDING + "test_the_spend_cap_pauses_every_pair_loudly"]),
+      LIMITS + "test_the_spend_cap_pauses_every_pair_loudly"]),
     ("429 with `retry-after`, several pairs", "no pair sends until the `retry-after` has passed",
-     [PENDING + "test_a_429_with_retry_after_holds_every_pair"]),
+     [LIMITS + "test_a_429_with_retry_after_holds_every_pair"]),
     ("`api.requests_per_minute`", "request starts spaced to the cap, all pairs together",
-     [PENDING + "test_requests_per_minute_is_validated", PENDING + "test_requests_per_minute_caps_the_request_rate"]),
+     [LIMITS + "test_requests_per_minute_is_validated", LIMITS + "test_requests_per_minute_caps_the_request_rate"]),
     ("wall clock stepped back or forward", "detected against the monotonic clock; each pair's schedule is shifted",
-     [PENDING + "test_a_wall_clock_step_back_does_not_stall_the_pings",
-      PENDING + "test_a_wall_clock_step_forward_makes_no_burst"]),
+     [LIMITS + "test_a_wall_clock_step_back_does_not_stall_the_pings",
+      LIMITS + "test_a_wall_clock_step_forward_makes_no_burst"]),
     ("SIGTERM with pings in flight", "they finish and are recorded; exit 0",
      ["tests/test_reliability_signals.py::test_sigterm_lets_in_flight_pings_finish_and_records_them"]),
     ("SIGTERM with a hung ping", "in-flight pings get `shutdown_timeout`, then the process exits 0",
      ["tests/test_reliability_signals.py::test_sigterm_abandons_a_hung_ping_at_the_shutdown_deadline"]),
     ("a second SIGTERM", "exits at once (1); committed ledger rows survive",
-     [PENDING + "test_a_second_sigterm_exits_at_once_and_keeps_the_ledger"]),
+     [LIMITS + "test_a_second_sigterm_exits_at_once_and_keeps_the_ledger"]),
     ("SIGHUP with a bad config, then a good one",
      "the bad one is rejected with the start-up messages and the old one keeps running; the good one is applied as"
      " a diff: unchanged pairs keep their cadence, a changed prompt is pinged at once, removed pairs' series go",
@@ -70,7 +70,7 @@ ELSEWHERE = [
     ("SIGSTOP for several intervals, then SIGCONT", "one catch-up ping per pair, skipped slots counted",
      ["tests/test_reliability_signals.py::test_after_sigstop_for_four_intervals_each_pair_catches_up_once"]),
     ("a corrupt or unopenable ledger at start", "runs without it, logs it as an error, counts `keepwarm_ledger_errors_total`",
-     [PENDING + "test_a_ledger_that_cannot_be_opened_does_not_stop_the_pings"]),
+     [LIMITS + "test_a_ledger_that_cannot_be_opened_does_not_stop_the_pings"]),
     ("any YAML at all as a config", "a `ConfigError` whose every problem starts with its location: exit 78, no traceback",
      ["tests/test_reliability_config_fuzz.py"]),
     ("the key, anywhere", "never printed, served or stored; at most its last four characters",
