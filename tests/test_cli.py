@@ -289,3 +289,35 @@ def test_report_needs_a_ledger_and_once_records_into_it(tmp_path: Path, emulator
     assert lines[0].startswith("expert,model,ttl,pings,warm,rewarmed")
     assert len(lines) == 1 + 3 + 1, "three pairs and a total"
     assert run("report", "--ledger", str(tmp_path / "pings.sqlite"), "--since", "soon").returncode == 2
+
+
+def test_metrics_bind_to_loopback_unless_told_and_say_so(tmp_path: Path, emulator: Emulator) -> None:
+    """Loopback by default; any other address works but is logged as reachable from the network."""
+    from keepwarm.config import parse_config
+
+    default = parse_config(basic_doc(), Path("."))
+    assert (default.metrics_host, default.metrics_port) == ("127.0.0.1", 9464)
+    logs = {}
+    for name, host in (("loopback", "127.0.0.1"), ("wide", "0.0.0.0")):
+        doc = basic_doc(emulator.base_url)
+        doc["metrics"] = {"listen": f"{host}:{free_port()}"}
+        path = write_config(tmp_path, doc, f"{name}.yaml")
+        err_path = tmp_path / f"{name}.log"
+        with err_path.open("w") as err:
+            proc = subprocess.Popen(
+                keepwarm_cmd("run", "--config", str(path)),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-listen"},
+            )
+            try:
+                end = time.monotonic() + DEADLINE
+                while "keepwarm started" not in err_path.read_text() and time.monotonic() < end:
+                    assert proc.poll() is None, err_path.read_text()
+                    time.sleep(0.1)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+        logs[name] = err_path.read_text()
+    assert "not on loopback" not in logs["loopback"]
+    assert re.search(r"WARNING metrics listener is not on loopback.* listen=0\.0\.0\.0:\d+", logs["wide"])
