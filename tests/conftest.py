@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # minimum of claude-sonnet-4-6 and below the 4,096 of claude-haiku-4-5.
 LONG_PROMPT = "You are a careful assistant. Answer briefly and cite your sources. " * 90
 SHORT_PROMPT = "You are terse."
+
+
+def tool(name: str) -> str:
+    """A command from this interpreter's environment (scripts/test's .venv) or from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    assert found, f"{name} not found: scripts/test installs it (`pip install -e '.[test]'`)"
+    return found
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from conftest import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -31,16 +30,6 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 IMAGE_CONFIG = "/etc/keepwarm/keepwarm.yaml"
 IMAGE_VENV_BIN = "/opt/keepwarm/bin"
 IMAGE_CREDENTIALS = "/run/secrets/keepwarm"
-
-
-def tool(name: str) -> str:
-    """A command from this interpreter's environment (scripts/test's .venv) or from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    assert found, f"{name} not found: scripts/test installs it (`pip install -e '.[test]'`)"
-    return found
 
 
 @dataclass

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import jsonschema
 import pytest
 import referencing
 import yaml
+from conftest import tool
 from kubernetes_validate import utils as kv  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,16 +32,6 @@ CRD_FILES = {"servicemonitor.yaml", "prometheusrule.yaml"}
 NOT_KUBERNETES_OBJECTS = {"kustomization.yaml"}
 UID = 10001
 CONFIG_PATH = "/etc/keepwarm/keepwarm.yaml"
-
-
-def tool(name: str) -> str:
-    """A command from this interpreter's environment (scripts/test's .venv) or from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    assert found, f"{name} not found: scripts/test installs it (`pip install -e '.[test]'`)"
-    return found
 
 
 def load(name: str) -> dict[str, Any]:
