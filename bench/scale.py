@@ -8,14 +8,21 @@ shared 23 kB file plus a line of its own, so every pair is its own cache), and r
 
 - keepwarm, in real time: 4m interval, 5m TTL, 10s jitter, so it pings at the real rate of
   N/240 per second. `bench/scale_workers.py keepwarm` wires the daemon as keepwarm.daemon does,
-  and /metrics is scraped every 30 s as the ServiceMonitor would;
+  and /metrics is scraped every 30 s as the ServiceMonitor would. The config sets no
+  `api.max_concurrency`, so keepwarm sizes its workers from the pairs as a user's daemon does
+  (keepwarm.config.auto_concurrency); `--concurrency` sets it explicitly instead, and the
+  report says which;
 - the baseline, the seed's approach: one loop pinging every pair one after another, once per
   interval, through the same SDK client. It is latency-bound, so it runs with interval, TTL and
   API latency all scaled by --baseline-scale (its own emulator with that time scale): the same
   outcome in a fifth of the time.
 
 Every answer takes --latency seconds (injected in the emulator: loopback answers in 1 ms, the
-real API does not). Figures go to bench/results/scale.json; docs/performance.md explains them.
+real API does not). Then, unless --few-workers-seconds is 0, the largest N runs once more with
+`api.max_concurrency: 8` set explicitly (the default before it followed the pairs), labelled as
+such in the report. `--daemon-env KEY=VALUE` passes an environment variable to the keepwarm
+daemon's process only (e.g. MALLOC_ARENA_MAX=2, as systemd/keepwarm.service and the Dockerfile
+set it). Figures go to bench/results/scale.json; docs/performance.md explains them.
 Only 127.0.0.1 is used; every process started is stopped, and each phase has a deadline.
 """
 
@@ -47,6 +54,8 @@ MODELS = ("claude-sonnet-4-6", "claude-haiku-4-5")
 PROMPT_BYTES = 23_000
 # Setup (config load, 10,000 pairs scheduled) and shutdown, on top of the window.
 SLACK_SECONDS = 180.0
+# The explicit-worker comparison: api.max_concurrency's default before it followed the pairs.
+OLD_DEFAULT_WORKERS = 8
 
 _PARAGRAPH = (
     "You are one desk of a research department. You answer questions about markets, prices and "
@@ -122,9 +131,9 @@ class Processes:
     def __init__(self) -> None:
         self.children: list[subprocess.Popen[str]] = []
 
-    def start(self, args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-        """Start a child on this tree's keepwarm."""
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+    def start(self, args: list[str], extra_env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start a child on this tree's keepwarm, with `extra_env` added to this process's environment."""
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
         process = subprocess.Popen(args, text=True, cwd=REPO, env=env, **kwargs)
         self.children.append(process)
         return process
@@ -167,15 +176,18 @@ def start_emulator(processes: Processes, time_scale: float, latency: float) -> t
 # --- the config ----------------------------------------------------------------------------
 
 
-def write_config(directory: Path, pairs: int, base_url: str, max_concurrency: int) -> Path:
-    """A config of `pairs` pairs: ceil(pairs/2) experts on two models, one shared prompt file."""
+def write_config(directory: Path, pairs: int, base_url: str, max_concurrency: int | None) -> Path:
+    """A config of `pairs` pairs: ceil(pairs/2) experts on two models, one shared prompt file.
+
+    `max_concurrency` None leaves `api.max_concurrency` out, so keepwarm sizes it from the pairs.
+    """
     prompt = directory / "shared-prompt.md"
     if not prompt.exists():
         prompt.write_text((_PARAGRAPH * (PROMPT_BYTES // len(_PARAGRAPH) + 1))[:PROMPT_BYTES] + "\n")
-    lines = [
-        "api:",
-        f"  base_url: {base_url}",
-        f"  max_concurrency: {max_concurrency}",
+    lines = ["api:", f"  base_url: {base_url}"]
+    if max_concurrency is not None:
+        lines.append(f"  max_concurrency: {max_concurrency}")
+    lines += [
         "defaults:",
         f"  models: [{', '.join(MODELS)}]",
         "  ttl: 5m",
@@ -196,9 +208,14 @@ def write_config(directory: Path, pairs: int, base_url: str, max_concurrency: in
         ]
         if i == experts - 1 and pairs % 2:
             lines.append(f"    models: [{MODELS[0]}]")
-    path = directory / f"keepwarm-{pairs}-{max_concurrency}.yaml"
+    path = directory / f"keepwarm-{pairs}-{workers_label(max_concurrency)}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def workers_label(max_concurrency: int | None) -> str:
+    """`auto` when keepwarm sizes its workers itself, else the explicit count."""
+    return "auto" if max_concurrency is None else str(max_concurrency)
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -268,21 +285,25 @@ class Monitor(threading.Thread):
 
 
 def run_keepwarm(
-    processes: Processes, workdir: Path, pairs: int, concurrency: int, seconds: float, latency: float,
-    scrape_every: float,
+    processes: Processes, workdir: Path, pairs: int, concurrency: int | None, seconds: float, latency: float,
+    scrape_every: float, daemon_env: dict[str, str],
 ) -> dict[str, Any]:
-    """keepwarm with `pairs` pairs in real time against its own emulator; its figures."""
+    """keepwarm with `pairs` pairs in real time against its own emulator; its figures.
+
+    `concurrency` None: no `api.max_concurrency` in the config, keepwarm's own default.
+    """
     emulator, url = start_emulator(processes, 1.0, latency)
     config = write_config(workdir, pairs, url, concurrency)
-    result = workdir / f"keepwarm-{pairs}-{concurrency}.json"
-    log = workdir / f"keepwarm-{pairs}-{concurrency}.log"
+    label = workers_label(concurrency)
+    result = workdir / f"keepwarm-{pairs}-{label}.json"
+    log = workdir / f"keepwarm-{pairs}-{label}.log"
     try:
         with log.open("w") as stderr:
             launched = time.time()
             worker = processes.start(
                 [sys.executable, str(WORKERS), "keepwarm", "--config", str(config), "--seconds", str(seconds),
                  "--launched", repr(launched), "--result", str(result), "--api-key", f"sk-bench-kw-{pairs}"],
-                stdout=subprocess.PIPE, stderr=stderr,
+                extra_env=daemon_env, stdout=subprocess.PIPE, stderr=stderr,
             )
             port = int(read_line(worker, SLACK_SECONDS).split()[-1])
             monitor = Monitor(worker.pid, port, scrape_every, emulator.pid)
@@ -294,6 +315,8 @@ def run_keepwarm(
                 monitor.join(10)
             code = processes.stop(worker)
         figures: dict[str, Any] = json.loads(result.read_text()) if result.exists() else {"error": f"exit {code}"}
+        figures["max_concurrency_in_config"] = concurrency if concurrency is not None else "not set (keepwarm's default)"
+        figures["daemon_env"] = daemon_env
         figures["process"] = monitor.summary()
         text = log.read_text(errors="replace")
         figures["log"] = {"lines": text.count("\n"), "bytes": len(text.encode()),
@@ -319,7 +342,7 @@ def run_baseline(
 ) -> Started:
     """Start the naive loop against its own time-scaled emulator; bench_pair collects it."""
     emulator, url = start_emulator(processes, scale, latency * scale)
-    config = write_config(workdir, pairs, url, 1)
+    config = write_config(workdir, pairs, url, None)  # the loop has no workers to size
     result = workdir / f"baseline-{pairs}.json"
     worker = processes.start(
         [sys.executable, str(WORKERS), "baseline", "--config", str(config), "--seconds", str(seconds),
@@ -335,7 +358,7 @@ def bench_pair(processes: Processes, workdir: Path, pairs: int, args: argparse.N
     baseline = run_baseline(processes, workdir, pairs, args.seconds, args.latency, args.baseline_scale)
     try:
         keepwarm = run_keepwarm(processes, workdir, pairs, args.concurrency, args.seconds, args.latency,
-                                args.scrape_every)
+                                args.scrape_every, args.daemon_env)
         try:
             baseline.worker.wait(SLACK_SECONDS)
         except subprocess.TimeoutExpired:
@@ -367,7 +390,9 @@ def print_summary(runs: list[dict[str, Any]], few: dict[str, Any] | None) -> Non
         else:
             late = k["lateness_seconds"]
             print(
-                f"{run['pairs']:>6} keepwarm: {k['pings_per_second']:.2f}/s (target {k['target_pings_per_second']:.2f}), "
+                f"{run['pairs']:>6} keepwarm ({k['max_concurrency']} workers, "
+                f"{'explicit' if isinstance(k.get('max_concurrency_in_config'), int) else 'default'}): "
+                f"{k['pings_per_second']:.2f}/s (target {k['target_pings_per_second']:.2f}), "
                 f"lateness p50 {_fmt(late['p50'])} p99 {_fmt(late['p99'])} max {_fmt(late['max'])} s, "
                 f"lapses {k['lapses']} of {k['pairs_pinged_twice']} pairs pinged twice, "
                 f"RSS {k['process']['rss_mb_median']} MB (peak {k['process']['rss_mb_peak']}), "
@@ -385,7 +410,8 @@ def print_summary(runs: list[dict[str, Any]], few: dict[str, Any] | None) -> Non
     if few is not None and "lateness_seconds" in few:
         late = few["lateness_seconds"]
         print(
-            f"{few['pairs']:>6} keepwarm with {few['max_concurrency']} workers: lateness p99 {_fmt(late['p99'])} "
+            f"{few['pairs']:>6} keepwarm with api.max_concurrency: {few['max_concurrency']} set explicitly: "
+            f"lateness p99 {_fmt(late['p99'])} "
             f"max {_fmt(late['max'])} s, {few['overdue_at_end']['count']} pings overdue at the end "
             f"(up to {_fmt(few['overdue_at_end']['max_seconds'])} s)"
         )
@@ -397,12 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", default="100,1000,10000", help="comma-separated N (default 100,1000,10000)")
     parser.add_argument("--seconds", type=float, default=270.0, help="window per N, real seconds (default 270)")
     parser.add_argument("--latency", type=float, default=1.0, help="seconds each API answer takes (default 1.0)")
-    parser.add_argument("--concurrency", type=int, default=64, help="keepwarm's api.max_concurrency (default 64)")
+    parser.add_argument(
+        "--concurrency", type=int, default=None,
+        help="set keepwarm's api.max_concurrency explicitly (default: not set, so keepwarm sizes it from the pairs)",
+    )
     parser.add_argument("--baseline-scale", type=float, default=0.2, help="baseline time scale (default 0.2)")
     parser.add_argument("--scrape-every", type=float, default=30.0, help="seconds between /metrics scrapes")
     parser.add_argument(
         "--few-workers-seconds", type=float, default=45.0,
-        help="then run the largest N with the default 8 workers for this long (0: skip; default 45)",
+        help=f"then run the largest N with api.max_concurrency: {OLD_DEFAULT_WORKERS} set explicitly (the default "
+             "before it followed the pairs) for this long (0: skip; default 45)",
+    )
+    parser.add_argument(
+        "--daemon-env", action="append", default=[], metavar="KEY=VALUE",
+        help="an environment variable for the keepwarm daemon's process only (repeatable), e.g. MALLOC_ARENA_MAX=2",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--note", default="", help="what this run measures, kept in the report")
@@ -410,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(n) for n in args.pairs.split(",") if n.strip()]
     if not sizes or min(sizes) < 1 or args.seconds <= 0 or not 0 < args.baseline_scale <= 1:
         parser.error("--pairs must list positive numbers, --seconds be > 0, --baseline-scale in (0, 1]")
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if any("=" not in item or not item.split("=", 1)[0] for item in args.daemon_env):
+        parser.error("--daemon-env takes KEY=VALUE")
+    args.daemon_env = dict(item.split("=", 1) for item in args.daemon_env)
 
     report: dict[str, Any] = {
         "benchmark": "scale",
@@ -417,11 +456,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python3 bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "tree": tree(),
+        # Inherited by every child; these change how CPython and glibc allocate.
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHONMALLOC", "GLIBC_"))},
         "note": args.note,
         "setup": {
             "api_latency_seconds": args.latency,
             "keepwarm": {"time_scale": 1.0, "interval_seconds": 240, "ttl_seconds": 300, "jitter_seconds": 10,
-                         "max_concurrency": args.concurrency, "window_seconds": args.seconds,
+                         "max_concurrency": args.concurrency if args.concurrency is not None
+                         else "not set in the config: keepwarm's default, auto_concurrency(pairs)",
+                         "daemon_env": args.daemon_env, "window_seconds": args.seconds,
                          "scrape_every_seconds": args.scrape_every,
                          "wiring": "bench/scale_workers.py: config, client, Metrics, Runner, Scheduler, WebServer "
                                    "as keepwarm.daemon wires them; text logs on stderr to a file"},
@@ -445,10 +488,13 @@ def main(argv: list[str] | None = None) -> int:
                 write(report, args.output)
             if args.few_workers_seconds > 0:
                 largest = max(sizes)
-                print(f"[{time.strftime('%H:%M:%S')}] {largest} pairs with 8 workers for "
-                      f"{args.few_workers_seconds:.0f} s", flush=True)
-                report["few_workers"] = run_keepwarm(processes, workdir, largest, 8, args.few_workers_seconds,
-                                                     args.latency, args.scrape_every)
+                print(f"[{time.strftime('%H:%M:%S')}] {largest} pairs with api.max_concurrency: "
+                      f"{OLD_DEFAULT_WORKERS} set explicitly for {args.few_workers_seconds:.0f} s", flush=True)
+                few = run_keepwarm(processes, workdir, largest, OLD_DEFAULT_WORKERS, args.few_workers_seconds,
+                                   args.latency, args.scrape_every, args.daemon_env)
+                label = (f"comparison, not keepwarm's default: api.max_concurrency: {OLD_DEFAULT_WORKERS} set "
+                         "explicitly in the config (the default before it followed the pairs)")
+                report["few_workers"] = {"label": label, **few}
         report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         write(report, args.output)
     finally:

@@ -4,8 +4,10 @@
     python3 bench/scale_workers.py baseline --config F --seconds S --scale X --result R
 
 `keepwarm` wires the daemon in-process exactly as `keepwarm.daemon` does (config, SDK client,
-Metrics, Runner, Scheduler, the web server on the config's `metrics.listen`), with a recorder
-in the ledger's place, prints `ready PORT` once it schedules, runs for S seconds and writes
+Metrics, Runner with the config's cache diagnostics and request gate, Scheduler with the
+config's `api.max_concurrency` (sized from the pairs when the config leaves it out), the web
+server on the config's `metrics.listen`, the main loop's clock check), with a recorder in the
+ledger's place, prints `ready PORT` once it schedules, runs for S seconds and writes
 what it saw to R. `baseline` is the seed's approach transliterated: one loop that pings every
 pair one after another, then waits for the next multiple of the interval, through the same SDK
 client and the same `send_ping`. Neither is meant to be run by hand; bench/scale.py runs them.
@@ -30,21 +32,22 @@ sys.path.insert(0, str(REPO))
 
 from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.gate import Gate  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.runner import PingOutcome, Runner  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.scheduler import Scheduler  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.web import WebServer  # noqa: E402 - imported after sys.path names this tree
 
 # A ping found the cache cold although the pair had been pinged before: the cache lapsed.
 COLD = {Result.REWARMED.value, Result.PARTIAL.value}
 
 
-def rss_mb(pid: int | str = "self") -> float:
-    """Resident memory of a process, in MiB (Linux /proc)."""
+def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """Resident memory of a process, in MiB (Linux /proc); `field` VmHWM: its peak so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return math.nan
 
@@ -122,7 +125,16 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     recorder = Recorder()
     metrics = Metrics()
     client = make_client(config.api.base_url, args.api_key, config.api.timeout)
-    runner = Runner(client, config.prices, metrics, stop, key_source="bench", ledger=recorder)
+    runner = Runner(
+        client,
+        config.prices,
+        metrics,
+        stop,
+        key_source="bench",
+        ledger=recorder,
+        diagnostics=config.api.cache_diagnostics,
+        gate=Gate(config.api.requests_per_minute),
+    )
     scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
     web = WebServer(
         config.metrics_host,
@@ -140,7 +152,9 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     print(f"ready {web.address[1]}", flush=True)
 
     end = started_wall + args.seconds
-    while not stop.wait(max(0.0, min(1.0, end - time.time()))):
+    # keepwarm.daemon's main loop: wait a heartbeat, check the wall clock for a step.
+    while not stop.wait(max(0.0, min(HEARTBEAT_EVERY, end - time.time()))):
+        scheduler.check_clock()
         if time.time() >= end:
             break
     ended_wall = time.time()
@@ -149,6 +163,9 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     overdue = [ended_wall - s.next_due for s in scheduler.states.values() if s.next_due and s.next_due < ended_wall]
     healthy = scheduler.healthy()
     memory["at_end"] = rss_mb()
+    # The peak while keepwarm ran, before this script's own analysis of the rows below (which
+    # the process's lifetime peak, the parent's VmHWM, also counts).
+    memory["peak_at_window_end"] = rss_mb(field="VmHWM")
     left = scheduler.stop(config.shutdown_timeout)
     web.stop()
 
