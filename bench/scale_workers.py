@@ -3,8 +3,8 @@
     python3 bench/scale_workers.py keepwarm --config F --seconds S --launched T --result R
     python3 bench/scale_workers.py baseline --config F --seconds S --scale X --result R
 
-`keepwarm` wires the daemon in-process exactly as `keepwarm.daemon` does (config, SDK client,
-Metrics, Runner with the config's cache diagnostics and request gate, Scheduler with the
+`keepwarm` wires the daemon in-process with keepwarm.daemon's own `build_runner` and
+`build_web` (config, SDK client, Metrics, the runner, Scheduler with the
 config's `api.max_concurrency` (sized from the pairs when the config leaves it out), the web
 server on the config's `metrics.listen`, the main loop's clock check), with a recorder in the
 ledger's place, prints `ready PORT` once it schedules, runs for S seconds and writes
@@ -32,13 +32,12 @@ sys.path.insert(0, str(REPO))
 
 from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.gate import Gate  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.daemon import build_runner, build_web  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.runner import PingOutcome, Runner  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.runner import PingOutcome  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.web import WebServer  # noqa: E402 - imported after sys.path names this tree
 
 # A ping found the cache cold although the pair had been pinged before: the cache lapsed.
 COLD = {Result.REWARMED.value, Result.PARTIAL.value}
@@ -125,24 +124,9 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     recorder = Recorder()
     metrics = Metrics()
     client = make_client(config.api.base_url, args.api_key, config.api.timeout)
-    runner = Runner(
-        client,
-        config.prices,
-        metrics,
-        stop,
-        key_source="bench",
-        ledger=recorder,
-        diagnostics=config.api.cache_diagnostics,
-        gate=Gate(config.api.requests_per_minute),
-    )
+    runner = build_runner(config, client, metrics, stop, "bench", recorder)
     scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
-    web = WebServer(
-        config.metrics_host,
-        config.metrics_port,
-        metrics,
-        states=lambda: list(scheduler.states.values()),
-        health=scheduler.healthy,
-    )
+    web = build_web(config, metrics, scheduler)
     web.start()
     began = time.perf_counter()
     started_wall = time.time()

@@ -226,22 +226,14 @@ def report(args: argparse.Namespace) -> int:
 
 def once(config: Config, client: _Client) -> int:
     """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
-    from keepwarm.gate import Gate
+    from keepwarm.daemon import build_runner
     from keepwarm.ledger import Ledger
     from keepwarm.metrics import Metrics
-    from keepwarm.runner import PairState, PingOutcome, Runner
+    from keepwarm.runner import PairState, PingOutcome
 
     # A CronJob running `once` keeps its history in the ledger, like the daemon.
     ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None
-    runner = Runner(
-        client.sdk,
-        config.prices,
-        Metrics(),
-        threading.Event(),
-        key_source=client.key.source,
-        ledger=ledger,
-        gate=Gate(config.api.requests_per_minute),
-    )
+    runner = build_runner(config, client.sdk, Metrics(), threading.Event(), client.key.source, ledger)
     states = [PairState(pair=p, max_tokens=p.max_tokens) for p in config.pairs]
     try:
         with concurrent.futures.ThreadPoolExecutor(config.api.max_concurrency) as pool:

@@ -26,7 +26,7 @@ from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
-from keepwarm.runner import Runner
+from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.web import WebServer
 
@@ -41,6 +41,38 @@ class EmulatorMode:
     """Run against the built-in emulator, with every TTL and interval scaled by `time_scale`."""
 
     time_scale: float = 0.05
+
+
+def build_runner(
+    config: Config,
+    client: Any,
+    metrics: Metrics,
+    stop: threading.Event,
+    key_source: str,
+    ledger: LedgerLike | None = None,
+) -> Runner:
+    """The runner as every entry point wires it (run, once, the benchmark): one place, no drift."""
+    return Runner(
+        client,
+        config.prices,
+        metrics,
+        stop,
+        key_source=key_source,
+        ledger=ledger,
+        diagnostics=config.api.cache_diagnostics,
+        gate=Gate(config.api.requests_per_minute),
+    )
+
+
+def build_web(config: Config, metrics: Metrics, scheduler: Scheduler) -> WebServer:
+    """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
+    return WebServer(
+        config.metrics_host,
+        config.metrics_port,
+        metrics,
+        states=lambda: list(scheduler.states.values()),
+        health=scheduler.healthy,
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -132,25 +164,10 @@ class Daemon:
                   error=str(exc))
             ledger = None
         client = make_client(self._base_url(config), key.value, config.api.timeout)
-        runner = Runner(
-            client,
-            config.prices,
-            metrics,
-            self.stop_event,
-            key_source=key.source,
-            ledger=ledger,
-            diagnostics=config.api.cache_diagnostics,
-            gate=Gate(config.api.requests_per_minute),
-        )
+        runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
         scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
         try:
-            web = WebServer(
-                config.metrics_host,
-                config.metrics_port,
-                metrics,
-                states=lambda: list(scheduler.states.values()),
-                health=scheduler.healthy,
-            )
+            web = build_web(config, metrics, scheduler)
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
                   error=exc.strerror or str(exc))
