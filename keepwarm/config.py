@@ -444,6 +444,17 @@ def parse_config(data: Any, base: Path, path: Path | None = None, shard: tuple[i
     return _resolve(raw, experts, problems, base, path, shard)
 
 
+def _yaml_problem(text: str, exc: yaml.YAMLError) -> str:
+    """`line L, column C: not valid YAML: ...`, from the pure-Python parser, whose marks are exact."""
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as exact:
+        exc = exact
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(YAML)"
+    return f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"
+
+
 def load_config(path: Path, shard: tuple[int, int] | None = None) -> Config:
     """Read and validate a config file; raise ConfigError naming every problem.
 
@@ -456,16 +467,8 @@ def load_config(path: Path, shard: tuple[int, int] | None = None) -> Config:
     try:
         # libyaml's loader when present: a 10,000-pair config loads in half the time.
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
-        data = None
-    try:
-        # The pure-Python loader's errors point at the line; parse again only to report them.
-        data = data if data is not None else yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(YAML)"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: not valid YAML: {problem}"], str(path)) from None
+        raise ConfigError([_yaml_problem(text, exc)], str(path)) from None
     return parse_config(data, path.parent, path, shard)
 
 
