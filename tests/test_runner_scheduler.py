@@ -56,6 +56,17 @@ def _runner(emulator: Emulator, metrics: Metrics, clock: FakeClock | None = None
     )
 
 
+def _one_pair(
+    emulator: Emulator, clock: FakeClock | None = None, waits: list[float] | None = None, **defaults: object
+) -> tuple[Metrics, Runner, PairState]:
+    """Metrics, a runner on the emulator, and the state of the first configured pair (series at 0)."""
+    metrics = Metrics()
+    runner = _runner(emulator, metrics, clock, waits)
+    pair = _config(emulator.base_url, **defaults).pairs[0]
+    metrics.add_pair(pair)
+    return metrics, runner, PairState(pair=pair, max_tokens=pair.max_tokens)
+
+
 def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
@@ -126,12 +137,9 @@ def test_metrics_start_with_every_series_at_zero() -> None:
 
 
 def test_rewarmed_then_warm_with_costs_from_the_usage(emulator: Emulator) -> None:
-    metrics = Metrics()
     clock = FakeClock()
-    runner = _runner(emulator, metrics, clock)
-    pair = _config(emulator.base_url).pairs[0]
-    metrics.add_pair(pair)
-    state = PairState(pair=pair, max_tokens=1)
+    metrics, runner, state = _one_pair(emulator, clock)
+    pair = state.pair
 
     first = runner.ping(state, scheduled_at=clock.now - 0.25)
     second = runner.ping(state)
@@ -164,15 +172,13 @@ def test_below_minimum_prompt_is_uncached(emulator: Emulator) -> None:
 
 
 def test_transient_errors_are_retried_and_counted(emulator: Emulator) -> None:
-    metrics = Metrics()
     waits: list[float] = []
-    runner = _runner(emulator, metrics, waits=waits)
-    pair = _config(emulator.base_url).pairs[0]
-    metrics.add_pair(pair)
+    metrics, runner, state = _one_pair(emulator, waits=waits)
+    pair = state.pair
     emulator.inject(Fault(status=429, retry_after=7))
     emulator.inject(Fault(status=529))
     emulator.inject(Fault(status=500))
-    outcome = runner.ping(PairState(pair=pair, max_tokens=1))
+    outcome = runner.ping(state)
     assert outcome.result is Result.REWARMED and len(outcome.attempts) == 4
     assert waits == [7, 2, 4], "retry-after honoured, then exponential backoff"
     labels = {"expert": pair.expert, "model": pair.model}
@@ -182,23 +188,18 @@ def test_transient_errors_are_retried_and_counted(emulator: Emulator) -> None:
 
 
 def test_retry_after_beyond_expiry_gives_up_and_counts_an_error(emulator: Emulator) -> None:
-    metrics = Metrics()
     waits: list[float] = []
-    runner = _runner(emulator, metrics, waits=waits)
-    pair = _config(emulator.base_url).pairs[0]
-    metrics.add_pair(pair)
+    metrics, runner, state = _one_pair(emulator, waits=waits)
+    pair = state.pair
     emulator.inject(Fault(status=429, retry_after=3600))
-    outcome = runner.ping(PairState(pair=pair, max_tokens=1))
+    outcome = runner.ping(state)
     assert outcome.result is Result.ERROR and waits == []
     assert _value(metrics, "keepwarm_pings_total", expert=pair.expert, model=pair.model, result="error") == 1
 
 
 def test_a_400_parks_the_pair_and_max_tokens_0_falls_back_to_1(emulator: Emulator) -> None:
-    metrics = Metrics()
-    runner = _runner(emulator, metrics)
-    pair = _config(emulator.base_url, max_tokens=0).pairs[0]
-    metrics.add_pair(pair)
-    state = PairState(pair=pair, max_tokens=0)
+    metrics, runner, state = _one_pair(emulator, max_tokens=0)
+    assert state.max_tokens == 0
     emulator.inject(Fault(status=400, message="max_tokens: 0 is not supported here"))
     outcome = runner.ping(state)
     assert outcome.result is Result.REWARMED and state.max_tokens == 1 and state.parked is None
@@ -350,12 +351,9 @@ def test_miss_cause_rules() -> None:
 
 
 def test_misses_are_counted_by_cause(emulator: Emulator) -> None:
-    metrics = Metrics()
     clock = FakeClock()
-    runner = _runner(emulator, metrics, clock)
-    pair = _config(emulator.base_url).pairs[0]
-    metrics.add_pair(pair)
-    state = PairState(pair=pair, max_tokens=1)
+    metrics, runner, state = _one_pair(emulator, clock)
+    pair = state.pair
     assert runner.ping(state).miss_cause == "cold_start"
     emulator.expire_all()  # evicted early: keepwarm cannot tell why
     assert runner.ping(state).miss_cause == "unexplained"
