@@ -367,7 +367,7 @@ class Scheduler:
         try:
             started = self.clock()
             missed = missed_slots(scheduled_at, started, state.pair.interval)
-            if missed:
+            if missed and not state.removed:
                 self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
             with state.lock:
                 outcome = self.runner.ping(state, scheduled_at)
