@@ -29,6 +29,7 @@ from keepwarm.classify import Result
 from keepwarm.config import parse_config
 from keepwarm.daemon import Daemon, build_runner
 from keepwarm.emulator import Emulator, Fault
+from keepwarm.ledger import Ledger, read_ledger
 from keepwarm.metrics import Metrics
 from keepwarm.ping import describe_error, make_client
 from keepwarm.runner import PairState
@@ -274,10 +275,11 @@ def test_a_prompt_change_still_resets_the_pairs_series(emulator: Emulator, tmp_p
 # --- item 10: a ping in flight when its pair is removed records nothing -------------------------
 
 
-def test_a_ping_finishing_after_its_pair_was_removed_creates_no_series(emulator: Emulator) -> None:
+def test_a_ping_finishing_after_its_pair_was_removed_creates_no_series(emulator: Emulator, tmp_path: Path) -> None:
     clock = FakeClock()
     metrics = Metrics()
     scheduler = _scheduler(emulator, clock, metrics)
+    scheduler.runner.ledger = Ledger(tmp_path / "ledger.sqlite")
     pair = _config(emulator.base_url).pairs[0]
     scheduler.apply([pair])
     in_flight = scheduler.states[pair.key]
@@ -288,6 +290,8 @@ def test_a_ping_finishing_after_its_pair_was_removed_creates_no_series(emulator:
     assert outcome is not None and outcome.result is Result.REWARMED
     names = {m.name for m in metrics.registry.collect() for s in m.samples if s.labels.get("expert") == pair.expert}
     assert names == set(), f"series re-created for a removed pair: {sorted(names)}"
+    scheduler.runner.ledger.close()
+    assert read_ledger(tmp_path / "ledger.sqlite") == [], "no ledger row for a pair no longer configured"
 
 
 # --- item 9: a ledger that cannot open does not block reloads -----------------------------------
