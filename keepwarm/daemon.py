@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from keepwarm import __version__, sdnotify
+from keepwarm import __version__, early_signals, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.gate import Gate
@@ -130,6 +130,8 @@ class Daemon:
             s: signal.signal(s, h)
             for s, h in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop), (signal.SIGHUP, self._on_hup))
         }
+        for signum in early_signals.take():  # those that came while the command was importing us
+            (self._on_hup if signum == signal.SIGHUP else self._on_stop)(signum, None)
         try:
             if self.emulator_mode is not None:
                 from keepwarm.emulator import Emulator

@@ -330,9 +330,10 @@ def test_a_reload_applies_although_the_ledger_cannot_open(
 
 # --- item 11: a SIGHUP during start-up is queued, not fatal -------------------------------------
 
-# A daemon that receives SIGHUP while it loads its config: the earliest moment keepwarm's own code
-# runs, and where a real SIGHUP from a quick `systemctl reload` lands.
-_EARLY_HUP = """
+# A daemon that receives SIGHUP while it loads its config (after Daemon.run began), and one that
+# receives it while `keepwarm run` is still importing the daemon's modules (a second or more on
+# a busy machine): where a SIGHUP from a quick `systemctl reload` after a start lands.
+_HUP_WHILE_LOADING = """
 import os, signal, sys
 from pathlib import Path
 from keepwarm.daemon import Daemon
@@ -349,9 +350,24 @@ class EarlyHup(Daemon):
 setup_logging("json")
 sys.exit(EarlyHup(Path(sys.argv[1])).run())
 """
+_HUP_WHILE_IMPORTING = """
+import importlib.abc, os, signal, sys
+
+class HupOnDaemonImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "keepwarm.daemon":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+sys.meta_path.insert(0, HupOnDaemonImport())
+from keepwarm.cli import main
+sys.exit(main(["run", "--config", sys.argv[1], "--log-format", "json"]))
+"""
 
 
-def test_a_sighup_during_start_up_is_queued_not_fatal(emulator: Emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", [_HUP_WHILE_LOADING, _HUP_WHILE_IMPORTING], ids=["loading", "importing"])
+def test_a_sighup_during_start_up_is_queued_not_fatal(emulator: Emulator, tmp_path: Path, script: str) -> None:
     doc = {
         "api": {"base_url": emulator.base_url},
         "defaults": {"models": ["claude-sonnet-4-6"]},
@@ -362,11 +378,11 @@ def test_a_sighup_during_start_up_is_queued_not_fatal(emulator: Emulator, tmp_pa
     log_path = tmp_path / "daemon.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _EARLY_HUP, str(path)], stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-c", script, str(path)], stdout=out, stderr=subprocess.STDOUT,
             env=daemon_env(ANTHROPIC_API_KEY=KEY), cwd=os.getcwd(),
         )
         try:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             reloaded = False
             while time.monotonic() < deadline and proc.poll() is None and not reloaded:
                 reloaded = any(
