@@ -395,8 +395,12 @@ class Scheduler:
                 self._schedule(state, at)
 
     def _check_hold_past_expiry(self, state: PairState, at: float, now: float) -> None:
-        """A hold on every pair must not let this pair's cache lapse unsaid: warn and count it."""
-        if not state.expires_at or at < state.expires_at:
+        """A hold on every pair must not let this pair's cache lapse unsaid: warn and count it.
+
+        Only a cache still warm now counts: one already expired was not lapsed by this hold, and
+        a long hold (the spend cap) must not repeat the warning at every deferral.
+        """
+        if not state.expires_at or state.expires_at <= now or at < state.expires_at:
             return
         state.holds_past_expiry += 1
         event(

@@ -83,6 +83,13 @@ def test_a_hold_that_defers_a_ping_past_expiry_is_warned_and_counted(
     fields = warned[0].keepwarm_fields  # type: ignore[attr-defined]
     assert fields["pair"] == a.pair.key and fields["expires_at"].startswith("20")
 
+    wall.now = state.expires_at + 1  # still held, and the cache has lapsed: nothing new to say
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "keepwarm.scheduler"):
+        scheduler._run(a.pair.key, state.next_due)
+    assert not [r for r in caplog.records if "past its cache's expiry" in r.getMessage()]
+    assert state.holds_past_expiry == 1
+
 
 # --- item 4 (second half): a pair that caches only a little of its prefix ----------------------
 
