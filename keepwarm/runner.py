@@ -270,7 +270,7 @@ class Runner:
             "all_pairs_wait_s": None if held is None else round(held, 3),
         }
         if err.spend_cap:
-            event(log, logging.ERROR, "SPEND CAP: 429 for the workspace's monthly spend limit"
+            event(log, logging.ERROR, "SPEND CAP: 429, the workspace's monthly spend limit"
                   " is reached; every pair pauses (all_pairs_wait_s, doubling up to 1h) until the limit is"
                   " raised in the Console or the month resets", **fields)
         elif err.error_type in KEY_WIDE_ERRORS:
