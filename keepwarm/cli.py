@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
         return EX_USAGE
     if args.command == "run":
+        from keepwarm import early_signals
+
+        early_signals.hold()  # before the daemon's slow imports: a SIGHUP meanwhile is queued, not fatal
         if args.emulator and not args.time_scale > 0:
             print("keepwarm: --time-scale must be above 0", file=sys.stderr)
             return EX_USAGE

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from keepwarm import __version__, sdnotify
+from keepwarm import __version__, early_signals, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.gate import Gate
@@ -124,15 +124,27 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
-        if self.emulator_mode is not None:
-            from keepwarm.emulator import Emulator
-
-            self.emulator = Emulator(time_scale=self.emulator_mode.time_scale).start()
+        # Handlers first: a SIGHUP or SIGTERM during start-up (the emulator, the config, the
+        # port) is queued for the main loop, not left to its default action (SIGHUP kills).
+        previous = {
+            s: signal.signal(s, h)
+            for s, h in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop), (signal.SIGHUP, self._on_hup))
+        }
+        for signum in early_signals.take():  # those that came while the command was importing us
+            (self._on_hup if signum == signal.SIGHUP else self._on_stop)(signum, None)
         try:
-            return self._run()
+            if self.emulator_mode is not None:
+                from keepwarm.emulator import Emulator
+
+                self.emulator = Emulator(time_scale=self.emulator_mode.time_scale).start()
+            try:
+                return self._run()
+            finally:
+                if self.emulator is not None:
+                    self.emulator.stop()
         finally:
-            if self.emulator is not None:
-                self.emulator.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _run(self) -> int:
         try:
@@ -178,10 +190,8 @@ class Daemon:
             event(log, logging.WARNING, "metrics listener is not on loopback: reachable from the network",
                   listen=f"{host}:{port}")
 
-        previous = {
-            s: signal.signal(s, h)
-            for s, h in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop), (signal.SIGHUP, self._on_hup))
-        }
+        # A SIGHUP queued during start-up was for a config older than (or the same as) the one
+        # just loaded: the loop below applies it, which re-reads the file and is harmless.
         scheduler.start(config.pairs)
         event(
             log,
@@ -219,8 +229,6 @@ class Daemon:
             if runner.ledger is not None:
                 runner.ledger.close()
             web.stop()
-            for s, h in previous.items():
-                signal.signal(s, h)
         event(log, logging.INFO, "stopped")
         return EX_OK
 
@@ -239,15 +247,24 @@ class Daemon:
                 config.ledger_path,
                 config.ledger_retention_days,
             ) or (new.ledger_path is not None and runner.ledger is None)  # retry one that failed to open
-            ledger = self._open_ledger(new, metrics) if ledger_changed else runner.ledger
-        except (ConfigError, LedgerError) as exc:
+        except ConfigError as exc:
             metrics.reload_ok.set(0)
-            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-            for problem in problems:
+            for problem in exc.problems:
                 event(log, logging.ERROR, "reload rejected; the old config keeps running",
                       source=str(self.config_path), problem=problem)
             sdnotify.notify("READY=1")
             return config
+        ledger = runner.ledger
+        if ledger_changed:
+            try:
+                ledger = self._open_ledger(new, metrics)
+            except LedgerError as exc:
+                # As at start: the ledger is bookkeeping, the pings are the job. The new config
+                # (a prompt fix, say) applies; the ledger is retried at the next reload.
+                metrics.ledger_errors.inc()
+                event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
+                      error=str(exc))
+                ledger = None
         for warning in warnings:
             event(log, logging.WARNING, warning)
         if (new.metrics_host, new.metrics_port, new.api.max_concurrency) != (

@@ -6,8 +6,11 @@ one request and turns whatever comes back into a `PingAttempt`.
 
 from __future__ import annotations
 
+import email.utils
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import anthropic
@@ -76,7 +79,17 @@ def request_params(pair: Pair, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def _retry_after(headers: Any) -> float | None:
+# How the API says "monthly spend limit reached": an error code the SDK reads, and the wording.
+SPEND_CAP_ERROR_CODE = "enforced_spend_limit_reached"
+_SPEND_CAP_WORDS = ("spend limit", "spending limit")
+
+
+def _has_retry_after(headers: Any) -> bool:
+    return headers is not None and any(headers.get(name) is not None for name in ("retry-after-ms", "retry-after"))
+
+
+def _retry_after(headers: Any, now: float) -> float | None:
+    """Seconds the server asks to wait: `retry-after-ms`, or `retry-after` in seconds or as an HTTP date."""
     if headers is None:
         return None
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
@@ -86,8 +99,33 @@ def _retry_after(headers: Any) -> float | None:
         try:
             return max(float(value) * scale, 0.0)
         except ValueError:
-            continue  # an HTTP-date retry-after: rare from this API; fall back to backoff
+            pass
+        if name == "retry-after":
+            # RFC 9110 allows an HTTP date (IMF-fixdate) as well as delay-seconds.
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                continue  # neither form: fall back to backoff
+            if when.tzinfo is None:  # a date without zone ("-0000") is UTC by RFC 5322
+                when = when.replace(tzinfo=UTC)
+            return max(when.timestamp() - now, 0.0)
     return None
+
+
+def is_spend_cap(status: int, detail: dict[str, Any], message: str, headers: Any) -> bool:
+    """The monthly spend-limit 429, recognised from the error itself.
+
+    The API marks it with an error code and says so in its message; failing both, a 429 that
+    carries no `retry-after` at all is taken for it (the real one has none). A 429 with any
+    `retry-after` (seconds or an HTTP date) is an ordinary rate limit that clears.
+    """
+    if status != 429:
+        return False
+    details = detail.get("details")
+    code = details.get("error_code") if isinstance(details, dict) else None
+    if code == SPEND_CAP_ERROR_CODE or any(word in message.lower() for word in _SPEND_CAP_WORDS):
+        return True
+    return not _has_retry_after(headers)
 
 
 def _status_error_type(status: int) -> str:
@@ -108,8 +146,11 @@ def _status_error_type(status: int) -> str:
     return "other"
 
 
-def describe_error(exc: Exception) -> PingError:
-    """Map an SDK exception to an error kind; the message never holds the key."""
+def describe_error(exc: Exception, now: float | None = None) -> PingError:
+    """Map an SDK exception to an error kind; the message never holds the key.
+
+    `now` (wall time) turns an HTTP-date `retry-after` into seconds; default: the system clock.
+    """
     if isinstance(exc, anthropic.APITimeoutError):  # before its parent, APIConnectionError
         return PingError("timeout", "the request timed out")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -119,9 +160,12 @@ def describe_error(exc: Exception) -> PingError:
         body = exc.body if isinstance(exc.body, dict) else {}
         detail = body.get("error", {}) if isinstance(body.get("error"), dict) else {}
         message = str(detail.get("message") or exc.message)
-        retry_after = _retry_after(exc.response.headers)
-        # The monthly spend cap answers 429 without retry-after and does not clear for hours.
-        spend_cap = status == 429 and retry_after is None
+        headers = exc.response.headers
+        retry_after = _retry_after(headers, time.time() if now is None else now)
+        # The monthly spend cap does not clear for hours: it must not be retried like a 429.
+        spend_cap = is_spend_cap(status, detail, message, headers)
+        if spend_cap:
+            retry_after = None
         return PingError(_status_error_type(status), message, status, retry_after, spend_cap)
     if isinstance(exc, anthropic.APIResponseValidationError):
         return PingError("other", f"malformed response: {exc.message}", exc.status_code)
@@ -132,7 +176,12 @@ DIAGNOSTICS_BETA = "cache-diagnosis-2026-04-07"
 
 
 def send_ping(
-    client: anthropic.Anthropic, pair: Pair, max_tokens: int, previous_message_id: str | None = None
+    client: anthropic.Anthropic,
+    pair: Pair,
+    max_tokens: int,
+    previous_message_id: str | None = None,
+    clock: Callable[[], float] = time.time,
+    mono: Callable[[], float] = time.monotonic,
 ) -> PingAttempt:
     """Send one ping; never raises for API or network trouble.
 
@@ -143,8 +192,8 @@ def send_ping(
     if previous_message_id:
         params["diagnostics"] = {"previous_message_id": previous_message_id}
         params["extra_headers"] = {"anthropic-beta": DIAGNOSTICS_BETA}
-    wall = time.time()
-    t0 = time.monotonic()
+    wall = clock()
+    t0 = mono()
     try:
         raw = client.messages.with_raw_response.create(**params)
         message = raw.parse()
@@ -152,7 +201,7 @@ def send_ping(
         reason = getattr(getattr(message, "diagnostics", None), "cache_miss_reason", None)
         return PingAttempt(
             wall,
-            time.monotonic() - t0,
+            mono() - t0,
             usage,
             raw.headers.get("request-id"),
             None,
@@ -162,4 +211,4 @@ def send_ping(
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes data, the daemon lives on
         request_id = getattr(exc, "request_id", None)
-        return PingAttempt(wall, time.monotonic() - t0, None, request_id, describe_error(exc), max_tokens)
+        return PingAttempt(wall, mono() - t0, None, request_id, describe_error(exc, clock()), max_tokens)

@@ -30,6 +30,9 @@ MAX_ATTEMPTS = 5
 BASE_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 GATE_HOLD_MAX = 5.0  # seconds a worker may wait at the shared gate before deferring the ping
+# Error types whose answer concerns the key, not the pair: only a refused key (401) is key-wide.
+# A 403 is often one model or resource the key may not use: only that pair stops.
+KEY_WIDE_ERRORS = frozenset({"authentication"})
 
 
 class LedgerLike(Protocol):
@@ -56,9 +59,17 @@ class PairState:
     spend: float = 0.0
     spend_unknown: bool = False
     prefix_tokens: int = 0
-    parked: str | None = None  # why the pair is not pinged until its config changes
+    parked: bool = False  # not pinged again until its config changes
+    park_reason: str | None = None  # the API's message that parked it
     last_message_id: str | None = None  # for the cache-diagnostics beta
     miss_hint: str | None = None  # a known reason the next ping will miss (a changed prefix)
+    # The last ping cached something, but most of the prefix was sent uncached (a marker too
+    # early): the pair looks warm while production pays full price for most of its prompt.
+    mostly_uncached: bool = False
+    # A reload removed the pair: a ping still in flight records nothing (no metric series, no
+    # ledger row) for it.
+    removed: bool = False
+    holds_past_expiry: int = 0  # pings a hold on every pair deferred past this pair's expiry
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,11 @@ def miss_cause(state: PairState, result: Result, started: float, api_reason: str
     return "unexplained"
 
 
+def is_max_tokens_refusal(error: PingError) -> bool:
+    """Whether a 400 refuses the request's `max_tokens` (the API names the field first)."""
+    return error.error_type == "invalid_request" and "max_tokens" in error.message.lower()
+
+
 def retry_delay(error: PingError, attempt: int, now: float, deadline: float) -> float | None:
     """Seconds to wait before trying again, or None to give up on this ping.
 
@@ -143,6 +159,7 @@ class Runner:
         clock: Callable[[], float] = time.time,
         wait: Callable[[float], bool] | None = None,
         gate: Gate | None = None,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.prices = prices
@@ -152,6 +169,7 @@ class Runner:
         self.ledger = ledger
         self.diagnostics = diagnostics
         self.clock = clock
+        self.mono = mono
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
         self.gate = gate if gate is not None else Gate()
@@ -164,11 +182,11 @@ class Runner:
         """
         pair = state.pair
         started = self.clock()
-        if scheduled_at is not None:
+        if scheduled_at is not None and not state.removed:
             self.metrics.lateness.observe(max(started - scheduled_at, 0.0))
         deadline = state.expires_at if state.expires_at > started else started + pair.interval
         attempts: list[PingAttempt] = []
-        t0 = time.monotonic()
+        t0 = self.mono()
         latest = self.gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
         while True:
             # A first attempt facing a long hold gives its worker back and is re-armed for when
@@ -179,13 +197,14 @@ class Runner:
                     return None
                 break  # give up with the last attempt's error
             previous = state.last_message_id if self.diagnostics else None
-            attempt = send_ping(self.client, pair, state.max_tokens, previous)
+            attempt = send_ping(self.client, pair, state.max_tokens, previous, self.clock, self.mono)
             attempts.append(attempt)
             if attempt.error is None:
                 self.gate.succeeded()
                 break
             err = attempt.error
-            self.metrics.errors.labels(pair.expert, pair.model, err.error_type).inc()
+            if not state.removed:
+                self.metrics.errors.labels(pair.expert, pair.model, err.error_type).inc()
             if self._fallback_from_zero(state, attempt):
                 continue
             held = self._hold_gate(pair, err)
@@ -193,21 +212,22 @@ class Runner:
             self._log_failed_attempt(state, attempt, delay, held)
             if delay is None or self.wait(delay):
                 break
-        outcome = self._outcome(state, attempts, started, time.monotonic() - t0, scheduled_at)
+        outcome = self._outcome(state, attempts, started, self.mono() - t0, scheduled_at)
         self._record(state, outcome)
         return outcome
 
     def _hold_gate(self, pair: Pair, err: PingError) -> float | None:
         """Make every pair wait when the API's answer concerns the key, not this pair.
 
-        Returns how long the gate is now held for, if this error held it.
+        Returns how long the gate is now held for, if this error held it. A 403 holds only its
+        own pair: it is not retried, and its next ping comes an interval later as scheduled.
         """
         if err.spend_cap:
             return self.gate.spend_cap_hit()
         if err.error_type in ("rate_limit", "overloaded") and err.retry_after:
             self.gate.close_for(err.retry_after, err.error_type)
             return err.retry_after
-        if err.error_type in ("authentication", "permission"):
+        if err.error_type in KEY_WIDE_ERRORS:
             # Every pair shares the key: one refusal is enough to know. Back off up to the
             # interval rather than have every pair hammer the API with a dead key.
             self.gate.close_for(pair.interval, err.error_type)
@@ -215,9 +235,13 @@ class Runner:
         return None
 
     def _fallback_from_zero(self, state: PairState, attempt: PingAttempt) -> bool:
-        """`max_tokens: 0` is a newer API feature; if it is refused, fall back to 1 for good."""
+        """`max_tokens: 0` is a newer API feature; if it is refused, fall back to 1 for good.
+
+        Only a refusal that names `max_tokens` counts: any other 400 (a mistyped model, a bad
+        block) would fail with 1 too, and must park the pair with the API's own message.
+        """
         err = attempt.error
-        if attempt.max_tokens == 0 and err is not None and err.error_type == "invalid_request":
+        if attempt.max_tokens == 0 and err is not None and is_max_tokens_refusal(err):
             state.max_tokens = 1
             event(
                 log,
@@ -246,12 +270,15 @@ class Runner:
             "all_pairs_wait_s": None if held is None else round(held, 3),
         }
         if err.spend_cap:
-            event(log, logging.ERROR, "SPEND CAP: 429 without retry-after, the workspace's monthly spend limit"
+            event(log, logging.ERROR, "SPEND CAP: 429, the workspace's monthly spend limit"
                   " is reached; every pair pauses (all_pairs_wait_s, doubling up to 1h) until the limit is"
                   " raised in the Console or the month resets", **fields)
-        elif err.error_type in ("authentication", "permission"):
+        elif err.error_type in KEY_WIDE_ERRORS:
             event(log, logging.ERROR, f"the API refused the key from {self.key_source or 'unknown source'}",
                   **fields)
+        elif err.error_type == "permission":
+            event(log, logging.ERROR, f"the key from {self.key_source or 'unknown source'} may not use this"
+                  " pair's model or resource; this pair waits an interval, the others go on", **fields)
         elif err.error_type == "invalid_request":
             event(log, logging.ERROR, "the API rejected the ping; the pair is parked until its config changes",
                   **fields)
@@ -281,13 +308,23 @@ class Runner:
         return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at, cause)
 
     def _record(self, state: PairState, outcome: PingOutcome) -> None:
-        pair, m = outcome.pair, self.metrics
-        labels = (pair.expert, pair.model)
-        m.pings.labels(*labels, outcome.result.value).inc()
-        m.duration.labels(*labels).observe(outcome.duration)
-        m.last_ping.labels(*labels).set(outcome.started)
-        m.expires.labels(*labels).set(outcome.expires_at)
-        usage = outcome.usage
+        """Everything a finished ping changes: the pair's state, its metrics, the ledger, the log."""
+        self._update_state(state, outcome)
+        self._check_parked(state, outcome)
+        self._check_uncached_share(state, outcome)
+        if state.removed:
+            # A reload removed the pair while this ping was in flight: its series are gone and
+            # must stay gone, and the ledger's rows are for configured pairs only.
+            event(log, logging.DEBUG, "ping finished after its pair was removed; not recorded",
+                  expert=outcome.pair.expert, model=outcome.pair.model, result=outcome.result.value)
+            return
+        self._count(state, outcome)
+        if self.ledger is not None:
+            self.ledger.record(outcome)
+        self._log_outcome(outcome)
+
+    @staticmethod
+    def _update_state(state: PairState, outcome: PingOutcome) -> None:
         state.last_start = outcome.started
         state.expires_at = outcome.expires_at
         state.last_result = outcome.result
@@ -295,30 +332,67 @@ class Runner:
         state.last_error = None if outcome.error is None else f"{outcome.error.error_type}: {outcome.error.message}"
         if outcome.final.message_id:
             state.last_message_id = outcome.final.message_id
-        if outcome.miss_cause:
-            m.misses.labels(*labels, outcome.miss_cause).inc()
         if outcome.result is not Result.ERROR:
             state.miss_hint = None
-        if outcome.error is not None and outcome.error.error_type == "invalid_request":
-            state.parked = outcome.error.message
+        usage = outcome.usage
         if usage is not None:
-            for kind, n in usage.by_kind().items():
-                m.tokens.labels(*labels, kind).inc(n)
-            prefix = usage.cache_read + usage.cache_write if outcome.result is not Result.UNCACHED else usage.input
-            state.prefix_tokens = prefix
-            m.prefix_tokens.labels(*labels).set(prefix)
-            penalty = self.prices.miss_penalty(pair.model, prefix, pair.ttl)
-            m.miss_penalty.labels(*labels).set(math.nan if penalty is None else penalty)
+            state.prefix_tokens = (
+                usage.cache_read + usage.cache_write if outcome.result is not Result.UNCACHED else usage.input
+            )
             if outcome.cost is None:
-                m.unpriced.labels(*labels).inc()
                 state.spend_unknown = True
             else:
-                for kind, usd in outcome.cost.items():
-                    m.cost.labels(*labels, kind).inc(usd)
                 state.spend += math.fsum(outcome.cost.values())
-        if self.ledger is not None:
-            self.ledger.record(outcome)
-        self._log_outcome(outcome)
+
+    @staticmethod
+    def _check_parked(state: PairState, outcome: PingOutcome) -> None:
+        """A 400 is not retried until the config changes: the pair is parked with the API's reason."""
+        if outcome.error is not None and outcome.error.error_type == "invalid_request":
+            state.parked, state.park_reason = True, outcome.error.message
+
+    @staticmethod
+    def _check_uncached_share(state: PairState, outcome: PingOutcome) -> None:
+        """Flag a pair that caches only a small part of its prefix, and say so once when it starts."""
+        usage = outcome.usage
+        if usage is None or outcome.result not in (Result.WARM, Result.REWARMED, Result.PARTIAL):
+            return
+        cached = usage.cache_read + usage.cache_write
+        mostly = usage.input > cached
+        if mostly and not state.mostly_uncached and not state.removed:
+            event(
+                log,
+                logging.WARNING,
+                "most of this pair's prefix is sent uncached: the cache holds only the part before the"
+                " first cache_control marker; move the marker to the end of the shared prefix",
+                expert=outcome.pair.expert,
+                model=outcome.pair.model,
+                uncached_input=usage.input,
+                cached=cached,
+            )
+        state.mostly_uncached = mostly
+
+    def _count(self, state: PairState, outcome: PingOutcome) -> None:
+        pair, m = outcome.pair, self.metrics
+        labels = (pair.expert, pair.model)
+        m.pings.labels(*labels, outcome.result.value).inc()
+        m.duration.labels(*labels).observe(outcome.duration)
+        m.last_ping.labels(*labels).set(outcome.started)
+        m.expires.labels(*labels).set(outcome.expires_at)
+        if outcome.miss_cause:
+            m.misses.labels(*labels, outcome.miss_cause).inc()
+        usage = outcome.usage
+        if usage is None:
+            return
+        for kind, n in usage.by_kind().items():
+            m.tokens.labels(*labels, kind).inc(n)
+        m.prefix_tokens.labels(*labels).set(state.prefix_tokens)
+        penalty = self.prices.miss_penalty(pair.model, state.prefix_tokens, pair.ttl)
+        m.miss_penalty.labels(*labels).set(math.nan if penalty is None else penalty)
+        if outcome.cost is None:
+            m.unpriced.labels(*labels).inc()
+        else:
+            for kind, usd in outcome.cost.items():
+                m.cost.labels(*labels, kind).inc(usd)
 
     def _log_outcome(self, outcome: PingOutcome) -> None:
         pair, usage, final = outcome.pair, outcome.usage, outcome.final

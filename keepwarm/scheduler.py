@@ -51,6 +51,12 @@ BUSY_WINDOW = 60.0
 BUSY_WARN_EVERY = 600.0
 
 
+def boottime() -> float:
+    """CLOCK_BOOTTIME: monotonic, but it goes on counting while the system is suspended."""
+    clock_id = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
+
+
 # --- the pure policy -------------------------------------------------------------------------
 
 
@@ -97,6 +103,10 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def _iso(ts: float) -> str:
+    return _utc(ts).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 class Scheduler:
     """Owns the APScheduler instance and the per-pair state."""
 
@@ -108,10 +118,13 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
         mono: Callable[[], float] = time.monotonic,
+        boot: Callable[[], float] | None = None,
     ) -> None:
         self.runner = runner
         self.mono = mono
-        self._anchor = (clock(), mono())  # wall and monotonic time at the last clock check
+        # The suspend-aware clock; a test that fakes `mono` alone gets a machine that never sleeps.
+        self.boot = boot if boot is not None else (boottime if mono is time.monotonic else mono)
+        self._anchor = (clock(), mono(), self.boot())  # wall, monotonic, boot time at the last clock check
         self._clock_lock = threading.Lock()
         self.metrics = metrics
         self.clock = clock
@@ -124,7 +137,7 @@ class Scheduler:
         self._busy = 0.0  # worker-seconds spent in finished pings since _busy_since
         self._busy_since = mono()
         self._busy_warned = -math.inf
-        self.last_heartbeat = time.monotonic()
+        self.last_heartbeat = mono()
         self._aps = BackgroundScheduler(
             executors={
                 "pings": ThreadPoolExecutor(max_workers),
@@ -160,10 +173,10 @@ class Scheduler:
         """
         self.stopping.set()
         self._aps.shutdown(wait=False)
-        end = time.monotonic() + deadline
+        end = self.mono() + deadline
         with self._inflight_cv:
-            while self._inflight and time.monotonic() < end:
-                self._inflight_cv.wait(max(end - time.monotonic(), 0))
+            while self._inflight and self.mono() < end:
+                self._inflight_cv.wait(max(end - self.mono(), 0))
             return self._inflight
 
     @property
@@ -172,7 +185,7 @@ class Scheduler:
         return bool(self._aps.running)
 
     def _heartbeat(self) -> None:
-        self.last_heartbeat = time.monotonic()
+        self.last_heartbeat = self.mono()
         self.check_clock()
         mono = self.mono()
         if mono - self._busy_since >= BUSY_WINDOW:
@@ -202,15 +215,34 @@ class Scheduler:
         Called from the daemon's main loop (which waits on the monotonic clock, so it runs even
         when a step back has left APScheduler asleep until a far wall time), from the
         heartbeat, and by every ping job before it starts.
+
+        A suspend is not a step: the wall clock and CLOCK_BOOTTIME moved on together while
+        CLOCK_MONOTONIC stood still. Real time passed, so the caches expired with it and
+        every pair whose ping fell due meanwhile is pinged at once, not re-anchored.
         """
         with self._clock_lock:
-            wall, mono = self.clock(), self.mono()
-            jump = (wall - self._anchor[0]) - (mono - self._anchor[1])
-            self._anchor = (wall, mono)
-            if abs(jump) <= CLOCK_JUMP_THRESHOLD:
+            wall, mono, boot = self.clock(), self.mono(), self.boot()
+            wall0, mono0, boot0 = self._anchor
+            self._anchor = (wall, mono, boot)
+            slept = (boot - boot0) - (mono - mono0)
+            step = (wall - wall0) - (boot - boot0)  # what no real time explains
+            if slept > CLOCK_JUMP_THRESHOLD:
+                self._resumed(slept, wall)
+            if abs(step) <= CLOCK_JUMP_THRESHOLD:
                 return 0.0
-            self.shift(jump)
-            return jump
+            self.shift(step)
+            return step
+
+    def _resumed(self, slept: float, now: float) -> None:
+        """After a suspend: ping every pair that fell due meanwhile now, and count its lost slots."""
+        due = [s for s in list(self.states.values()) if s.next_due and s.next_due <= now]
+        event(log, logging.WARNING, "the system was suspended; pinging the pairs that fell due meanwhile now",
+              suspended_s=round(slept, 3), pairs_due=len(due))
+        for state in due:
+            missed = missed_slots(state.next_due, now, state.pair.interval)
+            if missed:
+                self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
+            self._schedule(state, now)
 
     def release_held(self) -> int:
         """Bring back pairs pushed out by a gate hold (after a reload opened a fresh gate)."""
@@ -246,9 +278,12 @@ class Scheduler:
     def apply(self, pairs: Iterable[Pair]) -> ApplyReport:
         """Make the schedule match `pairs`, touching only what changed.
 
-        Unchanged pairs keep their state and next run; a pair whose settings changed gets
-        fresh state, and is pinged at once if its prefix changed (its old cache is useless
-        to production); removed pairs lose their job and their metric series.
+        Unchanged pairs keep their state and next run. A pair whose timing changed (interval,
+        jitter, max_tokens, ping message: the fingerprint is the same) keeps its state and
+        metric series, with its next ping re-timed from its last. A pair whose prefix changed
+        gets fresh state and series and is pinged at once (its old cache is useless to
+        production). Removed pairs lose their job and their metric series, and a ping of theirs
+        still in flight records nothing.
         """
         wanted = {p.key: p for p in pairs}
         added, removed, changed, unchanged = [], [], [], []
@@ -256,6 +291,7 @@ class Scheduler:
         for key in list(self.states):
             if key not in wanted:
                 old = self.states.pop(key)
+                old.removed = True  # before its series go: a ping in flight must not re-create them
                 self._remove_job(key)
                 self.metrics.remove_pair(old.pair)
                 removed.append(key)
@@ -263,6 +299,10 @@ class Scheduler:
             old_state = self.states.get(key)
             if old_state is not None and old_state.pair == pair:
                 unchanged.append(key)
+                continue
+            if old_state is not None and old_state.pair.fingerprint == pair.fingerprint:
+                changed.append(key)
+                self._retime(old_state, pair, now)
                 continue
             state = PairState(pair=pair, max_tokens=pair.max_tokens)
             self.states[key] = state
@@ -274,15 +314,22 @@ class Scheduler:
                 changed.append(key)
                 self.metrics.remove_pair(old_state.pair)
                 self.metrics.add_pair(pair)
-                if old_state.pair.fingerprint != pair.fingerprint:
-                    state.miss_hint = "prefix_changed"
-                    self._schedule(state, now)
-                else:
-                    # Same cache, new timing: keep its phase from the last ping.
-                    state.last_start, state.expires_at = old_state.last_start, old_state.expires_at
-                    base = old_state.last_start or now
-                    self._schedule(state, max(next_ping_at(base, pair.interval, pair.jitter, self.draw()), now))
+                state.miss_hint = "prefix_changed"
+                self._schedule(state, now)
         return ApplyReport(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+    def _retime(self, state: PairState, pair: Pair, now: float) -> None:
+        """Same cache, new timing: the state and series go on; the next ping follows the new interval."""
+        old, state.pair = state.pair, pair
+        if pair.max_tokens != old.max_tokens:
+            state.max_tokens = pair.max_tokens  # else keep a fallback from 0 to 1
+        # A config change is how an operator says "fixed" (a ping message, max_tokens).
+        state.parked, state.park_reason = False, None
+        self.metrics.add_pair(pair)  # updates the interval and info series in place
+        if state.lock.locked():
+            return  # in flight: the job re-arms itself from the new pair when the ping is done
+        base = state.last_start or now
+        self._schedule(state, max(next_ping_at(base, pair.interval, pair.jitter, self.draw()), now))
 
     def _schedule(self, state: PairState, at: float) -> None:
         state.next_due = at
@@ -320,7 +367,7 @@ class Scheduler:
         try:
             started = self.clock()
             missed = missed_slots(scheduled_at, started, state.pair.interval)
-            if missed:
+            if missed and not state.removed:
                 self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
             with state.lock:
                 outcome = self.runner.ping(state, scheduled_at)
@@ -335,15 +382,38 @@ class Scheduler:
                 self._busy += self.mono() - began
                 self._inflight_cv.notify_all()
             # Re-arm only if this state is still the pair's (a reload may have replaced it).
-            if not self.stopping.is_set() and self.states.get(key) is state and state.parked is None:
+            if not self.stopping.is_set() and self.states.get(key) is state and not state.parked:
                 pair = state.pair
-                at = next_ping_at(state.last_start or self.clock(), pair.interval, pair.jitter, self.draw())
+                now = self.clock()
+                at = next_ping_at(state.last_start or now, pair.interval, pair.jitter, self.draw())
                 if deferred:
                     # Not sent: the API asked every pair to wait. Come back when the gate opens,
                     # spread over a few seconds so the pairs do not all return at once.
-                    reopen = self.clock() + self.runner.gate.open_in() + self.draw() * min(pair.interval, 10.0)
+                    reopen = now + self.runner.gate.open_in() + self.draw() * min(pair.interval, 10.0)
                     at = max(at, reopen)
+                    self._check_hold_past_expiry(state, at, now)
                 self._schedule(state, at)
+
+    def _check_hold_past_expiry(self, state: PairState, at: float, now: float) -> None:
+        """A hold on every pair must not let this pair's cache lapse unsaid: warn and count it.
+
+        Only a cache still warm now counts: one already expired was not lapsed by this hold, and
+        a long hold (the spend cap) must not repeat the warning at every deferral.
+        """
+        if not state.expires_at or state.expires_at <= now or at < state.expires_at:
+            return
+        state.holds_past_expiry += 1
+        event(
+            log,
+            logging.WARNING,
+            "a hold on every pair defers this pair's ping past its cache's expiry: the cache will lapse",
+            pair=state.pair.key,
+            expires_at=_iso(state.expires_at),
+            expires_in_s=round(state.expires_at - now, 1),
+            next_ping_at=_iso(at),
+            reason=self.runner.gate.reason or None,
+            times=state.holds_past_expiry,
+        )
 
     def _on_job_event(self, ev: JobEvent | JobExecutionEvent) -> None:
         """A run that APScheduler skipped: count it and re-arm the pair so its chain continues."""
@@ -371,7 +441,7 @@ class Scheduler:
         """Alive and on time: the heartbeat is fresh and no pair is overdue."""
         if not self.running:
             return False, "scheduler not running"
-        age = time.monotonic() - self.last_heartbeat
+        age = self.mono() - self.last_heartbeat
         if age > 5 * HEARTBEAT_EVERY:
             return False, f"scheduler heartbeat is {age:.1f}s old"
         late = self.overdue()

@@ -56,7 +56,7 @@ def render_page(states: list[PairState], healthy: tuple[bool, str], now: float |
             f"<td>{html.escape(s.last_result.value if s.last_result else '—')}</td>"
             f"<td>{last}</td><td>{nxt}</td><td class=\"n\">{s.pings}</td><td class=\"n\">{spend}</td>"
             f"<td><code>{s.pair.fingerprint[:12]}</code></td>"
-            f"<td>{html.escape(s.last_error or s.parked or '')}</td>"
+            f"<td>{html.escape(s.last_error or s.park_reason or '')}</td>"
             "</tr>"
         )
     ok, why = healthy

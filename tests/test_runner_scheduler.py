@@ -202,12 +202,13 @@ def test_a_400_parks_the_pair_and_max_tokens_0_falls_back_to_1(emulator: Emulato
     assert state.max_tokens == 0
     emulator.inject(Fault(status=400, message="max_tokens: 0 is not supported here"))
     outcome = runner.ping(state)
-    assert outcome.result is Result.REWARMED and state.max_tokens == 1 and state.parked is None
+    assert outcome.result is Result.REWARMED and state.max_tokens == 1 and not state.parked
     assert emulator.log[-1].body["max_tokens"] == 1
 
     emulator.inject(Fault(status=400, message="messages: text content blocks must be non-empty"))
     outcome = runner.ping(state)
-    assert outcome.result is Result.ERROR and state.parked == "messages: text content blocks must be non-empty"
+    assert outcome.result is Result.ERROR and state.parked
+    assert state.park_reason == "messages: text content blocks must be non-empty"
 
 
 def test_unknown_model_price_is_counted_not_zeroed(emulator: Emulator, tmp_path: Path) -> None:
@@ -314,7 +315,7 @@ def test_a_parked_pair_is_not_rearmed(emulator: Emulator) -> None:
     first = _job_time(scheduler, pair.key)
     emulator.inject(Fault(status=400, message="bad request"))
     scheduler._run(pair.key, scheduled_at=scheduler.states[pair.key].next_due)
-    assert scheduler.states[pair.key].parked == "bad request"
+    assert scheduler.states[pair.key].parked and scheduler.states[pair.key].park_reason == "bad request"
     assert _job_time(scheduler, pair.key) == first, "not re-armed"
     assert scheduler.overdue(clock.now + 1e6) == []
 
