@@ -10,6 +10,7 @@ The result is a frozen `Config` whose `pairs` are what the daemon warms.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -237,6 +238,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is out of range")
     return host, port
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a loopback host name or address (`localhost`, `127.x.y.z`, `::1`)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _read_text(base: Path, rel: str, where: str, problems: list[str], seen: dict[Path, str]) -> str | None:

@@ -303,7 +303,10 @@ def test_advisor_daily_costs_by_hand() -> None:
     assert advice.ping_cost == pytest.approx(ping)
     assert advice.daily_5m == pytest.approx(daily_5m)
     assert advice.daily_1h == pytest.approx(daily_1h)
-    assert advice.break_even_cold_per_day == pytest.approx(daily_1h / penalty_5m)
+    # Break-even is the pair's own keepalive (its TTL, 5m by default) over its own miss penalty.
+    assert advice.break_even_cold_per_day == pytest.approx(daily_5m / penalty_5m)
+    one_hour = ttl_advice(PRICES, "claude-sonnet-4-6", 5000, 9, interval_5m=240, interval_1h=3300, ttl="1h")
+    assert one_hour.break_even_cold_per_day == pytest.approx(daily_1h / (5000 * SONNET_IN * (2 - 0.1)))
     assert advice.daily_none is None and advice.recommended == "1h"
     assert advice.miss_penalty_5m is not None
     assert advice.lines[1] == (
