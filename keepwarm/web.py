@@ -100,7 +100,10 @@ def render_page(
     # cold pairs still needs the operator.
     trouble = counts["cold"] + counts["error"] + counts["parked"]
     health_class = "error" if not ok else ("uncached" if trouble else "warm")
-    summary = " · ".join(f'<span class="{w}">{counts[w]} {w}</span>' for w in STATES if counts[w] or w != "error")
+    # Zero counts in grey: a red "0 cold" would draw the eye to nothing.
+    summary = " · ".join(
+        f'<span class="{w if counts[w] else "pending"}">{counts[w]} {w}</span>' for w in STATES if counts[w] or w != "error"
+    )
     mode = "" if info.time_scale is None else f" · <b>emulator, time ×{info.time_scale:g}</b>"
     banner = (
         ""
