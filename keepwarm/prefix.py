@@ -72,7 +72,7 @@ def build_prefix(
     return Prefix(system=tuple(blocks), tools=None if tool_list is None else tuple(tool_list))
 
 
-def fingerprint(model: str, system: Any, tools: Any = None) -> str:
+def fingerprint(model: str | None, system: Any, tools: Any = None) -> str:
     """sha256 of the canonical JSON of model, system and tools (SPEC §1)."""
     doc: dict[str, Any] = {"model": model, "system": system}
     if tools is not None:

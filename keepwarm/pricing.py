@@ -7,6 +7,7 @@ unknown, never zero. The table ships as `keepwarm/data/models.yaml`; a user's
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -179,8 +180,9 @@ def _first_known(value: Any, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+@functools.lru_cache(maxsize=1)
 def builtin_table() -> PriceTable:
-    """The price table shipped with keepwarm."""
+    """The price table shipped with keepwarm, parsed once per process (it is frozen)."""
     text = resources.files("keepwarm").joinpath("data/models.yaml").read_text(encoding="utf-8")
     table, errors = _table_from_mapping(yaml.safe_load(text), "keepwarm/data/models.yaml")
     if errors:  # a broken shipped table is a packaging bug, not a user error
