@@ -266,9 +266,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _usd(value: float | None, places: int = 6) -> str:
-    return format_usd(value, places)
-
 
 # --- report ----------------------------------------------------------------------------------
 
@@ -340,7 +337,7 @@ def once(config: Config, client: _Client) -> int:
                 "-" if u is None else str(u.cache_read),
                 "-" if u is None else str(u.cache_write),
                 "-" if u is None else str(u.input),
-                "-" if u is None else _usd(o.total_cost),
+                "-" if u is None else format_usd(o.total_cost, 6),
                 f"{o.final.latency * 1000:.0f}ms",
                 o.pair.fingerprint[:12],
                 "" if o.error is None else f"{o.error.error_type}: {o.error.message}"[:80],

@@ -282,14 +282,11 @@ def render_csv(report: Report, out: TextIO) -> None:
         writer.writerow([_csv_cell(row[f]) for f in CSV_FIELDS])
 
 
-def _usd(value: float | None, places: int) -> str:
-    return format_usd(value, places)
-
 
 def _spend_text(p: PairReport) -> str:
     if not p.spend_unknown:
-        return _usd(p.spend, 4)
-    return "unknown" if p.spend == 0 else f">= {_usd(p.spend, 4)} (some unpriced)"
+        return format_usd(p.spend, 4)
+    return "unknown" if p.spend == 0 else f">= {format_usd(p.spend, 4)} (some unpriced)"
 
 
 def render_table(report: Report) -> str:
@@ -313,8 +310,8 @@ def render_table(report: Report) -> str:
                 *(str(p.pings[r]) for r in RESULTS),
                 "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
                 _spend_text(p),
-                _usd(p.spend_per_day, 4),
-                "-" if p is report.total else _usd(p.miss_penalty, 6),
+                format_usd(p.spend_per_day, 4),
+                "-" if p is report.total else format_usd(p.miss_penalty, 6),
                 "-" if p is report.total else ("unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"),
             ]
         )
