@@ -368,6 +368,10 @@ class _Load:
     # skipped, so one typo is reported once, not again as every consequence it has.
     broken: frozenset[str] = frozenset()
 
+    def is_broken(self, loc: str) -> bool:
+        """True when the value at `loc` (`defaults.ttl`), or its whole section, was rejected."""
+        return loc in self.broken or loc.split(".", 1)[0] in self.broken
+
 
 @dataclass(frozen=True)
 class _Timing:
@@ -403,7 +407,7 @@ def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: 
         message="ping" if message is None else message,
         models=pick("models") or [],
     )
-    if not timing.models and at("models") not in load.broken:
+    if not timing.models and not load.is_broken(at("models")):
         load.problems.append(f"{where}.models: no models: set them here or in defaults.models")
     for j, model in enumerate(timing.models):
         if timing.models.index(model) != j:
@@ -419,7 +423,7 @@ def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: 
 
 def _check_interval(ttl: str, interval: float, jitter: float, at: dict[str, str], load: _Load) -> None:
     """interval < ttl, and interval + jitter < ttl: else pings find the cache expired."""
-    if any(loc in load.broken for loc in at.values()):
+    if any(load.is_broken(loc) for loc in at.values()):
         return  # a rejected ttl, interval or jitter: comparing against its default would mislead
     ttl_s = TTL_SECONDS[ttl]
     if interval >= ttl_s:
