@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `keepwarm` console script."""
     args = _parser().parse_args(argv)
     try:
-        return _main(args)
+        code = _main(args)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe cannot be caught
+        return code
     except BrokenPipeError:
         # The reader went away (`keepwarm report | head -1`): what it read is what it wanted.
         # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
