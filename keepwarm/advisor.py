@@ -15,10 +15,10 @@ Pure arithmetic over the price table. The model behind the three options, per da
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from keepwarm.pricing import MILLION, PriceTable
+from keepwarm.pricing import MILLION, PriceTable, break_even_misses_per_day
+from keepwarm.pricing import format_usd as usd
 
 DAY = 86400.0
 
@@ -39,7 +39,9 @@ class Advice:
     daily_5m: float | None
     daily_1h: float | None
     daily_none: float | None  # None also when cold_requests_per_day is not given
-    break_even_cold_per_day: float | None  # above this, the cheaper keepalive beats none
+    # Production misses a day above which the keepalive at the pair's own TTL pays for itself;
+    # None when its cost is unknown or the prefix cannot cache.
+    break_even_cold_per_day: float | None
     recommended: str  # "5m", "1h", "none", or "unknown (no price for <model>)"
     lines: list[str] = field(default_factory=list)
 
@@ -55,21 +57,6 @@ class PrefixDaily:
     def saving(self) -> float:
         """What caching saves a day when every request hits."""
         return self.uncached - self.cached
-
-
-def usd(value: float) -> str:
-    """Money for people: cents above a dollar, up to three significant figures below."""
-    if value == 0:
-        return "$0"
-    sign, value = ("-" if value < 0 else ""), abs(value)
-    if value >= 1:
-        return f"{sign}${value:,.2f}"
-    places = max(2, 2 - math.floor(math.log10(value)))
-    text = f"{value:.{places}f}"
-    if places > 2:  # $0.24, not $0.240; but always whole cents
-        text = text.rstrip("0")
-        text += "0" * max(0, 2 - len(text.partition(".")[2]))
-    return f"{sign}${text}"
 
 
 def _count(n: float) -> str:
@@ -100,12 +87,14 @@ def ttl_advice(
     *,
     output_tokens: int = 1,
     cold_starts_per_day: float = 1.0,
+    ttl: str = "5m",
 ) -> Advice:
     """Compare a 5m keepalive, a 1h keepalive and none for one prefix on one model.
 
     `tail_tokens` are the ping's input tokens after the prefix; `output_tokens` is 1 with
     max_tokens 1 and 0 with max_tokens 0. Pass intervals as the mean gap between pings
-    (interval + jitter / 2) for the daily figures to match the scheduler.
+    (interval + jitter / 2) for the daily figures to match the scheduler. The break-even is
+    that of the keepalive at `ttl`, the pair's own.
     """
     n5, n1 = DAY / interval_5m, DAY / interval_1h
     ping = prices.warm_ping_cost(model, prefix_tokens, tail_tokens, output_tokens)
@@ -134,7 +123,10 @@ def ttl_advice(
     daily_1h = n1 * ping + cold_starts_per_day * pen1
     daily_none = None if cold_requests_per_day is None else cold_requests_per_day * pen5
     best, best_daily = ("1h", daily_1h) if daily_1h < daily_5m else ("5m", daily_5m)
-    breakeven = best_daily / pen5 if pen5 > 0 else None
+    own_daily, own_penalty = (daily_1h, pen1) if ttl == "1h" else (daily_5m, pen5)
+    minimum = price.min_cacheable_tokens
+    cacheable = minimum is None or prefix_tokens >= minimum
+    breakeven = break_even_misses_per_day(own_daily, own_penalty) if cacheable else None
     starts = f"{_count(cold_starts_per_day)} cold start{'s' if cold_starts_per_day != 1 else ''}/day"
     w5, w1 = prices.write_multiplier("5m"), prices.write_multiplier("1h")
     lines = [
@@ -152,8 +144,8 @@ def ttl_advice(
         lines.append(f"no keepalive: {_count(cold_requests_per_day or 0)} cold requests/day × {usd(pen5)}"
                      f" = {usd(daily_none)}/day")
     if breakeven is not None:
-        lines.append(f"break-even: the {best} keepalive pays for itself above {breakeven:,.1f} cold requests/day"
-                     f" ({usd(best_daily)} / {usd(pen5)})")
+        lines.append(f"break-even: the {ttl} keepalive pays for itself above {breakeven:,.1f} production cache"
+                     f" misses/day ({usd(own_daily)} / {usd(own_penalty)})")
     extra_write = pen1 - pen5
     if n5 > n1 and extra_write > 0:
         # Where 1h stops winning: its saved pings no longer cover its dearer writes.
@@ -163,8 +155,7 @@ def ttl_advice(
     recommended = best
     if daily_none is not None and daily_none <= best_daily:
         recommended = "none"
-    minimum = price.min_cacheable_tokens
-    if minimum is not None and prefix_tokens < minimum:
+    if not cacheable:
         recommended = "none"
         lines.append(f"the prefix ({prefix_tokens:,} tokens) is below {model}'s minimum of {minimum:,}: it cannot"
                      " cache, so no keepalive helps")

@@ -20,6 +20,9 @@ class Result(str, enum.Enum):
         return self.value
 
 
+RESULTS = tuple(r.value for r in Result)  # every result's label value, in the order above
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one response, with the cache write split by TTL."""

@@ -10,9 +10,10 @@ import math
 import os
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from keepwarm import __version__
 from keepwarm.classify import Result
@@ -21,24 +22,57 @@ from keepwarm.config import (
     Config,
     ConfigError,
     Pair,
+    is_loopback,
     load_config,
+    parse_listen,
     resolve_api_key,
 )
+from keepwarm.exitcodes import EX_CONFIG, EX_FAIL, EX_NOT_ALL_WARM, EX_OK, EX_USAGE
 from keepwarm.ledger import LedgerError
 from keepwarm.logs import event, setup_logging
+from keepwarm.pricing import format_usd
 
 log = logging.getLogger("keepwarm")
 
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 2
-EX_NOT_ALL_WARM = 3
-EX_CONFIG = 78
 DEFAULT_EMULATOR_SCALE = 0.05
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (0-65535)")
+    return port
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="keepwarm",
         description="Keeps Anthropic prompt caches warm and shows, in dollars, whether that pays.",
     )
@@ -61,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
             help="warm only shard K of N (0-based) of the pairs; overrides the config's shard",
         )
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if sp.prog.endswith("check"):
+            sp.add_argument("--explain", action="store_true", help="print the arithmetic behind each TTL advice")
         sp.add_argument(
             "--emulator",
             action="store_true",
@@ -69,14 +105,18 @@ def _parser() -> argparse.ArgumentParser:
         if scaled:
             sp.add_argument(
                 "--time-scale",
-                type=float,
-                default=DEFAULT_EMULATOR_SCALE,
-                help=f"with --emulator: multiply every TTL, interval and jitter by this (default {DEFAULT_EMULATOR_SCALE}: "
-                "a 5m TTL lasts 15s, a 4m interval 12s)",
+                type=_scale,
+                default=None,
+                metavar="S",
+                help=f"multiply every TTL, interval and jitter by S: with --emulator (default {DEFAULT_EMULATOR_SCALE}:"
+                " a 5m TTL lasts 15s, a 4m interval 12s), or for an emulator elsewhere whose TTLs are scaled by S"
+                " (api.base_url must then be a loopback address)",
             )
 
-    common(sub.add_parser("run", help="the daemon: keep every pair warm until SIGTERM; SIGHUP reloads"), scaled=True)
-    common(sub.add_parser("once", help="ping every pair once, print a row per pair, exit"))
+    run = sub.add_parser("run", help="the daemon: keep every pair warm until SIGTERM; SIGHUP reloads")
+    common(run, scaled=True)
+    run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="serve metrics here (overrides metrics.listen)")
+    common(sub.add_parser("once", help="ping every pair once, print a row per pair, exit"), scaled=True)
     common(sub.add_parser("check", help="validate the config and count each prefix's tokens; sends no ping"))
     rep = sub.add_parser("report", help="from the ledger: per pair, pings by result, hit rate, spend, break-even")
     rep.add_argument(
@@ -86,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
     rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
     emu = sub.add_parser("emulator", help="serve the local Messages API emulator on 127.0.0.1")
-    emu.add_argument("--port", type=int, default=8080)
-    emu.add_argument("--time-scale", type=float, default=1.0, help="multiply every cache TTL by this")
+    emu.add_argument("--port", type=_port, default=8080)
+    emu.add_argument("--time-scale", type=_scale, default=1.0, help="multiply every cache TTL by this (above 0)")
     emu.add_argument("--api-key", action="append", default=None, help="accept only this key (repeatable)")
     return p
 
@@ -104,6 +144,18 @@ def _shard_arg(text: str) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `keepwarm` console script."""
     args = _parser().parse_args(argv)
+    try:
+        code = _main(args)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe cannot be caught
+        return code
+    except BrokenPipeError:
+        # The reader went away (`keepwarm report | head -1`): what it read is what it wanted.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK if args.command == "report" else EX_FAIL
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "emulator":
         from keepwarm.emulator import serve
 
@@ -118,17 +170,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
         return EX_USAGE
+    time_scale = getattr(args, "time_scale", None)
+    if time_scale is not None and not args.emulator and not _scalable(args):
+        print(
+            f"keepwarm {args.command}: --time-scale needs --emulator, or an api.base_url on loopback"
+            " (an emulator started elsewhere); the real API's TTLs cannot be scaled",
+            file=sys.stderr,
+        )
+        return EX_USAGE
     if args.command == "run":
         from keepwarm import early_signals
 
         early_signals.hold()  # before the daemon's slow imports: a SIGHUP meanwhile is queued, not fatal
-        if args.emulator and not args.time_scale > 0:
-            print("keepwarm: --time-scale must be above 0", file=sys.stderr)
-            return EX_USAGE
         from keepwarm.daemon import Daemon, EmulatorMode
 
-        mode = EmulatorMode(args.time_scale) if args.emulator else None
+        mode = EmulatorMode(time_scale or DEFAULT_EMULATOR_SCALE) if args.emulator else None
         daemon = Daemon(args.config, mode, shard=args.shard)
+        daemon.time_scale = None if args.emulator else time_scale
+        daemon.listen = args.listen
         code = daemon.run()
         if daemon.abandoned:
             # Pings past the shutdown deadline run in worker threads that the interpreter would
@@ -139,9 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     try:
         with _session(args) as (config, client):
+            if not config.pairs:
+                event(log, logging.WARNING, "NO PAIRS: this shard holds none of the config's pairs; nothing to do",
+                      shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
+                      exit_code=EX_NOT_ALL_WARM)
+                return EX_NOT_ALL_WARM
             if args.command == "once":
                 return once(config, client)
-            return check(config, client, verbose=args.verbose)
+            return check(config, client, explain=args.explain)
     except ConfigError as exc:
         for problem in exc.problems:
             event(log, logging.ERROR, "config error", source=exc.source or str(args.config), problem=problem)
@@ -151,21 +215,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
 
+def _scalable(args: argparse.Namespace) -> bool:
+    """--time-scale without --emulator: only for an emulator elsewhere, on a loopback base_url.
+
+    A config that does not load is reported by the command itself, with its exit code.
+    """
+    try:
+        config = load_config(args.config, args.shard)
+    except ConfigError:
+        return True
+    url = config.api.base_url or os.environ.get("ANTHROPIC_BASE_URL")
+    return bool(url) and is_loopback(urllib.parse.urlsplit(url or "").hostname)
+
+
 @contextlib.contextmanager
 def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
     """A validated config and an SDK client, against the emulator when asked."""
     from keepwarm.ping import make_client
 
     config = load_config(args.config, args.shard)
+    for warning in config.warnings:
+        event(log, logging.WARNING, "config warning", source=str(args.config), problem=warning)
+    scale = getattr(args, "time_scale", None)
     if not args.emulator:
         key, warnings = resolve_api_key(config)
         for warning in warnings:
             event(log, logging.WARNING, warning)
+        if scale is not None:
+            event(log, logging.INFO, "time scaled for an emulator on loopback: every TTL, interval and jitter",
+                  time_scale=scale, base_url=config.api.base_url)
+            config = config.scaled(scale)
         yield config, _Client(make_client(config.api.base_url, key.value, config.api.timeout), key)
         return
     from keepwarm.emulator import Emulator
 
-    with Emulator() as emu:
+    if scale is not None:
+        config = config.scaled(scale)
+    with Emulator(time_scale=scale or 1.0) as emu:
         key = ApiKey("emulator-key", "the built-in emulator")
         yield config, _Client(make_client(emu.base_url, key.value, config.api.timeout), key)
 
@@ -184,9 +270,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
 
-
-def _usd(value: float | None, places: int = 6) -> str:
-    return "unknown" if value is None or math.isnan(value) else f"${value:.{places}f}"
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -259,7 +342,7 @@ def once(config: Config, client: _Client) -> int:
                 "-" if u is None else str(u.cache_read),
                 "-" if u is None else str(u.cache_write),
                 "-" if u is None else str(u.input),
-                "-" if u is None else _usd(o.total_cost),
+                "-" if u is None else format_usd(o.total_cost, 6),
                 f"{o.final.latency * 1000:.0f}ms",
                 o.pair.fingerprint[:12],
                 "" if o.error is None else f"{o.error.error_type}: {o.error.message}"[:80],
@@ -277,19 +360,23 @@ def once(config: Config, client: _Client) -> int:
 # --- check -----------------------------------------------------------------------------------
 
 
-def pings_per_day(pair: Pair) -> float:
-    """How many pings a day keep the pair warm: one per mean gap (interval + jitter / 2)."""
-    return 86400.0 / (pair.interval + pair.jitter / 2)
+def mean_gap(pair: Pair) -> float:
+    """The mean time between two pings of a pair: interval + jitter / 2 (jitter only delays)."""
+    return pair.interval + pair.jitter / 2
 
 
-def check(config: Config, client: _Client, verbose: bool = False) -> int:
-    """Count each prefix's tokens (free endpoint) against the model's minimum; send no ping."""
+def check(config: Config, client: _Client, explain: bool = False) -> int:
+    """Count each prefix's tokens (free endpoint) against the model's minimum; send no ping.
+
+    KEEPALIVE/DAY, MISS PENALTY and BREAK-EVEN are the advisor's figures for the pair's own
+    TTL, so the row and the advice's break-even line are one computation.
+    """
     import anthropic
 
     from keepwarm.advisor import ttl_advice
     from keepwarm.ping import describe_error
 
-    rows, below, failed = [], 0, 0
+    rows, below, errors = [], 0, []
     arithmetic: list[str] = []
     for pair in config.pairs:
         price = config.prices.get(pair.model)
@@ -299,25 +386,19 @@ def check(config: Config, client: _Client, verbose: bool = False) -> int:
             total = client.sdk.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
             tail = client.sdk.messages.count_tokens(model=pair.model, messages=message)
         except anthropic.AnthropicError as exc:
-            failed += 1
             err = describe_error(exc)
+            errors.append(f"{pair.key}: {err.error_type}: {err.message}")
             rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
-                         "-", f"error: {err.error_type}: {err.message}"[:80]])
+                         "-", "error: not counted (see below)"])
             continue
         prefix_tokens = total.input_tokens - tail.input_tokens
-        ping = config.prices.warm_ping_cost(pair.model, prefix_tokens, tail.input_tokens, pair.max_tokens)
-        daily = None if ping is None else ping * pings_per_day(pair)
-        penalty = config.prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
-        breakeven = None if daily is None or not penalty else daily / penalty
         status = "ok"
         if minimum is None:
             status = "minimum unknown"
         elif prefix_tokens < minimum:
             status = "below-minimum"
             below += 1
-        if ping is None:
-            status += ", no price"
-        # The 5m option at this pair's own timing; the 1h one at 55 m with the same jitter.
+        # The pair's own timing for its TTL; the other TTL at its default interval, same jitter.
         advice = ttl_advice(
             config.prices,
             pair.model,
@@ -326,7 +407,18 @@ def check(config: Config, client: _Client, verbose: bool = False) -> int:
             interval_5m=(pair.interval if pair.ttl == "5m" else 240.0) + pair.jitter / 2,
             interval_1h=(pair.interval if pair.ttl == "1h" else 3300.0) + pair.jitter / 2,
             output_tokens=pair.max_tokens,
+            ttl=pair.ttl,
         )
+        if advice.ping_cost is None:
+            status += ", no price"
+        daily = advice.daily_1h if pair.ttl == "1h" else advice.daily_5m
+        penalty = advice.miss_penalty_1h if pair.ttl == "1h" else advice.miss_penalty_5m
+        if status.startswith("below-minimum"):
+            breakeven = "-"  # it cannot cache: no keepalive pays for itself
+        elif advice.break_even_cold_per_day is None:
+            breakeven = "unknown"
+        else:
+            breakeven = f"{advice.break_even_cold_per_day:,.1f} misses/day"
         arithmetic += [f"{pair.key}:", *(f"  {line}" for line in advice.lines)]
         rows.append(
             [
@@ -335,10 +427,10 @@ def check(config: Config, client: _Client, verbose: bool = False) -> int:
                 pair.fingerprint[:12],
                 str(prefix_tokens),
                 "?" if minimum is None else str(minimum),
-                _usd(ping),
-                _usd(daily, 4),
-                _usd(penalty),
-                "unknown" if breakeven is None else f"{breakeven:.2f}/day",
+                format_usd(advice.ping_cost, 6),
+                format_usd(daily, 4),
+                format_usd(penalty, 6),
+                breakeven,
                 advice.recommended,
                 status,
             ]
@@ -350,12 +442,14 @@ def check(config: Config, client: _Client, verbose: bool = False) -> int:
             rows,
         )
     )
-    if verbose:
+    print("\nKEEPALIVE/DAY: pings at the pair's interval plus one cold start a day; BREAK-EVEN: production cache"
+          " misses a day the keepalive must prevent to pay for itself (KEEPALIVE/DAY / MISS PENALTY)")
+    if explain:
         print("\nTTL advice, with the arithmetic:\n" + "\n".join(arithmetic))
     if below:
         print(f"\n{below} pair(s) below the model's minimum cacheable length: they cannot cache; "
               "lengthen the prompt or drop the pair.")
-    if failed:
-        print(f"\n{failed} pair(s) could not be counted: see the errors above.", file=sys.stderr)
+    if errors:
+        print(f"\n{len(errors)} pair(s) could not be counted:", *(f"  {e}"[:200] for e in errors), sep="\n", file=sys.stderr)
         return EX_FAIL
     return EX_NOT_ALL_WARM if below else EX_OK

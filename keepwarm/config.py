@@ -9,12 +9,15 @@ The result is a frozen `Config` whose `pairs` are what the daemon warms.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import math
 import os
 import re
 import stat
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +29,11 @@ from keepwarm.durations import format_duration, parse_duration
 from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
 from keepwarm.shard import in_shard, parse_shard
+
+try:  # libyaml's parser when present: a 10,000-pair config loads in half the time
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 DEFAULT_INTERVAL = {"5m": 240.0, "1h": 3300.0}
@@ -53,8 +61,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _url(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = urllib.parse.urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL such as https://api.anthropic.com, got {value!r}")
+    return value
+
+
 class ApiSection(_Strict):
-    base_url: str | None = None
+    base_url: Annotated[str | None, BeforeValidator(_url)] = None
     api_key_file: str | None = None
     timeout: Duration = 30.0
     max_concurrency: int | None = Field(default=None, ge=1, le=1024)  # None: sized from the pairs
@@ -167,6 +183,7 @@ class Config:
     ledger_retention_days: float | None = None
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
+    warnings: tuple[str, ...] = ()  # worth logging at load, not worth refusing the config
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -223,6 +240,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def is_loopback(host: str | None) -> bool:
+    """True for a loopback host name or address (`localhost`, `127.x.y.z`, `::1`)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _read_text(base: Path, rel: str, where: str, problems: list[str], seen: dict[Path, str]) -> str | None:
     """Read a prompt or tools file once per load: thousands of experts often share a few files."""
     path = base / rel
@@ -238,6 +265,9 @@ def _read_text(base: Path, rel: str, where: str, problems: list[str], seen: dict
         return None
     if not text.strip():
         problems.append(f"{where}: file is empty: {path}")
+        return None
+    if "\x00" in text:
+        problems.append(f"{where}: {path} contains NUL bytes: a binary file, not a prompt")
         return None
     seen[path] = text
     return text
@@ -276,6 +306,47 @@ def _check_marker_order(prefix: Prefix, where: str, problems: list[str]) -> None
         problems.append(f"{where}: {markers} cache_control markers; the API allows at most 4")
 
 
+def _markers(prefix: Prefix, where: str) -> list[tuple[str, str]]:
+    """(location, ttl) of every cache_control marker the prefix sends, tools first."""
+    found = [
+        (f"{where}.tools_file: tool {t.get('name')!r}", t["cache_control"].get("ttl", "5m"))
+        for t in prefix.tools or ()
+        if "cache_control" in t
+    ]
+    found += [
+        (f"{where}.system[{k}].cache_control", b["cache_control"].get("ttl", "5m"))
+        for k, b in enumerate(prefix.system)
+        if "cache_control" in b
+    ]
+    return found
+
+
+def effective_ttl(prefix: Prefix, asked: str | None, asked_at: str, where: str, problems: list[str]) -> str:
+    """The pair's TTL: the shortest one its markers send, since that breakpoint lapses first.
+
+    A `ttl` set in the config must agree with the markers actually sent: a 1h expert whose
+    block carries a 5m marker would ping at 55 m and rewrite every time; the reverse would
+    bill 1h writes at the 5m rate. Such a contradiction is a config error at the marker.
+    """
+    markers = _markers(prefix, where)
+    if not markers:
+        return asked or "5m"
+    sent = min((ttl for _, ttl in markers), key=TTL_SECONDS.__getitem__)
+    if asked is not None and asked != sent:
+        loc = next((w for w, ttl in markers if TTL_SECONDS[ttl] < TTL_SECONDS[asked]), None)
+        if loc is not None:
+            problems.append(
+                f"{loc}: ttl {sent} contradicts the expert's ttl {asked} ({asked_at}): that breakpoint"
+                f" would expire between pings; give the marker ttl {asked} or set the expert's ttl to {sent}"
+            )
+        else:
+            problems.append(
+                f"{asked_at}: ttl {asked} contradicts the expert's cache_control markers, which all say"
+                f" ttl {sent}: set ttl {sent} or change the markers"
+            )
+    return sent
+
+
 def auto_concurrency(pairs: Iterable[Pair], latency: float = 1.0, headroom: float = 1.5) -> int:
     """Workers enough for every pair's pings at `latency` seconds each, with headroom (at least 8).
 
@@ -285,129 +356,220 @@ def auto_concurrency(pairs: Iterable[Pair], latency: float = 1.0, headroom: floa
     return min(max(8, math.ceil(rate * latency * headroom)), 1024)
 
 
+@dataclass
+class _Load:
+    """What one load collects while it resolves: problems, warnings, files read, broken keys."""
+
+    base: Path
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seen: dict[Path, str] = field(default_factory=dict)
+    # Keys whose value was rejected by the shape check: checks that would read them are
+    # skipped, so one typo is reported once, not again as every consequence it has.
+    broken: frozenset[str] = frozenset()
+
+    def is_broken(self, loc: str) -> bool:
+        """True when the value at `loc` (`defaults.ttl`), or its whole section, was rejected."""
+        return loc in self.broken or loc.split(".", 1)[0] in self.broken
+
+
+@dataclass(frozen=True)
+class _Timing:
+    ttl: str | None  # as configured; None when neither the expert nor defaults set it
+    ttl_at: str
+    interval: float | None
+    jitter: float
+    max_tokens: int
+    message: str
+    models: list[str]
+
+
+def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: _Load) -> _Timing:
+    """The expert's settings with defaults applied, checked one by one."""
+
+    def pick(key: str) -> Any:
+        own = getattr(expert, key)
+        return own if own is not None else getattr(d, key)
+
+    def at(key: str) -> str:
+        """Where a setting came from, so an error points at the line to fix."""
+        return f"{where}.{key}" if getattr(expert, key) is not None else f"defaults.{key}"
+
+    jitter = pick("jitter")
+    max_tokens = pick("max_tokens")
+    message = pick("ping_message")
+    timing = _Timing(
+        ttl=pick("ttl"),
+        ttl_at=at("ttl"),
+        interval=pick("interval"),
+        jitter=10.0 if jitter is None else jitter,
+        max_tokens=1 if max_tokens is None else max_tokens,
+        message="ping" if message is None else message,
+        models=pick("models") or [],
+    )
+    if not timing.models and not load.is_broken(at("models")):
+        load.problems.append(f"{where}.models: no models: set them here or in defaults.models")
+    for j, model in enumerate(timing.models):
+        if timing.models.index(model) != j:
+            load.problems.append(f"{where}.models[{j}]: duplicate model {model!r}")
+    if timing.interval is not None and timing.interval <= 0:
+        load.problems.append(f"{at('interval')}: must be above 0, got {format_duration(timing.interval)}")
+    if timing.jitter < 0:
+        load.problems.append(f"{at('jitter')}: must be 0 or more")
+    if not timing.message.strip():
+        load.problems.append(f"{at('ping_message')}: must contain non-whitespace text")
+    return timing
+
+
+def _check_interval(ttl: str, interval: float, jitter: float, at: dict[str, str], load: _Load) -> None:
+    """interval < ttl, and interval + jitter < ttl: else pings find the cache expired."""
+    if any(load.is_broken(loc) for loc in at.values()):
+        return  # a rejected ttl, interval or jitter: comparing against its default would mislead
+    ttl_s = TTL_SECONDS[ttl]
+    if interval >= ttl_s:
+        load.problems.append(
+            f"{at['interval']}: {format_duration(interval)} must be below the ttl ({ttl}),"
+            " or every ping finds the cache already expired"
+        )
+    elif interval + jitter >= ttl_s:
+        load.problems.append(
+            f"{at['jitter']}: interval + jitter ({format_duration(interval + jitter)}) must stay below the ttl ({ttl})"
+        )
+
+
+def _system_blocks(expert: ExpertSection, where: str, load: _Load) -> list[str | dict[str, Any]]:
+    """The expert's system blocks, files read, each with the marker it was given (if any)."""
+    blocks: list[str | dict[str, Any]] = []
+    for k, block in enumerate(expert.system):
+        bwhere = f"{where}.system[{k}]"
+        if (block.file is None) == (block.text is None):
+            load.problems.append(f"{bwhere}: give exactly one of `file` or `text`")
+            continue
+        if block.text is not None:
+            text: str | None = block.text
+            if not block.text.strip():
+                load.problems.append(f"{bwhere}.text: is empty")
+            elif "\x00" in block.text:
+                load.problems.append(f"{bwhere}.text: contains NUL bytes")
+        else:
+            text = _read_text(load.base, block.file or "", f"{bwhere}.file", load.problems, load.seen)
+        if text is None:
+            continue
+        item: dict[str, Any] = {"type": "text", "text": text}
+        if block.cache_control is not None:
+            item["cache_control"] = block.cache_control.model_dump(exclude_none=True)
+        blocks.append(item)
+    return blocks
+
+
+def _expert_pairs(expert: ExpertSection, i: int, d: DefaultsSection, load: _Load) -> list[Pair]:
+    """The pairs of one expert (one per model), every per-expert rule checked."""
+    where = f"experts[{i}]"
+    timing = _expert_timing(expert, d, where, load)
+    blocks = _system_blocks(expert, where, load)
+    tools = (
+        _read_tools(load.base, expert.tools_file, f"{where}.tools_file", load.problems, load.seen)
+        if expert.tools_file
+        else None
+    )
+    prefix = build_prefix(blocks, tools, timing.ttl or "5m")
+    _check_marker_order(prefix, where, load.problems)
+    ttl = effective_ttl(prefix, timing.ttl, timing.ttl_at, where, load.problems)
+    interval = DEFAULT_INTERVAL[ttl] if timing.interval is None else timing.interval
+    own = {"ttl": expert.ttl, "interval": expert.interval, "jitter": expert.jitter}
+    at = {k: f"{where}.{k}" if v is not None else f"defaults.{k}" for k, v in own.items()}
+    if interval > 0:
+        _check_interval(ttl, interval, timing.jitter, at, load)
+    return [
+        Pair(
+            expert=expert.name,
+            model=model,
+            ttl=ttl,
+            ttl_seconds=TTL_SECONDS[ttl],
+            interval=interval,
+            jitter=timing.jitter,
+            max_tokens=timing.max_tokens,
+            ping_message=timing.message,
+            prefix=prefix,
+            fingerprint=prefix.fingerprint(model),
+        )
+        for model in dict.fromkeys(timing.models)
+    ]
+
+
+def _unknown_model_warnings(experts: list[ExpertSection | None], d: DefaultsSection, prices: PriceTable) -> list[str]:
+    """A model in neither the price table nor the minimum table is likely a typo: say so at load."""
+    known = sorted(prices.models)
+    warnings = []
+    for i, expert in enumerate(experts):
+        if expert is None:
+            continue
+        own = expert.models is not None
+        for j, model in enumerate((expert.models if expert.models is not None else d.models) or []):
+            if model in prices.models:
+                continue
+            where = f"experts[{i}].models[{j}]" if own else f"defaults.models[{j}]"
+            close = difflib.get_close_matches(model, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            warnings.append(
+                f"{where}: model {model!r} has no price and no minimum cacheable length in the tables:"
+                f" it is pinged, its cost is unknown{hint}"
+            )
+    return list(dict.fromkeys(warnings))  # models from defaults would repeat per expert
+
+
+def _shard(raw: FileSection, shard: tuple[int, int] | None, problems: list[str]) -> tuple[int, int] | None:
+    """The shard to warm: `--shard` over the file's `shard:` key; None for all pairs."""
+    if shard is None and raw.shard is not None:
+        try:
+            return parse_shard(raw.shard)
+        except ValueError as exc:
+            problems.append(f"shard: {exc}")
+    return shard
+
+
 def _resolve(
     raw: FileSection,
     experts: list[ExpertSection | None],
-    shape_problems: list[str],
-    base: Path,
+    load: _Load,
     path: Path | None,
     shard: tuple[int, int] | None = None,
+    all_shards: bool = False,
 ) -> Config:
-    problems: list[str] = []
-    seen: dict[Path, str] = {}
-    d = raw.defaults
+    """Apply defaults, read files, check the rules that span keys, and build the frozen Config."""
     names: set[str] = set()
     pairs: list[Pair] = []
     for i, expert in enumerate(experts):
         if expert is None:
             continue  # its shape problems are already reported
-        where = f"experts[{i}]"
         if expert.name in names:
-            problems.append(f"{where}.name: duplicate expert name {expert.name!r}")
+            load.problems.append(f"experts[{i}].name: duplicate expert name {expert.name!r}")
         names.add(expert.name)
+        pairs += _expert_pairs(expert, i, raw.defaults, load)
 
-        def pick(key: str) -> Any:
-            own = getattr(expert, key)  # noqa: B023 - used right away, inside this iteration
-            return own if own is not None else getattr(d, key)
-
-        def at(key: str) -> str:
-            """Where a setting came from, so an error points at the line to fix."""
-            return f"{where}.{key}" if getattr(expert, key) is not None else f"defaults.{key}"  # noqa: B023
-
-        ttl = pick("ttl") or "5m"
-        interval = pick("interval")
-        interval = DEFAULT_INTERVAL[ttl] if interval is None else interval
-        jitter = pick("jitter")
-        jitter = 10.0 if jitter is None else jitter
-        max_tokens = pick("max_tokens")
-        max_tokens = 1 if max_tokens is None else max_tokens
-        message = pick("ping_message")
-        message = "ping" if message is None else message
-        models = pick("models") or []
-        ttl_s = TTL_SECONDS[ttl]
-
-        if not models:
-            problems.append(f"{where}.models: no models: set them here or in defaults.models")
-        for j, model in enumerate(models):
-            if models.index(model) != j:
-                problems.append(f"{where}.models[{j}]: duplicate model {model!r}")
-        if interval <= 0:
-            problems.append(f"{at('interval')}: must be above 0, got {format_duration(interval)}")
-        if jitter < 0:
-            problems.append(f"{at('jitter')}: must be 0 or more")
-        if interval >= ttl_s:
-            problems.append(
-                f"{at('interval')}: {format_duration(interval)} must be below the ttl ({ttl}),"
-                " or every ping finds the cache already expired"
-            )
-        elif interval + jitter >= ttl_s:
-            problems.append(
-                f"{at('jitter')}: interval + jitter ({format_duration(interval + jitter)}) must stay below the ttl ({ttl})"
-            )
-        if not message.strip():
-            problems.append(f"{at('ping_message')}: must contain non-whitespace text")
-
-        blocks: list[str | dict[str, Any]] = []
-        for k, block in enumerate(expert.system):
-            bwhere = f"{where}.system[{k}]"
-            if (block.file is None) == (block.text is None):
-                problems.append(f"{bwhere}: give exactly one of `file` or `text`")
-                continue
-            text = block.text if block.text is not None else _read_text(base, block.file or "", f"{bwhere}.file", problems, seen)
-            if text is None:
-                continue
-            if block.text is not None and not text.strip():
-                problems.append(f"{bwhere}.text: is empty")
-            item: dict[str, Any] = {"type": "text", "text": text}
-            if block.cache_control is not None:
-                item["cache_control"] = block.cache_control.model_dump(exclude_none=True)
-            blocks.append(item)
-        tools = _read_tools(base, expert.tools_file, f"{where}.tools_file", problems, seen) if expert.tools_file else None
-        prefix = build_prefix(blocks, tools, ttl)
-        _check_marker_order(prefix, where, problems)
-        for model in dict.fromkeys(models):
-            pairs.append(
-                Pair(
-                    expert=expert.name,
-                    model=model,
-                    ttl=ttl,
-                    ttl_seconds=ttl_s,
-                    interval=interval,
-                    jitter=jitter,
-                    max_tokens=max_tokens,
-                    ping_message=message,
-                    prefix=prefix,
-                    fingerprint=prefix.fingerprint(model),
-                )
-            )
-
-    prices, price_problems = load_price_table(base / raw.pricing_file if raw.pricing_file else None)
-    problems += price_problems
+    prices, price_problems = load_price_table(load.base / raw.pricing_file if raw.pricing_file else None)
+    load.problems += price_problems
+    load.warnings += _unknown_model_warnings(experts, raw.defaults, prices)
     try:
         host, port = parse_listen(raw.metrics.listen)
     except ValueError as exc:
-        problems.append(f"metrics.listen: {exc}")
+        load.problems.append(f"metrics.listen: {exc}")
         host, port = "127.0.0.1", 9464
-    if shard is None and raw.shard is not None:
-        try:
-            shard = parse_shard(raw.shard)
-        except ValueError as exc:
-            problems.append(f"shard: {exc}")
-    if shard is not None:
+    shard = _shard(raw, shard, load.problems)
+    if shard is not None and not all_shards:
         pairs = [p for p in pairs if in_shard(p.key, *shard)]
     if raw.api.timeout <= 0:
-        problems.append("api.timeout: must be above 0")
+        load.problems.append("api.timeout: must be above 0")
     if raw.shutdown_timeout < 0:
-        problems.append("shutdown_timeout: must be 0 or more")
-    problems = shape_problems + problems
-    if problems:
+        load.problems.append("shutdown_timeout: must be 0 or more")
+    if load.problems:
         # Settings inherited from `defaults` would repeat one problem per expert.
-        raise ConfigError(list(dict.fromkeys(problems)), str(path) if path else "")
+        raise ConfigError(list(dict.fromkeys(load.problems)), str(path) if path else "")
     return Config(
         path=path,
         api=ApiSettings(
             base_url=raw.api.base_url,
-            api_key_file=base / raw.api.api_key_file if raw.api.api_key_file else None,
+            api_key_file=load.base / raw.api.api_key_file if raw.api.api_key_file else None,
             timeout=raw.api.timeout,
             max_concurrency=raw.api.max_concurrency or auto_concurrency(pairs),
             cache_diagnostics=raw.api.cache_diagnostics,
@@ -417,31 +579,111 @@ def _resolve(
         prices=prices,
         metrics_host=host,
         metrics_port=port,
-        ledger_path=base / raw.ledger.path if raw.ledger.path else None,
+        ledger_path=load.base / raw.ledger.path if raw.ledger.path else None,
         ledger_retention_days=raw.ledger.retention_days,
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
+        warnings=tuple(load.warnings),
     )
 
 
-def parse_config(data: Any, base: Path, path: Path | None = None, shard: tuple[int, int] | None = None) -> Config:
-    """Validate already-parsed YAML; file paths inside resolve against `base`."""
+def _drop(doc: dict[str, Any], loc: tuple[Any, ...], broken: set[str]) -> None:
+    """Remove the rejected value at `loc` (to its section's key) so its default stands in."""
+    head = loc[0]
+    section = doc.get(head)
+    if len(loc) >= 2 and isinstance(section, dict) and isinstance(loc[1], str):
+        doc[head] = {k: v for k, v in section.items() if k != loc[1]}
+        broken.add(f"{head}.{loc[1]}")
+    elif head == "experts":
+        doc[head] = [None]  # reported as it is; the experts are validated one by one
+        broken.add(head)
+    else:
+        doc.pop(head, None)
+        broken.add(str(head))
+
+
+def _file_section(data: dict[str, Any], problems: list[str]) -> tuple[FileSection, frozenset[str]]:
+    """Validate the top level, reporting every bad key and going on with the good ones.
+
+    A rejected value is dropped and validation runs again, so an unknown key in one section
+    does not hide the cross-key checks (interval vs ttl, listen address, shard) of the rest.
+    """
+    doc = dict(data)
+    broken: set[str] = set()
+    for _ in range(8):  # each round drops what the last one rejected; a few rounds always do
+        try:
+            return FileSection.model_validate(doc), frozenset(broken)
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc)
+            for err in exc.errors():
+                _drop(doc, tuple(err["loc"]), broken)
+    raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def parse_config(
+    data: Any,
+    base: Path,
+    path: Path | None = None,
+    shard: tuple[int, int] | None = None,
+    *,
+    all_shards: bool = False,
+    problems: Sequence[str] = (),
+) -> Config:
+    """Validate already-parsed YAML; file paths inside resolve against `base`.
+
+    `all_shards` keeps every pair whatever the shard (for `load_prefix`); `problems` are
+    ones already found (duplicate keys), reported together with the rest.
+    """
     if not isinstance(data, dict):
         kind = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise ConfigError([f"(top level): expected a mapping of settings, got {kind}"], str(path or ""))
-    problems: list[str] = []
+        raise ConfigError([*problems, f"(top level): expected a mapping of settings, got {kind}"], str(path or ""))
+    per_expert: list[str] = []
     experts: list[ExpertSection | None] = []
     for i, item in enumerate(data.get("experts") or [] if isinstance(data.get("experts"), list) else []):
         try:
             experts.append(ExpertSection.model_validate(item))
         except ValidationError as exc:
-            problems += _pydantic_problems(exc, ("experts", i))
+            per_expert += _pydantic_problems(exc, ("experts", i))
             experts.append(None)
+    top: list[str] = []
     try:
-        raw = FileSection.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc) + problems, str(path or "")) from None
-    return _resolve(raw, experts, problems, base, path, shard)
+        raw, broken = _file_section(data, top)
+    except ConfigError as exc:
+        raise ConfigError([*problems, *exc.problems, *per_expert], str(path or "")) from None
+    load = _Load(base=base, broken=broken, problems=[*problems, *top, *per_expert])
+    return _resolve(raw, experts, load, path, shard, all_shards)
+
+
+class _UniqueKeyLoader(_BaseLoader):
+    """A safe YAML loader that notes duplicate keys (PyYAML silently keeps the last one)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                self.duplicates.append(
+                    f"line {line}: duplicate key {key_node.value!r} (first at line {first[key_node.value]});"
+                    " only one may be given"
+                )
+            else:
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    """Parse YAML, returning the data and one problem per duplicate key."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(text: str, exc: yaml.YAMLError) -> str:
@@ -455,21 +697,21 @@ def _yaml_problem(text: str, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"
 
 
-def load_config(path: Path, shard: tuple[int, int] | None = None) -> Config:
+def load_config(path: Path, shard: tuple[int, int] | None = None, *, all_shards: bool = False) -> Config:
     """Read and validate a config file; raise ConfigError naming every problem.
 
-    `shard` (from `--shard K/N`) overrides the file's own `shard:` key.
+    `shard` (from `--shard K/N`) overrides the file's own `shard:` key; `all_shards` keeps
+    every pair whatever the shard.
     """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read the config file: {exc}"], str(path)) from None
     try:
-        # libyaml's loader when present: a 10,000-pair config loads in half the time.
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data, duplicates = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(text, exc)], str(path)) from None
-    return parse_config(data, path.parent, path, shard)
+    return parse_config(data, path.parent, path, shard, all_shards=all_shards, problems=duplicates)
 
 
 # --- the API key ---------------------------------------------------------------------------

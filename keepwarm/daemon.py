@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,19 +21,17 @@ from typing import Any
 from keepwarm import __version__, early_signals, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
 from keepwarm.durations import format_duration
+from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.gate import Gate
 from keepwarm.ledger import Ledger, LedgerError
-from keepwarm.logs import event
+from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
-from keepwarm.web import WebServer
+from keepwarm.web import PageInfo, WebServer
 
 log = logging.getLogger("keepwarm")
-
-EX_OK = 0
-EX_CONFIG = 78
 
 
 @dataclass(frozen=True)
@@ -66,12 +64,22 @@ def build_runner(
 
 def build_web(config: Config, metrics: Metrics, scheduler: Scheduler) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
+
+    def page_info() -> PageInfo:
+        reload_ok = metrics.registry.get_sample_value("keepwarm_config_last_reload_successful")
+        return PageInfo(
+            time_scale=None if config.time_scale == 1.0 else config.time_scale,
+            reload_ok=reload_ok != 0,
+            prices=scheduler.runner.prices,
+        )
+
     return WebServer(
         config.metrics_host,
         config.metrics_port,
         metrics,
         states=lambda: list(scheduler.states.values()),
         health=scheduler.healthy,
+        page_info=page_info,
     )
 
 
@@ -93,16 +101,22 @@ class Daemon:
         self.reload_event = threading.Event()
         self.signals = 0
         self.abandoned = 0  # pings still running at the stop deadline: the caller must not wait for them
+        self.time_scale: float | None = None  # --time-scale for an emulator elsewhere, on loopback
+        self.listen: tuple[str, int] | None = None  # --listen, over metrics.listen
 
     # --- config ----------------------------------------------------------------------------
 
     def _load(self) -> tuple[Config, ApiKey, list[str]]:
         config = load_config(self.config_path, self.shard)
+        if self.listen is not None:
+            config = replace(config, metrics_host=self.listen[0], metrics_port=self.listen[1])
         if self.emulator is not None:
             config = config.scaled(self.emulator_mode.time_scale if self.emulator_mode else 1.0)
-            return config, ApiKey("emulator-key", "the built-in emulator"), []
+            return config, ApiKey("emulator-key", "the built-in emulator"), list(config.warnings)
+        if self.time_scale is not None:
+            config = config.scaled(self.time_scale)
         key, warnings = resolve_api_key(config)
-        return config, key, warnings
+        return config, key, [*config.warnings, *warnings]
 
     def _base_url(self, config: Config) -> str | None:
         return self.emulator.base_url if self.emulator is not None else config.api.base_url
@@ -113,7 +127,7 @@ class Daemon:
         self.signals += 1
         if self.signals > 1:
             # A second signal means "now": every committed ledger row is already on disk.
-            os.write(2, b"second stop signal: exiting at once\n")
+            os.write(2, emergency_line(logging.WARNING, "second stop signal: exiting at once", exit_code=1))
             os._exit(1)
         self.stop_event.set()
 
@@ -165,6 +179,12 @@ class Daemon:
                 ttl_5m_is=format_duration(300 * config.time_scale),
                 example_interval=format_duration(config.pairs[0].interval) if config.pairs else None,
             )
+        elif self.time_scale is not None:
+            event(log, logging.INFO, "time scaled for an emulator on loopback: every TTL, interval and jitter",
+                  time_scale=self.time_scale, base_url=config.api.base_url, ttl_5m_is=format_duration(300 * config.time_scale))
+        if not config.pairs:
+            event(log, logging.WARNING, "NO PAIRS: this shard holds none of the config's pairs; running idle",
+                  shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}")
 
         metrics = Metrics()
         try:
@@ -182,8 +202,10 @@ class Daemon:
             web = build_web(config, metrics, scheduler)
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
-                  error=exc.strerror or str(exc))
-            return EX_CONFIG
+                  error=exc.strerror or str(exc), exit_code=EX_UNAVAILABLE)
+            # A taken port is usually transient (the old process still exiting): not EX_CONFIG,
+            # which the service manager would never retry.
+            return EX_UNAVAILABLE
         web.start()
         host, port = web.address
         if not _is_loopback(host):

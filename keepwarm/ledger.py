@@ -402,8 +402,13 @@ def _readonly(path: Path | str) -> Iterator[sqlite3.Connection]:
     if not Path(path).is_file():
         raise LedgerError(f"ledger {where}: no such file (is ledger.path set, and has the daemon run?)")
     try:
-        # mode=ro: a report must never create, migrate or prune the daemon's file.
-        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        # mode=ro: a report must never create, migrate or prune the daemon's file. Without a
+        # -wal file (the daemon stopped cleanly) nothing can change it: immutable=1 also spares
+        # creating the -shm file, which a read-only user may not do.
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        if not Path(f"{path}-wal").exists():
+            uri += "&immutable=1"
+        db = sqlite3.connect(uri, uri=True, timeout=5.0)
     except sqlite3.Error as exc:
         raise LedgerError(f"ledger {where}: cannot open it: {exc}") from None
     try:

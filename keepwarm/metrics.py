@@ -32,12 +32,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from keepwarm import __version__
-from keepwarm.classify import MISS_CAUSES, Result
+from keepwarm.classify import MISS_CAUSES, RESULTS
 from keepwarm.config import Pair
 from keepwarm.ping import ERROR_TYPES
 from keepwarm.pricing import COST_KINDS
 
-RESULTS = tuple(r.value for r in Result)
 _PAIR = ("expert", "model")
 # Pings take tens of milliseconds to many seconds (retries, slow API).
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -55,23 +55,24 @@ def build_prefix(
     """Build a prefix from system texts (or text blocks) and optional tool definitions.
 
     A block given as a dict is kept as it is, `cache_control` included. If no system block
-    and no tool carries a `cache_control` marker, the last system block gets one for `ttl`.
+    carries a `cache_control` marker, the last system block gets one for `ttl`, whatever the
+    tools carry: a marker on a tool caches only the tools, never the system prompt after them.
+    Only an expert without system blocks gets the default marker on its last tool.
     """
     blocks: list[dict[str, Any]] = [
         {"type": "text", "text": item} if isinstance(item, str) else copy.deepcopy(dict(item))
         for item in system
     ]
     tool_list = None if tools is None else [copy.deepcopy(dict(t)) for t in tools]
-    marked = any("cache_control" in b for b in blocks) or any("cache_control" in t for t in tool_list or [])
-    if not marked:
-        if blocks:
+    if blocks:
+        if not any("cache_control" in b for b in blocks):
             blocks[-1]["cache_control"] = cache_marker(ttl)
-        elif tool_list:
-            tool_list[-1]["cache_control"] = cache_marker(ttl)
+    elif tool_list and not any("cache_control" in t for t in tool_list):
+        tool_list[-1]["cache_control"] = cache_marker(ttl)
     return Prefix(system=tuple(blocks), tools=None if tool_list is None else tuple(tool_list))
 
 
-def fingerprint(model: str, system: Any, tools: Any = None) -> str:
+def fingerprint(model: str | None, system: Any, tools: Any = None) -> str:
     """sha256 of the canonical JSON of model, system and tools (SPEC §1)."""
     doc: dict[str, Any] = {"model": model, "system": system}
     if tools is not None:
@@ -80,16 +81,26 @@ def fingerprint(model: str, system: Any, tools: Any = None) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+class UnknownExpertError(KeyError):
+    """`load_prefix` was asked for an expert the config does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would show the message in quotes
+
+
 def load_prefix(config_path: str | Path, expert: str) -> Prefix:
     """The prefix keepwarm warms for `expert`, read from a keepwarm config file.
 
-    Raises `keepwarm.config.ConfigError` if the config is invalid, `KeyError` if it has no
-    such expert.
+    Every expert of the file is found, whatever its `shard:` (production serves them all).
+    Raises `keepwarm.config.ConfigError` if the config is invalid, `UnknownExpertError`
+    (a `KeyError`) naming the known experts if it has no such expert.
     """
     from keepwarm.config import load_config  # late import: config imports this module
 
-    config = load_config(Path(config_path))
+    config = load_config(Path(config_path), all_shards=True)
     for pair in config.pairs:
         if pair.expert == expert:
             return pair.prefix
-    raise KeyError(f"no expert named {expert!r} in {config_path}")
+    known = list(dict.fromkeys(p.expert for p in config.pairs))
+    shown = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+    raise UnknownExpertError(f"no expert named {expert!r} in {config_path}; known experts: {shown}")

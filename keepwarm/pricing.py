@@ -7,6 +7,7 @@ unknown, never zero. The table ships as `keepwarm/data/models.yaml`; a user's
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -94,6 +95,41 @@ class PriceTable:
         return None if costs is None else math.fsum(costs.values())
 
 
+def format_usd(value: float | None, places: int | None = None) -> str:
+    """Money for people, the one formatter of tables, pages and advice; `unknown` for None/NaN.
+
+    With `places`, that many decimals (`$0.001234`); without, cents above a dollar and up to
+    three significant figures below (`$2.40`, `$0.0069`). Machines get full precision elsewhere.
+    """
+    if value is None or math.isnan(value):
+        return "unknown"
+    if places is not None:
+        return f"${value:,.{places}f}"
+    if value == 0:
+        return "$0"
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    if value >= 1:
+        return f"{sign}${value:,.2f}"
+    places = max(2, 2 - math.floor(math.log10(value)))
+    text = f"{value:.{places}f}"
+    if places > 2:  # $0.24, not $0.240; but always whole cents
+        text = text.rstrip("0")
+        text += "0" * max(0, 2 - len(text.partition(".")[2]))
+    return f"{sign}${text}"
+
+
+def break_even_misses_per_day(keepalive_usd_per_day: float | None, miss_penalty_usd: float | None) -> float | None:
+    """Production cache misses a day the keepalive must prevent to pay for itself.
+
+    The keepalive's cost a day divided by one miss penalty (what a production request pays
+    extra when it finds the cache cold). The one definition `check`, the TTL advisor and
+    `report` share; None when either figure is unknown or nothing can be saved.
+    """
+    if keepalive_usd_per_day is None or miss_penalty_usd is None or miss_penalty_usd <= 0:
+        return None
+    return keepalive_usd_per_day / miss_penalty_usd
+
+
 def _parse_models(raw: Any, where: str) -> tuple[dict[str, ModelPrice], list[str]]:
     errors: list[str] = []
     models: dict[str, ModelPrice] = {}
@@ -144,8 +180,9 @@ def _first_known(value: Any, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+@functools.lru_cache(maxsize=1)
 def builtin_table() -> PriceTable:
-    """The price table shipped with keepwarm."""
+    """The price table shipped with keepwarm, parsed once per process (it is frozen)."""
     text = resources.files("keepwarm").joinpath("data/models.yaml").read_text(encoding="utf-8")
     table, errors = _table_from_mapping(yaml.safe_load(text), "keepwarm/data/models.yaml")
     if errors:  # a broken shipped table is a packaging bug, not a user error

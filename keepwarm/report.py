@@ -34,16 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from keepwarm.classify import Result
+from keepwarm.classify import RESULTS, Result
 from keepwarm.durations import format_duration
+from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_USAGE
 from keepwarm.ledger import LedgerError, LedgerRow, read_first_seen, read_ledger
-from keepwarm.pricing import COST_KINDS, PriceTable
+from keepwarm.pricing import COST_KINDS, PriceTable, break_even_misses_per_day, format_usd
 
-EX_OK = 0
-EX_USAGE = 2
-EX_CONFIG = 78
 FORMATS = ("table", "json", "csv")
-RESULTS = tuple(r.value for r in Result)
 SHORT_WINDOW = 3600.0  # below this, a day's figures rest on a handful of pings
 TOTAL = "TOTAL"  # upper case cannot be an expert name, so the total row is unambiguous
 
@@ -93,13 +90,6 @@ def hit_rate(cache_read: int, cache_write: int) -> float | None:
 def spend_per_day(spend: float, window_seconds: float) -> float | None:
     """Spend scaled to 24 hours; None for an empty window."""
     return None if window_seconds <= 0 else spend / window_seconds * 86400.0
-
-
-def break_even(per_day: float | None, miss_penalty: float | None) -> float | None:
-    """Misses a day the keepalive must prevent to pay for itself; None when unknowable."""
-    if per_day is None or not miss_penalty:
-        return None
-    return per_day / miss_penalty
 
 
 def _is_cached(row: LedgerRow) -> bool:
@@ -156,7 +146,7 @@ def pair_report(
         spend_per_day=per_day,
         prefix_tokens=prefix,
         miss_penalty=penalty,
-        break_even=break_even(per_day, penalty),
+        break_even=break_even_misses_per_day(per_day, penalty),
     )
 
 
@@ -292,14 +282,11 @@ def render_csv(report: Report, out: TextIO) -> None:
         writer.writerow([_csv_cell(row[f]) for f in CSV_FIELDS])
 
 
-def _usd(value: float | None, places: int) -> str:
-    return "unknown" if value is None else f"${value:,.{places}f}"
-
 
 def _spend_text(p: PairReport) -> str:
     if not p.spend_unknown:
-        return _usd(p.spend, 4)
-    return "unknown" if p.spend == 0 else f">= {_usd(p.spend, 4)} (some unpriced)"
+        return format_usd(p.spend, 4)
+    return "unknown" if p.spend == 0 else f">= {format_usd(p.spend, 4)} (some unpriced)"
 
 
 def render_table(report: Report) -> str:
@@ -323,8 +310,8 @@ def render_table(report: Report) -> str:
                 *(str(p.pings[r]) for r in RESULTS),
                 "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
                 _spend_text(p),
-                _usd(p.spend_per_day, 4),
-                "-" if p is report.total else _usd(p.miss_penalty, 6),
+                format_usd(p.spend_per_day, 4),
+                "-" if p is report.total else format_usd(p.miss_penalty, 6),
                 "-" if p is report.total else ("unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"),
             ]
         )

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from keepwarm import __version__
 from keepwarm.durations import format_duration
 from keepwarm.metrics import Metrics
+from keepwarm.pricing import PriceTable, format_usd
 from keepwarm.runner import PairState
 
 
@@ -32,23 +34,57 @@ def cache_state(state: PairState, now: float) -> str:
 
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}
+td.n{text-align:right;font-variant-numeric:tabular-nums}td.why{white-space:normal;min-width:16em}
 .warm{color:#080;font-weight:600}.cold,.error,.parked{color:#b00;font-weight:600}
 .uncached{color:#a60;font-weight:600}.pending{color:#666}code{font-size:12px}
+.banner{background:#fee;border:1px solid #b00;padding:.5em 1em}span[title]{border-bottom:1px dotted #999}
 """
+STATES = ("warm", "cold", "uncached", "error", "parked", "pending")  # the order of the header's counts
 
 
-def render_page(states: list[PairState], healthy: tuple[bool, str], now: float | None = None) -> str:
-    """The landing page: one row per pair, the page an operator opens first."""
+@dataclass(frozen=True)
+class PageInfo:
+    """What the status page shows beyond the pairs' states."""
+
+    time_scale: float | None = None  # the emulator's (or a scaled run's) time factor; None: real time
+    reload_ok: bool = True  # False after a rejected SIGHUP reload
+    prices: PriceTable | None = None  # for the minimum behind an `uncached`
+
+
+def _at(when: float, text: str) -> str:
+    """`text` with the absolute UTC time on hover."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+    return f'<span title="{stamp}">{html.escape(text)}</span>'
+
+
+def _why(s: PairState, word: str, prices: PriceTable | None) -> str:
+    """The problem column: the error, why the pair is parked, or why it does not cache."""
+    if s.parked:
+        return f"parked: {s.park_reason}"
+    if word == "uncached":
+        minimum = prices.get(s.pair.model).min_cacheable_tokens if prices is not None else None
+        if minimum is not None and s.prefix_tokens < minimum:
+            return f"{s.prefix_tokens:,} tokens < minimum {minimum:,}"
+        return "caching did not activate (no breakpoint reached the model's minimum)"
+    return s.last_error or ""
+
+
+def render_page(
+    states: list[PairState], healthy: tuple[bool, str], now: float | None = None, info: PageInfo | None = None
+) -> str:
+    """The landing page: counts by state on top, then one row per pair; the page an operator opens first."""
     now = time.time() if now is None else now
+    info = info or PageInfo()
     rows = []
+    counts = dict.fromkeys(STATES, 0)
     for s in sorted(states, key=lambda s: s.pair.key):
         word = cache_state(s, now)
-        expires = format_duration(round(s.expires_at - now)) if s.expires_at > now else "—"
-        last = f"{format_duration(round(now - s.last_start))} ago" if s.last_start else "never"
-        spend = "unknown" if s.spend_unknown else f"${s.spend:.6f}"
-        nxt = f"in {format_duration(max(round(s.next_due - now), 0))}" if s.next_due else "—"
+        counts[word] += 1
+        expires = _at(s.expires_at, format_duration(round(s.expires_at - now))) if s.expires_at > now else "—"
+        last = _at(s.last_start, f"{format_duration(round(now - s.last_start))} ago") if s.last_start else "never"
+        spend = "unknown" if s.spend_unknown else format_usd(s.spend, 6)
+        nxt = _at(s.next_due, f"in {format_duration(max(round(s.next_due - now), 0))}") if s.next_due else "—"
         rows.append(
             "<tr>"
             f"<td>{html.escape(s.pair.expert)}</td><td>{html.escape(s.pair.model)}</td>"
@@ -56,16 +92,32 @@ def render_page(states: list[PairState], healthy: tuple[bool, str], now: float |
             f"<td>{html.escape(s.last_result.value if s.last_result else '—')}</td>"
             f"<td>{last}</td><td>{nxt}</td><td class=\"n\">{s.pings}</td><td class=\"n\">{spend}</td>"
             f"<td><code>{s.pair.fingerprint[:12]}</code></td>"
-            f"<td>{html.escape(s.last_error or s.park_reason or '')}</td>"
+            f'<td class="why">{html.escape(_why(s, word, info.prices))}</td>'
             "</tr>"
         )
     ok, why = healthy
+    # Green only when every pair is warm or on its way: a healthy scheduler with parked or
+    # cold pairs still needs the operator.
+    trouble = counts["cold"] + counts["error"] + counts["parked"]
+    health_class = "error" if not ok else ("uncached" if trouble else "warm")
+    # Zero counts in grey: a red "0 cold" would draw the eye to nothing.
+    summary = " · ".join(
+        f'<span class="{w if counts[w] else "pending"}">{counts[w]} {w}</span>' for w in STATES if counts[w] or w != "error"
+    )
+    mode = "" if info.time_scale is None else f" · <b>emulator, time ×{info.time_scale:g}</b>"
+    banner = (
+        ""
+        if info.reload_ok
+        else '<p class="banner error">The last reload was rejected: the previous config keeps running'
+        " (the log says why; keepwarm_config_last_reload_successful is 0).</p>"
+    )
     return (
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>"
         f"<title>keepwarm</title><style>{_STYLE}</style></head><body>"
-        f"<h1>keepwarm {html.escape(__version__)}</h1>"
-        f"<p>Health: <b class=\"{'warm' if ok else 'error'}\">{html.escape(why)}</b> · "
-        f"{len(states)} pairs · <a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a></p>"
+        f"<h1>keepwarm {html.escape(__version__)}</h1>{banner}"
+        f"<p>{len(states)} pairs: {summary}{mode}</p>"
+        f"<p>Scheduler: <b class=\"{health_class}\">{html.escape(why)}</b> · "
+        "<a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a></p>"
         "<table><tr><th>expert</th><th>model</th><th>state</th><th>expires in</th><th>last result</th>"
         "<th>last ping</th><th>next ping</th><th>pings</th><th>spend</th><th>fingerprint</th><th>problem</th></tr>"
         + "".join(rows)
@@ -87,6 +139,7 @@ class WebServer:
         metrics: Metrics,
         states: Callable[[], list[PairState]],
         health: Callable[[], tuple[bool, str]],
+        page_info: Callable[[], PageInfo] | None = None,
     ) -> None:
         server = self
 
@@ -99,7 +152,8 @@ class WebServer:
                     ok, why = server.health()
                     self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
                 elif path == "/":
-                    page = render_page(server.states(), server.health())
+                    info = server.page_info() if server.page_info is not None else None
+                    page = render_page(server.states(), server.health(), info=info)
                     self._send(200, "text/html; charset=utf-8", page.encode())
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
@@ -128,6 +182,7 @@ class WebServer:
         self.metrics = metrics
         self.states = states
         self.health = health
+        self.page_info = page_info
         server_class = _V6Server if ":" in host else ThreadingHTTPServer
         self.httpd = server_class((host, port), Handler)
         self.httpd.daemon_threads = True

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keepwarm.emulator import Emulator
 from keepwarm.ledger import read_ledger
 
-from conftest import ROOT, basic_doc, free_port, keepwarm_cmd, write_config
+from conftest import LONG_PROMPT, ROOT, basic_doc, free_port, keepwarm_cmd, write_config
 
 DEADLINE = 40.0
 
@@ -321,3 +321,169 @@ def test_metrics_bind_to_loopback_unless_told_and_say_so(tmp_path: Path, emulato
         logs[name] = err_path.read_text()
     assert "not on loopback" not in logs["loopback"]
     assert re.search(r"WARNING metrics listener is not on loopback.* listen=0\.0\.0\.0:\d+", logs["wide"])
+
+
+# --- issue 10: the command line (items 15, 16, 18, 19, 20, 21) -------------------------------
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("emulator", "--port", "99999"), ("emulator", "--time-scale", "0"), ("emulator", "--time-scale", "-1"),
+     ("run", "--emulator", "--time-scale", "0"), ("run", "--listen", "nowhere")],
+)
+def test_usage_errors_exit_2_with_one_line_and_no_traceback(args: tuple[str, ...]) -> None:
+    """Item 15."""
+    result = run(*args, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("keepwarm ")
+
+
+def _one_pair_doc(base_url: str) -> dict:
+    return {
+        "api": {"base_url": base_url},
+        "defaults": {"models": ["claude-sonnet-4-6"], "interval": "1s", "jitter": "0s"},
+        "experts": [{"name": "analyst", "system": [{"text": LONG_PROMPT}]}],
+    }
+
+
+def _empty_shard(doc: dict) -> str:
+    from keepwarm.shard import in_shard
+
+    keys = [f"{e['name']}/{m}" for e in doc["experts"] for m in e.get("models", doc["defaults"]["models"])]
+    return next(f"{k}/2" for k in range(2) if not any(in_shard(key, k, 2) for key in keys))
+
+
+def test_an_empty_shard_is_said_loudly_and_once_and_check_exit_3(tmp_path: Path, emulator: Emulator) -> None:
+    """Item 18: `--shard K/N` holding none of the pairs is not a silent success."""
+    doc = _one_pair_doc(emulator.base_url)
+    path = write_config(tmp_path, doc)
+    shard = _empty_shard(doc)
+    for cmd in ("once", "check"):
+        result = run(cmd, "--config", str(path), "--shard", shard, env={"ANTHROPIC_API_KEY": "sk-test-shard"})
+        assert result.returncode == 3, (cmd, result.stdout, result.stderr)
+        assert f"WARNING NO PAIRS: this shard holds none of the config's pairs; nothing to do shard={shard}" in result.stderr
+    assert not [e for e in emulator.log if "messages" in e.path], "nothing was sent"
+
+
+def test_run_on_an_empty_shard_warns_at_start(tmp_path: Path, keepwarm_daemon: Callable[..., Any], emulator: Emulator) -> None:
+    """Item 18: `run` idles, but says so at start."""
+    doc = _one_pair_doc(emulator.base_url)
+    shard = _empty_shard(doc)
+    daemon = keepwarm_daemon(doc, env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-shard"}, args=("--shard", shard))
+    daemon.wait_for("the start", lambda: any(e.get("event") == "keepwarm started" for e in daemon.events()))
+    warned = [e for e in daemon.events() if e.get("event", "").startswith("NO PAIRS")]
+    assert warned and warned[0]["level"] == "warning" and warned[0]["shard"] == shard
+    assert daemon.stop()[0] == 0
+
+
+def test_a_busy_metrics_port_is_transient_and_listen_overrides_the_config(
+    tmp_path: Path, keepwarm_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    """Item 21: a taken port exits 69 (retried by Restart=on-failure, unlike 78); --listen wins over the file."""
+    import socket
+
+    env = {**os.environ, "ANTHROPIC_API_KEY": "sk-test-port"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        doc = _one_pair_doc(emulator.base_url)
+        doc["metrics"] = {"listen": f"127.0.0.1:{busy}"}
+        path = write_config(tmp_path, doc)
+        result = run("run", "--config", str(path), env=env, timeout=30)
+        assert result.returncode == 69, result.stderr
+        assert "cannot listen for metrics" in result.stderr and "exit_code=69" in result.stderr
+        port = free_port()
+        proc = subprocess.Popen(keepwarm_cmd("run", "--config", str(path), "--listen", f"127.0.0.1:{port}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_for("metrics on the --listen port", lambda: scrape(port) is not None, proc)
+        finally:
+            code, err = stop(proc)
+    assert code == 0, err
+    assert f"metrics=http://127.0.0.1:{port}/metrics" in err
+
+
+def test_time_scale_without_the_emulator_needs_a_loopback_base_url(tmp_path: Path) -> None:
+    """Item 20: never silently ignored; on loopback it scales keepwarm's TTLs and says so."""
+    env = {"ANTHROPIC_API_KEY": "sk-test-scale", "ANTHROPIC_BASE_URL": ""}
+    public = write_config(tmp_path, _one_pair_doc("https://api.anthropic.com"), "public.yaml")
+    for cmd in ("run", "once"):
+        result = run(cmd, "--config", str(public), "--time-scale", "0.1", env=env, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"keepwarm {cmd}: --time-scale needs --emulator, or an api.base_url on loopback"
+            " (an emulator started elsewhere); the real API's TTLs cannot be scaled"
+        )
+    with Emulator(time_scale=0.1) as emu:
+        local = write_config(tmp_path, _one_pair_doc(emu.base_url), "local.yaml")
+        result = run("once", "--config", str(local), "--time-scale", "0.1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "time scaled for an emulator on loopback" in result.stderr and "time_scale=0.1" in result.stderr
+
+
+def test_json_logs_iso_times_rounded_costs_and_a_json_second_signal_line(
+    tmp_path: Path, keepwarm_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    """Item 16: every line of `--log-format json` is JSON, `ts` is ISO as in text logs, costs carry no float noise."""
+    from keepwarm.emulator import Fault
+
+    doc = _one_pair_doc(emulator.base_url)
+    doc["shutdown_timeout"] = "20s"
+    daemon = keepwarm_daemon(doc, env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-json"})
+    daemon.wait_for("two pings", lambda: len([e for e in daemon.events() if e.get("event") == "ping"]) >= 2)
+    emulator.inject(Fault(kind="hang", latency=15))
+    def hung() -> bool:
+        with urllib.request.urlopen(f"{emulator.base_url}/_emulator/faults", timeout=5) as resp:
+            return not json.load(resp)["faults"]
+
+    daemon.wait_for("the hung ping", hung)
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_for("the shutdown", lambda: any(e.get("event") == "stopping" for e in daemon.events()))
+    code, _ = daemon.stop()
+    assert code == 1, "a second signal exits at once"
+    lines = [line for line in daemon.text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line parses
+    assert events[-1]["event"] == "second stop signal: exiting at once" and events[-1]["level"] == "warning"
+    assert all(ISO_MS.match(e["ts"]) for e in events), [e["ts"] for e in events][:3]
+    costs = [e["cost_usd"] for e in events if e.get("event") == "ping" and "cost_usd" in e]
+    assert costs and all(len(f"{c:.15g}".lstrip("0.").replace(".", "").rstrip("0")) <= 6 for c in costs), costs
+
+
+def test_check_has_one_break_even_and_none_for_an_uncacheable_pair(tmp_path: Path, emulator: Emulator) -> None:
+    """Item 19: the row's break-even is the advice line's; a below-minimum pair has none."""
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    result = run("check", "--config", str(path), "--explain", env={"ANTHROPIC_API_KEY": "sk-test-check"})
+    assert result.returncode == 3, result.stderr
+    rows = {line.split()[0] + "/" + line.split()[1]: line for line in result.stdout.split("\n\n")[0].splitlines()[1:]}
+    analyst = re.search(r"([\d,.]+) misses/day", rows["analyst/claude-sonnet-4-6"])
+    assert analyst, rows["analyst/claude-sonnet-4-6"]
+    advice = result.stdout.split("analyst/claude-sonnet-4-6:")[1].split("\n", 1)[1]
+    line = next(x for x in advice.splitlines() if "break-even" in x)
+    assert f"above {analyst.group(1)} production cache misses/day" in line, (rows, line)
+    assert "misses/day" not in rows["terse/claude-sonnet-4-6"] and "below-minimum" in rows["terse/claude-sonnet-4-6"]
+    assert "break-even" not in result.stdout.split("terse/claude-sonnet-4-6:")[1]
+
+
+def test_check_lists_the_counting_errors_it_points_to(tmp_path: Path, emulator: Emulator) -> None:
+    """Item 19: "could not be counted" comes with the errors themselves, on the same stream."""
+    from keepwarm.emulator import Fault
+
+    emulator.inject(Fault(500, path="count_tokens", count=None, model="claude-opus-4-8"))
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    result = run("check", "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test-check"})
+    assert result.returncode == 1
+    tail = result.stderr.split("1 pair(s) could not be counted:")[1].strip().splitlines()
+    assert len(tail) == 1 and tail[0].startswith("analyst/claude-opus-4-8: server:"), result.stderr
+
+
+def test_verbose_means_debug_logging_and_explain_shows_the_arithmetic() -> None:
+    """Item 19: `-v` is one thing everywhere; the README says the same."""
+    help_text = run("check", "--help").stdout
+    assert re.search(r"-v, --verbose\s+debug logging", help_text)
+    assert re.search(r"--explain\s+print the arithmetic", help_text)
+    readme = (ROOT / "README.md").read_text()
+    assert "`-v` for the arithmetic" not in readme and "`--explain` for the arithmetic" in readme

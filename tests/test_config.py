@@ -230,3 +230,73 @@ def test_worker_count_is_sized_from_the_pairs_unless_set() -> None:
         Path("."),
     )
     assert fixed.api.max_concurrency == 3
+
+
+# --- issue 10: items 3, 4, 12, 20 --------------------------------------------------------------
+
+
+def test_ttl_is_derived_from_the_markers_actually_sent() -> None:
+    """Item 3: blocks that all carry a 1h marker make a 1h pair, pinged at 55 m, its writes billed at 1h."""
+    from keepwarm.classify import usage_from_api
+
+    config = parse_config(
+        {
+            "defaults": {"models": ["claude-sonnet-4-6"]},
+            "experts": [{"name": "e", "system": [{"text": "rules", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}],
+        },
+        Path("."),
+    )
+    pair = config.pairs[0]
+    assert (pair.ttl, pair.ttl_seconds, pair.interval) == ("1h", 3600.0, 3300.0)
+    # An answer without the 5m/1h split is billed at the TTL the markers sent.
+    usage = usage_from_api({"input_tokens": 3, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 0}, pair.ttl)
+    assert (usage.cache_write_1h, usage.cache_write_5m) == (2000, 0)
+
+
+def test_a_marker_on_a_tool_does_not_suppress_the_system_marker(tmp_path: Path) -> None:
+    """Item 4: the default marker is decided on the system blocks only."""
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    config = parse_config(
+        {
+            "defaults": {"models": ["claude-sonnet-4-6"]},
+            "experts": [{"name": "e", "system": [{"text": "a long system prompt"}], "tools_file": "tools.json"}],
+        },
+        tmp_path,
+    )
+    prefix = config.pairs[0].prefix
+    assert prefix.system[-1]["cache_control"] == {"type": "ephemeral"}
+    assert prefix.tools is not None and prefix.tools[0]["cache_control"] == {"type": "ephemeral"}
+
+
+def test_load_prefix_finds_experts_outside_the_configs_shard(tmp_path: Path) -> None:
+    """Item 12: production imports load_prefix; the file's `shard:` must not hide experts from it."""
+    from keepwarm.prefix import UnknownExpertError, load_prefix
+
+    doc = {
+        "defaults": {"models": ["claude-sonnet-4-6"]},
+        "experts": [{"name": f"e{i}", "system": [{"text": f"prompt {i}"}]} for i in range(8)],
+        "shard": "0/4",
+    }
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    outside = [f"e{i}" for i in range(8) if f"e{i}" not in {p.expert for p in load_config(path).pairs}]
+    assert outside, "some experts belong to other shards"
+    assert load_prefix(path, outside[0]).system[0]["text"] == f"prompt {outside[0][1:]}"
+    with pytest.raises(KeyError) as info:
+        load_prefix(path, "nobody")
+    assert isinstance(info.value, UnknownExpertError)
+    assert str(info.value) == f"no expert named 'nobody' in {path}; known experts: " + ", ".join(f"e{i}" for i in range(8))
+
+
+def test_a_model_in_no_table_is_warned_about_with_the_closest_name() -> None:
+    """Item 20: a typo'd model still loads (it is pinged) but the load names the likely intended one."""
+    config = parse_config(
+        {"defaults": {"models": ["claude-sonet-4-6"]}, "experts": [{"name": "a", "system": [{"text": "x"}]},
+                                                                     {"name": "b", "system": [{"text": "y"}]}]},
+        Path("."),
+    )
+    assert config.warnings == (
+        "defaults.models[0]: model 'claude-sonet-4-6' has no price and no minimum cacheable length in the"
+        " tables: it is pinged, its cost is unknown; did you mean 'claude-sonnet-4-6'?",
+    )

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -303,7 +304,10 @@ def test_advisor_daily_costs_by_hand() -> None:
     assert advice.ping_cost == pytest.approx(ping)
     assert advice.daily_5m == pytest.approx(daily_5m)
     assert advice.daily_1h == pytest.approx(daily_1h)
-    assert advice.break_even_cold_per_day == pytest.approx(daily_1h / penalty_5m)
+    # Break-even is the pair's own keepalive (its TTL, 5m by default) over its own miss penalty.
+    assert advice.break_even_cold_per_day == pytest.approx(daily_5m / penalty_5m)
+    one_hour = ttl_advice(PRICES, "claude-sonnet-4-6", 5000, 9, interval_5m=240, interval_1h=3300, ttl="1h")
+    assert one_hour.break_even_cold_per_day == pytest.approx(daily_1h / (5000 * SONNET_IN * (2 - 0.1)))
     assert advice.daily_none is None and advice.recommended == "1h"
     assert advice.miss_penalty_5m is not None
     assert advice.lines[1] == (
@@ -370,3 +374,73 @@ def test_docs_pays_md_is_what_docs_pays_py_prints() -> None:
     text = pays.render()
     assert (ROOT / "docs" / "pays.md").read_text(encoding="utf-8") == text, "run: python3 docs/pays.py > docs/pays.md"
     assert "$2.40" in text and "$0.24" in text and "360 pings" in text and "26.2 pings" in text
+
+
+# --- issue 10: items 15, 17 ------------------------------------------------------------------
+
+
+def _as_a_user_who_cannot_write(task: Callable[[], str]) -> str:
+    """Run `task` as a user without write access: `nobody` in a forked child when we are root."""
+    import os
+
+    if os.geteuid() != 0:
+        return task()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, run the already-imported code, report, leave
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            out = task()
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            out = f"{type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return data
+
+
+def test_report_reads_a_ledger_its_user_cannot_write(day_ledger: Path) -> None:
+    """Item 17: a read-only user reports on a stopped daemon's ledger (no -wal, no -shm it may create)."""
+    import shutil
+    import tempfile
+
+    place = Path(tempfile.mkdtemp(prefix="keepwarm-ro-"))
+    try:
+        ledger = place / "ledger.db"
+        shutil.copy(day_ledger, ledger)
+        assert not Path(f"{ledger}-wal").exists(), "a stopped daemon leaves no -wal"
+        ledger.chmod(0o444)
+        place.chmod(0o555)
+
+        def report() -> str:
+            out = io.StringIO()
+            code = run_report(ledger, PRICES, None, "json", out)
+            return f"exit {code}: {out.getvalue()}"
+
+        answer = _as_a_user_who_cannot_write(report)
+        assert answer.startswith("exit 0: "), answer
+        assert json.loads(answer.removeprefix("exit 0: "))["total"]["pings"] == len(day_of_pings())
+        assert sorted(p.name for p in place.iterdir()) == ["ledger.db"], "the report wrote nothing beside it"
+    finally:
+        place.chmod(0o755)
+        shutil.rmtree(place)
+
+
+def test_report_into_a_closed_pipe_exits_quietly(day_ledger: Path) -> None:
+    """Item 15: `keepwarm report --format csv | head -1` must not end in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keepwarm", "report", "--ledger", str(day_ledger), "--since", "all", "--format", "csv"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert err == "", err

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keepwarm.emulator.errors import invalid
+from keepwarm.prefix import fingerprint as prefix_fingerprint
 
 MAX_BREAKPOINTS = 4
 TTLS = ("5m", "1h")
@@ -35,11 +36,8 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(body: Mapping[str, Any]) -> str:
-    """The SPEC §1 prefix fingerprint of a request: sha256 over model, system and tools as sent."""
-    document: dict[str, Any] = {"model": body.get("model"), "system": body.get("system", [])}
-    if body.get("tools") is not None:
-        document["tools"] = body["tools"]
-    return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
+    """The prefix fingerprint of a request, by keepwarm's own definition (`keepwarm.prefix`)."""
+    return prefix_fingerprint(body.get("model"), body.get("system", []), body.get("tools"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import http
-import importlib.resources
 import ipaddress
 import json
 import secrets
@@ -23,8 +22,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self
 
-import yaml
-
 from keepwarm.emulator.cache import PromptCache
 from keepwarm.emulator.diagnostics import Diagnoser, requested
 from keepwarm.emulator.errors import (
@@ -41,6 +38,7 @@ from keepwarm.emulator.prompt import (
     validate_common,
     validate_generation,
 )
+from keepwarm.pricing import builtin_table
 
 CONTROL_PREFIX = "/_emulator/"
 # The canned reply, one "token" per piece: max_tokens cuts it short.
@@ -60,10 +58,12 @@ _REASONS[529] = "Overloaded"
 
 @functools.lru_cache(maxsize=1)
 def builtin_min_cacheable_tokens() -> Mapping[str, int]:
-    """Known models and their minimum cacheable prefix, from keepwarm/data/models.yaml."""
-    text = importlib.resources.files("keepwarm").joinpath("data/models.yaml").read_text("utf-8")
-    models = yaml.safe_load(text)["models"]
-    return {name: int(facts["min_cacheable_tokens"]) for name, facts in models.items()}
+    """Known models and their minimum cacheable prefix, from the shipped price table."""
+    return {
+        name: price.min_cacheable_tokens
+        for name, price in builtin_table().models.items()
+        if price.min_cacheable_tokens is not None
+    }
 
 
 @dataclass(frozen=True)
