@@ -496,8 +496,11 @@ class Observer:
                 ledger.record_observations(records)
             if self.touch is not None:
                 for r in records:
-                    obs = r.observation
-                    self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result))
+                    # A drifted request touched some other prefix's entry, not the pair's: its
+                    # ping must still come (a skipped ping there would let the real cache lapse).
+                    if r.drift is None:
+                        obs = r.observation
+                        self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result))
         return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
 
     def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
