@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from keepwarm.gate import Gate
 from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import Observer, load_token
+from keepwarm.observations import WINDOWS, Observer, load_token
 from keepwarm.ping import make_client
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
@@ -75,6 +76,13 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         ledger=lambda: runner.ledger if isinstance(runner.ledger, Ledger) else None,
     )
     scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost)
+    if isinstance(runner.ledger, Ledger):
+        now = time.time()
+        longest_ttl = max((p.ttl_seconds for p in config.pairs), default=0.0)
+        try:
+            observer.restore(runner.ledger.recent(now - WINDOWS["7d"], now - longest_ttl), now)
+        except (LedgerError, sqlite3.Error) as exc:  # the page starts empty; pinging goes on
+            event(log, logging.WARNING, "cannot read the ledger back for the status page", error=str(exc))
     return observer
 
 

@@ -540,6 +540,14 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path} is closed")
             return _select_observations(self._db, since)
 
+    def recent(self, since: float, ttl_since: float) -> Recent:
+        """What the daemon needs back after a restart: hourly sums since `since`, and the last
+        touches since `ttl_since`, by (expert, model)."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"ledger {self.path} is closed")
+            return _recent(self._db, since, ttl_since)
+
     def close(self) -> None:
         """Write what is pending, checkpoint the WAL into the main file, and close."""
         with self._lock:
@@ -607,3 +615,54 @@ def read_observations(path: Path | str, since: float | None = None) -> list[Obse
     """Observations with `time >= since` of a ledger file, read without writing to it; raise LedgerError."""
     with _readonly(path) as db:
         return _select_observations(db, since)
+
+
+@dataclass(frozen=True)
+class Recent:
+    """Hourly sums and recent touches per (expert, model), from the ledger (see `Ledger.recent`)."""
+
+    # (expert, model, hour) -> (ping cost known, unpriced answered pings)
+    ping_hours: dict[tuple[str, str, int], tuple[float, int]]
+    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift)
+    observation_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
+    # (expert, model) -> start of the latest production request attributed in order
+    last_production: dict[tuple[str, str], float]
+    # (expert, model) -> starts of pings that read or wrote the cache since ttl_since
+    pings: dict[tuple[str, str], list[float]]
+    first: float | None  # the oldest row of either table at or after `since`
+
+
+def _recent(db: sqlite3.Connection, since: float, ttl_since: float) -> Recent:
+    cost = " + ".join(f"COALESCE({c}, 0)" for c in COST_COLUMNS)
+    missing = " OR ".join(f"{c} IS NULL" for c in COST_COLUMNS)
+    ping_hours = {
+        (e, m, int(h)): (float(c), int(u))
+        for e, m, h, c, u in db.execute(
+            f"SELECT expert, model, CAST(time / 3600 AS INTEGER), SUM({cost}),"
+            f" SUM(CASE WHEN ({missing}) AND result != 'error' THEN 1 ELSE 0 END)"
+            " FROM pings WHERE time >= ? GROUP BY 1, 2, 3", (since,))
+    }
+    pings: dict[tuple[str, str], list[float]] = {}
+    for e, m, t in db.execute(
+        "SELECT expert, model, time FROM pings WHERE time >= ? AND"
+        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since,)):
+        pings.setdefault((e, m), []).append(float(t))
+    first_ping = db.execute("SELECT MIN(time) FROM pings WHERE time >= ?", (since,)).fetchone()[0]
+    observation_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]] = {}
+    last_production: dict[tuple[str, str], float] = {}
+    first_obs = None
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'observations'").fetchone():
+        observation_hours = {
+            (e, m, int(h)): (int(n), int(r), int(w), float(s), int(d))
+            for e, m, h, n, r, w, s, d in db.execute(
+                "SELECT expert, model, CAST(time / 3600 AS INTEGER), COUNT(*), SUM(cache_read),"
+                " SUM(cache_write_5m + cache_write_1h), SUM(COALESCE(saved_usd, 0)),"
+                " SUM(drift IS NOT NULL) FROM observations WHERE time >= ? GROUP BY 1, 2, 3", (since,))
+        }
+        last_production = {
+            (e, m): float(t)
+            for e, m, t in db.execute("SELECT expert, model, MAX(time) FROM observations GROUP BY 1, 2")
+        }
+        first_obs = db.execute("SELECT MIN(time) FROM observations WHERE time >= ?", (since,)).fetchone()[0]
+    firsts = [float(t) for t in (first_ping, first_obs) if t is not None]
+    return Recent(ping_hours, observation_hours, last_production, pings, min(firsts) if firsts else None)

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from keepwarm.classify import Result, Usage, classify, usage_from_api
 from keepwarm.config import Config, ConfigError, Pair
+from keepwarm.ledger import Recent
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
 from keepwarm.policy import Source, Touch
@@ -63,8 +64,16 @@ _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_inpu
 _SPLIT_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
 _ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id"}
 _MAX_REQUEST_ID = 256
+# A batch is handled in chunks, giving the interpreter lock (and the observer's own) back in
+# between: pings must not wait behind a batch of 1,000 (docs/performance.md).
+CHUNK = 64
 # Recent pings kept per pair: enough to find the one before a late observation.
 _PING_HISTORY = 16
+
+
+def _yield() -> None:
+    """Let other threads (the pings) run: sleep(0) releases the interpreter lock."""
+    time.sleep(0)
 
 
 # --- parsing and validation: pure --------------------------------------------------------
@@ -526,7 +535,11 @@ class Observer:
         now = self.clock()
         with self._lock:
             pairs = self.pairs
-        checked = [validate(item, i, pairs, now, self._owner) for i, item in enumerate(items)]
+        checked: list[Observation | Rejection] = []
+        for i, item in enumerate(items):
+            checked.append(validate(item, i, pairs, now, self._owner))
+            if i % CHUNK == CHUNK - 1:
+                _yield()
         good = [c for c in checked if isinstance(c, Observation)]
         bad = [c for c in checked if isinstance(c, Rejection)]
         for rejection in bad:
@@ -563,14 +576,10 @@ class Observer:
             self._series_of[pair.key] = found
         return found
 
-    def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
-        """Attribute observations in time order and count them; return what was decided."""
-        out = []
-        # Summed per pair first, then one increment per series: a batch of 1,000 costs a few
-        # hundred metric updates instead of eleven thousand.
-        sums: dict[str, _Sums] = {}
+    def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums], out: list[ObservationRecord]) -> None:
+        """Attribute one chunk of a request's observations under the lock."""
         with self._lock:
-            for obs in sorted(observations, key=lambda o: o.at):
+            for obs in chunk:
                 pair = obs.pair
                 attribution = self._attribution.get(pair.key)
                 if attribution is None or self.pairs.get(pair.key) is not pair:
@@ -589,6 +598,19 @@ class Observer:
                 bucket.saved_usd += usd or 0.0
                 bucket.drift += verdict.drift is not None
                 out.append(ObservationRecord(obs, cost, usd, verdict.saved, verdict.drift, verdict.late))
+
+    def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
+        """Attribute observations in time order and count them; return what was decided."""
+        out: list[ObservationRecord] = []
+        # Summed per pair first, then one increment per series: a batch of 1,000 costs a few
+        # hundred metric updates instead of eleven thousand.
+        sums: dict[str, _Sums] = {}
+        ordered = sorted(observations, key=lambda o: o.at)
+        for start in range(0, len(ordered), CHUNK):
+            if start:
+                _yield()
+            self._attribute(ordered[start:start + CHUNK], sums, out)
+        with self._lock:
             for total in sums.values():
                 series = self._series(total.pair)
                 for result, n in total.requests.items():
@@ -604,6 +626,41 @@ class Observer:
                 if total.drift:
                     series.drift.inc(total.drift)
         return out
+
+    def restore(self, recent: Recent, now: float | None = None) -> None:
+        """Take back what a ledger remembers after a restart: the page's hourly sums, and the
+        touches attribution judges the next requests against (so a restart credits no saving
+        that production's own previous request had already earned)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            keys = {(p.expert, p.model): p.key for p in self.pairs.values()}
+            for (expert, model, hour), (usd, unpriced) in recent.ping_hours.items():
+                key = keys.get((expert, model))
+                if key is not None:
+                    bucket = self.windows.at(key, hour * BUCKET)
+                    bucket.keepalive_usd += usd
+                    bucket.keepalive_unknown |= unpriced > 0
+            for (expert, model, hour), (n, read, written, saved, drift) in recent.observation_hours.items():
+                key = keys.get((expert, model))
+                if key is not None:
+                    bucket = self.windows.at(key, hour * BUCKET)
+                    bucket.requests += n
+                    bucket.cache_read += read
+                    bucket.cache_write += written
+                    bucket.saved_usd += saved
+                    bucket.drift += drift
+            for pair_labels, at in recent.last_production.items():
+                key = keys.get(pair_labels)
+                if key is not None:
+                    a = self._attribution[key]
+                    a.last_production = max(a.last_production, at)
+            for pair_labels, starts in recent.pings.items():
+                key = keys.get(pair_labels)
+                if key is not None:
+                    for at in starts:
+                        self._attribution[key].ping(at, refreshed=True)
+            if recent.first is not None:
+                self.windows.since = min(self.windows.since, recent.first)
 
     def headline(self, now: float | None = None) -> dict[str, Any]:
         """The status page's figures: per window in total, and per pair over the longest window."""

@@ -362,3 +362,38 @@ def test_config_keys_are_strict(tmp_path: Path) -> None:
     path = write_config(tmp_path, {**basic_doc(), "observe": {"token": "x"}})
     with pytest.raises(ConfigError, match="observe.token"):
         load_config(path)
+
+
+# --- after a restart, and the status page -------------------------------------------------------
+
+
+def test_a_restart_with_a_ledger_keeps_attribution_and_the_page_s_sums(tmp_path: Path) -> None:
+    from keepwarm.web import render_headline
+
+    config = _config(tmp_path)
+    clock = FakeClock(T0 + 10)
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    before = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)
+    before.accept([_obs(at=T0, read=1500)])  # production's first request: saved
+    saved = before.headline()["windows"]["24h"].saved_usd
+    assert saved > 0
+
+    after = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)  # the daemon restarted
+    after.restore(ledger.recent(T0 - 7 * 86400, T0 - 300), now=clock.now)
+    records = after.record([o for o in [validate(_obs(at=T0 + 100, read=1500), 0, after.pairs, clock.now)]
+                            if not isinstance(o, Rejection)])
+    assert not records[0].saved, "production's own request 100 s earlier kept the cache warm"
+    day = after.headline()["windows"]["24h"]
+    assert (day.requests, day.saved_usd) == (2, saved)
+    page = render_headline(after.headline(), now=clock.now)
+    assert "Figures held in memory, since the daemon started" in page
+    ledger.close()
+
+
+def test_the_headline_without_observations_says_how_to_send_them(tmp_path: Path) -> None:
+    from keepwarm.web import render_headline
+
+    observer = Observer(_config(tmp_path), Metrics(), clock=FakeClock())
+    page = render_headline(observer.headline(), now=T0)
+    assert "No production observations in the last 24 h" in page and "/v1/observations" in page
+    assert "last 24h" in page and "last 7d" in page
