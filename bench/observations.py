@@ -8,10 +8,15 @@ four times the load of 1,000 pairs at the default 4m), lets every pair be pinged
 runs three windows of `--seconds` each:
 
 1. quiet: pings only, the reference for ping lateness;
-2. batches: one client thread POSTs batches of 1,000 observations back to back;
-3. singles: four client threads POST one observation per request.
+2. batches at the target: one client thread POSTs 5 batches of 1,000 observations a second;
+3. singles at the target: four client threads POST 500 single observations a second;
+4. batches flat out: batches of 1,000 back to back (the throughput ceiling);
+5. singles flat out: four threads, one observation per request, back to back.
 
-It reports observations/s and requests/s from the client's side (every answer must be a 202 with
+The paced windows say whether pings stay on time at the target load; the flat-out ones saturate
+the machine (client, daemon and emulator share its two cores), so their lateness shows what
+saturation costs, not what the target costs. It reports observations/s and requests/s from the
+client's side (every answer must be a 202 with
 everything accepted), and the daemon's ping lateness p99 in each window from its own
 `keepwarm_ping_lateness_seconds` histogram (so at bucket resolution). The observations are real
 warm reads of configured pairs, dated two TTLs back: they are validated, classified, priced,
@@ -114,8 +119,10 @@ def observation(pairs: int, at: float, rng: random.Random) -> dict[str, Any]:
                       "output_tokens": 300}}
 
 
-def load(port: int, seconds: float, threads: int, batch: int, pairs: int, stale: float) -> dict[str, Any]:
-    """POST for `seconds` from `threads` threads, `batch` observations a request (1: a bare one)."""
+def load(port: int, seconds: float, threads: int, batch: int, pairs: int, stale: float,
+         rate: float | None = None) -> dict[str, Any]:
+    """POST for `seconds` from `threads` threads, `batch` observations a request (1: a bare one),
+    as fast as answers come, or at most `rate` requests a second in all."""
     rng = random.Random(7)
     # Bodies are built up front: the client's JSON encoding should not be what is measured.
     bodies = []
@@ -128,7 +135,14 @@ def load(port: int, seconds: float, threads: int, batch: int, pairs: int, stale:
 
     def worker(k: int) -> None:
         n = 0
+        gap = threads / rate if rate else 0.0
+        due = time.monotonic() + k * gap / threads
         while time.monotonic() < end:
+            if gap:
+                due += gap
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
             t0 = time.perf_counter()
             post(port, bodies[n % len(bodies)])
             latencies[k].append(time.perf_counter() - t0)
@@ -147,6 +161,7 @@ def load(port: int, seconds: float, threads: int, batch: int, pairs: int, stale:
     return {
         "threads": threads,
         "batch": batch,
+        "paced_requests_per_second": rate,
         "window_seconds": round(window, 3),
         "requests": requests,
         "requests_per_second": round(requests / window, 1),
@@ -192,10 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warming {args.pairs} pairs for one interval ({interval:.0f}s)", flush=True)
             time.sleep(interval + 5)
             windows: dict[str, Any] = {}
-            for name, threads, batch in (("quiet", 0, 0), ("batches", 1, 1000), ("singles", 4, 1)):
+            plan: list[tuple[str, int, int, float | None]] = [
+                ("quiet", 0, 0, None),
+                ("batches_at_target", 1, 1000, 5.0),  # 5,000 observations/s
+                ("singles_at_target", 4, 1, 500.0),
+                ("batches_flat_out", 1, 1000, None),
+                ("singles_flat_out", 4, 1, None),
+            ]
+            for name, threads, batch, rate in plan:
                 before = lateness(scrape(mport))
                 if threads:
-                    windows[name] = load(mport, args.seconds, threads, batch, args.pairs, 2 * ttl)
+                    windows[name] = load(mport, args.seconds, threads, batch, args.pairs, 2 * ttl, rate)
                 else:
                     time.sleep(args.seconds)
                     windows[name] = {}
