@@ -397,3 +397,30 @@ def test_the_headline_without_observations_says_how_to_send_them(tmp_path: Path)
     page = render_headline(observer.headline(), now=T0)
     assert "No production observations in the last 24 h" in page and "/v1/observations" in page
     assert "last 24h" in page and "last 7d" in page
+
+
+def test_a_reload_that_removes_a_pair_drops_its_series_and_rejects_it(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    metrics = Metrics()
+    observer = Observer(config, metrics, clock=FakeClock())
+    observer.accept([_obs("analyst/claude-opus-4-8", read=1500)])
+    labels = {"expert": "analyst", "model": "claude-opus-4-8", "result": "warm"}
+    assert _value(metrics, "keepwarm_production_requests_total", **labels) == 1
+    smaller = parse_config({**basic_doc("http://127.0.0.1:9"), "experts": basic_doc()["experts"][1:]}, tmp_path)
+    removed = next(p for p in config.pairs if p.key == "analyst/claude-opus-4-8")
+    metrics.remove_pair(removed)  # what the scheduler's apply does on a reload
+    observer.apply(smaller, None)
+    assert _value(metrics, "keepwarm_production_requests_total", **labels) is None
+    status, doc = observer.accept([_obs("analyst/claude-opus-4-8", read=1500)])
+    assert (status, doc["rejected"][0]["reason"]) == (202, "unknown_pair")
+    assert _value(metrics, "keepwarm_production_requests_total", **labels) is None
+
+
+def test_a_write_without_the_split_is_billed_at_the_pair_s_1h_ttl(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    doc = basic_doc("http://127.0.0.1:9", ttl="1h")
+    hour = parse_config(doc, tmp_path)
+    pairs = {p.key: p for p in hour.pairs}
+    got = validate(_obs(write=1500), 0, pairs, T0)
+    assert not isinstance(got, Rejection) and (got.usage.cache_write_1h, got.usage.cache_write_5m) == (1500, 0)
+    assert config.pairs[0].ttl == "5m"
