@@ -114,6 +114,11 @@ class MetricsSection(_Strict):
     listen: str = "127.0.0.1:9464"
 
 
+class ObserveSection(_Strict):
+    token_file: str | None = None  # bearer token production sends with observations
+    allow_unauthenticated: bool = False  # accept observations without a token off loopback
+
+
 class LedgerSection(_Strict):
     path: str | None = None
     retention_days: float | None = Field(default=None, gt=0)
@@ -128,6 +133,7 @@ class FileSection(_Strict):
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
+    observe: ObserveSection = ObserveSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
 
@@ -184,6 +190,10 @@ class Config:
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
     warnings: tuple[str, ...] = ()  # worth logging at load, not worth refusing the config
+    observe_token_file: Path | None = None
+    observe_allow_unauthenticated: bool = False
+    # Configured pairs that another shard keeps warm: observations for them answer 421.
+    other_shard_pairs: frozenset[str] = frozenset()
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -556,7 +566,10 @@ def _resolve(
         load.problems.append(f"metrics.listen: {exc}")
         host, port = "127.0.0.1", 9464
     shard = _shard(raw, shard, load.problems)
+    # Configured pairs that another shard keeps warm: observations for them answer 421.
+    other_shard_pairs: frozenset[str] = frozenset()
     if shard is not None and not all_shards:
+        other_shard_pairs = frozenset(p.key for p in pairs if not in_shard(p.key, *shard))
         pairs = [p for p in pairs if in_shard(p.key, *shard)]
     if raw.api.timeout <= 0:
         load.problems.append("api.timeout: must be above 0")
@@ -584,6 +597,9 @@ def _resolve(
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
         warnings=tuple(load.warnings),
+        observe_token_file=load.base / raw.observe.token_file if raw.observe.token_file else None,
+        observe_allow_unauthenticated=raw.observe.allow_unauthenticated,
+        other_shard_pairs=other_shard_pairs,
     )
 
 

@@ -20,6 +20,23 @@ Definitions, per (expert, model) pair, over the rows in the window:
 The total row sums counts, tokens and spend over all pairs, and spend per day as the sum
 of the pairs' rates (what the whole keepalive costs a day); a penalty and a break-even have
 no meaning across pairs, so the total has none.
+
+The production view, from the observations production reported over the same window:
+
+- production requests, and their hit rate (the same formula, over production's tokens).
+- production spend: the exact sum of their costs (unknown as for pings).
+- saved by caching at all: what those requests would have cost with every input token at
+  the full input price, minus what their input actually cost (reads at the read price,
+  writes at the write price); negative when production writes more than it reads.
+- saved by the keepalive: the miss penalties attributed to it, request by request (a request
+  that read the cache although production's own previous request to the pair was a TTL or
+  more before it, or there was none).
+- net: saved by the keepalive minus the keepalive's spend; the keepalive pays for itself
+  over the window when net >= 0 (unknown when its spend is).
+- drift: production requests whose prefix is not the one keepwarm warms.
+
+A pair with observations but no pings in the window is not listed (keepwarm pings every pair
+it knows); its observations still count in the total.
 """
 
 from __future__ import annotations
@@ -30,19 +47,70 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from keepwarm.classify import RESULTS, Result
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_USAGE
-from keepwarm.ledger import LedgerError, LedgerRow, read_first_seen, read_ledger
-from keepwarm.pricing import COST_KINDS, PriceTable, break_even_misses_per_day, format_usd
+from keepwarm.ledger import (
+    LedgerError,
+    LedgerRow,
+    ObservationRow,
+    read_first_seen,
+    read_ledger,
+    read_observations,
+)
+from keepwarm.pricing import COST_KINDS, MILLION, PriceTable, break_even_misses_per_day, format_usd
 
 FORMATS = ("table", "json", "csv")
 SHORT_WINDOW = 3600.0  # below this, a day's figures rest on a handful of pings
 TOTAL = "TOTAL"  # upper case cannot be an expert name, so the total row is unambiguous
+
+
+@dataclass(frozen=True)
+class ProductionReport:
+    """What production's own requests did over the window, from its observations."""
+
+    requests: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    spend: float = 0.0  # the known part when spend_unknown
+    spend_unknown: bool = False
+    saved_by_caching: float | None = 0.0  # None: some model has no price
+    saved_by_keepalive: float = 0.0
+    drift: int = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Production's hit rate; None without reads or writes."""
+        return hit_rate(self.cache_read, self.cache_write)
+
+
+def production_report(observations: Sequence[ObservationRow], prices: PriceTable) -> ProductionReport:
+    """Sum the observations of one pair (or of all) over the window."""
+    known = [c for c in (o.costs for o in observations) if c is not None]
+    unknown = len(known) < len(observations)
+    by_caching: list[float] = []
+    for o in observations:
+        price = prices.get(o.model).input
+        costs = o.costs
+        if price is None or costs is None:
+            by_caching = []
+            break
+        full = (o.input + o.cache_read + o.cache_write) * price / MILLION
+        by_caching.append(full - math.fsum(costs[k] for k in ("input", "cache_read", "cache_write_5m", "cache_write_1h")))
+    return ProductionReport(
+        requests=len(observations),
+        cache_read=sum(o.cache_read for o in observations),
+        cache_write=sum(o.cache_write for o in observations),
+        spend=math.fsum(v for c in known for v in c.values()),
+        spend_unknown=unknown,
+        saved_by_caching=None if observations and not by_caching else math.fsum(by_caching),
+        saved_by_keepalive=math.fsum(o.saved_usd or 0.0 for o in observations),
+        drift=sum(1 for o in observations if o.drift),
+    )
 
 
 @dataclass(frozen=True)
@@ -64,11 +132,23 @@ class PairReport:
     prefix_tokens: int | None
     miss_penalty: float | None
     break_even: float | None  # production misses a day the keepalive must prevent
+    production: ProductionReport = ProductionReport()
 
     @property
     def total_pings(self) -> int:
         """All pings, whatever their result."""
         return sum(self.pings.values())
+
+    @property
+    def net(self) -> float | None:
+        """Saved by the keepalive minus its spend; None when the spend is unknown."""
+        return None if self.spend_unknown else self.production.saved_by_keepalive - self.spend
+
+    @property
+    def pays_for_itself(self) -> bool | None:
+        """Whether what the keepalive saved covers what it cost over the window."""
+        net = self.net
+        return None if net is None else net >= 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +262,7 @@ def build_report(
     since_seconds: float | None = None,
     now: float | None = None,
     first_seen: Mapping[tuple[str, str], float] | None = None,
+    observations: Iterable[ObservationRow] = (),
 ) -> Report:
     """Group rows by pair (sorted by expert, model) and compute every figure.
 
@@ -197,9 +278,18 @@ def build_report(
         starts[key] = min(starts.get(key, row.time), row.time)
         if cutoff is None or row.time >= cutoff:
             groups.setdefault(key, []).append(row)
-    pairs = [pair_report(groups[key], prices, now, since_seconds, starts[key]) for key in sorted(groups)]
+    seen: dict[tuple[str, str], list[ObservationRow]] = {}
+    for obs in observations:
+        if cutoff is None or obs.time >= cutoff:
+            seen.setdefault((obs.expert, obs.model), []).append(obs)
+    pairs = [
+        replace(pair_report(groups[key], prices, now, since_seconds, starts[key]),
+                production=production_report(seen.get(key, []), prices))
+        for key in sorted(groups)
+    ]
     kept = [row for key in sorted(groups) for row in groups[key]]
-    return Report(pairs=pairs, total=_total(pairs, kept), since_seconds=since_seconds, now=now)
+    total = replace(_total(pairs, kept), production=production_report([o for k in sorted(seen) for o in seen[k]], prices))
+    return Report(pairs=pairs, total=total, since_seconds=since_seconds, now=now)
 
 
 # --- output --------------------------------------------------------------------------------
@@ -222,6 +312,17 @@ CSV_FIELDS = (
     "prefix_tokens",
     "miss_penalty_usd",
     "break_even_misses_per_day",
+    "production_requests",
+    "production_cache_read_tokens",
+    "production_cache_write_tokens",
+    "production_hit_rate",
+    "production_spend_usd",
+    "saved_by_caching_usd",
+    "saved_by_keepalive_usd",
+    "keepalive_spend_usd",
+    "net_usd",
+    "pays_for_itself",
+    "prefix_drift",
 )
 
 
@@ -247,6 +348,20 @@ def _machine(p: PairReport) -> dict[str, Any]:
         prefix_tokens=p.prefix_tokens,
         miss_penalty_usd=p.miss_penalty,
         break_even_misses_per_day=p.break_even,
+    )
+    prod = p.production
+    out.update(
+        production_requests=prod.requests,
+        production_cache_read_tokens=prod.cache_read,
+        production_cache_write_tokens=prod.cache_write,
+        production_hit_rate=prod.hit_rate,
+        production_spend_usd=None if prod.spend_unknown else prod.spend,
+        saved_by_caching_usd=prod.saved_by_caching,
+        saved_by_keepalive_usd=prod.saved_by_keepalive,
+        keepalive_spend_usd=None if unknown else p.spend,
+        net_usd=p.net,
+        pays_for_itself=p.pays_for_itself,
+        prefix_drift=prod.drift,
     )
     return out
 
@@ -315,8 +430,7 @@ def render_table(report: Report) -> str:
                 "-" if p is report.total else ("unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"),
             ]
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
+    lines = _columns(headers, rows)
     foot = ["break-even: production misses a day the keepalive must prevent to pay for itself (spend/day / miss penalty)"]
     short = [f"{p.expert}/{p.model} ({format_duration(round(p.window_seconds, 1))})"
              for p in report.pairs if p.window_seconds < SHORT_WINDOW]
@@ -324,7 +438,46 @@ def render_table(report: Report) -> str:
         # A first cold write scaled from minutes to a day looks alarming; say so next to it.
         foot.append(f"note: per-day figures extrapolate from less than {format_duration(SHORT_WINDOW)} for "
                     + ", ".join(short))
-    return "\n".join([head, *lines, "", *foot]) + "\n"
+    return "\n".join([head, *lines, "", *foot, *_production_table(report)]) + "\n"
+
+
+def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def _production_table(report: Report) -> list[str]:
+    """Production's side: what its requests found, and whether the keepalive paid for itself."""
+    if not report.total.production.requests:
+        return ["", "production: no observations in the window (production POSTs them to /v1/observations);",
+                "without them nothing proves the keepalive saved anything: pays for itself: no"]
+    headers = ["EXPERT", "MODEL", "PROD REQUESTS", "PROD HIT RATE", "PROD SPEND", "SAVED BY CACHING",
+               "SAVED BY KEEPALIVE", "KEEPALIVE SPEND", "NET", "PAYS FOR ITSELF", "DRIFT"]
+    rows = []
+    for p in [*report.pairs, report.total]:
+        prod = p.production
+        rows.append([
+            p.expert,
+            p.model,
+            str(prod.requests),
+            "-" if prod.hit_rate is None else f"{prod.hit_rate:.1%}",
+            format_usd(None if prod.spend_unknown else prod.spend, 4),
+            format_usd(prod.saved_by_caching, 4),
+            format_usd(prod.saved_by_keepalive, 4),
+            format_usd(None if p.spend_unknown else p.spend, 4),
+            format_usd(p.net, 4),
+            _yes_no(p.pays_for_itself),
+            str(prod.drift),
+        ])
+    foot = ["saved by the keepalive: the miss penalties of production requests that read the cache when production's",
+            "own previous request was a TTL or more earlier; net = that - keepalive spend"]
+    if report.total.production.drift:
+        foot.append("drift: production requests whose prefix is not the one keepwarm warms (fix the prompt build)")
+    return ["", "production:", *_columns(headers, rows), "", *foot]
 
 
 def run_report(
@@ -343,10 +496,11 @@ def run_report(
     try:
         rows = read_ledger(ledger_path, None if since_seconds is None else now - since_seconds)
         first_seen = read_first_seen(ledger_path)
+        observations = read_observations(ledger_path, None if since_seconds is None else now - since_seconds)
     except LedgerError as exc:
         print(f"keepwarm report: {exc}", file=sys.stderr)
         return EX_CONFIG
-    report = build_report(rows, prices, since_seconds, now, first_seen)
+    report = build_report(rows, prices, since_seconds, now, first_seen, observations)
     if fmt == "json":
         out.write(render_json(report, prices))
     elif fmt == "csv":

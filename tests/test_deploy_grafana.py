@@ -39,6 +39,14 @@ CONTRACT_METRICS = {
     "keepwarm_config_last_reload_successful",
     "keepwarm_build_info",
     "keepwarm_ping_interval_seconds",
+    # Production observations (the keepwarm.production rule group).
+    "keepwarm_production_requests_total",
+    "keepwarm_production_tokens_total",
+    "keepwarm_production_cost_usd_total",
+    "keepwarm_saved_usd_total",
+    "keepwarm_prefix_drift_total",
+    "keepwarm_pings_skipped_total",
+    "keepwarm_observations_rejected_total",
 }
 UNLABELLED = {"keepwarm_ping_lateness_seconds", "keepwarm_config_last_reload_successful", "keepwarm_build_info"}
 # What Grafana puts in place of the variables, near enough for parsing.

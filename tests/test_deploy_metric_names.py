@@ -6,6 +6,7 @@ missing series as "no data", which never fires.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from keepwarm.config import load_config
 
 from conftest import ROOT, free_port, keepwarm_cmd
 from deploy_metrics import metric_names_used
@@ -38,9 +41,17 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
     )
     try:
         exported: set[str] = set()
+        # The production families appear at a pair's first observation: send one.
+        pair = load_config(config / "keepwarm.yaml").pairs[0]
+        observation = json.dumps({"expert": pair.expert, "model": pair.model,
+                                  "usage": {"input_tokens": 5, "cache_read_input_tokens": 100}}).encode()
         end = time.monotonic() + 30
         while time.monotonic() < end and proc.poll() is None:
             try:
+                post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/observations", data=observation,
+                                              headers={"Content-Type": "application/json"}, method="POST")
+                with urllib.request.urlopen(post, timeout=5) as resp:
+                    assert resp.status == 202
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                     families = text_string_to_metric_families(resp.read().decode())
                     # Sample names are what PromQL sees: counters with _total, histogram parts.

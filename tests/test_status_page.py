@@ -24,7 +24,8 @@ def _states() -> list[PairState]:
     warm, parked1, parked2, short = (PairState(pair=p, max_tokens=1) for p in config.pairs)
     warm.last_result, warm.last_start, warm.expires_at, warm.next_due = Result.WARM, NOW - 60, NOW + 240, NOW + 180
     for s in (parked1, parked2):
-        s.last_result, s.last_start, s.parked = Result.ERROR, NOW - 30, "model: claude-sonnet-4-6 is not available"
+        s.last_result, s.last_start = Result.ERROR, NOW - 30
+        s.parked, s.park_reason = True, "model: claude-sonnet-4-6 is not available"
     short.last_result, short.last_start, short.prefix_tokens = Result.UNCACHED, NOW - 10, 184
     return [warm, parked1, parked2, short]
 
