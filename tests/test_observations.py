@@ -424,3 +424,12 @@ def test_a_write_without_the_split_is_billed_at_the_pair_s_1h_ttl(tmp_path: Path
     got = validate(_obs(write=1500), 0, pairs, T0)
     assert not isinstance(got, Rejection) and (got.usage.cache_write_1h, got.usage.cache_write_5m) == (1500, 0)
     assert config.pairs[0].ttl == "5m"
+
+
+def test_a_body_without_content_length_is_refused(served: Served) -> None:
+    conn = http.client.HTTPConnection(*served.web.address, timeout=10)
+    conn.putrequest("POST", "/v1/observations")
+    conn.endheaders()
+    assert conn.getresponse().status == 411
+    conn.close()
+    assert _value(served.metrics, "keepwarm_observations_rejected_total", reason="malformed") == 1
