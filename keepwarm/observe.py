@@ -312,17 +312,17 @@ class Observer:
         self._warn_once(
             "misdirected", f"observe: shard {shard} does not own some pairs (421, owner {owner}): check the order and number of shard URLs"
         )
-        pairs = {f"{item['expert']}/{item['model']}" for item in items}
+        pairs = sorted({f"{item['expert']}/{item['model']}" for item in items})
+        if len(pairs) > 1:
+            # The answer names the owner of one of the pairs only: ask again pair by pair.
+            for key in pairs:
+                self._post(shard, [i for i in items if f"{i['expert']}/{i['model']}" == key], hops)
+            return
         if hops <= 0 or not 0 <= owner < len(self._targets) or owner == shard:
             self._drop("misdirected", len(items))
             return
-        if len(pairs) == 1:
-            self._routes[pairs.pop()] = owner
-            self._post(owner, items, hops - 1)
-            return
-        # The answer names the owner of one of the pairs only: ask again pair by pair.
-        for key in sorted(pairs):
-            self._post(shard, [i for i in items if f"{i['expert']}/{i['model']}" == key], hops)
+        self._routes[pairs[0]] = owner
+        self._post(owner, items, hops - 1)
 
     def _drop(self, cause: str, n: int) -> None:
         with self._lock:
