@@ -292,14 +292,7 @@ class Observer:
             )
             return
         if status == 202:
-            rejected = answer.get("rejected") if isinstance(answer, dict) else None
-            n_rejected = len(rejected) if isinstance(rejected, list) else 0
-            with self._lock:
-                self._counts["accepted"] += len(items) - n_rejected
-                self._counts["rejected"] += n_rejected
-            if n_rejected and isinstance(rejected, list):
-                reason = rejected[0].get("reason") if isinstance(rejected[0], dict) else None
-                self._warn_once("rejected", f"observe: {target.url} rejected {n_rejected} observation(s), e.g. {reason!r}")
+            self._accepted(shard, items, answer, hops)
             return
         if status == 421 and isinstance(answer, dict) and isinstance(answer.get("shard"), int):
             self._misdirected(shard, int(answer["shard"]), items, hops)
@@ -307,10 +300,34 @@ class Observer:
         self._drop(f"http_{status}", len(items))
         self._warn_once(f"http_{status}", f"observe: {target.url} answered {status} ({_excerpt(answer)}); dropping observations")
 
+    def _accepted(self, shard: int, items: list[dict[str, Any]], answer: Any, hops: int) -> None:
+        """202: count what was accepted; resend items refused as `misdirected` to the shard named."""
+        rejected = answer.get("rejected") if isinstance(answer, dict) else None
+        refused = [r for r in rejected if isinstance(r, dict)] if isinstance(rejected, list) else []
+        elsewhere: dict[int, list[dict[str, Any]]] = {}
+        others = []
+        for r in refused:
+            index, owner = r.get("index"), r.get("shard")
+            if r.get("reason") == "misdirected" and isinstance(index, int) and 0 <= index < len(items) and isinstance(owner, int):
+                elsewhere.setdefault(owner, []).append(items[index])
+            else:
+                others.append(r)
+        with self._lock:
+            self._counts["accepted"] += len(items) - len(refused)
+            self._counts["rejected"] += len(others)
+        if others:
+            target = self._targets[shard]
+            self._warn_once("rejected", f"observe: {target.url} rejected {len(others)} observation(s), e.g. {others[0].get('reason')!r}")
+        for owner, moved in elsewhere.items():
+            for key in sorted({f"{i['expert']}/{i['model']}" for i in moved}):
+                self._misdirected(shard, owner, [i for i in moved if f"{i['expert']}/{i['model']}" == key], hops)
+
     def _misdirected(self, shard: int, owner: int, items: list[dict[str, Any]], hops: int) -> None:
         """421 {"shard": K}: the shard list disagrees with the daemons'. Learn the owner and resend once."""
         self._warn_once(
-            "misdirected", f"observe: shard {shard} does not own some pairs (421, owner {owner}): check the order and number of shard URLs"
+            "misdirected",
+            f"observe: shard {shard} does not keep some pairs warm (misdirected; owner: shard {owner});"
+            " check the number and order of the shard URLs",
         )
         pairs = sorted({f"{item['expert']}/{item['model']}" for item in items})
         if len(pairs) > 1:

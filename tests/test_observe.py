@@ -73,15 +73,20 @@ class Receiver:
         if self.answer is not None:
             return self.answer(body)
         items = body["observations"]
-        if self.shard is not None:
-            # As a sharded daemon does: 421 naming the owner of the first pair it does not own.
-            for item in items:
-                owner = shard_of(f"{item['expert']}/{item['model']}", self.shards)
-                if owner != self.shard:
-                    return 421, {"shard": owner}
         if self.status != 202:
             return self.status, {"error": "refused"}
-        return 202, {"accepted": len(items), "rejected": []}
+        rejected = []
+        if self.shard is not None:
+            # As a sharded daemon does: each item of a pair it does not own is refused naming
+            # the owner, and a request of nothing but one other shard's pairs is a 421.
+            for index, item in enumerate(items):
+                owner = shard_of(f"{item['expert']}/{item['model']}", self.shards)
+                if owner != self.shard:
+                    rejected.append({"index": index, "reason": "misdirected", "shard": owner})
+            owners = {r["shard"] for r in rejected}
+            if len(rejected) == len(items) and len(owners) == 1:
+                return 421, {"shard": owners.pop(), "rejected": rejected}
+        return 202, {"accepted": len(items) - len(rejected), "rejected": rejected}
 
     @property
     def observations(self) -> list[dict[str, Any]]:
@@ -542,9 +547,9 @@ def test_a_421_teaches_the_owner_and_the_observation_is_resent(caplog: pytest.Lo
         assert stats.accepted == 2 * reachable
         assert stats.dropped == ({"misdirected": 2 * (len(EXPERTS) - reachable)} if reachable < len(EXPERTS) else {})
         for k, r in enumerate(shards[:2]):
-            accepted = [o["expert"] for post in r.posts if not _all_foreign(post, k) for o in post["body"]["observations"]]
+            accepted = [o["expert"] for o in r.observations if shard_of(f"{o['expert']}/{o['model']}", 3) == k]
             assert sorted(accepted) == sorted(2 * [e for e, owner in zip(EXPERTS, owners) if owner == k])
-        assert len([r for r in caplog.records if "421" in r.getMessage()]) == 1
+        assert len([r for r in caplog.records if "misdirected" in r.getMessage()]) == 1
         # Learnt routes: in the second round a pair owned by the other known shard goes there at once.
         moved = [e for e, owner in zip(EXPERTS, owners) if owner < 2 and owner != shard_of(f"{e}/{SONNET}", 2)]
         assert moved, "the test needs pairs the 2-shard hash misplaces"
@@ -556,9 +561,22 @@ def test_a_421_teaches_the_owner_and_the_observation_is_resent(caplog: pytest.Lo
             r.close()
 
 
-def _all_foreign(post: dict[str, Any], shard: int) -> bool:
-    """Whether a receiver refused this post (421): it holds a pair the shard does not own."""
-    return any(shard_of(f"{o['expert']}/{o['model']}", 3) != shard for o in post["body"]["observations"])
+def test_a_whole_request_answered_421_goes_to_the_shard_named() -> None:
+    shards = [Receiver(shard=k, shards=3) for k in range(3)]
+    try:
+        # A pair the client's 2-shard hash sends to the wrong one of the two shards it knows.
+        expert = next(e for e in EXPERTS if shard_of(f"{e}/{SONNET}", 3) == 1 - shard_of(f"{e}/{SONNET}", 2))
+        observer = observe.Observer([shards[0].url, shards[1].url], flush_interval=60)
+        observer.record(expert, SONNET, 1.0, PREFIX.system, None, {"output_tokens": 1})
+        assert observer.flush(10)
+        stats = observer.stats()
+        observer.close()
+        wrong, right = shards[shard_of(f"{expert}/{SONNET}", 2)], shards[shard_of(f"{expert}/{SONNET}", 3)]
+        assert len(wrong.posts) == 1 and len(right.posts) == 1
+        assert (stats.accepted, stats.dropped_total) == (1, 0)
+    finally:
+        for r in shards:
+            r.close()
 
 
 # --- the wrapped client looks like the original ----------------------------------------------
