@@ -98,6 +98,11 @@ class MetricsSection(_Strict):
     listen: str = "127.0.0.1:9464"
 
 
+class ObserveSection(_Strict):
+    token_file: str | None = None  # bearer token production sends with observations
+    allow_unauthenticated: bool = False  # accept observations without a token off loopback
+
+
 class LedgerSection(_Strict):
     path: str | None = None
     retention_days: float | None = Field(default=None, gt=0)
@@ -112,6 +117,7 @@ class FileSection(_Strict):
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
+    observe: ObserveSection = ObserveSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
 
@@ -167,6 +173,10 @@ class Config:
     ledger_retention_days: float | None = None
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
+    observe_token_file: Path | None = None
+    observe_allow_unauthenticated: bool = False
+    # Configured pairs that another shard keeps warm: observations for them answer 421.
+    other_shard_pairs: frozenset[str] = frozenset()
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -393,7 +403,9 @@ def _resolve(
             shard = parse_shard(raw.shard)
         except ValueError as exc:
             problems.append(f"shard: {exc}")
+    other_shard_pairs: frozenset[str] = frozenset()
     if shard is not None:
+        other_shard_pairs = frozenset(p.key for p in pairs if not in_shard(p.key, *shard))
         pairs = [p for p in pairs if in_shard(p.key, *shard)]
     if raw.api.timeout <= 0:
         problems.append("api.timeout: must be above 0")
@@ -421,6 +433,9 @@ def _resolve(
         ledger_retention_days=raw.ledger.retention_days,
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
+        observe_token_file=base / raw.observe.token_file if raw.observe.token_file else None,
+        observe_allow_unauthenticated=raw.observe.allow_unauthenticated,
+        other_shard_pairs=other_shard_pairs,
     )
 
 

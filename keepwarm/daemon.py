@@ -25,6 +25,7 @@ from keepwarm.gate import Gate
 from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
+from keepwarm.observations import Observer, load_token
 from keepwarm.ping import make_client
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
@@ -64,7 +65,20 @@ def build_runner(
     )
 
 
-def build_web(config: Config, metrics: Metrics, scheduler: Scheduler) -> WebServer:
+def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runner: Runner) -> Observer:
+    """The observations endpoint's state, fed by and feeding the scheduler; raise ConfigError (token file)."""
+    observer = Observer(
+        config,
+        metrics,
+        load_token(config),
+        touch=scheduler.touch,
+        ledger=lambda: runner.ledger if isinstance(runner.ledger, Ledger) else None,
+    )
+    scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost)
+    return observer
+
+
+def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
     return WebServer(
         config.metrics_host,
@@ -72,6 +86,7 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler) -> WebServ
         metrics,
         states=lambda: list(scheduler.states.values()),
         health=scheduler.healthy,
+        observer=observer,
     )
 
 
@@ -167,7 +182,13 @@ class Daemon:
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
         scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
         try:
-            web = build_web(config, metrics, scheduler)
+            observer = build_observer(config, metrics, scheduler, runner)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                event(log, logging.ERROR, "config error", source=str(self.config_path), problem=problem)
+            return EX_CONFIG
+        try:
+            web = build_web(config, metrics, scheduler, observer)
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
                   error=exc.strerror or str(exc))
@@ -203,7 +224,7 @@ class Daemon:
                 scheduler.check_clock()
                 if self.reload_event.is_set():
                     self.reload_event.clear()
-                    config = self._reload(config, metrics, runner, scheduler)
+                    config = self._reload(config, metrics, runner, scheduler, observer)
                 # The watchdog follows the scheduler's own heartbeat, not API success: an API
                 # outage must not turn into a restart storm, a stuck scheduler must.
                 if watchdog and time.monotonic() - scheduler.last_heartbeat < watchdog / 2:
@@ -230,11 +251,14 @@ class Daemon:
             return None
         return Ledger(config.ledger_path, config.ledger_retention_days, on_error=metrics.ledger_errors.inc)
 
-    def _reload(self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler) -> Config:
+    def _reload(
+        self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler, observer: Observer | None = None
+    ) -> Config:
         """Apply a new config as a diff, or keep the old one if the new one is bad."""
         sdnotify.notify("RELOADING=1")
         try:
             new, key, warnings = self._load()
+            token = load_token(new)
             ledger_changed = (new.ledger_path, new.ledger_retention_days) != (
                 config.ledger_path,
                 config.ledger_retention_days,
@@ -267,6 +291,8 @@ class Daemon:
             if old is not None:
                 old.close()
         report = scheduler.apply(new.pairs)
+        if observer is not None:
+            observer.apply(new, token)
         scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),

@@ -1,4 +1,5 @@
-"""The ledger: one SQLite row per ping, failed ones included, money at full precision.
+"""The ledger: one SQLite row per ping, failed ones included, and one per production
+observation, money at full precision.
 
 It is what `keepwarm report` proves its figures from, so it must survive what a daemon
 meets: a crash mid-write (WAL, one commit per ping), several worker threads (one
@@ -27,6 +28,7 @@ from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
 
 if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
+    from keepwarm.observations import ObservationRecord
     from keepwarm.runner import PingOutcome
 
 log = logging.getLogger("keepwarm.ledger")
@@ -105,7 +107,42 @@ def _create_v1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX pings_pair_time ON pings (expert, model, time)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+def _observations_v2(db: sqlite3.Connection) -> None:
+    db.execute(
+        """
+        CREATE TABLE observations (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,              -- the production request's start, unix seconds
+            received REAL NOT NULL,          -- when keepwarm accepted the observation
+            expert TEXT NOT NULL,
+            model TEXT NOT NULL,
+            ttl TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,       -- the pair's, as warmed
+            observed_fingerprint TEXT,       -- the request's, when production sent it
+            result TEXT NOT NULL,
+            input INTEGER NOT NULL,
+            cache_read INTEGER NOT NULL,
+            cache_write_5m INTEGER NOT NULL,
+            cache_write_1h INTEGER NOT NULL,
+            output INTEGER NOT NULL,
+            cost_input REAL,                 -- USD: NULL when the model has no price
+            cost_cache_read REAL,
+            cost_cache_write_5m REAL,
+            cost_cache_write_1h REAL,
+            cost_output REAL,
+            saved INTEGER NOT NULL,          -- 1: the keepalive spared it a write
+            saved_usd REAL,                  -- NULL when not saved or unpriced
+            drift TEXT,                      -- fingerprint | write_while_warm | NULL
+            late INTEGER NOT NULL,           -- 1: arrived after a later request of its pair
+            request_id TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX observations_time ON observations (time)")
+    db.execute("CREATE INDEX observations_pair_time ON observations (expert, model, time)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2]
 
 
 def schema_version() -> int:
@@ -231,6 +268,107 @@ def _row_values(outcome: PingOutcome) -> tuple[Any, ...]:
     )
 
 
+OBSERVATION_COLUMNS = (
+    "time",
+    "received",
+    "expert",
+    "model",
+    "ttl",
+    "fingerprint",
+    "observed_fingerprint",
+    "result",
+    *USAGE_COLUMNS,
+    *COST_COLUMNS,
+    "saved",
+    "saved_usd",
+    "drift",
+    "late",
+    "request_id",
+)
+
+
+@dataclass(frozen=True)
+class ObservationRow:
+    """One recorded production observation, as stored."""
+
+    id: int
+    time: float
+    received: float
+    expert: str
+    model: str
+    ttl: str
+    fingerprint: str
+    observed_fingerprint: str | None
+    result: str
+    input: int
+    cache_read: int
+    cache_write_5m: int
+    cache_write_1h: int
+    output: int
+    cost_input: float | None
+    cost_cache_read: float | None
+    cost_cache_write_5m: float | None
+    cost_cache_write_1h: float | None
+    cost_output: float | None
+    saved: int
+    saved_usd: float | None
+    drift: str | None
+    late: int
+    request_id: str | None
+
+    @property
+    def cache_write(self) -> int:
+        """Tokens written to the cache, whatever their TTL."""
+        return self.cache_write_5m + self.cache_write_1h
+
+    @property
+    def costs(self) -> dict[str, float] | None:
+        """USD by kind, or None when the model has no price."""
+        values = [getattr(self, column) for column in COST_COLUMNS]
+        if any(v is None for v in values):
+            return None
+        return dict(zip(COST_KINDS, values))
+
+
+def _observation_values(record: ObservationRecord, received: float) -> tuple[Any, ...]:
+    obs = record.observation
+    pair, usage = obs.pair, obs.usage.by_kind()
+    costs: list[float | None] = [None] * len(COST_KINDS) if record.cost is None else [record.cost[k] for k in COST_KINDS]
+    return (
+        obs.at,
+        received,
+        pair.expert,
+        pair.model,
+        pair.ttl,
+        pair.fingerprint,
+        obs.fingerprint,
+        obs.result.value,
+        *(usage[k] for k in USAGE_COLUMNS),
+        *costs,
+        int(record.saved),
+        record.saved_usd,
+        record.drift,
+        int(record.late),
+        obs.request_id,
+    )
+
+
+_INSERT_OBSERVATION = (
+    f"INSERT INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
+)
+_SELECT_OBSERVATIONS = f"SELECT id, {', '.join(OBSERVATION_COLUMNS)} FROM observations"
+
+
+def _select_observations(db: sqlite3.Connection, since: float | None) -> list[ObservationRow]:
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'observations'").fetchone():
+        return []  # a ledger written before observations existed (schema version 1)
+    if since is None:
+        cursor = db.execute(_SELECT_OBSERVATIONS + " ORDER BY time, id")
+    else:
+        cursor = db.execute(_SELECT_OBSERVATIONS + " WHERE time >= ? ORDER BY time, id", (since,))
+    return [ObservationRow(*row) for row in cursor]
+
+
 _INSERT = f"INSERT INTO pings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM pings"
 
@@ -268,6 +406,7 @@ class Ledger:
         # Rows that failed to commit (locked or full file) wait here and go in with the next
         # ping, so a passing lock costs no row; bounded so a dead disk cannot eat memory.
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._pending_observations: collections.deque[tuple[Any, ...]] = collections.deque()
         self._last_sweep = float("-inf")
         self._db: sqlite3.Connection | None = self._open(busy_timeout)
         if retention_days is not None:
@@ -328,31 +467,57 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
                 self._failed("cannot delete old ledger rows", exc)
 
+    def record_observations(self, records: list[ObservationRecord]) -> None:
+        """Store the accepted observations of one request in one commit; never raises."""
+        try:
+            received = self._clock()
+            values = [_observation_values(r, received) for r in records]
+        except Exception as exc:  # noqa: BLE001 - a malformed record is a bug, not worth a crash
+            self._failed("cannot turn observations into rows", exc)
+            return
+        with self._lock:
+            self._pending_observations.extend(values)
+            while len(self._pending_observations) > MAX_PENDING:
+                self._pending_observations.popleft()
+                self.dropped += 1
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - the endpoint must keep answering
+                self._failed("cannot write observations to the ledger; kept in memory and retried", exc)
+
     def _flush(self) -> None:
         """Commit every pending row in one transaction (the caller holds the lock)."""
         if self._db is None:
             raise LedgerError(f"ledger {self.path} is closed")
-        if not self._pending:
+        if not self._pending and not self._pending_observations:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany(_INSERT, self._pending)
+            if self._pending:
+                self._db.executemany(_INSERT, self._pending)
+            if self._pending_observations:
+                self._db.executemany(_INSERT_OBSERVATION, self._pending_observations)
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
         self._pending.clear()
+        self._pending_observations.clear()
 
     def _sweep(self) -> None:
         """Delete rows older than the retention (the caller holds the lock)."""
         assert self._db is not None and self.retention_days is not None
         now = self._clock()
-        cursor = self._db.execute("DELETE FROM pings WHERE time < ?", (now - self.retention_days * 86400.0,))
+        cutoff = now - self.retention_days * 86400.0
+        cursor = self._db.execute("DELETE FROM pings WHERE time < ?", (cutoff,))
+        deleted = cursor.rowcount
+        # Observations are kept exactly as long as pings: a report needs both sides of a window.
+        deleted_observations = self._db.execute("DELETE FROM observations WHERE time < ?", (cutoff,)).rowcount
         self._last_sweep = now
-        if cursor.rowcount:
-            event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=cursor.rowcount,
-                  retention_days=self.retention_days)
+        if deleted or deleted_observations:
+            event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
+                  deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.write_errors += 1
@@ -367,6 +532,13 @@ class Ledger:
             if self._db is None:
                 raise LedgerError(f"ledger {self.path} is closed")
             return _select(self._db, since)
+
+    def observations(self, since: float | None = None) -> list[ObservationRow]:
+        """Every committed observation with `time >= since` (all when None), oldest first."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"ledger {self.path} is closed")
+            return _select_observations(self._db, since)
 
     def close(self) -> None:
         """Write what is pending, checkpoint the WAL into the main file, and close."""
@@ -429,3 +601,9 @@ def read_first_seen(path: Path | str) -> dict[tuple[str, str], float]:
     with _readonly(path) as db:
         cursor = db.execute("SELECT expert, model, MIN(time) FROM pings GROUP BY expert, model")
         return {(expert, model): float(first) for expert, model, first in cursor}
+
+
+def read_observations(path: Path | str, since: float | None = None) -> list[ObservationRow]:
+    """Observations with `time >= since` of a ledger file, read without writing to it; raise LedgerError."""
+    with _readonly(path) as db:
+        return _select_observations(db, since)

@@ -287,10 +287,42 @@ class Metrics:
         self.ledger_errors = Counter(
             "keepwarm_ledger_errors", "Ledger writes or opens that failed; pinging went on.", registry=None
         )
+        # Production observations (SPEC §8) and skipped pings (§9): plain prometheus_client
+        # families until the per-pair store carries them (placeholder for the metrics branch).
+        self.production_requests = Counter(
+            "keepwarm_production_requests", "Observed production requests by result.",
+            [*_PAIR, "result"], registry=None,
+        )
+        self.production_tokens = Counter(
+            "keepwarm_production_tokens", "Tokens billed to observed production requests, by kind.",
+            [*_PAIR, "kind"], registry=None,
+        )
+        self.production_cost = Counter(
+            "keepwarm_production_cost_usd", "What observed production requests cost, in USD, by kind.",
+            [*_PAIR, "kind"], registry=None,
+        )
+        self.saved = Counter(
+            "keepwarm_saved_usd", "Miss penalties the keepalive avoided for production, in USD.", list(_PAIR),
+            registry=None,
+        )
+        self.drift = Counter(
+            "keepwarm_prefix_drift", "Production requests whose prefix is not the one keepwarm warms.",
+            list(_PAIR), registry=None,
+        )
+        self.skipped = Counter(
+            "keepwarm_pings_skipped", "Pings not sent because the policy said they were not needed, by reason.",
+            [*_PAIR, "reason"], registry=None,
+        )
+        self.observations_rejected = Counter(
+            "keepwarm_observations_rejected", "Observations refused, by reason.", ["reason"], registry=None,
+        )
+        self._production = (self.production_requests, self.production_tokens, self.production_cost,
+                            self.saved, self.drift, self.skipped)
         # process_start_time_seconds and friends: the stale-ping alert measures a pair that
         # has never pinged from the process's start.
         process = ProcessCollector(registry=None)
-        for metric in (self.lateness, self.reload_ok, self.build_info, self.deferred, self.ledger_errors, process):
+        for metric in (self.lateness, self.reload_ok, self.build_info, self.deferred, self.ledger_errors,
+                       *self._production, self.observations_rejected, process):
             self.registry.register(metric)
             self._plain.register(metric)
         self.build_info.labels(__version__).set(1)
@@ -308,6 +340,10 @@ class Metrics:
         """Drop every series of a pair (after a reload removed or changed it)."""
         with self._store.lock:
             self._store.pairs.pop((pair.expert, pair.model), None)
+        for family in self._production:
+            # prometheus_client removes one label set at a time; drop every one of this pair.
+            for labels in [k for k in family._metrics if k[:2] == (pair.expert, pair.model)]:
+                family.remove(*labels)
 
     def exposition(self) -> Iterator[bytes]:
         """The Prometheus text format (what `generate_latest` gives), in chunks.

@@ -1,10 +1,17 @@
 """When each pair is pinged: APScheduler 3.11 with one self-rearming job per pair.
 
 Every pair's job is a one-shot `DateTrigger`; when a ping finishes, the job schedules the
-pair's next ping from the pure policy `next_ping_at`. That keeps the "when next" decision
-in one small function (later traffic-aware), makes overlapping pings of one pair
+pair's next ping from the pair's pure policy (`keepwarm.policy`), fed every touch in time
+order: its own pings and production requests reported as observations (`touch`). That keeps
+the "when next" decision in one pure component, makes overlapping pings of one pair
 impossible (the next is only scheduled once the current one is done), and turns any
 stall into exactly one catch-up ping per pair: a pair has at most one pending run.
+
+Production touches are only fed, never scheduled: when a job wakes it asks the policy again,
+and if a production request since has made the ping unnecessary the answer lies later; the
+ping is skipped (`keepwarm_pings_skipped_total{reason}`) and the job re-armed at that time.
+The jitter draw of an armed job is kept with it, so asking again without a new touch gives
+exactly the time the job was armed for.
 
 Start-up is spread: each pair's first ping comes at a stable phase within its interval,
 derived from a hash of the pair, so a restart does not fire every pair at once.
@@ -32,10 +39,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
+from keepwarm.classify import Result
 from keepwarm.config import Pair
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
-from keepwarm.runner import PairState, Runner
+from keepwarm.policy import FixedPolicy, PairPolicy, Source, Touch
+from keepwarm.runner import PairState, PingOutcome, Runner
 
 log = logging.getLogger("keepwarm.scheduler")
 
@@ -117,6 +126,13 @@ class Scheduler:
         self.clock = clock
         self.draw = draw
         self.states: dict[str, PairState] = {}
+        # One policy per pair beside its state, with the jitter draw of the pair's armed job.
+        self.policies: dict[str, PairPolicy] = {}
+        self._draws: dict[str, float] = {}
+        self._lapsed: set[str] = set()  # pairs with no job armed because their policy said none
+        self._policy_lock = threading.Lock()
+        # Called with every finished ping (the observations' attribution listens here).
+        self.on_ping: Callable[[PingOutcome], None] | None = None
         self.stopping = threading.Event()
         self._inflight = 0
         self._inflight_cv = threading.Condition()
@@ -235,6 +251,7 @@ class Scheduler:
                 state.last_start += jump
             if state.expires_at:
                 state.expires_at += jump
+            self._new_policy(state)  # its anchors are wall times too; rebuilt from the shifted state
             if state.next_due:  # 0: in flight or parked; the ping re-arms itself from last_start
                 self._schedule(state, state.next_due + jump)
         if self._aps.get_job("heartbeat") is not None:
@@ -256,6 +273,9 @@ class Scheduler:
         for key in list(self.states):
             if key not in wanted:
                 old = self.states.pop(key)
+                with self._policy_lock:
+                    self.policies.pop(key, None)
+                    self._draws.pop(key, None)
                 self._remove_job(key)
                 self.metrics.remove_pair(old.pair)
                 removed.append(key)
@@ -266,6 +286,7 @@ class Scheduler:
                 continue
             state = PairState(pair=pair, max_tokens=pair.max_tokens)
             self.states[key] = state
+            policy = self._new_policy(state)
             if old_state is None:
                 added.append(key)
                 self.metrics.add_pair(pair)
@@ -280,9 +301,66 @@ class Scheduler:
                 else:
                     # Same cache, new timing: keep its phase from the last ping.
                     state.last_start, state.expires_at = old_state.last_start, old_state.expires_at
-                    base = old_state.last_start or now
-                    self._schedule(state, max(next_ping_at(base, pair.interval, pair.jitter, self.draw()), now))
+                    state.last_result = old_state.last_result
+                    policy = self._new_policy(state)
+                    decision = policy.next_ping(now, self._draw(key))
+                    if decision.at is not None:
+                        self._schedule(state, max(decision.at, now))
         return ApplyReport(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+    # --- the policy --------------------------------------------------------------------------
+
+    def _new_policy(self, state: PairState) -> PairPolicy:
+        """A fresh policy for a pair, knowing its last ping if it had one."""
+        pair = state.pair
+        policy = FixedPolicy(pair.interval, pair.jitter)
+        if state.last_start and state.last_result is not None:
+            policy.observe(Touch(state.last_start, Source.PING, state.last_result))
+        with self._policy_lock:
+            self.policies[pair.key] = policy
+        return policy
+
+    def _draw(self, key: str) -> float:
+        """A new jitter draw for the pair's next arming, kept until it is re-armed."""
+        draw = self.draw()
+        with self._policy_lock:
+            self._draws[key] = draw
+        return draw
+
+    def touch(self, key: str, touch: Touch) -> None:
+        """Feed a production request (an observation) to the pair's policy; pairs not kept here are ignored."""
+        with self._policy_lock:
+            policy = self.policies.get(key)
+            if policy is None:
+                return
+            policy.observe(touch)
+            lapsed = key in self._lapsed
+            decision = policy.next_ping(self.clock(), self._draws.get(key, 0.0)) if lapsed else None
+        state = self.states.get(key)
+        if decision is not None and decision.at is not None and state is not None:
+            # A policy that let the cache lapse has no job armed: a touch is what wakes it.
+            with self._policy_lock:
+                self._lapsed.discard(key)
+            self._schedule(state, decision.at)
+
+    def _lapse(self, state: PairState) -> None:
+        """No ping until a later touch (the policy said so): no job stays armed."""
+        state.next_due = 0.0
+        with self._policy_lock:
+            self._lapsed.add(state.pair.key)
+
+    def _policy_wait(self, state: PairState) -> tuple[float | None, str] | None:
+        """If the policy now says later than this wake-up, (when, why); None to ping now."""
+        key = state.pair.key
+        now = self.clock()
+        with self._policy_lock:
+            policy = self.policies.get(key)
+            if policy is None:
+                return None
+            decision = policy.next_ping(now, self._draws.get(key, 0.0))
+        if decision.at is not None and decision.at <= now:
+            return None
+        return decision.at, decision.reason or "production_touch"
 
     def _schedule(self, state: PairState, at: float) -> None:
         state.next_due = at
@@ -312,13 +390,24 @@ class Scheduler:
         self.check_clock()
         if state.next_due and abs(state.next_due - scheduled_at) > CLOCK_JUMP_THRESHOLD:
             return  # superseded: a clock step re-anchored this pair, and its new run is pending
+        later = self._policy_wait(state)
+        if later is not None:
+            # A production request touched the cache since this run was armed: no ping needed yet.
+            at, reason = later
+            self.metrics.skipped.labels(state.pair.expert, state.pair.model, reason).inc()
+            if at is None:
+                self._lapse(state)
+            else:
+                self._schedule(state, at)
+            return
         with self._inflight_cv:
             self._inflight += 1
         began = self.mono()
         state.next_due = 0.0  # in flight: not overdue, whatever its retries take
         deferred = False
+        outcome: PingOutcome | None = None
+        started = self.clock()
         try:
-            started = self.clock()
             missed = missed_slots(scheduled_at, started, state.pair.interval)
             if missed:
                 self.metrics.missed.labels(state.pair.expert, state.pair.model).inc(missed)
@@ -327,6 +416,13 @@ class Scheduler:
             if outcome is None:
                 deferred = True
                 self.metrics.deferred.inc()
+            else:
+                with self._policy_lock:
+                    policy = self.policies.get(key)
+                    if policy is not None and self.states.get(key) is state:
+                        policy.observe(Touch(outcome.started, Source.PING, outcome.result))
+                if self.on_ping is not None:
+                    self.on_ping(outcome)
         except Exception:
             log.exception("ping job failed", extra={"keepwarm_fields": {"pair": key}})
         finally:
@@ -337,13 +433,24 @@ class Scheduler:
             # Re-arm only if this state is still the pair's (a reload may have replaced it).
             if not self.stopping.is_set() and self.states.get(key) is state and state.parked is None:
                 pair = state.pair
-                at = next_ping_at(state.last_start or self.clock(), pair.interval, pair.jitter, self.draw())
-                if deferred:
+                now = self.clock()
+                with self._policy_lock:
+                    policy = self.policies.get(key)
+                if policy is not None and outcome is None and not deferred:
+                    # The job failed before it had a result: still no retry storm, an interval on.
+                    with self._policy_lock:
+                        policy.observe(Touch(started, Source.PING, Result.ERROR))
+                decision = policy.next_ping(now, self._draw(key)) if policy is not None else None
+                at = decision.at if decision is not None else now + pair.interval
+                if at is None:
+                    self._lapse(state)
+                elif deferred:
                     # Not sent: the API asked every pair to wait. Come back when the gate opens,
                     # spread over a few seconds so the pairs do not all return at once.
                     reopen = self.clock() + self.runner.gate.open_in() + self.draw() * min(pair.interval, 10.0)
-                    at = max(at, reopen)
-                self._schedule(state, at)
+                    self._schedule(state, max(at, reopen))
+                else:
+                    self._schedule(state, at)
 
     def _on_job_event(self, ev: JobEvent | JobExecutionEvent) -> None:
         """A run that APScheduler skipped: count it and re-arm the pair so its chain continues."""

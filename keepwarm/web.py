@@ -1,8 +1,11 @@
-"""The HTTP face of the daemon: `/metrics`, `/healthz`, and a landing page at `/`."""
+"""The HTTP face of the daemon: `/metrics`, `/healthz`, a landing page at `/`, and
+`POST /v1/observations` (handled by `keepwarm.observations`)."""
 
 from __future__ import annotations
 
 import html
+import json
+import logging
 import socket
 import threading
 import time
@@ -14,7 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from keepwarm import __version__
 from keepwarm.durations import format_duration
 from keepwarm.metrics import Metrics
+from keepwarm.observations import PATH as OBSERVATIONS_PATH
+from keepwarm.observations import Observer, Totals
 from keepwarm.runner import PairState
+
+log = logging.getLogger("keepwarm.web")
 
 
 def cache_state(state: PairState, now: float) -> str:
@@ -39,7 +46,55 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
-def render_page(states: list[PairState], healthy: tuple[bool, str], now: float | None = None) -> str:
+def _money(value: float, unknown: bool = False) -> str:
+    text = f"${value:,.4f}" if value >= 0 else f"-${-value:,.4f}"
+    return f"&ge; {text}" if unknown else text
+
+
+def _rate(totals: Totals) -> str:
+    rate = totals.hit_rate
+    return "—" if rate is None else f"{rate:.1%}"
+
+
+def render_headline(headline: dict[str, object] | None, now: float | None = None) -> str:
+    """What the keepalive spent and saved over 24 h and 7 d, and production's hit rate per pair."""
+    if headline is None:
+        return ""
+    now = time.time() if now is None else now
+    windows = headline["windows"]
+    pairs = headline["pairs"]
+    since = headline["since"]
+    assert isinstance(windows, dict) and isinstance(pairs, dict) and isinstance(since, float)
+    cells = []
+    for name, t in windows.items():
+        net = t.net
+        cells.append(
+            f"<tr><td>last {html.escape(name)}</td><td class=n>{_money(t.keepalive_usd, t.keepalive_unknown)}</td>"
+            f"<td class=n>{_money(t.saved_usd)}</td>"
+            f'<td class="n {"warm" if net >= 0 else "error"}">{_money(net)}</td>'
+            f"<td class=n>{t.requests}</td><td class=n>{_rate(t)}</td></tr>"
+        )
+    rows = [
+        f"<tr><td>{html.escape(key)}</td><td class=n>{t.requests}</td><td class=n>{_rate(t)}</td>"
+        f'<td class="n{" error" if t.drift else ""}">{t.drift}</td><td class=n>{_money(t.saved_usd)}</td></tr>'
+        for key, t in pairs.items()
+        if t.requests
+    ]
+    covers = f"since the daemon started {format_duration(round(now - since))} ago" if now - since < 7 * 86400 else ""
+    note = f"<p><small>Figures held in memory, {covers}; whole hours.</small></p>" if covers else ""
+    return (
+        "<h2>Does the keepalive pay?</h2>"
+        "<table><tr><th>window</th><th>keepalive spent</th><th>saved</th><th>net</th>"
+        "<th>production requests</th><th>production hit rate</th></tr>" + "".join(cells) + "</table>" + note
+        + ("<h2>Production, last 24 h</h2><table><tr><th>pair</th><th>requests</th><th>hit rate</th>"
+           "<th>drift</th><th>saved</th></tr>" + "".join(rows) + "</table>" if rows else
+           "<p>No production observations in the last 24 h (POST them to /v1/observations).</p>")
+    )
+
+
+def render_page(
+    states: list[PairState], healthy: tuple[bool, str], now: float | None = None, headline: str = ""
+) -> str:
     """The landing page: one row per pair, the page an operator opens first."""
     now = time.time() if now is None else now
     rows = []
@@ -66,6 +121,8 @@ def render_page(states: list[PairState], healthy: tuple[bool, str], now: float |
         f"<h1>keepwarm {html.escape(__version__)}</h1>"
         f"<p>Health: <b class=\"{'warm' if ok else 'error'}\">{html.escape(why)}</b> · "
         f"{len(states)} pairs · <a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a></p>"
+        + headline
+        + "<h2>Pairs</h2>"
         "<table><tr><th>expert</th><th>model</th><th>state</th><th>expires in</th><th>last result</th>"
         "<th>last ping</th><th>next ping</th><th>pings</th><th>spend</th><th>fingerprint</th><th>problem</th></tr>"
         + "".join(rows)
@@ -87,6 +144,7 @@ class WebServer:
         metrics: Metrics,
         states: Callable[[], list[PairState]],
         health: Callable[[], tuple[bool, str]],
+        observer: Observer | None = None,
     ) -> None:
         server = self
 
@@ -99,10 +157,28 @@ class WebServer:
                     ok, why = server.health()
                     self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
                 elif path == "/":
-                    page = render_page(server.states(), server.health())
+                    observer = server.observer
+                    headline = render_headline(observer.headline()) if observer is not None else ""
+                    page = render_page(server.states(), server.health(), headline=headline)
                     self._send(200, "text/html; charset=utf-8", page.encode())
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def do_POST(self) -> None:
+                observer = server.observer
+                if self.path.split("?", 1)[0] != OBSERVATIONS_PATH or observer is None:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+                    return
+                try:
+                    status, doc = observer.post(
+                        self.headers.get("Authorization"), self.headers.get("Content-Length"), self.rfile.read
+                    )
+                except Exception:  # noqa: BLE001 - a bad observation must never take the daemon down
+                    log.exception("observation handling failed")
+                    status, doc = 500, {"error": "internal error; see the daemon's log"}
+                if status in (401, 411, 413):
+                    self.close_connection = True  # the body was not read: the connection cannot be reused
+                self._send(status, "application/json", (json.dumps(doc) + "\n").encode())
 
             def _stream(self, ctype: str, chunks: Iterator[bytes]) -> None:
                 # 10,000 pairs are ~55 MB of text: write it as it is made, and let the end of
@@ -126,6 +202,7 @@ class WebServer:
                 pass  # scrapes every 15 s would drown the ping log
 
         self.metrics = metrics
+        self.observer = observer
         self.states = states
         self.health = health
         server_class = _V6Server if ":" in host else ThreadingHTTPServer

@@ -100,7 +100,7 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     Ledger(path).close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 2
 
 
 def test_migration_from_an_older_version_keeps_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +116,7 @@ def test_migration_from_an_older_version_keeps_rows(tmp_path: Path, monkeypatch:
         ledger.record(outcome(SONNET, WARM, started=T0 + 240))
         assert [r.time for r in ledger.rows()] == [T0, T0 + 240]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(ledger_module.MIGRATIONS)
         assert "region" in [c[1] for c in db.execute("PRAGMA table_info(pings)")]
 
 

@@ -1,0 +1,553 @@
+"""Production observations: what production's own requests found in the cache.
+
+Production POSTs the usage of its requests to `/v1/observations` on the metrics listener,
+one observation or `{"observations": [...]}` at a time. Each accepted observation is
+classified like a ping, priced, counted in the `keepwarm_production_*` families, kept in the
+ledger, fed to the pair's policy as a touch, and attributed:
+
+- **saved**: a production request that read the cache although production's own previous
+  request to that pair started a TTL or more earlier (or there was none) would, without the
+  keepalive, have written the prefix instead: it adds `cache_read x (write price - read price)`
+  at the pair's TTL to `keepwarm_saved_usd_total`.
+- **drift**: a request whose fingerprint differs from the pair's, or that wrote the cache
+  while keepwarm held it warm (the last ping that read or wrote it started less than a TTL
+  earlier): production is sending a prefix nobody keeps warm.
+
+Order. Attribution is a pure per-pair component (`PairAttribution`) fed in time order. A batch
+is sorted by `at` before it is attributed. An observation that arrives older than the latest
+production request already attributed to its pair (a late batch, a slow client) is still
+classified, priced and counted, and checked for drift, but it is never credited as saved, and
+it does not move the pair's "previous production request": savings are never overstated
+because of the order in which reports arrive.
+
+The HTTP edge (`Observer.post`) checks the token before it reads anything, and the
+Content-Length before it reads the body, so an unauthenticated or oversized request costs a
+header parse, nothing more.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from keepwarm.classify import Result, Usage, classify, usage_from_api
+from keepwarm.config import Config, ConfigError, Pair
+from keepwarm.logs import event
+from keepwarm.metrics import Metrics
+from keepwarm.policy import Source, Touch
+from keepwarm.pricing import COST_KINDS, PriceTable
+from keepwarm.shard import shard_of
+
+log = logging.getLogger("keepwarm.observations")
+
+PATH = "/v1/observations"
+MAX_ITEMS = 1000
+MAX_BYTES = 1024 * 1024
+# How far ahead of the daemon's clock an `at` may lie: clocks of two machines disagree a little.
+MAX_FUTURE_SKEW = 300.0
+REJECT_REASONS = ("malformed", "unknown_pair", "unauthorized", "too_large", "misdirected")
+PRODUCTION_RESULTS = ("warm", "rewarmed", "partial", "uncached")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+_SPLIT_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
+_ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id"}
+_MAX_REQUEST_ID = 256
+# Recent pings kept per pair: enough to find the one before a late observation.
+_PING_HISTORY = 16
+
+
+# --- parsing and validation: pure --------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """The request as a whole is refused: `status` and the metric `reason`."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One validated production request."""
+
+    pair: Pair
+    at: float
+    usage: Usage
+    result: Result
+    fingerprint: str | None
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one item of a request was refused (`reason` is the metric label)."""
+
+    index: int
+    reason: str
+    message: str
+    shard: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The item as the 202 answer lists it."""
+        out: dict[str, Any] = {"index": self.index, "reason": self.reason, "message": self.message}
+        if self.shard is not None:
+            out["shard"] = self.shard
+        return out
+
+
+def parse_body(body: bytes) -> tuple[list[Any], bool]:
+    """The items of a request body and whether it was a batch; raise BadRequest (400/413)."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(400, "malformed", f"the body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(400, "malformed", "expected a JSON object: one observation or {\"observations\": [...]}")
+    if "observations" not in doc:
+        return [doc], False
+    items = doc["observations"]
+    if set(doc) != {"observations"}:
+        extra = sorted(set(doc) - {"observations"})
+        raise BadRequest(400, "malformed", f"a batch has only the key \"observations\", got also {extra}")
+    if not isinstance(items, list):
+        raise BadRequest(400, "malformed", "\"observations\" must be a list")
+    if len(items) > MAX_ITEMS:
+        raise BadRequest(413, "too_large", f"{len(items)} observations in one request; at most {MAX_ITEMS}")
+    return items, True
+
+
+def _count(value: Any, where: str) -> int:
+    if value is None:
+        return 0  # missing or null counts as 0, as in an API response
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _check_usage(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("usage: expected an object with the response's usage")
+    clean: dict[str, Any] = {name: _count(raw.get(name), f"usage.{name}") for name in _USAGE_FIELDS}
+    split = raw.get("cache_creation")
+    if split is not None:
+        if not isinstance(split, dict):
+            raise ValueError("usage.cache_creation: expected an object")
+        clean["cache_creation"] = {n: _count(split.get(n), f"usage.cache_creation.{n}") for n in _SPLIT_FIELDS}
+    return clean
+
+
+def validate(
+    item: Any,
+    index: int,
+    pairs: Mapping[str, Pair],
+    now: float,
+    other_shards: Callable[[str], int | None] = lambda key: None,
+) -> Observation | Rejection:
+    """Check one observation against the configured pairs; never raises."""
+
+    def reject(reason: str, message: str, shard: int | None = None) -> Rejection:
+        return Rejection(index, reason, message, shard)
+
+    if not isinstance(item, dict):
+        return reject("malformed", "expected an object")
+    unknown = sorted(str(k) for k in item if k not in _ITEM_KEYS)
+    if unknown:
+        return reject("malformed", f"unknown key(s) {unknown}; allowed: {sorted(_ITEM_KEYS)}")
+    expert, model = item.get("expert"), item.get("model")
+    if not isinstance(expert, str) or not isinstance(model, str):
+        return reject("malformed", "expert and model: expected strings")
+    key = f"{expert}/{model}"
+    pair = pairs.get(key)
+    if pair is None:
+        owner = other_shards(key)
+        if owner is not None:
+            return reject("misdirected", f"{key} is kept warm by shard {owner}", owner)
+        return reject("unknown_pair", f"{key} is not a configured pair")
+    at = item.get("at", now)
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at <= 0:
+        return reject("malformed", f"at: expected unix seconds, got {at!r}")
+    if at > now + MAX_FUTURE_SKEW:
+        return reject("malformed", f"at: {at} is {at - now:.0f}s in the future")
+    fingerprint = item.get("fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint)):
+        return reject("malformed", "fingerprint: expected 64 lower-case hex digits (sha256)")
+    request_id = item.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > _MAX_REQUEST_ID):
+        return reject("malformed", f"request_id: expected a string of at most {_MAX_REQUEST_ID} characters")
+    try:
+        raw = _check_usage(item.get("usage"))
+    except ValueError as exc:
+        return reject("malformed", str(exc))
+    usage = usage_from_api(raw, pair.ttl)
+    return Observation(pair, float(at), usage, classify(usage), fingerprint, request_id)
+
+
+# --- attribution: pure, per pair, fed in time order ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one production request says about the keepalive."""
+
+    saved: bool  # the keepalive spared this request a write
+    drift: str | None  # "fingerprint" or "write_while_warm", or None
+    late: bool  # older than the latest production request already attributed
+
+
+class PairAttribution:
+    """Saved and drift for one pair; fed pings and production requests (see module docstring)."""
+
+    __slots__ = ("fingerprint", "last_production", "pings", "ttl")
+
+    def __init__(self, fingerprint: str, ttl: float) -> None:
+        self.fingerprint = fingerprint
+        self.ttl = ttl
+        self.last_production = 0.0  # start of the latest production request attributed (0: none)
+        self.pings: collections.deque[float] = collections.deque(maxlen=_PING_HISTORY)
+
+    def ping(self, at: float, refreshed: bool) -> None:
+        """A keepalive ping that started at `at`; only one that read or wrote the cache counts."""
+        if refreshed:
+            self.pings.append(at)
+
+    def held_warm(self, at: float) -> bool:
+        """Whether a ping that read or wrote the cache started within a TTL before `at`."""
+        return any(at - self.ttl < p <= at for p in self.pings)
+
+    def production(self, at: float, usage: Usage, fingerprint: str | None) -> Verdict:
+        """Attribute one production request that started at `at`."""
+        drift = None
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            drift = "fingerprint"
+        elif usage.cache_write > 0 and self.held_warm(at):
+            drift = "write_while_warm"
+        late = at < self.last_production
+        saved = False
+        if not late:
+            previous = self.last_production
+            saved = usage.cache_read > 0 and (not previous or at - previous >= self.ttl)
+            self.last_production = at
+        return Verdict(saved, drift, late)
+
+
+def saved_usd(prices: PriceTable, pair: Pair, usage: Usage) -> float | None:
+    """What a saved request would have paid extra: cache_read x (write - read price) at the pair's TTL."""
+    return prices.miss_penalty(pair.model, usage.cache_read, pair.ttl)
+
+
+# --- in-memory windows for the status page -------------------------------------------------
+
+BUCKET = 3600.0  # the status page's windows are whole hours
+WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0}
+
+
+@dataclass(slots=True)
+class Totals:
+    """Sums over a window, for the status page."""
+
+    keepalive_usd: float = 0.0
+    keepalive_unknown: bool = False
+    saved_usd: float = 0.0
+    requests: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    drift: int = 0
+
+    def add(self, other: Totals) -> None:
+        """Add another window's sums into this one."""
+        self.keepalive_usd += other.keepalive_usd
+        self.keepalive_unknown |= other.keepalive_unknown
+        self.saved_usd += other.saved_usd
+        self.requests += other.requests
+        self.cache_read += other.cache_read
+        self.cache_write += other.cache_write
+        self.drift += other.drift
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Production hit rate (cache_read / (cache_read + cache_write)); None without traffic."""
+        cached = self.cache_read + self.cache_write
+        return None if not cached else self.cache_read / cached
+
+    @property
+    def net(self) -> float:
+        """Saved minus what the keepalive spent."""
+        return self.saved_usd - self.keepalive_usd
+
+
+@dataclass
+class Windows:
+    """Hourly sums per pair, kept for a week: what the status page headline shows."""
+
+    buckets: dict[str, dict[int, Totals]] = field(default_factory=dict)
+    since: float = field(default_factory=time.time)  # first time these sums cover
+
+    def at(self, key: str, when: float) -> Totals:
+        """The bucket of a pair that holds time `when`."""
+        hour = int(when // BUCKET)
+        per = self.buckets.setdefault(key, {})
+        found = per.get(hour)
+        if found is None:
+            found = per[hour] = Totals()
+            for old in [h for h in per if h < hour - WINDOWS["7d"] / BUCKET]:
+                del per[old]
+        return found
+
+    def total(self, key: str | None, span: float, now: float) -> Totals:
+        """Sums over the last `span` seconds for one pair (or all when None)."""
+        first = int((now - span) // BUCKET) + 1  # whole hours only: a bucket is in or out
+        out = Totals()
+        keys = list(self.buckets) if key is None else [key]
+        for k in keys:
+            for hour, totals in list(self.buckets.get(k, {}).items()):
+                if hour >= first:
+                    out.add(totals)
+        return out
+
+    def drop(self, key: str) -> None:
+        """Forget a pair (removed or changed by a reload)."""
+        self.buckets.pop(key, None)
+
+
+# --- the HTTP edge and the bookkeeping ---------------------------------------------------
+
+
+class ObservationLedger(Protocol):
+    """What the observer needs of a ledger."""
+
+    def record_observations(self, rows: list[ObservationRecord]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationRecord:
+    """One accepted observation with what keepwarm made of it: a ledger row."""
+
+    observation: Observation
+    cost: dict[str, float] | None
+    saved_usd: float | None  # None: not saved, or the model has no price
+    saved: bool
+    drift: str | None
+    late: bool
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_token(config: Config) -> bytes | None:
+    """The bearer token from `observe.token_file` (None when unset); raise ConfigError."""
+    path: Path | None = config.observe_token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError([f"observe.token_file: cannot read {path}: {exc.strerror or exc}"]) from None
+    if not token:
+        raise ConfigError([f"observe.token_file: {path} is empty"])
+    return token
+
+
+class Observer:
+    """Takes observations over HTTP and turns them into metrics, ledger rows and touches."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        token: bytes | None = None,
+        *,
+        touch: Callable[[str, Touch], None] | None = None,
+        ledger: Callable[[], ObservationLedger | None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics
+        self.touch = touch
+        self.ledger = ledger
+        self.clock = clock
+        self.windows = Windows(since=clock())
+        self._lock = threading.Lock()
+        self._attribution: dict[str, PairAttribution] = {}
+        self._seen: set[str] = set()  # pairs whose production series exist
+        self._unauth_warned = False
+        self.pairs: dict[str, Pair] = {}
+        self.apply(config, token)
+        for reason in REJECT_REASONS:
+            metrics.observations_rejected.labels(reason)
+
+    def apply(self, config: Config, token: bytes | None) -> None:
+        """Take a (re)loaded config: pairs, prices, token; forget pairs that changed."""
+        with self._lock:
+            pairs = {p.key: p for p in config.pairs}
+            for key, old in self.pairs.items():
+                if pairs.get(key) == old:
+                    pairs[key] = old  # the object the scheduler keeps for an unchanged pair
+                else:
+                    self._attribution.pop(key, None)
+                    self._seen.discard(key)  # the scheduler removed its series
+                    self.windows.drop(key)
+            for key, pair in pairs.items():
+                if key not in self._attribution:
+                    self._attribution[key] = PairAttribution(pair.fingerprint, pair.ttl_seconds)
+            self.pairs = pairs
+            self.prices = config.prices
+            self.token = token
+            self.open = token is None and (is_loopback(config.metrics_host) or config.observe_allow_unauthenticated)
+            self.shards = config.shard
+            self.other_shard_pairs = config.other_shard_pairs
+
+    # --- what pings tell us ------------------------------------------------------------
+
+    def ping(self, pair: Pair, started: float, result: Result, cost: float | None) -> None:
+        """A finished keepalive ping (from the scheduler): for drift and the page's spend."""
+        with self._lock:
+            if self.pairs.get(pair.key) != pair:
+                return  # removed or changed meanwhile
+            attribution = self._attribution[pair.key]
+            attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL))
+            bucket = self.windows.at(pair.key, started)
+            if cost is None:
+                bucket.keepalive_unknown = bucket.keepalive_unknown or result is not Result.ERROR
+            else:
+                bucket.keepalive_usd += cost
+
+    # --- the endpoint --------------------------------------------------------------------
+
+    def _owner(self, key: str) -> int | None:
+        if self.shards is None or key not in self.other_shard_pairs:
+            return None
+        return shard_of(key, self.shards[1])
+
+    def _authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return self.open
+        scheme, _, given = (header or "").partition(" ")
+        # compare_digest on the whole header value: no early exit that leaks the token's prefix.
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
+
+    def post(
+        self, authorization: str | None, content_length: str | None, read: Callable[[int], bytes]
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one POST /v1/observations from its two headers and the body's reader: (status, JSON)."""
+        rejected = self.metrics.observations_rejected
+        if not self._authorized(authorization):
+            rejected.labels("unauthorized").inc()
+            if self.token is None:
+                if not self._unauth_warned:
+                    self._unauth_warned = True
+                    event(log, logging.WARNING, "observations refused: the metrics listener is not on loopback and"
+                          " no observe.token_file is set (or set observe.allow_unauthenticated: true)")
+                return 401, {"error": "observations need observe.token_file on a listener that is not loopback"}
+            return 401, {"error": "missing or wrong bearer token"}
+        try:
+            length = int(content_length) if content_length is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            rejected.labels("malformed").inc()
+            return 411, {"error": "Content-Length is required"}
+        if length > MAX_BYTES:
+            rejected.labels("too_large").inc()
+            return 413, {"error": f"body of {length} bytes; at most {MAX_BYTES}"}
+        try:
+            items, _ = parse_body(read(length))
+            return self.accept(items)
+        except BadRequest as exc:
+            rejected.labels(exc.reason).inc()
+            return exc.status, {"error": exc.message}
+
+    def accept(self, items: list[Any]) -> tuple[int, dict[str, Any]]:
+        """Validate, attribute and record the items of one request: (status, JSON document)."""
+        now = self.clock()
+        with self._lock:
+            pairs = self.pairs
+        checked = [validate(item, i, pairs, now, self._owner) for i, item in enumerate(items)]
+        good = [c for c in checked if isinstance(c, Observation)]
+        bad = [c for c in checked if isinstance(c, Rejection)]
+        for rejection in bad:
+            self.metrics.observations_rejected.labels(rejection.reason).inc()
+        shards = {r.shard for r in bad}
+        if bad and not good and len(shards) == 1 and None not in shards:
+            return 421, {"shard": bad[0].shard, "rejected": [r.to_json() for r in bad]}
+        records = self.record(good)
+        if records:
+            ledger = self.ledger()
+            if ledger is not None:
+                ledger.record_observations(records)
+            if self.touch is not None:
+                for r in records:
+                    obs = r.observation
+                    self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result))
+        return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
+
+    def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
+        """Attribute observations in time order and count them; return what was decided."""
+        out = []
+        m = self.metrics
+        with self._lock:
+            for obs in sorted(observations, key=lambda o: o.at):
+                pair = obs.pair
+                attribution = self._attribution.get(pair.key)
+                if attribution is None or self.pairs.get(pair.key) is not pair:
+                    continue  # a reload removed it between validation and here
+                labels = (pair.expert, pair.model)
+                if pair.key not in self._seen:
+                    # Every label value at once, at the pair's first observation.
+                    self._seen.add(pair.key)
+                    for result in PRODUCTION_RESULTS:
+                        m.production_requests.labels(*labels, result)
+                    for kind in COST_KINDS:
+                        m.production_tokens.labels(*labels, kind)
+                        m.production_cost.labels(*labels, kind)
+                    m.saved.labels(*labels)
+                    m.drift.labels(*labels)
+                verdict = attribution.production(obs.at, obs.usage, obs.fingerprint)
+                cost = self.prices.cost(pair.model, obs.usage)
+                usd = saved_usd(self.prices, pair, obs.usage) if verdict.saved else None
+                m.production_requests.labels(*labels, obs.result.value).inc()
+                for kind, n in obs.usage.by_kind().items():
+                    m.production_tokens.labels(*labels, kind).inc(n)
+                if cost is not None:
+                    for kind, value in cost.items():
+                        m.production_cost.labels(*labels, kind).inc(value)
+                if usd:
+                    m.saved.labels(*labels).inc(usd)
+                if verdict.drift:
+                    m.drift.labels(*labels).inc()
+                bucket = self.windows.at(pair.key, obs.at)
+                bucket.requests += 1
+                bucket.cache_read += obs.usage.cache_read
+                bucket.cache_write += obs.usage.cache_write
+                bucket.saved_usd += usd or 0.0
+                bucket.drift += verdict.drift is not None
+                out.append(ObservationRecord(obs, cost, usd, verdict.saved, verdict.drift, verdict.late))
+        return out
+
+    def headline(self, now: float | None = None) -> dict[str, Any]:
+        """The status page's figures: per window in total, and per pair over the longest window."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            totals = {name: self.windows.total(None, span, now) for name, span in WINDOWS.items()}
+            per_pair = {key: self.windows.total(key, WINDOWS["24h"], now) for key in sorted(self.pairs)}
+        return {"since": self.windows.since, "windows": totals, "pairs": per_pair}
+

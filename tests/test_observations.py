@@ -1,0 +1,364 @@
+"""Production observations: validation, attribution, the HTTP endpoint, the policy's touches, the ledger."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keepwarm.classify import Result, Usage
+from keepwarm.config import Config, parse_config
+from keepwarm.emulator import Emulator
+from keepwarm.ledger import Ledger, read_observations
+from keepwarm.metrics import Metrics
+from keepwarm.observations import (
+    MAX_BYTES,
+    MAX_ITEMS,
+    Observer,
+    PairAttribution,
+    Rejection,
+    load_token,
+    validate,
+)
+from keepwarm.ping import make_client
+from keepwarm.policy import Source, Touch
+from keepwarm.runner import Runner
+from keepwarm.scheduler import Scheduler
+from keepwarm.web import WebServer
+
+from conftest import basic_doc, write_config
+
+T0 = 1_800_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _config(tmp_path: Path, base_url: str = "http://127.0.0.1:9", **top: Any) -> Config:
+    doc = basic_doc(base_url)
+    doc.update(top)
+    return parse_config(doc, tmp_path)
+
+
+def _obs(pair_key: str = "analyst/claude-sonnet-4-6", at: float = T0, read: int = 0, write: int = 0,
+         **extra: Any) -> dict[str, Any]:
+    expert, model = pair_key.split("/")
+    return {"expert": expert, "model": model, "at": at,
+            "usage": {"input_tokens": 10, "cache_read_input_tokens": read, "cache_creation_input_tokens": write,
+                      "output_tokens": 5}, **extra}
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "message"),
+    [
+        ({"expert": "nobody"}, "unknown_pair", "nobody/claude-sonnet-4-6 is not a configured pair"),
+        ({"model": "claude-haiku-4-5"}, "unknown_pair", "analyst/claude-haiku-4-5 is not a configured pair"),
+        ({"expert": 3}, "malformed", "expert and model: expected strings"),
+        ({"at": "yesterday"}, "malformed", "at: expected unix seconds, got 'yesterday'"),
+        ({"at": T0 + 3600}, "malformed", "at: 1800003600.0 is 3600s in the future"),
+        ({"at": True}, "malformed", "at: expected unix seconds, got True"),
+        ({"fingerprint": "ABC"}, "malformed", "fingerprint: expected 64 lower-case hex digits (sha256)"),
+        ({"usage": None}, "malformed", "usage: expected an object with the response's usage"),
+        ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer >= 0, got -1"),
+        ({"usage": {"cache_read_input_tokens": 1.5}}, "malformed",
+         "usage.cache_read_input_tokens: expected an integer >= 0, got 1.5"),
+        ({"usage": {"cache_creation": {"ephemeral_1h_input_tokens": "x"}}}, "malformed",
+         "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer >= 0, got 'x'"),
+        ({"colour": "red"}, "malformed",
+         "unknown key(s) ['colour']; allowed: ['at', 'expert', 'fingerprint', 'model', 'request_id', 'usage']"),
+    ],
+)
+def test_each_bad_item_is_rejected_with_its_reason(tmp_path: Path, change: dict[str, Any], reason: str,
+                                                   message: str) -> None:
+    pairs = {p.key: p for p in _config(tmp_path).pairs}
+    got = validate({**_obs(), **change}, 7, pairs, T0)
+    assert got == Rejection(7, reason, message)
+
+
+def test_a_good_item_is_classified_and_at_defaults_to_receipt(tmp_path: Path) -> None:
+    pairs = {p.key: p for p in _config(tmp_path).pairs}
+    item = _obs(read=1500)
+    del item["at"]
+    got = validate(item, 0, pairs, T0 + 5)
+    assert not isinstance(got, Rejection)
+    assert (got.at, got.result, got.usage.cache_read) == (T0 + 5, Result.WARM, 1500)
+    # A write without the 5m/1h split is billed at the pair's TTL (5m here).
+    written = validate(_obs(write=1500), 0, pairs, T0)
+    assert not isinstance(written, Rejection) and written.usage.cache_write_5m == 1500
+
+
+# --- attribution --------------------------------------------------------------------------------
+
+
+def test_saved_only_when_production_itself_would_have_let_the_cache_lapse() -> None:
+    a = PairAttribution("f" * 64, ttl=300)
+    read = Usage(input=10, cache_read=1500)
+    assert a.production(T0, read, None).saved, "the first production request: nothing of production's kept it"
+    assert not a.production(T0 + 100, read, None).saved, "production's own request 100 s before kept it warm"
+    assert not a.production(T0 + 399, read, None).saved, "299 s after the previous one: still production's"
+    assert a.production(T0 + 699, read, None).saved, "exactly a TTL after production's previous: the keepalive's"
+    assert not a.production(T0 + 1500, Usage(input=10, cache_write_5m=1500), None).saved, "a write saves nothing"
+
+
+def test_late_observations_are_never_credited_and_do_not_move_the_anchor() -> None:
+    a = PairAttribution("f" * 64, ttl=300)
+    read = Usage(cache_read=1500)
+    a.production(T0 + 1000, read, None)
+    late = a.production(T0, read, None)
+    assert (late.saved, late.late) == (False, True)
+    assert not a.production(T0 + 1200, read, None).saved, "judged against T0 + 1000, not the late T0"
+
+
+def test_drift_by_fingerprint_and_by_a_write_while_keepwarm_held_the_cache() -> None:
+    a = PairAttribution("a" * 64, ttl=300)
+    write = Usage(cache_write_5m=1500)
+    assert a.production(T0, Usage(cache_read=9), "b" * 64).drift == "fingerprint"
+    assert a.production(T0, Usage(cache_read=9), "a" * 64).drift is None
+    assert a.production(T0 + 10, write, None).drift is None, "no ping yet: a cold write is no drift"
+    a.ping(T0 + 20, refreshed=True)
+    assert a.production(T0 + 30, write, None).drift == "write_while_warm"
+    assert a.production(T0 + 320, write, None).drift is None, "the ping's entry had expired"
+    a.ping(T0 + 330, refreshed=False)
+    assert a.production(T0 + 340, write, None).drift is None, "a failed ping held nothing warm"
+
+
+# --- the endpoint over HTTP ---------------------------------------------------------------------
+
+
+class Served:
+    """A real web server with an observer, and a way to POST to it."""
+
+    def __init__(self, config: Config, token: bytes | None = None, clock: FakeClock | None = None) -> None:
+        self.metrics = Metrics()
+        self.touches: list[tuple[str, Touch]] = []
+        self.observer = Observer(config, self.metrics, token, touch=lambda k, t: self.touches.append((k, t)),
+                                 clock=clock or FakeClock())
+        self.web = WebServer("127.0.0.1", 0, self.metrics, states=lambda: [], health=lambda: (True, "ok"),
+                             observer=self.observer)
+        self.web.start()
+
+    def post(self, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
+             path: str = "/v1/observations") -> tuple[int, dict[str, Any]]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn = http.client.HTTPConnection(*self.web.address, timeout=10)
+        try:
+            conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw.startswith(b"{") else {}
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.web.stop()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Any:
+    s = Served(_config(tmp_path))
+    yield s
+    s.close()
+
+
+def test_a_batch_is_accepted_with_per_item_reasons_and_counted(served: Served) -> None:
+    status, doc = served.post({"observations": [_obs(read=1500), _obs("ghost/claude-sonnet-4-6"), _obs(write=1500)]})
+    assert status == 202
+    assert doc["accepted"] == 2
+    assert [(r["index"], r["reason"]) for r in doc["rejected"]] == [(1, "unknown_pair")]
+    m = served.metrics
+    labels = {"expert": "analyst", "model": "claude-sonnet-4-6"}
+    assert _value(m, "keepwarm_production_requests_total", **labels, result="warm") == 1
+    assert _value(m, "keepwarm_production_requests_total", **labels, result="rewarmed") == 1
+    assert _value(m, "keepwarm_production_requests_total", **labels, result="partial") == 0, "all values at once"
+    assert _value(m, "keepwarm_production_tokens_total", **labels, kind="cache_read") == 1500
+    assert _value(m, "keepwarm_observations_rejected_total", reason="unknown_pair") == 1
+    assert [k for k, _ in served.touches] == ["analyst/claude-sonnet-4-6"] * 2
+    exposed = b"".join(m.exposition()).decode()
+    assert "ghost" not in exposed, "an unknown pair creates no series"
+    assert 'expert="terse"' not in exposed.split("keepwarm_production_requests_total")[-1].split("# HELP")[0]
+
+
+def test_one_observation_alone_is_accepted(served: Served) -> None:
+    assert served.post(_obs(read=1500)) == (202, {"accepted": 1, "rejected": []})
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b"not json", 400, "malformed"),
+        (b"[1, 2]", 400, "malformed"),
+        (b'{"observations": 3}', 400, "malformed"),
+        (b'{"observations": [], "x": 1}', 400, "malformed"),
+        (json.dumps({"observations": [_obs()] * (MAX_ITEMS + 1)}).encode(), 413, "too_large"),
+    ],
+)
+def test_a_body_of_the_wrong_shape_is_refused_whole(served: Served, body: bytes, status: int, reason: str) -> None:
+    assert served.post(body)[0] == status
+    assert _value(served.metrics, "keepwarm_observations_rejected_total", reason=reason) == 1
+
+
+def test_content_length_over_the_limit_is_refused_before_reading(served: Served) -> None:
+    conn = http.client.HTTPConnection(*served.web.address, timeout=10)
+    conn.putrequest("POST", "/v1/observations")
+    conn.putheader("Content-Length", str(MAX_BYTES + 1))
+    conn.endheaders()  # no body sent at all: the answer must come from the header alone
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+
+
+def test_the_token_is_required_and_compared(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token\n")
+    config = _config(tmp_path, observe={"token_file": "token"})
+    s = Served(config, load_token(config))
+    try:
+        assert s.post(_obs())[0] == 401
+        assert s.post(_obs(), {"Authorization": "Bearer wrong"})[0] == 401
+        assert s.post(_obs(), {"Authorization": "Bearer s3cret-token"})[0] == 202
+        assert _value(s.metrics, "keepwarm_observations_rejected_total", reason="unauthorized") == 2
+    finally:
+        s.close()
+
+
+def test_an_unreadable_token_file_is_a_config_error(tmp_path: Path) -> None:
+    from keepwarm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="observe.token_file: cannot read"):
+        load_token(_config(tmp_path, observe={"token_file": "missing"}))
+
+
+def test_off_loopback_without_a_token_is_refused_unless_allowed(tmp_path: Path) -> None:
+    closed = Served(_config(tmp_path, metrics={"listen": "0.0.0.0:9464"}))
+    opened = Served(_config(tmp_path, metrics={"listen": "0.0.0.0:9464"}, observe={"allow_unauthenticated": True}))
+    try:
+        assert closed.post(_obs())[0] == 401
+        assert opened.post(_obs())[0] == 202
+    finally:
+        closed.close()
+        opened.close()
+
+
+def test_a_pair_of_another_shard_is_misdirected_with_its_shard(tmp_path: Path) -> None:
+    from keepwarm.shard import shard_of
+
+    doc = basic_doc("http://127.0.0.1:9")
+    doc["experts"] += [{"name": f"e{i}", "system": [{"text": "x"}]} for i in range(8)]
+    everyone = parse_config(doc, tmp_path)
+    mine = parse_config(doc, tmp_path, shard=(0, 2))
+    foreign = next(p.key for p in everyone.pairs if shard_of(p.key, 2) == 1)
+    s = Served(mine)
+    try:
+        assert s.post(_obs(foreign)) == (421, {"shard": 1, "rejected": [
+            {"index": 0, "reason": "misdirected", "message": f"{foreign} is kept warm by shard 1", "shard": 1}]})
+        assert s.post(_obs("ghost/claude-sonnet-4-6"))[1]["rejected"][0]["reason"] == "unknown_pair"
+    finally:
+        s.close()
+
+
+def test_other_methods_and_paths_are_not_found(served: Served) -> None:
+    assert served.post(_obs(), path="/v1/other")[0] == 404
+
+
+# --- touches: skipped pings ---------------------------------------------------------------------
+
+
+def test_a_production_touch_skips_the_ping_and_no_ping_comes_within_interval(emulator: Emulator,
+                                                                            tmp_path: Path) -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    config = _config(tmp_path, emulator.base_url)
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics, threading.Event(),
+                    clock=clock)
+    scheduler = Scheduler(runner, metrics, clock=clock, draw=lambda: 0.5, mono=clock)
+    pair = config.pairs[0]
+    scheduler.apply([pair])
+    due = scheduler.states[pair.key].next_due
+    clock.now = due
+    scheduler._run(pair.key, due)  # the first ping
+    assert len(emulator.log) == 1
+    first_next = scheduler.states[pair.key].next_due
+    assert first_next == pytest.approx(due + pair.interval + 0.5 * pair.jitter)
+
+    touched = due + 100
+    scheduler.touch(pair.key, Touch(touched, Source.PRODUCTION, Result.WARM))
+    clock.now = first_next
+    scheduler._run(pair.key, first_next)  # wakes, and the policy now says later
+    assert len(emulator.log) == 1, "no ping within interval after a production touch"
+    labels = {"expert": pair.expert, "model": pair.model}
+    assert _value(metrics, "keepwarm_pings_skipped_total", **labels, reason="production_touch") == 1
+    rearmed = scheduler.states[pair.key].next_due
+    assert rearmed == pytest.approx(touched + pair.interval + 0.5 * pair.jitter)
+    clock.now = rearmed
+    scheduler._run(pair.key, rearmed)
+    assert len(emulator.log) == 2, "an interval after the production touch, the ping goes out"
+
+
+def test_a_touch_that_refreshed_nothing_moves_no_ping(emulator: Emulator, tmp_path: Path) -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    config = _config(tmp_path, emulator.base_url)
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics, threading.Event(),
+                    clock=clock)
+    scheduler = Scheduler(runner, metrics, clock=clock, draw=lambda: 0.0, mono=clock)
+    pair = config.pairs[0]
+    scheduler.apply([pair])
+    due = scheduler.states[pair.key].next_due
+    clock.now = due
+    scheduler._run(pair.key, due)
+    nxt = scheduler.states[pair.key].next_due
+    scheduler.touch(pair.key, Touch(due + 10, Source.PRODUCTION, Result.UNCACHED))
+    clock.now = nxt
+    scheduler._run(pair.key, nxt)
+    assert len(emulator.log) == 2
+
+
+# --- the ledger -----------------------------------------------------------------------------------
+
+
+def test_observations_go_to_the_ledger_and_a_v1_ledger_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with sqlite3.connect(path) as db:  # a ledger as the previous keepwarm left it
+        from keepwarm.ledger import MIGRATIONS
+
+        MIGRATIONS[0](db)
+        db.execute("PRAGMA user_version = 1")
+    clock = FakeClock(T0 + 10)
+    ledger = Ledger(path, retention_days=1, clock=clock)
+    config = _config(tmp_path)
+    observer = Observer(config, Metrics(), clock=clock, ledger=lambda: ledger)
+    assert observer.accept([_obs(at=T0, read=1500, fingerprint="b" * 64, request_id="req_1")])[0] == 202
+    rows = read_observations(path)
+    assert [(r.time, r.result, r.cache_read, r.saved, r.drift, r.request_id) for r in rows] == [
+        (T0, "warm", 1500, 1, "fingerprint", "req_1")]
+    assert rows[0].saved_usd == config.prices.miss_penalty("claude-sonnet-4-6", 1500, "5m")
+    assert rows[0].costs == config.prices.cost("claude-sonnet-4-6", Usage(input=10, cache_read=1500, output=5))
+    clock.now = T0 + 2 * 86400  # retention: observations go with the pings of their age
+    ledger._sweep()
+    assert read_observations(path) == []
+    ledger.close()
+
+
+def test_config_keys_are_strict(tmp_path: Path) -> None:
+    from keepwarm.config import ConfigError, load_config
+
+    path = write_config(tmp_path, {**basic_doc(), "observe": {"token": "x"}})
+    with pytest.raises(ConfigError, match="observe.token"):
+        load_config(path)
