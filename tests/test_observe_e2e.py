@@ -9,6 +9,7 @@ branch); every test in this file does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import re
@@ -56,9 +57,10 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix: Prefix = load_prefix(self.config, "analyst")
         for model in (SONNET, OPUS):
-            self.daemon.wait_for(
-                f"a warm cache on {model}", lambda m=model: self.daemon.total("keepwarm_pings_total", expert="analyst", model=m) >= 1
-            )
+            self.daemon.wait_for(f"a warm cache on {model}", functools.partial(self._pinged, model))
+
+    def _pinged(self, model: str) -> bool:
+        return self.daemon.total("keepwarm_pings_total", expert="analyst", model=model) >= 1
 
     def sdk(self) -> anthropic.Anthropic:
         return anthropic.Anthropic(api_key=API_KEY, base_url=self.emulator.base_url, max_retries=0)
@@ -107,6 +109,10 @@ def production_counts(stack: Stack, model: str) -> Counter[str]:
         {r: int(stack.total("keepwarm_production_requests_total", expert="analyst", model=model, result=r))
          for r in ("warm", "rewarmed", "partial", "uncached")}
     )  # fmt: skip
+
+
+def counted(stack: Stack, model: str, expected: Counter[str]) -> bool:
+    return production_counts(stack, model) == expected
 
 
 def test_production_counters_equal_the_emulators_classification(stack: Stack) -> None:
@@ -158,7 +164,7 @@ def test_production_counters_equal_the_emulators_classification(stack: Stack) ->
     assert len(log) == 6
     for model in (SONNET, OPUS):
         expected = by_result([e for e in log if e.model == model])
-        stack.daemon.wait_for(f"production counters of {model}", lambda m=model, x=expected: production_counts(stack, m) == x)
+        stack.daemon.wait_for(f"production counters of {model}", functools.partial(counted, stack, model, expected))
     assert by_result(log)["warm"] == 6, "the keepalive had warmed both caches"
 
     # keepwarm_saved_usd_total by hand: a read is saved when production's own previous request to
