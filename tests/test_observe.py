@@ -611,3 +611,43 @@ def test_url_and_token_from_the_environment(emulator: Emulator, receiver: Receiv
     flushed(client)
     observe.observer_of(client).close()
     assert receiver.posts[0]["headers"]["Authorization"] == f"Bearer {TOKEN}"
+
+
+# --- the converter's fingerprint memo ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "system",
+    [
+        PREFIX.system,
+        [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}],
+        [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+        [{"flag": True}],
+        [{"flag": 1}],
+        [{"flag": 1.0}],
+        [{"flag": None}],
+        "a plain string system",
+        [],
+    ],
+)
+def test_the_memoised_fingerprint_is_the_spec_fingerprint(system: Any) -> None:
+    from keepwarm.observe import _FingerprintMemo
+    from keepwarm.prefix import fingerprint
+
+    memo = _FingerprintMemo()
+    tools = [{"name": "lookup", "input_schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}]
+    for _ in range(2):  # a miss, then a hit
+        assert memo.get(SONNET, system, None) == fingerprint(SONNET, system)
+        assert memo.get(SONNET, system, tools) == fingerprint(SONNET, system, tools)
+        assert memo.get("claude-haiku-4-5", system, None) == fingerprint("claude-haiku-4-5", system)
+
+
+def test_the_memo_never_confuses_values_python_finds_equal() -> None:
+    from keepwarm.observe import _FingerprintMemo
+    from keepwarm.prefix import fingerprint
+
+    memo = _FingerprintMemo()
+    variants: list[Any] = [[{"x": True}], [{"x": 1}], [{"x": 1.0}], [{"x": "1"}], [{"x": [1]}], [{"x": {"1": 1}}]]
+    got = [memo.get(SONNET, v, None) for v in variants] + [memo.get(SONNET, v, None) for v in variants]
+    assert got == [fingerprint(SONNET, v) for v in variants] * 2
+    assert len(set(got)) == len(variants)
