@@ -4,6 +4,7 @@ receiver standing in for the daemon so that a test can make it down, slow or ref
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -191,6 +192,21 @@ def test_create_stream_true_is_observed_once_the_stream_is_read(
     (observation,) = receiver.observations
     assert observation["usage"] == expected(emulator.log[-1].usage)
     assert observation["request_id"] == emulator.log[-1].request_id
+
+
+def test_a_stream_abandoned_after_message_start_still_reports_what_it_said(
+    client: anthropic.Anthropic, emulator: Emulator, receiver: Receiver
+) -> None:
+    stream = ask(client, stream=True)
+    first = next(iter(stream))
+    assert first.type == "message_start"
+    stream.close()
+    del stream, first  # the abandoned iterator is finalised: the request was billed all the same
+    gc.collect()
+    flushed(client)
+    (observation,) = receiver.observations
+    logged = expected(emulator.log[-1].usage)
+    assert observation["usage"] == {**logged, "output_tokens": 1}, "message_start's counts; output as far as seen"
 
 
 def test_messages_stream_helper_is_observed(client: anthropic.Anthropic, emulator: Emulator, receiver: Receiver) -> None:
