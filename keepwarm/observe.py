@@ -123,7 +123,7 @@ class Observer:
         self._outbox: deque[dict[str, Any]] = deque()
         self._routes: dict[str, int] = {}  # pair key -> shard, learnt from 421 answers
         self._fingerprints = _FingerprintMemo()  # used by the converter thread only
-        self._lock = threading.Lock()  # counters and warnings; never taken on the production path
+        self._lock = threading.Lock()  # counters and warnings; on the production path only to count a drop
         self._counts = {"observed": 0, "unattributed": 0, "accepted": 0, "rejected": 0}
         self._dropped: dict[str, int] = {}
         self._warned: set[str] = set()
