@@ -424,11 +424,6 @@ def test_max_tokens_zero_refuses_what_needs_output(
         )
 
 
-def test_streaming_is_refused(client: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.BadRequestError, match="streaming is not supported"):
-        client.messages.create(model=SONNET, max_tokens=1, messages=PING, stream=True)
-
-
 def test_blank_placeholder_message_is_refused(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError, match="non-whitespace"):
         usage_of(client, system=SYSTEM_2000, messages=[{"role": "user", "content": "  "}])

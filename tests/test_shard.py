@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -94,6 +95,12 @@ def test_in_shard_rejects_a_shard_out_of_range() -> None:
 # --- the StatefulSet ---------------------------------------------------------------------------
 
 
+def _statefulset() -> dict[str, Any]:
+    """The StatefulSet document of the file (its headless Service follows it)."""
+    (doc,) = [d for d in yaml.safe_load_all(STATEFULSET.read_text()) if d and d["kind"] == "StatefulSet"]
+    return dict(doc)
+
+
 def _kubernetes_validate() -> str:
     here = Path(sys.executable).parent / "kubernetes-validate"
     found = str(here) if here.exists() else shutil.which("kubernetes-validate")
@@ -110,7 +117,7 @@ def test_statefulset_validates_strictly(version: str | None) -> None:
 
 
 def test_strict_validation_would_catch_a_stray_key(tmp_path: Path) -> None:
-    doc = yaml.safe_load(STATEFULSET.read_text())
+    doc = _statefulset()
     doc["spec"]["shards"] = 3
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc))
@@ -121,7 +128,7 @@ def test_strict_validation_would_catch_a_stray_key(tmp_path: Path) -> None:
 
 
 def test_statefulset_gives_each_pod_its_ordinal_as_shard() -> None:
-    doc = yaml.safe_load(STATEFULSET.read_text())
+    doc = _statefulset()
     spec = doc["spec"]
     container = spec["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}

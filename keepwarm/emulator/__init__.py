@@ -27,7 +27,8 @@ Approximations (deliberate, and the same everywhere):
 - Automatic caching (top-level `cache_control`) marks the last block that is not a thinking
   block and takes one of the 4 breakpoint slots, unless that block is already marked.
 - Output: no generation. The reply is the fixed text "Emulated reply." cut to `max_tokens`
-  pieces (`output_tokens = min(max_tokens, 3)`). Streaming is answered 400.
+  pieces (`output_tokens = min(max_tokens, 3)`). `stream: true` answers the same as the API's
+  server-sent events (`keepwarm.emulator.sse`).
 """
 
 from keepwarm.emulator.errors import ApiError

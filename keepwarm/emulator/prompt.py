@@ -113,6 +113,8 @@ def validate_generation(body: Mapping[str, Any]) -> int:
     if max_tokens < 0:
         raise invalid("max_tokens: Input should be greater than or equal to 0")
     stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream: Input should be a valid boolean")
     if max_tokens == 0:
         # Pre-warming (max_tokens 0) refuses anything that would need an output.
         if stream:
@@ -128,8 +130,6 @@ def validate_generation(body: Mapping[str, Any]) -> int:
             isinstance(output_config, dict) and output_config.get("format")
         ):
             raise invalid("max_tokens: 0 cannot be used together with structured outputs.")
-    if stream:
-        raise invalid("stream: streaming is not supported by the emulator.")
     return max_tokens
 
 

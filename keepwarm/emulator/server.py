@@ -38,6 +38,8 @@ from keepwarm.emulator.prompt import (
     validate_common,
     validate_generation,
 )
+from keepwarm.emulator.sse import CONTENT_TYPE as SSE_CONTENT_TYPE
+from keepwarm.emulator.sse import message_events
 from keepwarm.pricing import builtin_table
 
 CONTROL_PREFIX = "/_emulator/"
@@ -142,6 +144,7 @@ class _Response:
     status: int
     body: bytes
     headers: Mapping[str, str]
+    events: tuple[bytes, ...] | None = None  # a streamed answer: sent as chunks, in order
 
 
 def _error_response(error: ApiError, request_id: str, headers: Mapping[str, str]) -> _Response:
@@ -431,7 +434,9 @@ class Emulator:
             self._log.append(record.entry())
         if hang is not None:
             self._stopping.wait(hang or None)
-        if response is not None:
+        if response is not None and response.events is not None:
+            self._send_stream(handler, response.events, request_id, response.headers)
+        elif response is not None:
             self._send(handler, response.status, response.body, request_id, response.headers)
 
     def _read_body(self, handler: _Handler) -> bytes:
@@ -478,6 +483,11 @@ class Emulator:
         prompt = self._analyse(raw, body, record.fingerprint or "", known)
         if path == MESSAGES_PATH:
             payload = self._create_message(body, prompt, key, record)
+            if body.get("stream") is True:
+                pieces = REPLY_TOKENS[: record.usage["output_tokens"] if record.usage else 0]
+                events = tuple(message_events(payload, pieces))
+                record.status = 200
+                return _Response(200, b"", record.headers, events)
         else:
             record.usage = {"input_tokens": prompt.total_tokens}
             payload = dict(record.usage)
@@ -610,6 +620,36 @@ class Emulator:
             lines.append("connection: close")
         # One write per response: headers and body in the same TCP segment where they fit.
         handler.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _send_stream(
+        self,
+        handler: _Handler,
+        events: Iterable[bytes],
+        request_id: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        """A 200 `text/event-stream` answer, one chunk per event, each flushed as it is written
+        (as the API sends them), so a client reads `message_start` before the stream ends."""
+        lines = [
+            "HTTP/1.1 200 OK",
+            f"content-type: {SSE_CONTENT_TYPE}",
+            "cache-control: no-cache",
+            "transfer-encoding: chunked",
+            f"request-id: {request_id}",
+            *(f"{name}: {value}" for name, value in headers.items()),
+        ]
+        if handler.close_connection:
+            lines.append("connection: close")
+        handler.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        for data in events:
+            handler.wfile.write(_chunk(data))
+            handler.wfile.flush()
+        handler.wfile.write(b"0\r\n\r\n")
+
+
+def _chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (Transfer-Encoding: chunked)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def serve(port: int, time_scale: float, api_keys: list[str] | None, host: str = "127.0.0.1") -> int:
