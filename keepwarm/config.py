@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from keepwarm.durations import format_duration, parse_duration
+from keepwarm.hours import ActiveHours, parse_active_hours
 from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
 from keepwarm.shard import in_shard, parse_shard
@@ -82,6 +83,8 @@ class _Overridable(_Strict):
     jitter: Duration | None = None
     max_tokens: Literal[0, 1] | None = None
     ping_message: str | None = None
+    policy: Literal["fixed", "adaptive"] | None = None  # SPEC §9
+    active_hours: str | list[str] | None = None  # parsed by keepwarm.hours in _resolve
 
 
 class DefaultsSection(_Overridable):
@@ -103,6 +106,10 @@ class LedgerSection(_Strict):
     retention_days: float | None = Field(default=None, gt=0)
 
 
+class BudgetSection(_Strict):
+    usd_per_day: float | None = Field(default=None, gt=0)  # None: no cap (SPEC §9)
+
+
 class FileSection(_Strict):
     api: ApiSection = ApiSection()
     defaults: DefaultsSection = DefaultsSection()
@@ -112,6 +119,7 @@ class FileSection(_Strict):
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
+    budget: BudgetSection = BudgetSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
 
@@ -133,6 +141,8 @@ class Pair:
     ping_message: str
     prefix: Prefix
     fingerprint: str
+    policy: str = "fixed"  # fixed | adaptive (keepwarm.policy.make_policy)
+    active_hours: ActiveHours | None = None  # None: always
 
     @property
     def key(self) -> str:
@@ -167,6 +177,7 @@ class Config:
     ledger_retention_days: float | None = None
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
+    budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -325,6 +336,13 @@ def _resolve(
         message = "ping" if message is None else message
         models = pick("models") or []
         ttl_s = TTL_SECONDS[ttl]
+        policy = pick("policy") or "fixed"
+        hours: ActiveHours | None = None
+        if pick("active_hours") is not None:
+            try:
+                hours = parse_active_hours(pick("active_hours"))
+            except ValueError as exc:
+                problems.append(f"{at('active_hours')}: {exc}")
 
         if not models:
             problems.append(f"{where}.models: no models: set them here or in defaults.models")
@@ -378,6 +396,8 @@ def _resolve(
                     ping_message=message,
                     prefix=prefix,
                     fingerprint=prefix.fingerprint(model),
+                    policy=policy,
+                    active_hours=hours,
                 )
             )
 
@@ -421,6 +441,7 @@ def _resolve(
         ledger_retention_days=raw.ledger.retention_days,
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
+        budget_usd_per_day=raw.budget.usd_per_day,
     )
 
 
