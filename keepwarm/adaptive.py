@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 from keepwarm.policy import Decision, Source, Touch
 
-DEFAULT_MARGIN = 30.0  # seconds before expiry, until ping latencies are measured
+DEFAULT_MARGIN = 20.0  # seconds before expiry, until ping latencies are measured (a p99 of ~8 s and a retry)
 RETRY_BACKOFF = 1.0  # the runner's first backoff (runner.BASE_BACKOFF), between an attempt and its retry
 SCHEDULING_SLACK = 2.0  # a scheduler wakes a little late under load
 HOUR = 3600.0
@@ -48,54 +48,55 @@ WEEK_HOURS = 168
 PAIR_GAPS = 2000  # the pair's most recent gaps that count: the present, not last year
 HOUR_GAPS = 50  # per hour of the week
 PRIOR_GAPS = 5000
-K_HOUR = 5.0  # pseudo-counts of the shrinkage: hour of week -> pair -> shared prior
+K_HOUR = 5.0  # pseudo-counts of the shrinkage: hour of week -> hour of day -> pair -> shared prior
+K_DAY = 5.0
 K_PAIR = 3.0
 MAX_LOOKAHEAD = 5000  # pings considered ahead; a week of 5-minute pings is ~2,000
 
 
-class SharedPrior:
+class SortedWindow:
+    """The last `size` values, kept sorted too: counts above a value in O(log n)."""
+
+    __slots__ = ("order", "values", "added")
+
+    def __init__(self, size: int) -> None:
+        self.order: deque[float] = deque(maxlen=size)
+        self.values: list[float] = []
+        self.added = 0  # values ever added: tells a cached answer it is stale
+
+    def add(self, value: float) -> None:
+        """Add a value, forgetting the oldest when full."""
+        if len(self.order) == self.order.maxlen:
+            del self.values[bisect.bisect_left(self.values, self.order[0])]
+        self.order.append(value)
+        bisect.insort(self.values, value)
+        self.added += 1
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class SharedPrior(SortedWindow):
     """Idle gaps of every pair together: what a pair with little history of its own starts from."""
 
-    __slots__ = ("gaps", "version", "_sorted")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.gaps: deque[float] = deque(maxlen=PRIOR_GAPS)
-        self.version = 0
-        self._sorted: list[float] | None = None
-
-    def add(self, gap: float) -> None:
-        """Record one pair's idle gap."""
-        self.gaps.append(gap)
-        self.version += 1
-        self._sorted = None
-
-    def sorted(self) -> list[float]:
-        """The gaps, sorted (cached until the next add)."""
-        if self._sorted is None:
-            self._sorted = sorted(self.gaps)
-        return self._sorted
+        super().__init__(PRIOR_GAPS)
 
 
 class _Mixture:
-    """A weighted empirical distribution of idle gaps: P(lo < G <= hi) by bisection."""
+    """A weighted mixture of empirical distributions of idle gaps (sorted lists, not copied)."""
 
-    __slots__ = ("gaps", "cum")
+    __slots__ = ("parts", "longest")
 
     def __init__(self, parts: list[tuple[list[float], float]]) -> None:
-        pairs = sorted((g, w) for gaps, w in parts if w > 0 for g in gaps)
-        self.gaps = [g for g, _ in pairs]
-        self.cum = [0.0]
-        for _, w in pairs:
-            self.cum.append(self.cum[-1] + w)
+        self.parts = [(values, w) for values, w in parts if w > 0 and values]
+        self.longest = max((values[-1] for values, _ in self.parts), default=0.0)
 
     def above(self, x: float) -> float:
         """Weight of the gaps longer than x."""
-        return self.cum[-1] - self.cum[bisect.bisect_right(self.gaps, x)]
-
-    @property
-    def longest(self) -> float:
-        """The longest gap in the mixture."""
-        return self.gaps[-1] if self.gaps else 0.0
+        return sum(w * (len(values) - bisect.bisect_right(values, x)) for values, w in self.parts)
 
 
 class AdaptivePolicy:
@@ -125,11 +126,10 @@ class AdaptivePolicy:
         self.last_production = 0.0  # start of the latest production request, cached or not
         self.idle_since = 0.0  # start of the current idle period (0: nothing seen yet)
         self.pings_this_idle = 0
-        self.gaps: deque[float] = deque(maxlen=PAIR_GAPS)
-        self.by_hour: dict[int, deque[float]] = {}
+        self.gaps = SortedWindow(PAIR_GAPS)
+        self.by_hour: dict[int, SortedWindow] = {}
         self.latencies: deque[float] = deque(maxlen=200)
         self._memo: tuple[tuple[float, float, float, int, int], tuple[bool, float]] | None = None
-        self._version = 0  # bumps on every new gap: invalidates the memo
 
     # --- feeding ---------------------------------------------------------------------------
 
@@ -163,10 +163,9 @@ class AdaptivePolicy:
             self.latencies.append(seconds)
 
     def _add_gap(self, gap: float, started: float) -> None:
-        self.gaps.append(gap)
-        self.by_hour.setdefault(self._hour_of_week(started), deque(maxlen=HOUR_GAPS)).append(gap)
+        self.gaps.add(gap)
+        self.by_hour.setdefault(self._hour_of_week(started), SortedWindow(HOUR_GAPS)).add(gap)
         self.prior.add(gap)
-        self._version += 1
 
     def _hour_of_week(self, t: float) -> int:
         return int(t // self.hour) % WEEK_HOURS
@@ -188,29 +187,35 @@ class AdaptivePolicy:
         return max(self.interval, self.ttl - self.margin - self.jitter)
 
     def _distribution(self) -> _Mixture | None:
-        """The idle-gap distribution for the current idle period, or None: no history anywhere."""
-        own = list(self.gaps)
-        prior = self.prior.sorted()
-        if not own and not prior:
+        """The idle-gap distribution for the current idle period, or None: no history anywhere.
+
+        Levels from the most specific to the most general, each shrunk towards the next:
+        P_level = (n F_level + K P_next) / (n + K), where F is the level's empirical
+        distribution of n gaps and K its pseudo-count; an empty level passes straight on.
+        """
+        if not self.gaps and not self.prior:
             return None
-        h = self._hour_of_week(self.idle_since)
-        near = [g for d in (-1, 0, 1) for g in self.by_hour.get((h + d) % WEEK_HOURS, ())]
-        n_h, n, n_p = len(near), len(own), len(prior)
-        # P_hour = (n_h F_hour + K_HOUR P_pair) / (n_h + K_HOUR);
-        # P_pair = (n F_pair + K_PAIR P_prior) / (n + K_PAIR), and P_prior alone when n = 0.
-        w_pair_level = K_HOUR / (n_h + K_HOUR)
-        own_share = (n / (n + K_PAIR)) if prior else 1.0
-        own_share = own_share if n else 0.0
-        parts = [
-            (near, 1.0 / (n_h + K_HOUR)),
-            (own, w_pair_level * own_share / n if n else 0.0),
-            (prior, w_pair_level * (1.0 - own_share) / n_p if n_p else 0.0),
-        ]
+        how = self._hour_of_week(self.idle_since)
+        week = [w.values for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS))]
+        day = [w.values for day in range(7) for d in (-1, 0, 1)
+               if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day))]
+        levels = [(week, K_HOUR), (day, K_DAY), ([self.gaps.values], K_PAIR), ([self.prior.values], 0.0)]
+        parts: list[tuple[list[float], float]] = []
+        mass = 1.0  # of the distribution still to hand out to the more general levels
+        for lists, k in levels:
+            n = sum(len(v) for v in lists)
+            if not n:
+                continue
+            share = n / (n + k)
+            parts += [(v, mass * share / n) for v in lists]
+            mass *= 1.0 - share
+        if mass > 0 and parts:  # the most general level present takes the rest
+            parts = [(v, w / (1.0 - mass)) for v, w in parts]
         return _Mixture(parts)
 
     def _worth_it(self, at: float) -> tuple[bool, float]:
         """Whether a ping at `at` is expected to pay, and its expected net saving in USD."""
-        memo_key = (self.idle_since, self.last_refresh, at, self._version + self.prior.version, self.pings_this_idle)
+        memo_key = (self.idle_since, self.last_refresh, at, self.prior.added, self.pings_this_idle)
         if self._memo is not None and self._memo[0] == memo_key:
             return self._memo[1]
         dist = self._distribution()
