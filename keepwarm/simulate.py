@@ -283,9 +283,10 @@ def replay(
     tallies = {s.pair.key: Tally() for s in setups}
     by_key = {s.pair.key: s for s in setups}
     if policy_name == "none":
+        alive: dict[str, float] = {}
         for r in requests:
             if r.at <= until and r.key in by_key:
-                _production(tallies[r.key], by_key[r.key], prices, r, None, {}, r.key)
+                _production(tallies[r.key], by_key[r.key], prices, r, None, alive, r.key)
         return tallies
     prior = SharedPrior()
     budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
