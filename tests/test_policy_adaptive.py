@@ -30,7 +30,7 @@ def _ping(at: float, result: Result = Result.WARM) -> Touch:
 
 def _pings_until_lapse(policy: AdaptivePolicy, now: float, limit: int = 100) -> list[float]:
     """Ping whenever the policy asks, as the scheduler would, until it lets the cache lapse."""
-    out = []
+    out: list[float] = []
     for _ in range(limit):
         decision = policy.next_ping(now, 0.0)
         if decision.at is None:

@@ -7,11 +7,12 @@ import random
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from keepwarm.cli import main
-from keepwarm.config import parse_config
+from keepwarm.config import Pair, parse_config
 from keepwarm.ledger import Ledger
 from keepwarm.pricing import builtin_table
 from keepwarm.simulate import PairSetup, Request, TraceError, optimum, parse_trace, run
@@ -21,12 +22,12 @@ PRICES = builtin_table()
 T0 = 1772442000.0  # 2026-03-02T09:00:00Z, a Monday
 
 
-def _pair(name: str = "a", **changes: object):  # type: ignore[no-untyped-def]
+def _pair(name: str = "a", **changes: Any) -> Pair:
     data = {"defaults": {"models": ["claude-sonnet-4-6"], "jitter": "0s"}, "experts": [{"name": name, "system": [{"text": "x"}]}]}
     return replace(parse_config(data, Path(".")).pairs[0], **changes)
 
 
-def _setup(name: str = "a", tokens: int = 4000, **changes: object) -> PairSetup:
+def _setup(name: str = "a", tokens: int = 4000, **changes: Any) -> PairSetup:
     return PairSetup.build(_pair(name, **changes), PRICES, tokens)
 
 
