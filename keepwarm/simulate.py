@@ -481,13 +481,16 @@ def _other_ttl(
             pair = replace(pair, jitter=0.0)
         other_setups.append(PairSetup.build(pair, prices, s.prefix_tokens))
     other = run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget, alternative_ttl=False)
+    # The best of every online policy on both sides, whichever policies the output shows.
+    missing = [p for p in ONLINE_POLICIES if p not in sim.results]
+    current = dict(sim.results)
+    if missing:
+        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False).results)
     out: dict[str, dict[str, Any]] = {}
     for s in setups:
         key = s.pair.key
-        here = {p: sim.results[p][key].extra_usd for p in sim.results if p in ONLINE_POLICIES}
+        here = {p: current[p][key].extra_usd for p in ONLINE_POLICIES}
         there = {p: other.results[p][key].extra_usd for p in ONLINE_POLICIES}
-        if not here:
-            continue
         best_here, best_there = min(here, key=here.__getitem__), min(there, key=there.__getitem__)
         out[key] = {
             "ttl": s.pair.ttl,
