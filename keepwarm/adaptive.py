@@ -186,12 +186,14 @@ class AdaptivePolicy:
         """Seconds from one touch to the next ping (before jitter)."""
         return max(self.interval, self.ttl - self.margin - self.jitter)
 
-    def _distribution(self) -> _Mixture | None:
-        """The idle-gap distribution for the current idle period, or None: no history anywhere.
+    def _distribution(self, age: float) -> _Mixture | None:
+        """The idle-gap distribution beyond `age` for the current idle period; None: no history.
 
         Levels from the most specific to the most general, each shrunk towards the next:
         P_level = (n F_level + K P_next) / (n + K), where F is the level's empirical
-        distribution of n gaps and K its pseudo-count; an empty level passes straight on.
+        distribution and K its pseudo-count; an empty level passes straight on. n counts only
+        the level's gaps longer than `age`: the decision is about the tail beyond it, and a
+        level with a thousand short gaps but three long ones knows little about that tail.
         """
         if not self.gaps and not self.prior:
             return None
@@ -203,7 +205,7 @@ class AdaptivePolicy:
         parts: list[tuple[list[float], float]] = []
         mass = 1.0  # of the distribution still to hand out to the more general levels
         for lists, k in levels:
-            n = sum(len(v) for v in lists)
+            n = sum(len(v) - bisect.bisect_right(v, age) for v in lists)
             if not n:
                 continue
             share = n / (n + k)
@@ -218,8 +220,8 @@ class AdaptivePolicy:
         memo_key = (self.idle_since, self.last_refresh, at, self.prior.added, self.pings_this_idle)
         if self._memo is not None and self._memo[0] == memo_key:
             return self._memo[1]
-        dist = self._distribution()
         age = at - self.idle_since
+        dist = self._distribution(age)
         if dist is None:
             # Ski rental: the pings of this idle period stop where they would cost one miss.
             net = self.miss_penalty - (self.pings_this_idle + 1) * self.ping_cost
