@@ -16,8 +16,9 @@ across a gap it can bridge only with several pings (a cron job every 10 minutes 
 TTL), which no single ping pays for on its own.
 
 G is learnt from the pair's own production requests: the gaps that started in the same hour of
-the week (and the hours beside it), shrunk towards the same hours of every day, then towards all
-of the pair's gaps, then towards a prior shared by all pairs (see `_distribution`). With no gap anywhere it is ski rental: keep pinging until the pings of
+the week (and the hours beside it), shrunk towards the same hours of every day, then
+towards all of the pair's gaps, then towards a prior shared by all pairs (see
+`_distribution`). With no gap anywhere it is ski rental: keep pinging until the pings of
 this idle period would cost one miss penalty, then stop, which never pays more than about twice
 the best choice in hindsight.
 
