@@ -210,12 +210,18 @@ def test_from_ledger_replays_the_observations_table(tmp_path: Path, capsys: pyte
     ledger_path = tmp_path / "ledger.db"
     Ledger(ledger_path).close()  # the daemon's schema; observations as the observing daemon writes them
     with sqlite3.connect(ledger_path) as db:
+        # The observing daemon's table (ledger migration 2) when this ledger has it, else its columns we read.
         db.execute("CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, time REAL, expert TEXT, model TEXT,"
                    " cache_read INTEGER, cache_write_5m INTEGER, cache_write_1h INTEGER)")
-        db.executemany(
-            "INSERT INTO observations (time, expert, model, cache_read, cache_write_5m, cache_write_1h) VALUES (?, ?, ?, ?, ?, ?)",
-            [(T0 + 120 * k, "e", "claude-sonnet-4-6", 0 if k == 0 else 3000, 3000 if k == 0 else 0, 0) for k in range(10)],
-        )
+        columns = {row[1] for row in db.execute("PRAGMA table_info(observations)")} - {"id"}
+        for k in range(10):
+            row = {"time": T0 + 120 * k, "received": T0 + 120 * k, "expert": "e", "model": "claude-sonnet-4-6",
+                   "ttl": "5m", "fingerprint": "f", "result": "rewarmed" if k == 0 else "warm", "input": 10,
+                   "cache_read": 0 if k == 0 else 3000, "cache_write_5m": 3000 if k == 0 else 0, "cache_write_1h": 0,
+                   "output": 5, "saved": 0, "late": 0}
+            names = [c for c in row if c in columns]
+            db.execute(f"INSERT INTO observations ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                       [row[c] for c in names])
     config = tmp_path / "c.yaml"
     config.write_text(
         f"defaults: {{models: [claude-sonnet-4-6]}}\nexperts: [{{name: e, system: [{{text: x}}]}}]\nledger: {{path: {ledger_path.name}}}\n"
