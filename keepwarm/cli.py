@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--ledger", type=Path, help="the ledger file, instead of the config's ledger.path")
     rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
     rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    from keepwarm.simulate import add_parser as add_simulate
+
+    add_simulate(sub)
     emu = sub.add_parser("emulator", help="serve the local Messages API emulator on 127.0.0.1")
     emu.add_argument("--port", type=_port, default=8080)
     emu.add_argument("--time-scale", type=_scale, default=1.0, help="multiply every cache TTL by this (above 0)")
@@ -166,6 +169,10 @@ def _main(args: argparse.Namespace) -> int:
             return EX_FAIL
     if args.command == "report":
         return report(args)
+    if args.command == "simulate":
+        from keepwarm.simulate import main as simulate
+
+        return simulate(args)
     setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.config is None:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)

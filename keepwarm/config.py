@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from keepwarm.durations import format_duration, parse_duration
+from keepwarm.hours import ActiveHours, parse_active_hours
 from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
 from keepwarm.shard import in_shard, parse_shard
@@ -98,6 +99,8 @@ class _Overridable(_Strict):
     jitter: Duration | None = None
     max_tokens: Literal[0, 1] | None = None
     ping_message: str | None = None
+    policy: Literal["fixed", "adaptive"] | None = None  # SPEC §9
+    active_hours: str | list[str] | None = None  # parsed by keepwarm.hours in _resolve
 
 
 class DefaultsSection(_Overridable):
@@ -124,6 +127,10 @@ class LedgerSection(_Strict):
     retention_days: float | None = Field(default=None, gt=0)
 
 
+class BudgetSection(_Strict):
+    usd_per_day: float | None = Field(default=None, gt=0)  # None: no cap (SPEC §9)
+
+
 class FileSection(_Strict):
     api: ApiSection = ApiSection()
     defaults: DefaultsSection = DefaultsSection()
@@ -134,6 +141,7 @@ class FileSection(_Strict):
     metrics: MetricsSection = MetricsSection()
     ledger: LedgerSection = LedgerSection()
     observe: ObserveSection = ObserveSection()
+    budget: BudgetSection = BudgetSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
 
@@ -155,6 +163,8 @@ class Pair:
     ping_message: str
     prefix: Prefix
     fingerprint: str
+    policy: str = "fixed"  # fixed | adaptive (keepwarm.policy.make_policy)
+    active_hours: ActiveHours | None = None  # None: always
 
     @property
     def key(self) -> str:
@@ -194,6 +204,7 @@ class Config:
     observe_allow_unauthenticated: bool = False
     # Configured pairs that another shard keeps warm: observations for them answer 421.
     other_shard_pairs: frozenset[str] = frozenset()
+    budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -392,6 +403,8 @@ class _Timing:
     max_tokens: int
     message: str
     models: list[str]
+    policy: str = "fixed"
+    active_hours: ActiveHours | None = None
 
 
 def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: _Load) -> _Timing:
@@ -416,6 +429,8 @@ def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: 
         max_tokens=1 if max_tokens is None else max_tokens,
         message="ping" if message is None else message,
         models=pick("models") or [],
+        policy=pick("policy") or "fixed",
+        active_hours=_active_hours(pick("active_hours"), at("active_hours"), load),
     )
     if not timing.models and not load.is_broken(at("models")):
         load.problems.append(f"{where}.models: no models: set them here or in defaults.models")
@@ -429,6 +444,17 @@ def _expert_timing(expert: ExpertSection, d: DefaultsSection, where: str, load: 
     if not timing.message.strip():
         load.problems.append(f"{at('ping_message')}: must contain non-whitespace text")
     return timing
+
+
+def _active_hours(text: str | list[str] | None, where: str, load: _Load) -> ActiveHours | None:
+    """The parsed `active_hours`, or None (always active, or a problem recorded at `where`)."""
+    if text is None or load.is_broken(where):
+        return None
+    try:
+        return parse_active_hours(text)
+    except ValueError as exc:
+        load.problems.append(f"{where}: {exc}")
+        return None
 
 
 def _check_interval(ttl: str, interval: float, jitter: float, at: dict[str, str], load: _Load) -> None:
@@ -502,6 +528,8 @@ def _expert_pairs(expert: ExpertSection, i: int, d: DefaultsSection, load: _Load
             ping_message=timing.message,
             prefix=prefix,
             fingerprint=prefix.fingerprint(model),
+            policy=timing.policy,
+            active_hours=timing.active_hours,
         )
         for model in dict.fromkeys(timing.models)
     ]
@@ -600,6 +628,7 @@ def _resolve(
         observe_token_file=load.base / raw.observe.token_file if raw.observe.token_file else None,
         observe_allow_unauthenticated=raw.observe.allow_unauthenticated,
         other_shard_pairs=other_shard_pairs,
+        budget_usd_per_day=raw.budget.usd_per_day,
     )
 
 

@@ -15,10 +15,18 @@ ping is then skipped, counted under `decision.reason`, and the job re-armed at t
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keepwarm.classify import Result
+
+if TYPE_CHECKING:  # only for annotations: adaptive imports this module
+    from keepwarm.adaptive import SharedPrior
+    from keepwarm.budget import Budget
+    from keepwarm.config import Pair
+    from keepwarm.hours import ActiveHours
+    from keepwarm.pricing import PriceTable
 
 # Label values of keepwarm_pings_skipped_total{reason}.
 SKIP_REASONS = ("production_touch", "idle", "outside_hours", "budget")
@@ -103,3 +111,125 @@ class FixedPolicy:
         at = self.last_touch + self.interval + self.jitter * draw
         reason = "production_touch" if self.last_touch > self.last_ping else None
         return Decision(at, reason)
+
+
+# --- wrappers: active hours and the budget apply to any policy -----------------------------
+
+
+class HoursPolicy:
+    """`active_hours` around any policy: outside them no pings (`outside_hours`).
+
+    At the start of active hours: a pair that has never seen a production request (no
+    observations) resumes pinging at once, as a plain keepalive must; one that has seen
+    production is never pre-warmed: it pings at the start only if its cache is still warm then,
+    else it waits for production's next request, which writes the cache anyway.
+    """
+
+    def __init__(self, inner: PairPolicy, hours: ActiveHours, ttl: float) -> None:
+        self.inner = inner
+        self.hours = hours
+        self.ttl = ttl
+        self.last_refresh = 0.0
+        self.seen_production = False
+
+    def observe(self, touch: Touch) -> None:
+        """Record a touch here and in the wrapped policy."""
+        if touch.refreshed:
+            self.last_refresh = max(self.last_refresh, touch.at)
+        self.seen_production = self.seen_production or touch.source is Source.PRODUCTION
+        self.inner.observe(touch)
+
+    def next_ping(self, now: float, draw: float) -> Decision:
+        """The wrapped policy's answer, moved to the next active stretch when it falls outside."""
+        decision = self.inner.next_ping(now, draw)
+        if decision.at is None:
+            return decision
+        at = max(decision.at, now)
+        if self.hours.contains(at):
+            return decision
+        start = self.hours.next_start(at)
+        if start is None or (self.seen_production and start >= self.last_refresh + self.ttl):
+            return Decision(None, "outside_hours")
+        return Decision(start, "outside_hours")
+
+    def __getattr__(self, name: str) -> Any:
+        # observe_latency, expected_saving, replay: whatever the wrapped policy offers
+        return getattr(self.inner, name)
+
+
+class BudgetedPolicy:
+    """`budget.usd_per_day` around any policy: a due ping goes only if the shared budget allows."""
+
+    def __init__(self, inner: PairPolicy, budget: Budget, key: str, value: Callable[[float], float]) -> None:
+        self.inner = inner
+        self.budget = budget
+        self.key = key
+        self.value = value  # the expected saving of the pair's next ping, for the ranking
+
+    def observe(self, touch: Touch) -> None:
+        """Record a touch in the wrapped policy (costs go to the budget via `Budget.record`)."""
+        self.inner.observe(touch)
+
+    def next_ping(self, now: float, draw: float) -> Decision:
+        """The wrapped policy's answer; a ping due now that the budget refuses waits (`budget`)."""
+        decision = self.inner.next_ping(now, draw)
+        if decision.at is None or decision.at > now:
+            return decision  # judged when it is due: spend changes until then
+        if self.budget.may_ping(self.key, now, self.value(now)):
+            return decision
+        return Decision(max(self.budget.resume_at(now), now), "budget")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+# Tokens of the ping's own user message ("ping") and the answer, for pricing a ping before one
+# has been sent; the daemon's measured usage replaces them.
+PING_MESSAGE_TOKENS = 8
+
+
+def make_policy(
+    pair: Pair,
+    prices: PriceTable,
+    prefix_tokens: int,
+    *,
+    prior: SharedPrior | None = None,
+    budget: Budget | None = None,
+    time_scale: float = 1.0,
+    message_tokens: int = PING_MESSAGE_TOKENS,
+) -> PairPolicy:
+    """The policy the pair's config asks for, wrapped in its active hours and the shared budget.
+
+    The scheduler calls this once per pair (with one `SharedPrior` and one `Budget` for all
+    pairs), replays the ledger's touches into it (`replay`, when offered), feeds every touch
+    (`observe`), every ping attempt's latency (`observe_latency`, when offered) and every ping's
+    cost (`budget.record`), and asks `next_ping`. A model without a price cannot weigh a ping
+    against a miss: an adaptive pair then runs as `fixed`.
+    """
+    from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy
+
+    ping_cost = prices.warm_ping_cost(pair.model, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
+    penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
+    policy: PairPolicy
+    value: Callable[[float], float]
+    if pair.policy == "adaptive" and ping_cost is not None and penalty is not None:
+        adaptive = AdaptivePolicy(
+            pair.ttl_seconds,
+            pair.interval,
+            pair.jitter,
+            ping_cost,
+            penalty,
+            prior,
+            default_margin=DEFAULT_MARGIN * time_scale,
+            hour=3600.0 * time_scale,
+        )
+        policy, value = adaptive, adaptive.expected_saving
+    else:
+        policy = FixedPolicy(pair.interval, pair.jitter)
+        net = (penalty or 0.0) - (ping_cost or 0.0)
+        value = lambda _now: net  # noqa: E731 - fixed: every ping is worth the same
+    if pair.active_hours is not None:
+        policy = HoursPolicy(policy, pair.active_hours, pair.ttl_seconds)
+    if budget is not None:
+        policy = BudgetedPolicy(policy, budget, pair.key, value)
+    return policy

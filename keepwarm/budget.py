@@ -1,0 +1,65 @@
+"""`budget.usd_per_day`: a cap on the keepalive's own spend over the trailing 24 h (SPEC §9).
+
+One `Budget` serves all pairs. It is fed the cost of every ping (`record`) and asked, when a
+pair's ping is due, whether it may go (`may_ping`). Below `near` (80 %) of the cap every pair
+may ping. Between there and the cap the headroom left shrinks the share of pairs allowed, best
+first: a pair pings only while fewer than that share of the pairs rank above it by expected
+saving of their next ping, so the pairs whose pings save least stop first. At the cap nobody
+pings until spend older than 24 h rolls out of the window (`resume_at`). Pure: time is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+WINDOW = 86400.0
+NEAR = 0.8
+
+
+class Budget:
+    """A trailing-24 h spend cap shared by every pair."""
+
+    def __init__(self, usd_per_day: float, near: float = NEAR, window: float = WINDOW) -> None:
+        self.cap = usd_per_day
+        self.near = near
+        self.window = window
+        self._spends: deque[tuple[float, float]] = deque()
+        self._total = 0.0
+        self._values: dict[str, float] = {}
+
+    def record(self, at: float, cost: float | None) -> None:
+        """Count one ping's cost (None: unknown price, counted as nothing)."""
+        if cost:
+            self._spends.append((at, cost))
+            self._total += cost
+
+    def spent(self, now: float) -> float:
+        """USD spent on pings in the window ending at `now`."""
+        while self._spends and self._spends[0][0] <= now - self.window:
+            self._total -= self._spends.popleft()[1]
+        if not self._spends:
+            self._total = 0.0  # no float drift once the window is empty
+        return max(self._total, 0.0)
+
+    def may_ping(self, key: str, now: float, value: float) -> bool:
+        """Whether pair `key`, whose next ping is expected to save `value` USD, may ping now."""
+        self._values[key] = value
+        spent = self.spent(now)
+        if spent >= self.cap:
+            return False
+        if spent < self.near * self.cap:
+            return True
+        headroom = (self.cap - spent) / (self.cap * (1.0 - self.near))  # 1 at `near`, 0 at the cap
+        better = sum(1 for v in self._values.values() if v > value)
+        return better < headroom * len(self._values)
+
+    def resume_at(self, now: float) -> float:
+        """When to ask again after a refusal: the next time old spend rolls out and frees room."""
+        self.spent(now)
+        running, at = self._total, now
+        for start, cost in self._spends:
+            at = start + self.window  # after `now`: everything left is inside the window
+            running -= cost
+            if running < self.cap:
+                break
+        return at

@@ -1,0 +1,749 @@
+"""`keepwarm simulate`: replay production traffic under each keepalive policy (SPEC §10).
+
+A trace is CSV with a header: `at` (unix seconds or RFC 3339), `expert`, `model` and optionally
+`prefix_tokens`; other columns are ignored, rows may come in any order. The replay drives the very
+policy objects the daemon uses (`keepwarm.policy.make_policy`) the way its scheduler does: after
+each ping it asks `next_ping(now, draw)` and arms the pair's job there; a job that wakes asks
+again and pings only if the answer is now (else it is re-armed later, or disarmed when the answer
+is None); a production request is fed as a touch, and re-arms a disarmed pair. The cache of each
+pair is modelled as the API keeps it: a request (ping or production) at t that finds it alive
+reads it, one that finds it expired writes it, and either way it lives a TTL from t.
+
+Money, per pair: a production request that reads the prefix from cache is the baseline; one that
+misses pays the *write premium* (write price minus read price, the miss penalty); each ping pays
+what it costs (a read of the prefix plus its tiny message, or a full write when it finds the cache
+cold). The *extra caching cost* is premiums plus pings: everything above reading every production
+prefix from cache. The *hindsight optimum* knows the whole trace: for each idle gap between two
+production requests it either keeps the cache warm across it (one ping every TTL) or lets it lapse
+(one miss penalty), whichever is cheaper; gaps are independent, so that is the least any keepalive
+could have paid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import io
+import json
+import math
+import random
+import sqlite3
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from keepwarm.adaptive import SharedPrior
+from keepwarm.budget import Budget
+from keepwarm.classify import Result, Usage
+from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
+from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, make_policy
+from keepwarm.pricing import PriceTable
+
+EX_DATAERR = 65
+EX_CONFIG = 78
+EX_USAGE = 2
+ONLINE_POLICIES = ("none", "fixed", "adaptive")
+POLICIES = (*ONLINE_POLICIES, "optimum")
+# Not in the default set: the mission's keepalive that ignores production, a reference row.
+EXTRA_POLICIES = ("fixed-plain",)
+
+
+class TraceError(Exception):
+    """A trace that cannot be replayed; the message names the line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One production request of a trace."""
+
+    at: float
+    expert: str
+    model: str
+    prefix_tokens: int | None = None
+    line: int = 0
+
+    @property
+    def key(self) -> str:
+        """The pair, `expert/model`."""
+        return f"{self.expert}/{self.model}"
+
+
+# --- reading traces ------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds, or an RFC 3339 timestamp with an offset (`Z` for UTC); raise ValueError."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return _rfc3339(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a time")
+    return value
+
+
+def _rfc3339(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither unix seconds nor an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset; write it as 2026-03-02T09:00:00Z or +01:00")
+    return moment.timestamp()
+
+
+def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
+    """The requests of a CSV trace, sorted by time; raise TraceError naming the bad line."""
+    reader = csv.reader(stream)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise TraceError(f"{name}: empty; expected a header line with at,expert,model") from None
+    except csv.Error as exc:
+        raise TraceError(f"{name}:1: not CSV: {exc}") from None
+    columns = {c.strip().lower(): i for i, c in enumerate(header)}
+    missing = [c for c in ("at", "expert", "model") if c not in columns]
+    if missing:
+        raise TraceError(f"{name}:1: the header lacks {', '.join(missing)} (it has {', '.join(header) or 'nothing'})")
+    tokens_col = columns.get("prefix_tokens")
+    out = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < len(header):
+                raise TraceError(f"{name}:{line}: {len(row)} fields, the header has {len(header)}")
+            try:
+                at = parse_time(row[columns["at"]])
+            except ValueError as exc:
+                raise TraceError(f"{name}:{line}: at: {exc}") from None
+            expert, model = row[columns["expert"]].strip(), row[columns["model"]].strip()
+            if not expert or not model:
+                raise TraceError(f"{name}:{line}: expert and model must not be empty")
+            tokens: int | None = None
+            if tokens_col is not None and row[tokens_col].strip():
+                try:
+                    tokens = int(row[tokens_col])
+                    if tokens < 0:
+                        raise ValueError
+                except ValueError:
+                    raise TraceError(f"{name}:{line}: prefix_tokens: expected a whole number >= 0, got {row[tokens_col]!r}") from None
+            out.append(Request(at, expert, model, tokens, line))
+    except csv.Error as exc:
+        raise TraceError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
+    out.sort(key=lambda r: (r.at, r.line))
+    return out
+
+
+def read_observations(path: Path) -> list[Request]:
+    """Production requests from the ledger's observations table; raise TraceError if unreadable.
+
+    Reads the columns by name: the time (`time` or `at`), `expert`, `model`, and the prefix's
+    tokens from `cache_read` + `cache_write_5m` + `cache_write_1h` when present.
+    """
+    if not path.is_file():
+        raise TraceError(f"ledger {path}: no such file")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise TraceError(f"ledger {path}: cannot open it: {exc}") from None
+    try:
+        names = {row[1] for row in db.execute("PRAGMA table_info(observations)")}
+        if not names:
+            raise TraceError(f"ledger {path}: no observations table (a keepwarm that receives observations writes it)")
+        when = "time" if "time" in names else "at" if "at" in names else None
+        if when is None or not {"expert", "model"} <= names:
+            raise TraceError(f"ledger {path}: the observations table lacks time, expert or model columns")
+        parts = [c for c in ("cache_read", "cache_write_5m", "cache_write_1h") if c in names]
+        tokens = " + ".join(f"COALESCE({c}, 0)" for c in parts) if parts else "NULL"
+        rows = db.execute(f"SELECT {when}, expert, model, {tokens} FROM observations ORDER BY {when}").fetchall()
+    except sqlite3.Error as exc:
+        raise TraceError(f"ledger {path}: cannot read observations: {exc}") from None
+    finally:
+        db.close()
+    return [Request(float(at), str(e), str(m), int(t) if t else None, i + 1) for i, (at, e, m, t) in enumerate(rows)]
+
+
+def ledger_prefix_tokens(path: Path) -> dict[str, int]:
+    """Each pair's prefix size as its latest successful ping in the ledger saw it."""
+    from keepwarm.ledger import LedgerError, read_ledger
+
+    try:
+        rows = read_ledger(path)
+    except LedgerError:
+        return {}
+    out: dict[str, int] = {}
+    for row in rows:
+        seen = (row.cache_read or 0) + (row.cache_write_5m or 0) + (row.cache_write_1h or 0)
+        if seen:
+            out[f"{row.expert}/{row.model}"] = seen
+    return out
+
+
+# --- the replay ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PairSetup:
+    """A pair with the figures its replay needs."""
+
+    pair: Pair
+    prefix_tokens: int
+    ping_cost: float  # a ping that finds the cache warm
+    cold_ping_cost: float  # a ping that finds it cold and writes it
+    miss_penalty: float
+
+    @staticmethod
+    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
+        """Price a pair; a model without a price costs nothing here, and says so in the output."""
+        out_tokens = max(pair.max_tokens, 1)
+        warm = prices.warm_ping_cost(pair.model, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
+        write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
+        cold = prices.cost(pair.model, write)
+        penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl) or 0.0
+        return PairSetup(pair, prefix_tokens, warm, math.fsum(cold.values()) if cold else 0.0, penalty)
+
+    def premium(self, prices: PriceTable, tokens: int | None) -> float:
+        """The write premium of one missed production request of `tokens` (default: the pair's)."""
+        if tokens is None or tokens == self.prefix_tokens:
+            return self.miss_penalty
+        return prices.miss_penalty(self.pair.model, tokens, self.pair.ttl) or 0.0
+
+
+@dataclass
+class Tally:
+    """What one policy did for one pair (or all of them)."""
+
+    requests: int = 0
+    misses: int = 0
+    pings: int = 0
+    keepalive_usd: float = 0.0
+    premiums_usd: float = 0.0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def extra_usd(self) -> float:
+        """Everything above reading every production prefix from cache."""
+        return self.keepalive_usd + self.premiums_usd
+
+    def add(self, other: Tally) -> None:
+        """Sum another tally into this one."""
+        self.requests += other.requests
+        self.misses += other.misses
+        self.pings += other.pings
+        self.keepalive_usd += other.keepalive_usd
+        self.premiums_usd += other.premiums_usd
+        self.skipped.update(other.skipped)
+
+
+class _PlainFixed:
+    """`fixed` blind to production: a ping every interval whatever happens (a reference row)."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.inner = FixedPolicy(pair.interval, pair.jitter)
+
+    def observe(self, touch: Touch) -> None:
+        if touch.source is Source.PING:
+            self.inner.observe(touch)
+
+    def next_ping(self, now: float, draw: float) -> Any:
+        return self.inner.next_ping(now, draw)
+
+
+def _policy_for(name: str, setup: PairSetup, prices: PriceTable, prior: SharedPrior, budget: Budget | None) -> PairPolicy:
+    if name == "fixed-plain":
+        return _PlainFixed(setup.pair)
+    pair = replace(setup.pair, policy=name)
+    return make_policy(pair, prices, setup.prefix_tokens, prior=prior, budget=budget)
+
+
+def replay(
+    policy_name: str,
+    setups: Sequence[PairSetup],
+    requests: Sequence[Request],
+    prices: PriceTable,
+    start: float,
+    until: float,
+    seed: int = 0,
+    budget_usd_per_day: float | None = None,
+    pings: list[tuple[float, str, str, str]] | None = None,
+) -> dict[str, Tally]:
+    """Replay `requests` (sorted) under one online policy from `start` to `until`, all pairs together.
+
+    All pairs run in one timeline because the budget is shared. Appends every ping to `pings`.
+    """
+    tallies = {s.pair.key: Tally() for s in setups}
+    by_key = {s.pair.key: s for s in setups}
+    if policy_name == "none":
+        alive: dict[str, float] = {}
+        for r in requests:
+            if r.at <= until and r.key in by_key:
+                _production(tallies[r.key], by_key[r.key], prices, r, None, alive, r.key)
+        return tallies
+    prior = SharedPrior()
+    budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
+    policies = {s.pair.key: _policy_for(policy_name, s, prices, prior, budget) for s in setups}
+    rngs = {key: random.Random(f"{seed}:{key}") for key in policies}
+    draws = {key: rngs[key].random() for key in policies}
+    expires: dict[str, float] = {key: -math.inf for key in policies}
+    armed: dict[str, float | None] = {}
+    heap: list[tuple[float, int, str]] = []
+    seq = 0
+
+    def arm(key: str, now: float) -> None:
+        nonlocal seq
+        decision = policies[key].next_ping(now, draws[key])
+        if decision.at is None:
+            armed[key] = None
+            if decision.reason:
+                tallies[key].skipped[decision.reason] += 1
+            return
+        at = max(decision.at, now)
+        armed[key] = at
+        seq += 1
+        heapq.heappush(heap, (at, seq, key))
+
+    for key in policies:
+        arm(key, start)
+    i = 0
+    while True:
+        next_request = requests[i].at if i < len(requests) else math.inf
+        next_wake = heap[0][0] if heap else math.inf
+        if min(next_request, next_wake) > until:
+            break
+        if next_request <= next_wake:
+            r = requests[i]
+            i += 1
+            if r.key not in by_key:
+                continue
+            _production(tallies[r.key], by_key[r.key], prices, r, policies[r.key], expires, r.key)
+            draws[r.key] = rngs[r.key].random()
+            if armed.get(r.key) is None:
+                arm(r.key, r.at)
+            continue
+        at, _, key = heapq.heappop(heap)
+        if armed.get(key) != at:
+            continue  # superseded
+        decision = policies[key].next_ping(at, draws[key])
+        if decision.at is None or decision.at > at + 1e-9:
+            if decision.reason:
+                tallies[key].skipped[decision.reason] += 1
+            armed[key] = None
+            if decision.at is not None:
+                armed[key] = decision.at
+                seq += 1
+                heapq.heappush(heap, (decision.at, seq, key))
+            continue
+        setup, tally = by_key[key], tallies[key]
+        warm = at < expires[key]
+        cost = setup.ping_cost if warm else setup.cold_ping_cost
+        tally.pings += 1
+        tally.keepalive_usd += cost
+        if budget is not None:
+            budget.record(at, cost)
+        expires[key] = at + setup.pair.ttl_seconds
+        policies[key].observe(Touch(at, Source.PING, Result.WARM if warm else Result.REWARMED))
+        if pings is not None:
+            pings.append((at, setup.pair.expert, setup.pair.model, policy_name))
+        draws[key] = rngs[key].random()
+        arm(key, at)
+    return tallies
+
+
+def _production(
+    tally: Tally,
+    setup: PairSetup,
+    prices: PriceTable,
+    r: Request,
+    policy: PairPolicy | None,
+    expires: dict[str, float],
+    key: str,
+) -> None:
+    tally.requests += 1
+    warm = r.at < expires.get(key, -math.inf)
+    if not warm:
+        tally.misses += 1
+        tally.premiums_usd += setup.premium(prices, r.prefix_tokens)
+    expires[key] = r.at + setup.pair.ttl_seconds
+    if policy is not None:
+        policy.observe(Touch(r.at, Source.PRODUCTION, Result.WARM if warm else Result.REWARMED))
+
+
+def optimum(
+    setup: PairSetup,
+    requests: Sequence[Request],
+    prices: PriceTable,
+    pings: list[tuple[float, str, str, str]] | None = None,
+) -> Tally:
+    """The hindsight optimum of one pair: per idle gap, pings at the TTL or one miss, the cheaper."""
+    tally = Tally()
+    ttl = setup.pair.ttl_seconds
+    previous: float | None = None
+    for r in requests:
+        tally.requests += 1
+        premium = setup.premium(prices, r.prefix_tokens)
+        if previous is None:
+            tally.misses += 1  # the first request writes, whoever makes the write
+            tally.premiums_usd += premium
+        elif r.at - previous >= ttl:
+            needed = math.floor((r.at - previous) / ttl)  # a ping every TTL until the request
+            if needed * setup.ping_cost < premium:
+                tally.pings += needed
+                tally.keepalive_usd += needed * setup.ping_cost
+                if pings is not None:
+                    pings += [(previous + j * ttl, setup.pair.expert, setup.pair.model, "optimum") for j in range(1, needed + 1)]
+            else:
+                tally.misses += 1
+                tally.premiums_usd += premium
+        previous = r.at
+    return tally
+
+
+# --- the whole simulation ----------------------------------------------------------------
+
+
+@dataclass
+class Simulation:
+    """Per policy, per pair and in total, plus the same under the other TTL."""
+
+    until: float
+    start: float
+    setups: list[PairSetup]
+    results: dict[str, dict[str, Tally]]
+    ttl_alternative: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ignored: Counter[str] = field(default_factory=Counter)
+
+    def total(self, policy: str) -> Tally:
+        """The policy's tally over all pairs."""
+        out = Tally()
+        for tally in self.results[policy].values():
+            out.add(tally)
+        return out
+
+
+def run(
+    setups: Sequence[PairSetup],
+    requests: Sequence[Request],
+    prices: PriceTable,
+    policies: Sequence[str] = POLICIES,
+    until: float | None = None,
+    seed: int = 0,
+    budget_usd_per_day: float | None = None,
+    pings: list[tuple[float, str, str, str]] | None = None,
+    alternative_ttl: bool = True,
+) -> Simulation:
+    """Replay a trace under each policy (and the other TTL under the best one)."""
+    keys = {s.pair.key for s in setups}
+    ignored = Counter(r.key for r in requests if r.key not in keys)
+    requests = [r for r in requests if r.key in keys]
+    start = requests[0].at if requests else 0.0
+    end = until if until is not None else (requests[-1].at if requests else 0.0)
+    requests = [r for r in requests if r.at <= end]
+    by_pair: dict[str, list[Request]] = defaultdict(list)
+    for r in requests:
+        by_pair[r.key].append(r)
+    results: dict[str, dict[str, Tally]] = {}
+    for name in policies:
+        if name == "optimum":
+            results[name] = {s.pair.key: optimum(s, by_pair[s.pair.key], prices, pings) for s in setups}
+        else:
+            results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings)
+    sim = Simulation(end, start, list(setups), results, ignored=ignored)
+    if alternative_ttl and setups:
+        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, start, end, seed, budget_usd_per_day)
+    return sim
+
+
+def _other_ttl(
+    sim: Simulation,
+    setups: Sequence[PairSetup],
+    requests: Sequence[Request],
+    prices: PriceTable,
+    start: float,
+    end: float,
+    seed: int,
+    budget: float | None,
+) -> dict[str, dict[str, Any]]:
+    """Per pair: the best online policy's extra cost at the pair's TTL and at the other one."""
+    other_setups = []
+    for s in setups:
+        ttl = "5m" if s.pair.ttl == "1h" else "1h"
+        pair = replace(s.pair, ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
+        if pair.interval + pair.jitter >= pair.ttl_seconds:
+            pair = replace(pair, jitter=0.0)
+        other_setups.append(PairSetup.build(pair, prices, s.prefix_tokens))
+    other = run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget, alternative_ttl=False)
+    # The best of every online policy on both sides, whichever policies the output shows.
+    missing = [p for p in ONLINE_POLICIES if p not in sim.results]
+    current = dict(sim.results)
+    if missing:
+        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False).results)
+    out: dict[str, dict[str, Any]] = {}
+    for s in setups:
+        key = s.pair.key
+        here = {p: current[p][key].extra_usd for p in ONLINE_POLICIES}
+        there = {p: other.results[p][key].extra_usd for p in ONLINE_POLICIES}
+        best_here, best_there = min(here, key=here.__getitem__), min(there, key=there.__getitem__)
+        out[key] = {
+            "ttl": s.pair.ttl,
+            "best_policy": best_here,
+            "extra_usd": here[best_here],
+            "other_ttl": "5m" if s.pair.ttl == "1h" else "1h",
+            "other_best_policy": best_there,
+            "other_extra_usd": there[best_there],
+        }
+    return out
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _ratio(extra: float, best: float | None) -> float | None:
+    if best is None:
+        return None
+    if best <= 0:
+        return 1.0 if extra <= 0 else None
+    return extra / best
+
+
+def _row(tally: Tally, best: float | None) -> dict[str, Any]:
+    return {
+        "requests": tally.requests,
+        "misses": tally.misses,
+        "keepalive_pings": tally.pings,
+        "keepalive_usd": tally.keepalive_usd,
+        "write_premiums_usd": tally.premiums_usd,
+        "extra_usd": tally.extra_usd,
+        "ratio_to_optimum": _ratio(tally.extra_usd, best),
+        "skipped": dict(sorted(tally.skipped.items())),
+    }
+
+
+def to_json(sim: Simulation) -> dict[str, Any]:
+    """The simulation as a JSON-ready mapping (full precision)."""
+    opt = sim.results.get("optimum")
+    best_total = sim.total("optimum").extra_usd if opt is not None else None
+    policies: dict[str, Any] = {}
+    for name, per_pair in sim.results.items():
+        policies[name] = {
+            "pairs": {k: _row(t, opt[k].extra_usd if opt else None) for k, t in per_pair.items()},
+            "total": _row(sim.total(name), best_total),
+        }
+    alt = sim.ttl_alternative
+    return {
+        "start": sim.start,
+        "until": sim.until,
+        "pairs": {
+            s.pair.key: {
+                "ttl": s.pair.ttl,
+                "prefix_tokens": s.prefix_tokens,
+                "ping_usd": s.ping_cost,
+                "miss_penalty_usd": s.miss_penalty,
+            }
+            for s in sim.setups
+        },
+        "policies": policies,
+        "ttl_alternative": {
+            "pairs": alt,
+            "total": {
+                "extra_usd": math.fsum(a["extra_usd"] for a in alt.values()),
+                "other_extra_usd": math.fsum(a["other_extra_usd"] for a in alt.values()),
+            },
+        },
+        "ignored_rows": dict(sim.ignored),
+    }
+
+
+def _money(value: float) -> str:
+    return f"${value:.4f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def to_table(sim: Simulation, shown: Iterable[str] | None = None) -> str:
+    """The simulation as a table for people (only the policies in `shown`, default all)."""
+    data = to_json(sim)
+    if shown is not None:
+        keep = set(shown)
+        data["policies"] = {k: v for k, v in data["policies"].items() if k in keep}
+    headers = ["POLICY", "PAIR", "REQUESTS", "MISSES", "PINGS", "KEEPALIVE", "PREMIUMS", "EXTRA", "×OPTIMUM"]
+    rows = []
+    for name, block in data["policies"].items():
+        for key, row in [*block["pairs"].items(), ("TOTAL", block["total"])]:
+            ratio = row["ratio_to_optimum"]
+            rows.append([
+                name, key, str(row["requests"]), str(row["misses"]), str(row["keepalive_pings"]),
+                _money(row["keepalive_usd"]), _money(row["write_premiums_usd"]), _money(row["extra_usd"]),
+                "-" if ratio is None else f"{ratio:.2f}",
+            ])
+    lines = [_table(headers, rows)]
+    alt = data["ttl_alternative"]["pairs"]
+    if alt:
+        lines.append("\nTTL, under the best online policy for each:")
+        for key, a in alt.items():
+            lines.append(
+                f"  {key}: {a['ttl']} {_money(a['extra_usd'])} ({a['best_policy']}); "
+                f"{a['other_ttl']} would cost {_money(a['other_extra_usd'])} ({a['other_best_policy']})"
+            )
+    if sim.ignored:
+        lines.append(f"\nignored {sum(sim.ignored.values())} row(s) for pairs not in the config: {', '.join(sorted(sim.ignored))}")
+    return "\n".join(lines)
+
+
+def write_pings(path: Path, pings: Iterable[tuple[float, str, str, str]]) -> None:
+    """CSV `at,expert,model,policy` of every simulated ping, in time order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["at", "expert", "model", "policy"])
+    for at, expert, model, policy in sorted(pings):
+        writer.writerow([f"{at:.3f}", expert, model, policy])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    """Add `keepwarm simulate` to the CLI's subcommands."""
+    sp = sub.add_parser("simulate", help="replay a production trace under each keepalive policy; sends no ping")
+    sp.add_argument("--config", type=Path, default=None, help="the YAML config (default: $KEEPWARM_CONFIG)")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--trace", type=Path, help="CSV with at,expert,model[,prefix_tokens]")
+    src.add_argument("--from-ledger", action="store_true", help="replay the observations in the config's ledger")
+    sp.add_argument("--format", choices=("table", "json"), default="table")
+    sp.add_argument("--policy", action="append", choices=(*POLICIES, *EXTRA_POLICIES),
+                    help="simulate only this policy (repeatable; default: none, fixed, adaptive, optimum)")
+    sp.add_argument("--until", help="end of the replay, unix seconds or RFC 3339 (default: the last request)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the jitter draws (default 0)")
+    sp.add_argument("--pings-out", type=Path, help="write every simulated ping as CSV at,expert,model,policy")
+    sp.add_argument("--emulator", action="store_true",
+                    help="count prefix tokens the trace and ledger do not give with the built-in emulator")
+
+
+def _prefix_tokens(config: Config, requests: Sequence[Request], emulator: bool) -> dict[str, int]:
+    """Per pair: the trace's prefix_tokens (median), else the ledger's pings, else count_tokens."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for r in requests:
+        if r.prefix_tokens is not None:
+            seen[r.key].append(r.prefix_tokens)
+    out = {k: int(statistics.median(v)) for k, v in seen.items()}
+    if config.ledger_path is not None and any(p.key not in out for p in config.pairs):
+        for key, tokens in ledger_prefix_tokens(config.ledger_path).items():
+            out.setdefault(key, tokens)
+    missing = [p for p in config.pairs if p.key not in out]
+    if missing:
+        out.update(_count_tokens(config, missing, emulator))
+    return out
+
+
+def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict[str, int]:
+    """Count with the free count_tokens endpoint: the emulator's, or the configured API's."""
+    import contextlib
+
+    import anthropic
+
+    from keepwarm.config import resolve_api_key
+    from keepwarm.ping import make_client
+
+    with contextlib.ExitStack() as stack:
+        if emulator:
+            from keepwarm.emulator import Emulator
+
+            emu = stack.enter_context(Emulator())
+            client = make_client(emu.base_url, "emulator-key", config.api.timeout)
+        else:
+            try:
+                key, _ = resolve_api_key(config)
+            except ConfigError as exc:
+                names = ", ".join(p.key for p in pairs)
+                raise ConfigError(
+                    [f"no prefix_tokens for {names}: add a prefix_tokens column to the trace, a ledger.path "
+                     "with pings, or --emulator to count with the built-in emulator; counting with the API "
+                     f"needs a key: {exc.problems[0]}"],
+                    exc.source,
+                ) from None
+            client = make_client(config.api.base_url, key.value, config.api.timeout)
+        out = {}
+        for pair in pairs:
+            message: Any = [{"role": "user", "content": pair.ping_message}]
+            try:
+                total = client.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
+                tail = client.messages.count_tokens(model=pair.model, messages=message)
+            except anthropic.AnthropicError as exc:
+                raise ConfigError([f"{pair.key}: cannot count its prefix tokens: {type(exc).__name__}"]) from None
+            out[pair.key] = total.input_tokens - tail.input_tokens
+        return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """`keepwarm simulate`: exit 0, 65 for a bad trace, 78 for a bad config, 2 for bad usage."""
+    import os
+
+    config_path = args.config or (Path(os.environ["KEEPWARM_CONFIG"]) if os.environ.get("KEEPWARM_CONFIG") else None)
+    if config_path is None:
+        print("keepwarm simulate: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
+        return EX_USAGE
+    if args.trace is None and not args.from_ledger:
+        print("keepwarm simulate: give --trace FILE or --from-ledger", file=sys.stderr)
+        return EX_USAGE
+    until = None
+    if args.until is not None:
+        try:
+            until = parse_time(args.until)
+        except ValueError as exc:
+            print(f"keepwarm simulate: --until: {exc}", file=sys.stderr)
+            return EX_USAGE
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_CONFIG
+    try:
+        if args.from_ledger:
+            if config.ledger_path is None:
+                print(f"keepwarm simulate: {config_path} has no ledger.path for --from-ledger", file=sys.stderr)
+                return EX_CONFIG
+            requests = read_observations(config.ledger_path)
+        else:
+            try:
+                with args.trace.open(encoding="utf-8", newline="") as stream:
+                    requests = parse_trace(stream, str(args.trace))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TraceError(f"{args.trace}: cannot read it: {exc}") from None
+    except TraceError as exc:
+        print(f"keepwarm simulate: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    try:
+        tokens = _prefix_tokens(config, requests, args.emulator)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_CONFIG
+    setups = [PairSetup.build(p, config.prices, tokens[p.key]) for p in config.pairs]
+    pings: list[tuple[float, str, str, str]] | None = [] if args.pings_out else None
+    policies = tuple(dict.fromkeys(args.policy)) if args.policy else POLICIES
+    if "optimum" not in policies:
+        policies = (*policies, "optimum")  # ratios need it; it is not printed when not asked for
+    sim = run(setups, requests, config.prices, policies, until, args.seed, config.budget_usd_per_day, pings)
+    shown = set(args.policy or POLICIES)
+    if args.pings_out is not None and pings is not None:
+        write_pings(args.pings_out, [p for p in pings if p[3] in shown])
+    if args.format == "json":
+        data = to_json(sim)
+        data["policies"] = {k: v for k, v in data["policies"].items() if k in shown}
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(to_table(sim, shown))
+    return 0
