@@ -96,6 +96,8 @@ class ExpertSection(_Overridable):
 
 class MetricsSection(_Strict):
     listen: str = "127.0.0.1:9464"
+    # standard: the series budget (about 20 a pair); full: every per-pair series and histogram.
+    per_pair: Literal["standard", "full"] = "standard"
 
 
 class LedgerSection(_Strict):
@@ -167,6 +169,7 @@ class Config:
     ledger_retention_days: float | None = None
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
+    metrics_per_pair: Literal["standard", "full"] = "standard"
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -417,6 +420,7 @@ def _resolve(
         prices=prices,
         metrics_host=host,
         metrics_port=port,
+        metrics_per_pair=raw.metrics.per_pair,
         ledger_path=base / raw.ledger.path if raw.ledger.path else None,
         ledger_retention_days=raw.ledger.retention_days,
         shard=shard,

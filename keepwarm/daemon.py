@@ -154,7 +154,7 @@ class Daemon:
                 example_interval=format_duration(config.pairs[0].interval) if config.pairs else None,
             )
 
-        metrics = Metrics()
+        metrics = Metrics(per_pair=config.metrics_per_pair)
         try:
             ledger = self._open_ledger(config, metrics)
         except LedgerError as exc:
