@@ -33,6 +33,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -109,6 +110,11 @@ class _Family:
         if self.kind == "histogram":
             return len(_DURATION_BUCKETS) + 2  # a count per bucket, +Inf included, then the sum
         return len(self.values)
+
+    @cached_property
+    def slots(self) -> tuple[int, ...]:
+        """Every slot index of the family's values."""
+        return tuple(range(len(self.values)))
 
     def presence(self, mode: PerPair) -> _Presence:
         """How the family appears in `mode`."""
@@ -332,22 +338,24 @@ def _state(series: _Series, now: float) -> PairStateValue:
     return PairStateValue.COLD
 
 
-def _visible(family: _Family, series: _Series, mode: PerPair) -> list[int]:
+def _visible(family: _Family, presence: _Presence, series: _Series) -> Iterable[int]:
     """The slots of `family` this pair exposes now (indexes into `family.values`)."""
-    presence = family.presence(mode)
-    if presence == "never" or (family is _INTERVAL and not series.configured):
-        return []
     if presence == "dense":
-        return list(range(len(family.values)))
+        return () if family is _INTERVAL and not series.configured else family.slots
+    if presence == "never":
+        return ()
     if presence == "observed":
-        return list(range(len(family.values))) if series.observed else []
+        return family.slots if series.observed else ()
     values, offset = series.values, family.offset
     if presence == "ttl":
+        write = series.write_kind
         return [
             i for i, kind in enumerate(family.values)
-            if not kind.startswith("cache_write_") or kind == series.write_kind or values[offset + i] != 0
+            if kind == write or not kind.startswith("cache_write_") or values[offset + i] != 0
         ]
-    return [i for i in range(len(family.values)) if values[offset + i] != 0]
+    if len(family.values) == 1:
+        return family.slots if values[offset] != 0 else ()
+    return [i for i in family.slots if values[offset + i] != 0]
 
 
 class _PairCollector(Collector):
@@ -371,9 +379,9 @@ class _PairCollector(Collector):
                     hist.add_metric([model], _buckets(values, 0), values[len(_LE)])
                 yield hist
                 continue
-            out = _empty_family(family)
+            out, presence = _empty_family(family), family.presence(store.mode)
             for series in pairs:
-                for i in _visible(family, series, store.mode):
+                for i in _visible(family, presence, series):
                     if isinstance(out, HistogramMetricFamily):
                         out.add_metric(list(series.labels), _buckets(series.values, family.offset),
                                        series.values[family.offset + len(_LE)])
@@ -525,8 +533,11 @@ class Metrics:
                 parts.append(_model_histogram_lines(models))
                 continue
             parts.append(f"# HELP {family.name} {family.documentation}\n# TYPE {family.name} {family.kind}\n")
+            presence = family.presence(mode)
+            if presence == "never":
+                continue
             for series in pairs:
-                text = _pair_lines(family, series, _visible(family, series, mode))
+                text = _pair_lines(family, series, _visible(family, presence, series))
                 parts.append(text)
                 size += len(text)
                 if size >= _CHUNK_CHARS:
@@ -555,7 +566,7 @@ def _labels(series: _Series, name: str | None = None, value: str = "") -> str:
     return f'{series.expert},{series.model},{name}="{value}"'
 
 
-def _pair_lines(family: _Family, series: _Series, slots: list[int]) -> str:
+def _pair_lines(family: _Family, series: _Series, slots: Iterable[int]) -> str:
     if not slots:
         return ""
     values, offset, name = series.values, family.offset, family.name

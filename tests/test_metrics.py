@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import basic_doc
-from prometheus_client import generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.classify import MISS_CAUSES, Result
@@ -21,6 +24,7 @@ from keepwarm.ping import ERROR_TYPES, make_client
 from keepwarm.policy import SKIP_REASONS
 from keepwarm.pricing import COST_KINDS
 from keepwarm.runner import PairState, Runner
+from keepwarm.web import WebServer
 
 BUDGET = {"without": 20, "with": 30}  # series per pair in a healthy steady state, standard mode
 
@@ -236,3 +240,54 @@ def test_pair_state_of_an_uncacheable_prompt(emulator: Emulator) -> None:
     runner.ping(PairState(pair=pair, max_tokens=pair.max_tokens))
     value = metrics.registry.get_sample_value("keepwarm_pair_state", {"expert": pair.expert, "model": pair.model})
     assert value == PairStateValue.UNCACHED
+
+
+# --- /metrics over HTTP ------------------------------------------------------------------------
+
+
+def _get(url: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+
+
+@pytest.fixture
+def served(emulator: Emulator) -> Iterator[tuple[str, Metrics]]:
+    """A real web server on loopback, serving the metrics of a pinged pair."""
+    metrics, _ = _steady(emulator, "standard", production=False)
+    web = WebServer("127.0.0.1", 0, metrics, lambda: [], lambda: (True, "ok"))
+    web.start()
+    try:
+        yield f"http://127.0.0.1:{web.address[1]}", metrics
+    finally:
+        web.stop()
+
+
+def test_metrics_are_gzipped_when_the_scraper_asks(served: tuple[str, Metrics]) -> None:
+    base, metrics = served
+    status, headers, plain = _get(base + "/metrics")
+    assert status == 200 and "content-encoding" not in headers
+    status, headers, packed = _get(base + "/metrics", **{"Accept-Encoding": "gzip"})
+    assert headers["content-encoding"] == "gzip" and headers["vary"] == "Accept-Encoding"
+    assert len(packed) < len(plain) / 4
+
+    def stable(page: bytes) -> list[bytes]:
+        return [line for line in page.splitlines() if b"process_" not in line]
+
+    assert stable(gzip.decompress(packed)) == stable(plain)
+    # What Prometheus sends; an explicit refusal is honoured.
+    _, headers, _ = _get(base + "/metrics", **{"Accept-Encoding": "gzip;q=0, identity"})
+    assert "content-encoding" not in headers
+    _, headers, _ = _get(base + "/metrics", **{"Accept-Encoding": "deflate, gzip;q=1.0, *;q=0.5"})
+    assert headers["content-encoding"] == "gzip"
+
+
+def test_head_is_answered_without_a_body(served: tuple[str, Metrics]) -> None:
+    base, _ = served
+    status, headers, body = _get(base + "/metrics", method="HEAD")
+    assert (status, body) == (200, b"")
+    assert headers["content-type"] == CONTENT_TYPE_LATEST
+    status, headers, body = _get(base + "/healthz", method="HEAD")
+    assert (status, body) == (200, b"") and headers["content-length"] == "3"
+    # The connection still serves a GET with its body afterwards.
+    assert _get(base + "/healthz")[2] == b"ok\n"
