@@ -71,14 +71,23 @@ _CHUNK_CHARS = 256 * 1024
 
 
 class PairStateValue(enum.IntEnum):
-    """The values of `keepwarm_pair_state`: what an alert reads of one pair, at scrape time."""
+    """The values of `keepwarm_pair_state`: what an alert reads of one pair, at scrape time.
+
+    When several hold, the first in this order wins: parked, failing, uncached, cold,
+    rewarmed, warm; pending only before the first ping.
+    """
 
     PENDING = 0  # not pinged yet, and configured for less than one TTL
-    WARM = 1  # the cache entry is believed alive
-    COLD = 2  # the entry expired (or was never written within a TTL) and no failure explains it
-    FAILING = 3  # the entry expired and the last ping failed
+    WARM = 1  # the cache entry is alive and the last ping found it so
+    COLD = 2  # the entry expired: nothing pinged it within its TTL (or ever, for a whole TTL)
+    FAILING = 3  # the last ping failed after its retries
     UNCACHED = 4  # the last ping found nothing cacheable
-    PARKED = 5  # the API rejected the request; not pinged until the config changes
+    PARKED = 5  # the API rejected the request as invalid; not pinged until the config changes
+    REWARMED = 6  # alive again, but the last ping found it gone: it expired between pings
+
+
+# Misses that are no sign of trouble: the first write, and the write after a prompt change.
+_EXPECTED_MISSES = frozenset({"cold_start", "prefix_changed"})
 
 
 def _escape(value: str) -> str:
@@ -183,8 +192,8 @@ _LE = tuple(_go_float(b) for b in _DURATION_BUCKETS) + ("+Inf",)
 _HIST_WIDTH = len(_DURATION_BUCKETS) + 2
 _PRODUCTION = frozenset(f.name for f in _FAMILIES if f.full == "observed")
 _STATE_HELP = (
-    "What the pair's cache is now: 0 pending, 1 warm, 2 cold, 3 failing (expired after a failed ping),"
-    " 4 uncached, 5 parked."
+    "What the pair's cache is now: 0 pending, 1 warm, 2 cold (expired unpinged), 3 failing (last ping failed),"
+    " 4 uncached, 5 parked, 6 rewarmed (expired between pings)."
 )
 _INFO_HELP = "Configured pairs (=1)."
 _MODEL_HELP = "Time from a ping's first attempt to its final answer, all pairs of a model together."
@@ -195,7 +204,8 @@ class _Series:
     `add_pair` (`keepwarm once`): it gets no info or state series."""
 
     __slots__ = (
-        "configured", "created", "expert", "info", "labels", "last_error", "last_result", "model", "observed",
+        "configured", "created", "expert", "info", "labels", "last_error", "last_miss", "last_result", "model",
+        "observed",
         "ttl_seconds", "values", "write_kind",
     )
 
@@ -212,6 +222,7 @@ class _Series:
         self.write_kind: str | None = None  # the one cache-write kind the pair's TTL allows
         self.last_result: str | None = None
         self.last_error: str | None = None  # error_type of the last failed attempt
+        self.last_miss: str | None = None  # cause of the last miss
 
 
 class _Store:
@@ -315,6 +326,10 @@ class PairMetric:
             def error() -> None:
                 series.last_error = extra[0]
             return error
+        if name == "keepwarm_cache_misses_total":
+            def miss() -> None:
+                series.last_miss = extra[0]
+            return miss
         if name in _PRODUCTION:
             def observed() -> None:
                 series.observed = True
@@ -325,17 +340,21 @@ class PairMetric:
 def _state(series: _Series, now: float) -> PairStateValue:
     """`keepwarm_pair_state` of one pair: the runner parks a pair whose ping the API rejected
     as invalid, until its config changes (which replaces the series)."""
-    if series.last_result == Result.ERROR.value and series.last_error == "invalid_request":
-        return PairStateValue.PARKED
-    if series.last_result is None:
+    last = series.last_result
+    if last is None:
         return PairStateValue.PENDING if now - series.created < series.ttl_seconds else PairStateValue.COLD
-    if series.values[_EXPIRES.offset] > now:
-        return PairStateValue.WARM
-    if series.last_result == Result.UNCACHED.value:
+    if last == Result.ERROR.value:
+        return PairStateValue.PARKED if series.last_error == "invalid_request" else PairStateValue.FAILING
+    if last == Result.UNCACHED.value:
         return PairStateValue.UNCACHED
-    if series.last_result == Result.ERROR.value:
-        return PairStateValue.FAILING
-    return PairStateValue.COLD
+    if series.values[_EXPIRES.offset] <= now:
+        return PairStateValue.COLD
+    if last in _REWRITES and series.last_miss not in _EXPECTED_MISSES:
+        return PairStateValue.REWARMED
+    return PairStateValue.WARM
+
+
+_REWRITES = frozenset({Result.REWARMED.value, Result.PARTIAL.value})
 
 
 def _visible(family: _Family, presence: _Presence, series: _Series) -> Iterable[int]:

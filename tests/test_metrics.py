@@ -225,6 +225,12 @@ def test_pair_state_follows_the_cache(emulator: Emulator) -> None:
     clock.now = time.time()
     runner.ping(state)
     assert read() is PairStateValue.WARM
+    emulator.expire_all()  # evicted between pings: the next ping rewrites it
+    runner.ping(state)
+    assert state.last_result is Result.REWARMED
+    assert read() is PairStateValue.REWARMED
+    runner.ping(state)
+    assert read() is PairStateValue.WARM
     emulator.inject(Fault(status=400, count=1))
     runner.ping(state)
     assert state.parked
