@@ -42,9 +42,12 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
         while time.monotonic() < end and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    families = text_string_to_metric_families(resp.read().decode())
+                    families = list(text_string_to_metric_families(resp.read().decode()))
                     # Sample names are what PromQL sees: counters with _total, histogram parts.
+                    # Sparse families (metrics.per_pair: standard) have no sample until their
+                    # first non-zero value, but are declared (# TYPE) from the start.
                     exported = {s.name for f in families for s in f.samples}
+                    exported |= {f.name + "_total" if f.type == "counter" else f.name for f in families}
                 break
             except OSError:
                 time.sleep(0.1)
