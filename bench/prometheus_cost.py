@@ -73,7 +73,7 @@ def serve(tree: Path, pairs: int, port: int, per_pair: str) -> None:
         "experts": [{"name": f"expert-{i:05d}", "system": [{"text": PROMPT + str(i)}]} for i in range(pairs // 2)],
     }
     config = parse_config(doc, tree)
-    metrics = Metrics() if per_pair == "before" else Metrics(per_pair=per_pair)  # type: ignore[call-arg,arg-type]
+    metrics = Metrics() if per_pair == "before" else Metrics(per_pair=per_pair)  # type: ignore[arg-type]
     now = time.time()
     for pair in config.pairs:
         metrics.add_pair(pair)

@@ -562,7 +562,20 @@ class Metrics:
                 if size >= _CHUNK_CHARS:
                     yield "".join(parts).encode("utf-8")
                     parts, size = [], 0
-        parts.append(_info_lines(pairs, store.clock()))
+        now = store.clock()
+        # Written pair by pair into the same chunks: a whole family of 10,000 lines joined at
+        # once would lift the scrape's peak memory by a few copies of it.
+        for head, line in ((_INFO_HEAD, _info_line), (_STATE_HEAD, _state_line)):
+            parts.append(head)
+            for series in pairs:
+                if series.info is None:
+                    continue
+                text = line(series, now)
+                parts.append(text)
+                size += len(text)
+                if size >= _CHUNK_CHARS:
+                    yield "".join(parts).encode("utf-8")
+                    parts, size = [], 0
         yield "".join(parts).encode("utf-8")
         yield generate_latest(self._plain)
 
@@ -618,13 +631,16 @@ def _model_histogram_lines(models: list[tuple[str, array[float]]]) -> str:
     return "".join(lines)
 
 
-def _info_lines(pairs: list[_Series], now: float) -> str:
-    info = [f"# HELP keepwarm_pair_info {_INFO_HELP}\n# TYPE keepwarm_pair_info gauge\n"]
-    state = [f"# HELP keepwarm_pair_state {_STATE_HELP}\n# TYPE keepwarm_pair_state gauge\n"]
-    for series in pairs:
-        if series.info is not None:
-            ttl, fingerprint = series.info
-            labels = f'{series.expert},fingerprint="{_escape(fingerprint)}",{series.model},ttl="{_escape(ttl)}"'
-            info.append(f"keepwarm_pair_info{{{labels}}} 1.0\n")
-            state.append(f"keepwarm_pair_state{{{series.expert},{series.model}}} {_fmt(float(_state(series, now)))}\n")
-    return "".join(info) + "".join(state)
+_INFO_HEAD = f"# HELP keepwarm_pair_info {_INFO_HELP}\n# TYPE keepwarm_pair_info gauge\n"
+_STATE_HEAD = f"# HELP keepwarm_pair_state {_STATE_HELP}\n# TYPE keepwarm_pair_state gauge\n"
+
+
+def _info_line(series: _Series, now: float) -> str:
+    assert series.info is not None
+    ttl, fingerprint = series.info
+    labels = f'{series.expert},fingerprint="{_escape(fingerprint)}",{series.model},ttl="{_escape(ttl)}"'
+    return f"keepwarm_pair_info{{{labels}}} 1.0\n"
+
+
+def _state_line(series: _Series, now: float) -> str:
+    return f"keepwarm_pair_state{{{series.expert},{series.model}}} {_fmt(float(_state(series, now)))}\n"
