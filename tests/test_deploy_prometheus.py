@@ -105,11 +105,24 @@ def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_u
         assert (
             "and on (namespace, job, instance, expert, model) keepwarm_pair_info" in expr
             and "and on (namespace, job, instance) up == 1" in expr
-        ) or "and on (namespace, job, expert, model) pair:keepwarm_pair_configured:up" in expr, rule["alert"]
+        ) or ("and on (namespace, job, expert, model) (keepwarm_pair_info and on (namespace, job, instance) up == 1)"
+              in expr), rule["alert"]
     per_pair = {r["alert"] for r in keepwarm_rules() if r.get("labels", {}).get("scope") == "pair"}
     # Every alert with expert/model labels is marked, so Alertmanager can inhibit it.
     assert per_pair == ALERTS - {"KeepwarmDown", "KeepwarmConfigReloadFailed", "KeepwarmLedgerErrors",
                                  "KeepwarmPingsDeferred"}
+
+
+def test_per_pair_recording_rules_stay_few() -> None:
+    # Each per-pair rule is one more series per pair in Prometheus' head (10,000 at 10,000
+    # pairs): only those the alerts and the dashboard's break-even table need.
+    per_pair = {r["record"] for r in keepwarm_rules() if r.get("record", "").startswith("pair:")}
+    observed = {r for r in per_pair if "production" in r or "saved" in r}  # only for pairs with observations
+    assert per_pair - observed == {
+        "pair:keepwarm_cache_hit_ratio:1h",
+        "pair:keepwarm_spend_usd_per_day:increase1d",
+        "pair:keepwarm_breakeven_misses_per_day:1d",
+    }
 
 
 def test_the_stale_threshold_is_the_ttl_not_the_interval() -> None:
