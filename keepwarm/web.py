@@ -147,6 +147,12 @@ class WebServer:
                 self.end_headers()
 
             def _metrics(self) -> None:
+                try:
+                    self._write_metrics()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the scraper gave up (its scrape_timeout): nothing to answer any more
+
+            def _write_metrics(self) -> None:
                 gzipped = wants_gzip(self.headers.get("Accept-Encoding", ""))
                 self._metrics_headers(gzipped)
                 chunks = server.metrics.exposition()

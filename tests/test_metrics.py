@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -297,3 +299,21 @@ def test_head_is_answered_without_a_body(served: tuple[str, Metrics]) -> None:
     assert (status, body) == (200, b"") and headers["content-length"] == "3"
     # The connection still serves a GET with its body afterwards.
     assert _get(base + "/healthz")[2] == b"ok\n"
+
+
+def test_a_scraper_that_gives_up_mid_page_is_no_error(capfd: pytest.CaptureFixture[str]) -> None:
+    metrics = Metrics(per_pair="full")
+    for i in range(3000):  # a page far bigger than the socket buffers
+        metrics.pings.labels(f"expert-{i}", "claude-sonnet-4-6", "warm").inc()
+    web = WebServer("127.0.0.1", 0, metrics, lambda: [], lambda: (True, "ok"))
+    web.start()
+    try:
+        with socket.create_connection(web.address, timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(1024).startswith(b"HTTP/1.0 200")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a timeout does
+        # The server notices at its next write; then it still serves the next scrape.
+        assert _get(f"http://127.0.0.1:{web.address[1]}/metrics")[0] == 200
+    finally:
+        web.stop()
+    assert "Traceback" not in capfd.readouterr().err
