@@ -13,10 +13,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import ROOT, free_port, keepwarm_cmd
 from deploy_metrics import metric_names_used
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: Path) -> None:

@@ -228,8 +228,7 @@ def test_pair_state_follows_the_cache(emulator: Emulator) -> None:
     runner.ping(state)
     assert read() is PairStateValue.WARM
     emulator.expire_all()  # evicted between pings: the next ping rewrites it
-    runner.ping(state)
-    assert state.last_result is Result.REWARMED
+    assert runner.ping(state).result is Result.REWARMED
     assert read() is PairStateValue.REWARMED
     runner.ping(state)
     assert read() is PairStateValue.WARM
