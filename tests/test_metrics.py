@@ -228,7 +228,8 @@ def test_pair_state_follows_the_cache(emulator: Emulator) -> None:
     runner.ping(state)
     assert read() is PairStateValue.WARM
     emulator.expire_all()  # evicted between pings: the next ping rewrites it
-    assert runner.ping(state).result is Result.REWARMED
+    outcome = runner.ping(state)
+    assert outcome is not None and outcome.result is Result.REWARMED
     assert read() is PairStateValue.REWARMED
     runner.ping(state)
     assert read() is PairStateValue.WARM
