@@ -115,6 +115,8 @@ class ExpertSection(_Overridable):
 
 class MetricsSection(_Strict):
     listen: str = "127.0.0.1:9464"
+    # standard: the series budget (about 20 a pair); full: every per-pair series and histogram.
+    per_pair: Literal["standard", "full"] = "standard"
 
 
 class ObserveSection(_Strict):
@@ -205,6 +207,7 @@ class Config:
     # Configured pairs that another shard keeps warm: observations for them answer 421.
     other_shard_pairs: frozenset[str] = frozenset()
     budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
+    metrics_per_pair: Literal["standard", "full"] = "standard"
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -620,6 +623,7 @@ def _resolve(
         prices=prices,
         metrics_host=host,
         metrics_port=port,
+        metrics_per_pair=raw.metrics.per_pair,
         ledger_path=load.base / raw.ledger.path if raw.ledger.path else None,
         ledger_retention_days=raw.ledger.retention_days,
         shard=shard,

@@ -209,7 +209,7 @@ class Daemon:
             event(log, logging.WARNING, "NO PAIRS: this shard holds none of the config's pairs; running idle",
                   shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}")
 
-        metrics = Metrics()
+        metrics = Metrics(per_pair=config.metrics_per_pair)
         try:
             ledger = self._open_ledger(config, metrics)
         except LedgerError as exc:

@@ -17,41 +17,28 @@ from typing import Any
 import yaml
 from deploy_metrics import (
     DASHBOARD,
+    RULES,
     all_panels,
     dashboard_expressions,
     metric_names,
     metric_names_used,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
-# The metrics of SPEC §5, plus the pair's configured interval the daemon also exports.
-CONTRACT_METRICS = {
-    "keepwarm_pings_total",
-    "keepwarm_ping_errors_total",
-    "keepwarm_tokens_total",
-    "keepwarm_cost_usd_total",
-    "keepwarm_ping_duration_seconds",
-    "keepwarm_ping_lateness_seconds",
-    "keepwarm_last_ping_timestamp_seconds",
-    "keepwarm_cache_expires_timestamp_seconds",
-    "keepwarm_prefix_tokens",
-    "keepwarm_miss_penalty_usd",
-    "keepwarm_pair_info",
-    "keepwarm_config_last_reload_successful",
-    "keepwarm_build_info",
-    "keepwarm_ping_interval_seconds",
-    # Production observations (the keepwarm.production rule group).
-    "keepwarm_production_requests_total",
-    "keepwarm_production_tokens_total",
-    "keepwarm_production_cost_usd_total",
-    "keepwarm_saved_usd_total",
-    "keepwarm_prefix_drift_total",
-    "keepwarm_pings_skipped_total",
-    "keepwarm_observations_rejected_total",
-}
+from keepwarm.metrics import Metrics, PairStateValue
+
+
+def exported_families() -> set[str]:
+    """Every family keepwarm declares on /metrics, as PromQL names it (counters with _total)."""
+    metrics = Metrics(per_pair="full")
+    families = text_string_to_metric_families(b"".join(metrics.exposition()).decode())
+    return {f.name + "_total" if f.type == "counter" else f.name for f in families}
+
+
 UNLABELLED = {"keepwarm_ping_lateness_seconds", "keepwarm_config_last_reload_successful", "keepwarm_build_info"}
 # What Grafana puts in place of the variables, near enough for parsing.
 SUBSTITUTIONS = {
-    "expert": ".+", "model": ".+",
+    "expert": ".+", "model": ".+", "namespace": ".*", "job": ".+", "instance": ".+",
     "__interval": "5m", "__rate_interval": "2m", "__range": "6h",
 }
 
@@ -99,35 +86,61 @@ def test_the_parse_check_catches_a_broken_query(tmp_path: Path) -> None:
     assert result.returncode != 0
 
 
-def test_only_contract_metrics_are_queried() -> None:
-    assert metric_names_used() <= CONTRACT_METRICS, metric_names_used() - CONTRACT_METRICS
+def test_only_exported_metrics_are_queried() -> None:
+    assert metric_names_used() <= exported_families(), metric_names_used() - exported_families()
     # Histograms are read through their series, but named by their family.
     assert "keepwarm_ping_duration_seconds" in metric_names_used()
 
 
-def test_pair_metrics_follow_the_expert_and_model_variables() -> None:
+def test_every_recording_rule_the_dashboard_reads_exists() -> None:
+    recorded = {rule["record"] for group in yaml.safe_load(RULES.read_text())["groups"]
+                for rule in group["rules"] if "record" in rule}
+    read = {name for expr in dashboard_expressions() for name in re.findall(r"[a-z_]+:keepwarm_\w+:\w+", expr)}
+    assert read, "the dashboard reads no recording rule"
+    assert read <= recorded, read - recorded
+
+
+def test_panels_read_recording_rules_rather_than_per_pair_ranges() -> None:
+    # A range query over a raw per-pair family touches every pair's series at every refresh;
+    # the recording rules have done that work once. Instant queries, bounded topk/bottomk and
+    # the sparse error family (series only for what failed) are the exceptions.
     for panel in panels():
         for target in panel["targets"]:
             expr = target["expr"]
-            for match in re.finditer(r"(keepwarm_\w+)(\{[^}]*\})?", expr):
-                (name,) = metric_names(match.group(1)) or {match.group(1)}
-                if name in UNLABELLED:
-                    continue
-                selector = match.group(2) or ""
-                assert 'expert=~"$expert"' in selector and 'model=~"$model"' in selector, (
-                    f"{panel['title']}: {match.group(0)} ignores the variables"
-                )
+            if target.get("instant") or re.match(r"\s*(topk|bottomk)\(", expr):
+                continue
+            raw = {n for n in metric_names(expr) if n not in UNLABELLED} - {"keepwarm_ping_errors_total"}
+            assert not raw, f"{panel['title']}: range query on raw per-pair {sorted(raw)}"
+
+
+def test_every_query_follows_the_variables() -> None:
+    for panel in panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for match in re.finditer(r"([a-z_]*:)?(keepwarm_\w+)(:\w+)?(\{[^}]*\})?", expr):
+                rule, name, selector = match.group(1), match.group(2), match.group(4) or ""
+                where = f"{panel['title']}: {match.group(0)}"
+                assert 'namespace=~"$namespace"' in selector and 'job=~"$job"' in selector, where
+                if rule is None:  # a raw series still has its instance label
+                    assert 'instance=~"$instance"' in selector, where
+                (family,) = metric_names(name) or {name}
+                per_pair = rule in ("pair:", None) and family not in UNLABELLED
+                if per_pair:
+                    assert 'expert=~"$expert"' in selector and 'model=~"$model"' in selector, where
 
 
 def test_variables() -> None:
     variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("expert", "model"):
+    for name in ("namespace", "job", "instance", "expert", "model"):
         assert variables[name]["type"] == "query"
         assert variables[name]["multi"] and variables[name]["includeAll"]
         assert variables[name]["datasource"]["uid"] == "${datasource}"
+    for name in ("expert", "model"):
         assert "keepwarm_pair_info" in variables[name]["definition"]
+    # Outside Kubernetes there is no namespace label: "All" must match the empty value.
+    assert variables["namespace"]["allValue"] == ".*"
 
 
 def test_panels_use_the_datasource_variable_and_have_ids() -> None:
@@ -144,16 +157,25 @@ def test_panels_use_the_datasource_variable_and_have_ids() -> None:
 
 def test_the_operator_questions_each_have_a_panel() -> None:
     titles = [p["title"].lower() for p in panels()]
-    for topic in ("state", "expires", "hit rate", "spend", "miss", "latency", "errors", "break-even"):
+    for topic in ("state", "expires", "hit rate", "spend", "miss", "latency", "errors", "break-even",
+                  "saved", "production hit rate"):
         assert any(topic in title for title in titles), f"no panel about {topic}: {titles}"
+    rows = [p["title"] for p in all_panels(dashboard()["panels"]) if p["type"] == "row"]
+    assert "Does it pay?" in rows
 
 
 def test_state_is_shown_as_words() -> None:
     states = [p for p in panels() if "state" in p["title"].lower()]
-    assert states
+    assert len(states) == 2
+    words = {s.name.lower() for s in PairStateValue}
     for panel in states:
-        (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
-        assert {option["text"] for option in mapping["options"].values()} == {"warm", "cold", "uncached"}
+        mappings = panel["fieldConfig"]["defaults"].get("mappings")
+        if mappings:  # a value per pair, mapped to its word
+            (mapping,) = mappings
+            assert {int(v): o["text"] for v, o in mapping["options"].items()} == {
+                s.value: s.name.lower() for s in PairStateValue}
+        else:  # a count per state, one query each, named by the word
+            assert {t["legendFormat"] for t in panel["targets"]} == words
 
 
 def test_layout_fits_the_grid_without_overlaps() -> None:

@@ -14,12 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import ROOT, free_port, keepwarm_cmd
+from deploy_metrics import metric_names_used
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.config import load_config
-
-from conftest import ROOT, free_port, keepwarm_cmd
-from deploy_metrics import metric_names_used
 
 
 def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: Path) -> None:
@@ -53,9 +52,12 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
                 with urllib.request.urlopen(post, timeout=5) as resp:
                     assert resp.status == 202
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    families = text_string_to_metric_families(resp.read().decode())
+                    families = list(text_string_to_metric_families(resp.read().decode()))
                     # Sample names are what PromQL sees: counters with _total, histogram parts.
+                    # Sparse families (metrics.per_pair: standard) have no sample until their
+                    # first non-zero value, but are declared (# TYPE) from the start.
                     exported = {s.name for f in families for s in f.samples}
+                    exported |= {f.name + "_total" if f.type == "counter" else f.name for f in families}
                 break
             except OSError:
                 time.sleep(0.1)

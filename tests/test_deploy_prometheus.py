@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,12 +13,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-rules.test.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
 ALERTS = {
     "KeepwarmCacheCold",
     "KeepwarmHitRateLow",
     "KeepwarmPromptUncacheable",
+    "KeepwarmPairParked",
     "KeepwarmPingsFailing",
     "KeepwarmPingsStale",
+    "KeepwarmPingsDeferred",
+    "KeepwarmPingsMissed",
+    "KeepwarmPingsUnpriced",
+    "KeepwarmLedgerErrors",
     "KeepwarmDown",
     "KeepwarmConfigReloadFailed",
 }
@@ -45,12 +52,85 @@ def test_promtool_unit_tests() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# The production group's alerts, tested in tests/test_observations_deploy.py.
-PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
+def keepwarm_rules() -> list[dict[str, Any]]:
+    """The rules of keepwarm's own groups (production alerts live in a group of their own)."""
+    data = yaml.safe_load(RULES.read_text())
+    return [rule for group in data["groups"] if group["name"] in ("keepwarm.recording", "keepwarm.alerts")
+            for rule in group["rules"]]
 
 
 def test_alerts_are_exactly_the_contracted_ones() -> None:
-    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS
+    assert {rule["alert"] for rule in keepwarm_rules() if "alert" in rule} == ALERTS
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def runbook_sections() -> dict[str, str]:
+    """The runbook's `## ` sections by anchor, each with its text."""
+    sections: dict[str, str] = {}
+    current = None
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("## "):
+            current = _anchor(line[3:])
+            sections[current] = ""
+        elif current is not None:
+            sections[current] += line + "\n"
+    return sections
+
+
+def test_every_alert_links_its_own_runbook_section_saying_what_check_and_fix() -> None:
+    sections = runbook_sections()
+    for rule in rules():
+        if "alert" not in rule:
+            continue
+        url = rule["annotations"].get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md", (rule["alert"], url)
+        assert anchor == rule["alert"].lower(), (rule["alert"], url)
+        assert anchor in sections, f"{rule['alert']}: no section #{anchor} in docs/runbook.md"
+        text = sections[anchor]
+        for part in ("**What it means**", "**How to check**", "**How to fix**"):
+            assert part in text, f"docs/runbook.md#{anchor} has no {part}"
+
+
+def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_up() -> None:
+    for rule in keepwarm_rules():
+        if "alert" not in rule or rule["labels"].get("scope") != "pair":
+            continue
+        expr = " ".join(rule["expr"].split())
+        assert (
+            "and on (namespace, job, instance, expert, model) keepwarm_pair_info" in expr
+            and "and on (namespace, job, instance) up == 1" in expr
+        ) or ("and on (namespace, job, expert, model) (keepwarm_pair_info and on (namespace, job, instance) up == 1)"
+              in expr), rule["alert"]
+    per_pair = {r["alert"] for r in keepwarm_rules() if r.get("labels", {}).get("scope") == "pair"}
+    # Every alert with expert/model labels is marked, so Alertmanager can inhibit it.
+    assert per_pair == ALERTS - {"KeepwarmDown", "KeepwarmConfigReloadFailed", "KeepwarmLedgerErrors",
+                                 "KeepwarmPingsDeferred"}
+
+
+def test_per_pair_recording_rules_stay_few() -> None:
+    # Each per-pair rule is one more series per pair in Prometheus' head (10,000 at 10,000
+    # pairs): only those the alerts and the dashboard's break-even table need.
+    per_pair = {r["record"] for r in keepwarm_rules() if r.get("record", "").startswith("pair:")}
+    observed = {r for r in per_pair if "production" in r or "saved" in r}  # only for pairs with observations
+    assert per_pair - observed == {
+        "pair:keepwarm_cache_hit_ratio:1h",
+        "pair:keepwarm_spend_usd_per_day:increase1d",
+        "pair:keepwarm_breakeven_misses_per_day:1d",
+    }
+
+
+def test_the_stale_threshold_is_the_ttl_not_the_interval() -> None:
+    # The daemon marks a pair cold (keepwarm_pair_state 2) once its TTL has passed unpinged;
+    # the rule reads that rather than comparing against a multiple of the interval.
+    stale = next(r for r in rules() if r.get("alert") == "KeepwarmPingsStale")
+    assert "keepwarm_pair_state == 2" in stale["expr"]
+    assert "interval" not in stale["expr"]
 
 
 def test_every_alert_has_severity_summary_and_description() -> None:

@@ -8,11 +8,12 @@ from typing import Any
 
 import yaml
 
-from test_deploy_prometheus import PRODUCTION_ALERTS, RULES, promtool
+from test_deploy_prometheus import RULES, promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-production.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
+PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
 
 
 def _group() -> dict[str, Any]:
@@ -48,7 +49,7 @@ def test_every_production_alert_links_its_runbook_section() -> None:
     assert "## Production alerts" in runbook
     production = runbook.split("## Production alerts", 1)[1]
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
-               for h in re.findall(r"^### (.+)$", production, re.M)}
+               for h in re.findall(r"^## (.+)$", production, re.M)}
     for rule in _group()["rules"]:
         if "alert" not in rule:
             continue
