@@ -87,6 +87,11 @@ from collections.abc import Callable  # noqa: E402
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+# How long a daemon may take to log "keepwarm started": on an idle machine 1-2 s, but on a
+# loaded 2-core one importing the SDK alone takes 3-7 s, and a test may start several at once.
+# Generous because it costs nothing when start-up is fast; a wait's own deadline starts after it.
+STARTUP_DEADLINE = 120.0
+
 # The environment a daemon inherits, minus anything that would change where its key or config
 # comes from: each test says exactly which it means.
 _DAEMON_ENV_DROP = ("ANTHROPIC_API_KEY", "CREDENTIALS_DIRECTORY", "KEEPWARM_CONFIG", "ANTHROPIC_BASE_URL")
@@ -107,6 +112,7 @@ class DaemonProcess:
         self.port = port
         self.log_path = config.parent / f"daemon-{port}.log"
         self._log_file = self.log_path.open("wb")
+        self._started = False
         self.proc = subprocess.Popen(
             keepwarm_cmd("run", "--config", str(config), "--log-format", "json", *args),
             stdout=self._log_file,
@@ -159,10 +165,25 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def started(self) -> bool:
+        """Whether the daemon has logged "keepwarm started" (config loaded, scheduler running)."""
+        if not self._started:
+            self._started = any(e.get("event") == "keepwarm started" for e in self.events())
+        return self._started
+
     def wait_for(self, what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:
-        """Poll `check` until it holds; fail with the daemon's log if it never does or the daemon dies."""
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
+        """Poll `check` until it holds; fail with the daemon's log if it never does or the daemon dies.
+
+        `deadline` counts from the daemon's "keepwarm started" line, not from the call: start-up
+        (seconds of SDK import, more on a loaded machine) is given its own STARTUP_DEADLINE.
+        """
+        startup_end = time.monotonic() + STARTUP_DEADLINE
+        end: float | None = None
+        while True:
+            now = time.monotonic()
+            if end is None and self.started:
+                end = now + deadline
             if not self.alive:
                 pytest.fail(f"the daemon exited ({self.proc.returncode}) while waiting for {what}\n{self.text()[-4000:]}")
             try:
@@ -170,8 +191,16 @@ class DaemonProcess:
                     return
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass  # not listening yet
+            if end is not None and now >= end:
+                pytest.fail(f"timed out after {deadline:.0f}s (since start-up) waiting for {what}\n{self.text()[-4000:]}")
+            if end is None and now >= startup_end:
+                pytest.fail(f"the daemon did not start within {STARTUP_DEADLINE:.0f}s (waiting for {what})\n"
+                            f"{self.text()[-4000:]}")
             time.sleep(0.05)
-        pytest.fail(f"timed out after {deadline:.0f}s waiting for {what}\n{self.text()[-4000:]}")
+
+    def wait_started(self) -> None:
+        """Wait for the daemon's "keepwarm started" line (its scheduler is running from then on)."""
+        self.wait_for("keepwarm started", lambda: self.started, 0.0)
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
