@@ -54,7 +54,8 @@ class Outputs:
         results = {}
         try:
             for where, proc, expect in self._running:
-                stdout, stderr = proc.communicate(timeout=60)
+                # Nine Python processes start together here: generous, and free when they are quick.
+                stdout, stderr = proc.communicate(timeout=STARTUP_DEADLINE)
                 self.add(f"{where} stdout", stdout)
                 self.add(f"{where} stderr", stderr)
                 assert proc.returncode == expect, f"{where}: exit {proc.returncode}\n{stderr.decode()[-2000:]}"

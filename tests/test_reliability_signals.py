@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LONG_PROMPT, DaemonProcess, daemon_env, keepwarm_cmd, write_config
+from conftest import LONG_PROMPT, STARTUP_DEADLINE, DaemonProcess, daemon_env, keepwarm_cmd, write_config
 
 from keepwarm.emulator import Emulator, Fault, LogEntry
 from keepwarm.ledger import read_ledger
@@ -202,7 +202,7 @@ def test_sighup_rejects_a_bad_config_then_applies_a_good_one_as_a_diff(keepwarm_
         # Meanwhile, the same file at start-up: exit 78 and its problems, word for word.
         started = subprocess.run(
             keepwarm_cmd("run", "--config", str(daemon.config), "--log-format", "json"),
-            capture_output=True, text=True, timeout=30, env=daemon_env(ANTHROPIC_API_KEY=KEY), check=False,
+            capture_output=True, text=True, timeout=STARTUP_DEADLINE, env=daemon_env(ANTHROPIC_API_KEY=KEY), check=False,
         )
         daemon.wait_for("the reload to be rejected", lambda: daemon.total("keepwarm_config_last_reload_successful") == 0)
         assert started.returncode == 78
