@@ -124,7 +124,9 @@ class DaemonProcess:
             keepwarm_cmd("run", "--config", str(config), "--log-format", "json", *args),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env=env,
+            # faulthandler: a daemon that will not exit is sent SIGABRT by stop(), which then
+            # writes every thread's stack to the log, so the failure says where it hung.
+            env={**env, "PYTHONFAULTHANDLER": "1"},
         )
 
     # --- what it says -----------------------------------------------------------------------
@@ -220,8 +222,12 @@ class DaemonProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, signum: int | None = None, timeout: float = 30.0) -> tuple[int | None, float]:
-        """Send SIGTERM (or `signum`) and wait: (exit code, seconds it took); None if it did not exit."""
+    def stop(self, signum: int | None = None, timeout: float = STARTUP_DEADLINE) -> tuple[int | None, float]:
+        """Send SIGTERM (or `signum`) and wait: (exit code, seconds it took); None if it did not exit.
+
+        The default wait is generous: after "stopped", the interpreter's own teardown (a final
+        garbage collection of the SDK's objects) took over 15 s of wall time under load.
+        """
         t0 = time.monotonic()
         if self.alive:
             self.proc.send_signal(signals.SIGTERM if signum is None else signum)
@@ -229,6 +235,11 @@ class DaemonProcess:
             code: int | None = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
+            self.proc.send_signal(signals.SIGABRT)  # its threads' stacks, into the log
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         return code, time.monotonic() - t0
 
     def kill(self) -> None:
