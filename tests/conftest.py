@@ -76,8 +76,10 @@ def keepwarm_cmd(*args: str) -> list[str]:
 # while the daemon runs (a pipe nobody drains would also block it once full), with helpers to
 # scrape /metrics and poll with a deadline. Appended for tests/test_reliability_*.py.
 
-import json  # noqa: E402 - this section was appended; its imports stay with it
+import itertools  # noqa: E402 - this section was appended; its imports stay with it
+import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal as signals  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -86,6 +88,15 @@ import urllib.request  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+# How long a daemon may take to log "keepwarm started": on an idle machine 1-2 s, but on a
+# loaded 2-core one importing the SDK alone takes 3-7 s, and a test may start several at once.
+# Generous because it costs nothing when start-up is fast; a wait's own deadline starts after it.
+STARTUP_DEADLINE = 120.0
+
+_daemon_numbers = itertools.count(1)
+# The start-up line, in either log format, up to the port of the metrics URL it names.
+_STARTED_LINE = re.compile(r"keepwarm started[^\n]*?http://[^\s\"/]+:(\d+)/metrics")
 
 # The environment a daemon inherits, minus anything that would change where its key or config
 # comes from: each test says exactly which it means.
@@ -102,16 +113,20 @@ def daemon_env(**extra: str) -> dict[str, str]:
 class DaemonProcess:
     """One `keepwarm run --log-format json` process and what it exposes."""
 
-    def __init__(self, config: Path, port: int, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Path, port: int | None, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+        """Start the daemon; `port` None means its config listens on port 0 and says the port once started."""
         self.config = config
-        self.port = port
-        self.log_path = config.parent / f"daemon-{port}.log"
+        self._port = port
+        self.log_path = config.parent / f"daemon-{config.stem}-{next(_daemon_numbers)}.log"
         self._log_file = self.log_path.open("wb")
+        self._started = False
         self.proc = subprocess.Popen(
             keepwarm_cmd("run", "--config", str(config), "--log-format", "json", *args),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env=env,
+            # faulthandler: a daemon that will not exit is sent SIGABRT by stop(), which then
+            # writes every thread's stack to the log, so the failure says where it hung.
+            env={**env, "PYTHONFAULTHANDLER": "1"},
         )
 
     # --- what it says -----------------------------------------------------------------------
@@ -134,7 +149,8 @@ class DaemonProcess:
     def get(self, path: str) -> tuple[int, str]:
         """GET a page of the daemon's web server: (status, body)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+            # 30 s: a starved daemon can take seconds to answer; a wait, free when it is quick.
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as resp:
                 return resp.status, resp.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode("utf-8", errors="replace")
@@ -159,10 +175,36 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def port(self) -> int:
+        """The metrics port: the one it was given, or the one its "keepwarm started" line names."""
+        if self._port is None:
+            if not self.started:
+                raise ConnectionRefusedError("the daemon has not started listening yet")
+            found = _STARTED_LINE.search(self.text())
+            assert found, f"no metrics URL in the start-up line\n{self.text()[-2000:]}"
+            self._port = int(found.group(1))
+        return self._port
+
+    @property
+    def started(self) -> bool:
+        """Whether the daemon has logged "keepwarm started" (config loaded, scheduler running)."""
+        if not self._started:
+            self._started = _STARTED_LINE.search(self.text()) is not None
+        return self._started
+
     def wait_for(self, what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:
-        """Poll `check` until it holds; fail with the daemon's log if it never does or the daemon dies."""
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
+        """Poll `check` until it holds; fail with the daemon's log if it never does or the daemon dies.
+
+        `deadline` counts from the daemon's "keepwarm started" line, not from the call: start-up
+        (seconds of SDK import, more on a loaded machine) is given its own STARTUP_DEADLINE.
+        """
+        startup_end = time.monotonic() + STARTUP_DEADLINE
+        end: float | None = None
+        while True:
+            now = time.monotonic()
+            if end is None and self.started:
+                end = now + deadline
             if not self.alive:
                 pytest.fail(f"the daemon exited ({self.proc.returncode}) while waiting for {what}\n{self.text()[-4000:]}")
             try:
@@ -170,14 +212,22 @@ class DaemonProcess:
                     return
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass  # not listening yet
+            if end is not None and now >= end:
+                pytest.fail(f"timed out after {deadline:.0f}s (since start-up) waiting for {what}\n{self.text()[-4000:]}")
+            if end is None and now >= startup_end:
+                pytest.fail(f"the daemon did not start within {STARTUP_DEADLINE:.0f}s (waiting for {what})\n"
+                            f"{self.text()[-4000:]}")
             time.sleep(0.05)
-        pytest.fail(f"timed out after {deadline:.0f}s waiting for {what}\n{self.text()[-4000:]}")
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, signum: int | None = None, timeout: float = 30.0) -> tuple[int | None, float]:
-        """Send SIGTERM (or `signum`) and wait: (exit code, seconds it took); None if it did not exit."""
+    def stop(self, signum: int | None = None, timeout: float = STARTUP_DEADLINE) -> tuple[int | None, float]:
+        """Send SIGTERM (or `signum`) and wait: (exit code, seconds it took); None if it did not exit.
+
+        The default wait is generous: after "stopped", the interpreter's own teardown (a final
+        garbage collection of the SDK's objects) took over 15 s of wall time under load.
+        """
         t0 = time.monotonic()
         if self.alive:
             self.proc.send_signal(signals.SIGTERM if signum is None else signum)
@@ -185,6 +235,11 @@ class DaemonProcess:
             code: int | None = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
+            self.proc.send_signal(signals.SIGABRT)  # its threads' stacks, into the log
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         return code, time.monotonic() - t0
 
     def kill(self) -> None:
@@ -198,17 +253,19 @@ class DaemonProcess:
 def keepwarm_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start real `keepwarm run` processes from config documents; all are killed at the end.
 
-    `start(doc, env=..., name=..., args=...)` writes `doc` (its metrics.listen set to a free
-    loopback port) next to the test's other files and starts the daemon on it.
+    `start(doc, env=..., name=..., args=...)` writes `doc` (its metrics.listen set to loopback
+    port 0: the daemon's start-up line says which port it got) next to the test's other files
+    and starts the daemon on it.
     """
     started: list[DaemonProcess] = []
 
     def start(
         doc: dict[str, Any], env: dict[str, str] | None = None, name: str = "keepwarm.yaml", args: tuple[str, ...] = ()
     ) -> DaemonProcess:
-        port = free_port()
-        doc.setdefault("metrics", {})["listen"] = f"127.0.0.1:{port}"
-        daemon = DaemonProcess(write_config(tmp_path, doc, name), port, env if env is not None else daemon_env(), args)
+        # Port 0, not free_port(): with several test runs on one machine, a port found free can
+        # be taken by someone else in the seconds before the daemon binds it (and then scraped).
+        doc.setdefault("metrics", {})["listen"] = "127.0.0.1:0"
+        daemon = DaemonProcess(write_config(tmp_path, doc, name), None, env if env is not None else daemon_env(), args)
         started.append(daemon)
         return daemon
 

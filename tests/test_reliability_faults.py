@@ -104,11 +104,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     (directory / "critic.md").write_text(LONG_PROMPT + "\nYou are the critic.", encoding="utf-8")
     with Emulator(time_scale=TIME_SCALE, log_limit=20_000) as emu:
         doc = config_doc(emu.base_url)
-        port = free_port()
-        doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
-        daemon = DaemonProcess(
-            write_config(directory, doc), port, daemon_env(ANTHROPIC_API_KEY=KEY)
-        )
+        doc["metrics"] = {"listen": "127.0.0.1:0"}  # the port it gets is in its start-up line
+        daemon = DaemonProcess(write_config(directory, doc), None, daemon_env(ANTHROPIC_API_KEY=KEY))
         try:
             daemon.wait_for("the metrics endpoint", lambda: daemon.get("/metrics")[0] == 200, DEADLINE)
             yield Rig(daemon, emu, doc, directory)

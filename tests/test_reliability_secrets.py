@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LONG_PROMPT, DaemonProcess, daemon_env, free_port, keepwarm_cmd, write_config
+from conftest import LONG_PROMPT, STARTUP_DEADLINE, DaemonProcess, daemon_env, free_port, keepwarm_cmd, write_config
 
 from keepwarm.config import load_config, resolve_api_key
 
@@ -54,7 +54,8 @@ class Outputs:
         results = {}
         try:
             for where, proc, expect in self._running:
-                stdout, stderr = proc.communicate(timeout=60)
+                # Nine Python processes start together here: generous, and free when they are quick.
+                stdout, stderr = proc.communicate(timeout=STARTUP_DEADLINE)
                 self.add(f"{where} stdout", stdout)
                 self.add(f"{where} stderr", stderr)
                 assert proc.returncode == expect, f"{where}: exit {proc.returncode}\n{stderr.decode()[-2000:]}"
@@ -84,7 +85,7 @@ def emulator_url(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             stdout=sink, stderr=subprocess.STDOUT,
         )
         try:
-            end = time.monotonic() + DEADLINE
+            end = time.monotonic() + STARTUP_DEADLINE
             while b"listening on" not in out.read_bytes():
                 assert proc.poll() is None and time.monotonic() < end, out.read_text()
                 time.sleep(0.05)
