@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -86,6 +87,7 @@ import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from datetime import datetime  # noqa: E402
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -108,6 +110,11 @@ def daemon_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ENV_DROP}
     env.update(extra)
     return env
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """A JSON log event's `ts` (ISO 8601 UTC, ms) as unix seconds."""
+    return datetime.fromisoformat(event["ts"]).timestamp()
 
 
 class DaemonProcess:

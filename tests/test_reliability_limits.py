@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env
+from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env, event_time
 
 from keepwarm.config import ConfigError, parse_config
 from keepwarm.emulator import Emulator, Fault, LogEntry
@@ -92,7 +92,7 @@ def test_a_429_with_retry_after_holds_every_pair(keepwarm_daemon: Start, emu: Em
     told = next(e for e in emu.log if e.status == 429)
     every_pair_warm(daemon, len(MODELS))
     daemon.wait_for("the 429 to be logged", lambda: any(e.get("status") == 429 for e in daemon.events()), DEADLINE)
-    handled = next(e["ts"] for e in daemon.events() if e.get("status") == 429)  # the gate shut just before
+    handled = next(event_time(e) for e in daemon.events() if e.get("status") == 429)  # the gate shut just before
     assert daemon.stop()[0] == 0  # every ping that finished has its ledger row
     # Pings already on the wire when the 429 came back may land; nothing may start after it.
     # With jitter 0 the four pairs ping at the same instants, so the 429's slot-mates are on

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LONG_PROMPT, STARTUP_DEADLINE, DaemonProcess, daemon_env, keepwarm_cmd, write_config
+from conftest import LONG_PROMPT, STARTUP_DEADLINE, DaemonProcess, daemon_env, event_time, keepwarm_cmd, write_config
 
 from keepwarm.emulator import Emulator, Fault, LogEntry
 from keepwarm.ledger import read_ledger
@@ -107,7 +107,7 @@ def test_sigterm_lets_in_flight_pings_finish_and_records_them(
     # How long the daemon's shutdown took, to its "stopped" line: the interpreter's teardown
     # after it is not what shutdown_timeout bounds, and on a loaded machine it alone can take
     # over 15 s of wall time (a final garbage collection).
-    took = next(e["ts"] for e in daemon.events() if e.get("event") == "stopped") - sent_wall
+    took = next(event_time(e) for e in daemon.events() if e.get("event") == "stopped") - sent_wall
     assert 0.5 <= took <= 5.0 + 2.0, f"waited {took:.1f}s: in-flight pings finish, within shutdown_timeout"
     assert messages(emu, sent_at + 0.2) == [], "no new ping starts after SIGTERM"
     # Each pair's last request is the one that was in flight: answered, and in the ledger.

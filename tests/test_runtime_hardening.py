@@ -235,7 +235,7 @@ def test_the_emulators_spend_cap_429_stays_the_spend_cap(emulator: Emulator) -> 
 
 def test_a_timing_only_reload_keeps_the_pairs_series_and_state(emulator: Emulator, tmp_path: Path) -> None:
     clock = FakeClock()
-    metrics = Metrics()
+    metrics = Metrics(per_pair="full")  # the interval gauge is exported in full mode only
     scheduler = _scheduler(emulator, clock, metrics)
     pair = _config(emulator.base_url).pairs[0]
     scheduler.apply([pair])
