@@ -175,6 +175,21 @@ def describe_error(exc: Exception, now: float | None = None) -> PingError:
 DIAGNOSTICS_BETA = "cache-diagnosis-2026-04-07"
 
 
+def count_tail(client: anthropic.Anthropic, pair: Pair) -> int | None:
+    """Tokens of the ping's user message alone (free count_tokens), or None if it cannot be counted.
+
+    An `uncached` ping's `input_tokens` is its prefix plus this tail; `keepwarm check` counts the
+    prefix as the difference, and the daemon must report the same figure.
+    """
+    try:
+        counted = client.messages.count_tokens(
+            model=pair.model, messages=[{"role": "user", "content": pair.ping_message}]
+        )
+    except anthropic.AnthropicError:
+        return None
+    return int(counted.input_tokens)
+
+
 def send_ping(
     client: anthropic.Anthropic,
     pair: Pair,

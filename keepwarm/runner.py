@@ -21,7 +21,7 @@ from keepwarm.config import Pair
 from keepwarm.gate import Gate
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
-from keepwarm.ping import TRANSIENT, PingAttempt, PingError, send_ping
+from keepwarm.ping import TRANSIENT, PingAttempt, PingError, count_tail, send_ping
 from keepwarm.pricing import PriceTable
 
 log = logging.getLogger("keepwarm.ping")
@@ -59,6 +59,7 @@ class PairState:
     spend: float = 0.0
     spend_unknown: bool = False
     prefix_tokens: int = 0
+    tail_tokens: int | None = None  # the ping message alone, counted once when the pair is uncached
     parked: bool = False  # not pinged again until its config changes
     park_reason: str | None = None  # the API's message that parked it
     last_message_id: str | None = None  # for the cache-diagnostics beta
@@ -213,6 +214,8 @@ class Runner:
             if delay is None or self.wait(delay):
                 break
         outcome = self._outcome(state, attempts, started, self.mono() - t0, scheduled_at)
+        if outcome.result is Result.UNCACHED and state.tail_tokens is None:
+            state.tail_tokens = count_tail(self.client, pair)
         self._record(state, outcome)
         return outcome
 
@@ -336,9 +339,10 @@ class Runner:
             state.miss_hint = None
         usage = outcome.usage
         if usage is not None:
-            state.prefix_tokens = (
-                usage.cache_read + usage.cache_write if outcome.result is not Result.UNCACHED else usage.input
-            )
+            if outcome.result is not Result.UNCACHED:
+                state.prefix_tokens = usage.cache_read + usage.cache_write
+            else:  # nothing cached: the prefix is the input less the ping's own message, as `check` counts it
+                state.prefix_tokens = max(usage.input - (state.tail_tokens or 0), 0)
             if outcome.cost is None:
                 state.spend_unknown = True
             else:

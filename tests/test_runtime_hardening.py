@@ -405,3 +405,21 @@ def test_a_sighup_during_start_up_is_queued_not_fatal(emulator: Emulator, tmp_pa
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_an_uncached_pairs_prefix_tokens_are_what_check_counts(emulator: Emulator) -> None:
+    # Issue 10 item 19: `check` counts the prefix as count_tokens(prefix + ping) - count_tokens(ping);
+    # an uncached ping's input_tokens also holds the ping message, so the gauge said one more.
+    metrics = Metrics()
+    runner = _runner(emulator, metrics)
+    pair = next(p for p in _config(emulator.base_url).pairs if p.expert == "terse")
+    metrics.add_pair(pair)
+    state = PairState(pair=pair, max_tokens=pair.max_tokens)
+    outcome = runner.ping(state)
+    assert outcome is not None and outcome.result is Result.UNCACHED
+    message = [{"role": "user", "content": pair.ping_message}]
+    client = make_client(emulator.base_url, "sk-test", 5)
+    total = client.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params()).input_tokens
+    tail = client.messages.count_tokens(model=pair.model, messages=message).input_tokens
+    assert state.prefix_tokens == total - tail
+    assert _value(metrics, "keepwarm_prefix_tokens", **_labels(state)) == total - tail
