@@ -75,6 +75,8 @@ def _why(s: PairState, word: str, prices: PriceTable | None) -> str:
         if minimum is not None and s.prefix_tokens < minimum:
             return f"{s.prefix_tokens:,} tokens < minimum {minimum:,}"
         return "caching did not activate (no breakpoint reached the model's minimum)"
+    if s.mostly_uncached and not s.last_error:
+        return "most of the prefix is sent uncached: move the cache_control marker to the end of the shared prefix"
     return s.last_error or ""
 
 

@@ -60,3 +60,11 @@ def test_times_show_the_absolute_time_on_hover_and_cells_do_not_wrap() -> None:
     assert '<span title="2026-12-01 08:04:00 UTC">4m</span>' in page, "expires in 4m, at 08:04:00"
     assert '<span title="2026-12-01 07:59:00 UTC">1m ago</span>' in page
     assert "white-space:nowrap" in page
+
+
+def test_a_pair_whose_prefix_is_mostly_uncached_says_so() -> None:
+    # Issue 10 item 4: such a pair looks warm while most of its prompt is paid at full price.
+    warm = _states()[0]
+    warm.mostly_uncached = True
+    page = render_page([warm], (True, "ok"), NOW, PageInfo(prices=builtin_table()))
+    assert "most of the prefix is sent uncached" in page
