@@ -60,10 +60,23 @@ BUSY_WINDOW = 60.0
 BUSY_WARN_EVERY = 600.0
 
 
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
 def boottime() -> float:
-    """CLOCK_BOOTTIME: monotonic, but it goes on counting while the system is suspended."""
-    clock_id = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
+    """CLOCK_BOOTTIME: monotonic, but it goes on counting while the system is suspended.
+
+    Where the clock is missing or refused (some kernels, or a clock faked by libfaketime answers
+    EINVAL), this is the monotonic clock: a suspend then looks like a wall-clock step, as it did
+    before CLOCK_BOOTTIME was used, rather than every clock check raising.
+    """
+    global _BOOTTIME
+    if _BOOTTIME is not None:
+        try:
+            return time.clock_gettime(_BOOTTIME)
+        except OSError:
+            _BOOTTIME = None
+    return time.monotonic()
 
 
 # --- the pure policy -------------------------------------------------------------------------

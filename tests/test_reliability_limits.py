@@ -245,8 +245,10 @@ def test_a_wall_clock_step_forward_makes_no_burst(
     keepwarm_daemon: Start, emu: Emulator, stepped_clock: tuple[dict[str, str], Callable[[str], None]]
 ) -> None:
     env, step = stepped_clock
-    interval = 0.5
-    daemon = keepwarm_daemon(doc_for(emu.base_url, MODELS[:2]), env=env)
+    # 1 s, not 500 ms: a loaded machine's one-second hiccup must not pass for missed slots; the
+    # hour's step is still thousands of slots.
+    interval = 1.0
+    daemon = keepwarm_daemon(doc_for(emu.base_url, MODELS[:2], interval="1s"), env=env)
     every_pair_warm(daemon, 2)
     missed = daemon.total("keepwarm_missed_pings_total")
     step("+3600")  # an hour ahead: seven thousand slots "missed" on the wall clock
