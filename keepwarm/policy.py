@@ -50,6 +50,7 @@ class Touch:
     at: float
     source: Source
     result: Result
+    prefix_tokens: int = 0  # the prefix size the request reported (0: not known); prices a new policy
 
     @property
     def refreshed(self) -> bool:
