@@ -383,6 +383,8 @@ class Daemon:
         runner.client = make_client(self._base_url(new), key.value, new.api.timeout)
         runner.key_source = key.source
         runner.prices = new.prices
+        scheduler.prices = new.prices  # priced policies follow at their next rebuild
+        scheduler.set_budget(new.budget_usd_per_day)
         runner.diagnostics = new.api.cache_diagnostics
         # A reload is how an operator says "fixed": a new key or limit starts with an open gate.
         runner.gate = Gate(new.api.requests_per_minute)

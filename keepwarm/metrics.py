@@ -345,6 +345,13 @@ class Metrics:
         gauges[0].set(cap)
         gauges[1].set(spent)
 
+    def drop_budget(self) -> None:
+        """Remove the budget gauges (a reload removed `budget.usd_per_day`)."""
+        gauges, self._budget_gauges = self._budget_gauges, None
+        for gauge in gauges or ():
+            self.registry.unregister(gauge)
+            self._plain.unregister(gauge)
+
     def add_pair(self, pair: Pair) -> None:
         """Create every series of a pair at 0."""
         series = self._store.series(pair.expert, pair.model)

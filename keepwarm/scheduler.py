@@ -580,6 +580,22 @@ class Scheduler:
             self._new_policy(state)  # priced from the measured prefix now
         self.check_budget()
 
+    def set_budget(self, usd_per_day: float | None) -> None:
+        """Apply a reloaded `budget.usd_per_day`; a changed cap keeps the spend already counted."""
+        old = self.budget
+        if old is not None and usd_per_day:
+            old.cap = usd_per_day
+        elif old is not None or usd_per_day:
+            # Added or removed: every policy is rebuilt with (or without) its budget wrapper.
+            self.budget = Budget(usd_per_day) if usd_per_day else None
+            if self.budget is None:
+                self.metrics.drop_budget()
+            for state in list(self.states.values()):
+                self._new_policy(state)
+        with self._budget_lock:
+            self._budget_state = "ok"  # judged afresh against the new cap
+        self.check_budget()
+
     def check_budget(self, now: float | None = None) -> None:
         """Export the trailing-24 h spend and log loudly, once per crossing, near and at the cap."""
         budget = self.budget

@@ -47,10 +47,11 @@ def test_promtool_unit_tests() -> None:
 
 # The production group's alerts, tested in tests/test_observations_deploy.py.
 PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
+BUDGET_ALERTS = {"KeepwarmBudgetReached"}  # tests in test_policy_daemon_deploy.py
 
 
 def test_alerts_are_exactly_the_contracted_ones() -> None:
-    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS
+    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS | BUDGET_ALERTS
 
 
 def test_every_alert_has_severity_summary_and_description() -> None:

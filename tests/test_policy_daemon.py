@@ -99,7 +99,7 @@ def test_adaptive_pair_never_prewarms_keeps_warm_after_production_then_lapses_id
     assert isinstance(rebuilt, AdaptivePolicy)
     assert rebuilt.miss_penalty == config.prices.miss_penalty(pair.model, scheduler.states[KEY].prefix_tokens,
                                                             pair.ttl), "re-priced from the measured prefix"
-    decisions = [r.keepwarm_fields for r in caplog.records if r.getMessage() == "policy decision"]
+    decisions = [r.__dict__["keepwarm_fields"] for r in caplog.records if r.getMessage() == "policy decision"]
     lapse = [d for d in decisions if d["decision"] == "lapse" and d["reason"] == "idle"]
     assert len(lapse) == 1 and lapse[0]["pair"] == KEY, decisions
     assert lapse[0]["idle_s"] == pytest.approx(clock.now - touched, abs=0.1)
@@ -166,7 +166,8 @@ def test_budget_stops_pings_loudly_and_exports_the_cap(emulator: Emulator, tmp_p
     # A day later the spend has rolled out: the gauge falls and the pair pings again.
     _wake(scheduler, clock)
     assert len(emulator.log) == sent + 1
-    assert metrics.registry.get_sample_value("keepwarm_budget_spent_usd") < 0.02
+    after = metrics.registry.get_sample_value("keepwarm_budget_spent_usd")
+    assert after is not None and after < 0.02
 
 
 def test_without_a_budget_there_is_no_budget_series(emulator: Emulator, tmp_path: Path) -> None:
@@ -174,3 +175,19 @@ def test_without_a_budget_there_is_no_budget_series(emulator: Emulator, tmp_path
     config = _config(tmp_path, emulator.base_url)
     _scheduler(emulator, config, clock, metrics).apply([_pair(config)])
     assert metrics.registry.get_sample_value("keepwarm_budget_usd_per_day") is None
+
+
+def test_a_reload_changes_adds_and_removes_the_budget(emulator: Emulator, tmp_path: Path) -> None:
+    clock, metrics = FakeClock(), Metrics()
+    config = _config(tmp_path, emulator.base_url)
+    scheduler = _scheduler(emulator, config, clock, metrics)
+    scheduler.apply([_pair(config)])
+    _wake(scheduler, clock)
+    scheduler.set_budget(3.0)
+    assert metrics.registry.get_sample_value("keepwarm_budget_usd_per_day") == 3.0
+    assert scheduler.budget is not None and scheduler.policies[KEY].budget is scheduler.budget  # type: ignore[attr-defined]
+    scheduler.set_budget(4.0)
+    assert metrics.registry.get_sample_value("keepwarm_budget_usd_per_day") == 4.0
+    scheduler.set_budget(None)
+    assert metrics.registry.get_sample_value("keepwarm_budget_usd_per_day") is None
+    assert isinstance(scheduler.policies[KEY], FixedPolicy)
