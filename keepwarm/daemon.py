@@ -146,6 +146,7 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
             time_scale=None if config.time_scale == 1.0 else config.time_scale,
             reload_ok=reload_ok != 0,
             prices=scheduler.runner.prices,
+            policy=scheduler.describe,
         )
 
     return WebServer(

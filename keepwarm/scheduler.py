@@ -474,6 +474,12 @@ class Scheduler:
             self._built_tokens[pair.key] = tokens
         return policy
 
+    def describe(self, key: str, now: float) -> str:
+        """The pair's policy in a few words for the status page (empty for a pair not kept here)."""
+        with self._policy_lock:
+            policy = self.policies.get(key)
+            return "" if policy is None else policy.describe(now)
+
     def _log_touch(self, key: str, touch: Touch) -> None:
         """Keep a touch for rebuilding the pair's policy. Caller holds `_policy_lock`."""
         self._touches.setdefault(key, deque(maxlen=TOUCH_LOG)).append(touch)

@@ -95,6 +95,7 @@ def test_adaptive_pair_never_prewarms_keeps_warm_after_production_then_lapses_id
         assert pings < 50
     assert len(emulator.log) == pings >= 1
     assert _skipped(metrics, "idle") == 1, "the lapse is counted under reason idle"
+    assert scheduler.describe(KEY, clock.now).startswith("letting lapse: idle ")
     rebuilt = scheduler.policies[KEY]
     assert isinstance(rebuilt, AdaptivePolicy)
     assert rebuilt.miss_penalty == config.prices.miss_penalty(pair.model, scheduler.states[KEY].prefix_tokens,
