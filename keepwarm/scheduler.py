@@ -413,7 +413,11 @@ class Scheduler:
         pings = [t for t in touches if t.source is Source.PING]
         if pings:
             state.last_start, state.last_result = pings[-1].at, pings[-1].result
-        tokens = [t.prefix_tokens for t in touches if t.prefix_tokens]
+        # A ping measures the prefix keepwarm sends exactly; production's size stands in without one.
+        measured = [t.prefix_tokens for t in pings if t.prefix_tokens]
+        if measured:
+            state.prefix_tokens = measured[-1]
+        tokens = [t.prefix_tokens for t in touches if t.prefix_tokens and t.source is Source.PRODUCTION]
         with self._policy_lock:
             self._touches[pair.key] = deque(touches, maxlen=TOUCH_LOG)
             for t in touches:

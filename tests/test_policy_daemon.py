@@ -192,3 +192,67 @@ def test_a_reload_changes_adds_and_removes_the_budget(emulator: Emulator, tmp_pa
     scheduler.set_budget(None)
     assert metrics.registry.get_sample_value("keepwarm_budget_usd_per_day") is None
     assert isinstance(scheduler.policies[KEY], FixedPolicy)
+
+
+# --- history survives restarts --------------------------------------------------------------------
+
+
+def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
+        emulator: Emulator, tmp_path: Path) -> None:
+    from keepwarm.daemon import ledger_history
+    from keepwarm.ledger import Ledger
+    from keepwarm.observations import Observer
+
+    clock, metrics = FakeClock(), Metrics()
+    config = _config(tmp_path, emulator.base_url, policy="adaptive")
+    pair = _pair(config)
+    ledger = Ledger(tmp_path / "ledger.db", clock=clock)
+    observer = Observer(config, metrics, clock=clock, ledger=lambda: ledger)
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics, threading.Event(),
+                    clock=clock, ledger=ledger)
+    first = Scheduler(runner, metrics, clock=clock, draw=lambda: 0.0, mono=clock, prices=config.prices)
+    observer.touch = first.touch
+    first.apply([pair])
+    # Production every 400 s (a gap one ping bridges); the daemon keeps the cache warm between.
+    arrivals = [T0 + 400 * i for i in range(8)]
+    for at in arrivals:
+        while (due := first.states[KEY].next_due) and due < at:  # the wakes before this request
+            clock.now = max(clock.now, due)
+            first._run(KEY, due)
+        clock.now = at
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 0,
+                 "output_tokens": 5}
+        assert observer.accept([{"expert": pair.expert, "model": pair.model, "at": at, "usage": usage}])[0] == 202
+    before = first.policies[KEY]
+    assert isinstance(before, AdaptivePolicy) and len(before.gaps) == len(arrivals) - 1
+    pings = len(emulator.log)
+    assert pings >= 1
+    ledger.close()
+
+    # A new process: its scheduler reads the ledger back and carries on where the last left off.
+    clock.now = arrivals[-1] + 100
+    ledger = Ledger(tmp_path / "ledger.db", clock=clock)
+    history = ledger_history(ledger, clock.now)
+    touches = history(pair)
+    assert sorted(t.at for t in touches if t.source is Source.PRODUCTION) == arrivals
+    assert len([t for t in touches if t.source is Source.PING]) == pings
+    metrics2 = Metrics()
+    runner2 = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics2, threading.Event(),
+                     clock=clock)
+    second = Scheduler(runner2, metrics2, clock=clock, draw=lambda: 0.0, mono=clock, prices=config.prices,
+                       history=history)
+    second.apply([pair])
+    after = second.policies[KEY]
+    assert isinstance(after, AdaptivePolicy)
+    assert sorted(after.gaps.values) == sorted(before.gaps.values), "the idle-gap history survived"
+    assert after.last_production == arrivals[-1]
+    assert after.miss_penalty == before.miss_penalty, "priced from the ledger's prefix size"
+    # Its first ping is where the policy puts it (a spacing after the last touch), not at a phase.
+    decision = after.next_ping(clock.now, 0.0)
+    assert decision.at is not None
+    assert second.states[KEY].next_due == pytest.approx(max(decision.at, clock.now), abs=10.0)
+    assert len(emulator.log) == pings, "nothing sent at start"
+    # A pair whose prefix changed since is a new cache: none of the old history applies.
+    changed = _config(tmp_path, emulator.base_url, policy="adaptive", max_tokens=1)
+    assert all(len(history(p)) == 0 for p in changed.pairs if p.fingerprint != pair.fingerprint)
+    ledger.close()
