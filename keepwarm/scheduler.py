@@ -40,13 +40,13 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
-from keepwarm.adaptive import SharedPrior
+from keepwarm.adaptive import AdaptivePolicy, SharedPrior
 from keepwarm.budget import Budget
 from keepwarm.classify import Result
 from keepwarm.config import Pair
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
-from keepwarm.policy import Decision, PairPolicy, Source, Touch, make_policy
+from keepwarm.policy import BudgetedPolicy, Decision, HoursPolicy, PairPolicy, Source, Touch, make_policy
 from keepwarm.pricing import PriceTable
 from keepwarm.runner import PairState, PingOutcome, Runner
 
@@ -116,6 +116,13 @@ class ApplyReport:
     removed: tuple[str, ...]
     changed: tuple[str, ...]
     unchanged: tuple[str, ...]
+
+
+def _innermost(policy: PairPolicy) -> PairPolicy:
+    """The policy inside every wrapper (active hours, budget)."""
+    while isinstance(policy, HoursPolicy | BudgetedPolicy):
+        policy = policy.inner
+    return policy
 
 
 def _utc(ts: float) -> datetime:
@@ -468,8 +475,16 @@ class Scheduler:
             touches = sorted(self._touches.get(pair.key, ()), key=lambda t: t.at)
             if not touches and state.last_start and state.last_result is not None:
                 touches = [Touch(state.last_start, Source.PING, state.last_result)]
+            # A rebuild replays gaps the shared prior already holds: replay them past it, so the
+            # prior counts each gap once, as a simulation of the same traffic does.
+            inner = _innermost(policy)
+            rebuild = isinstance(inner, AdaptivePolicy) and pair.key in self._built_tokens
+            if isinstance(inner, AdaptivePolicy) and rebuild:
+                inner.prior = SharedPrior()
             for touch in touches:
                 policy.observe(touch)  # through every wrapper: active hours track refreshes too
+            if isinstance(inner, AdaptivePolicy):
+                inner.prior = self.prior
             observe_latency = getattr(policy, "observe_latency", None)
             if callable(observe_latency):
                 for seconds in self._latencies.get(pair.key, ()):

@@ -256,3 +256,17 @@ def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
     changed = _config(tmp_path, emulator.base_url, policy="adaptive", max_tokens=1)
     assert all(len(history(p)) == 0 for p in changed.pairs if p.fingerprint != pair.fingerprint)
     ledger.close()
+
+
+def test_a_rebuild_counts_each_gap_once_in_the_shared_prior(emulator: Emulator, tmp_path: Path) -> None:
+    clock, metrics = FakeClock(), Metrics()
+    config = _config(tmp_path, emulator.base_url, policy="adaptive")
+    scheduler = _scheduler(emulator, config, clock, metrics)
+    scheduler.apply([_pair(config)])
+    for i in range(4):
+        scheduler.touch(KEY, Touch(T0 + 400 * i, Source.PRODUCTION, Result.REWARMED, prefix_tokens=3000))
+    assert len(scheduler.prior) == 3
+    scheduler._new_policy(scheduler.states[KEY])  # as a new prefix size or a reload does
+    assert len(scheduler.prior) == 3
+    policy = scheduler.policies[KEY]
+    assert isinstance(policy, AdaptivePolicy) and policy.prior is scheduler.prior and len(policy.gaps) == 3
