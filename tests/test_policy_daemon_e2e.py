@@ -78,7 +78,7 @@ def test_the_daemon_sends_the_pings_simulate_predicts(tmp_path: Path) -> None:
             time.sleep(max(origin + offset * S - time.time(), 0.0))
             at = time.time()
             response = production.messages.create(
-                model=pair.model, max_tokens=16, system=system,  # type: ignore[arg-type]
+                model=pair.model, max_tokens=16, system=system,
                 messages=[{"role": "user", "content": QUESTION}])
             obs = {"expert": pair.expert, "model": pair.model, "at": at, "usage": response.usage.model_dump(),
                    "fingerprint": fingerprint(pair.model, system), "request_id": response.id}
