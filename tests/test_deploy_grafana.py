@@ -47,6 +47,9 @@ CONTRACT_METRICS = {
     "keepwarm_prefix_drift_total",
     "keepwarm_pings_skipped_total",
     "keepwarm_observations_rejected_total",
+    # The spend cap (the keepwarm.budget rule group), exported only with budget.usd_per_day.
+    "keepwarm_budget_usd_per_day",
+    "keepwarm_budget_spent_usd",
 }
 UNLABELLED = {"keepwarm_ping_lateness_seconds", "keepwarm_config_last_reload_successful", "keepwarm_build_info"}
 # What Grafana puts in place of the variables, near enough for parsing.
