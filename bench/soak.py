@@ -37,7 +37,16 @@ It counts, from the emulator's request log and the daemon's own output:
 and writes them to bench/results/soak.json (see docs/reliability.py, which turns them into
 docs/reliability.md).
 
-    python3 bench/soak.py [--hours 24] [--time-scale 0.002] [--seed 7]
+    python3 bench/soak.py [--hours 24] [--time-scale 0.002] [--seed 7] [--policy fixed|adaptive]
+
+With `--policy adaptive` the daemon runs the adaptive policy (started with `--time-scale`, so
+it knows the scaled TTL), and a production driver in this process sends each pair seeded
+working sessions (a request every 0.5-3 simulated minutes for 20-90 minutes, then 5-120 quiet
+minutes) through the emulator and reports each one to the daemon's observations endpoint. The
+policy lets some caches lapse on purpose; a cache lapse still means a *ping* that found the
+cache cold, which under this policy only happens when a cache it chose to keep warm expired.
+Production's requests are left out of every other count (requests, rows lost, recoveries), and
+an outage counts as recovered when every pair the policy kept warm had a warm ping after it.
 
 Not simulated: the spend-cap 429, whose back-off (1 minute, doubling) is real time and would
 last simulated hours here (tests/test_reliability_faults.py covers it), and wall-clock steps
@@ -59,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +82,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402 - after the path set-up, so a checkout runs without installing
 
+from keepwarm.config import load_config  # noqa: E402
 from keepwarm.emulator import Emulator, Fault, LogEntry  # noqa: E402
 from keepwarm.ledger import read_ledger  # noqa: E402
 
@@ -153,6 +164,33 @@ def schedule(
 # --- the analysis: pure functions of the emulator's log --------------------------------------
 
 
+PRODUCTION_QUESTION = "A production question for the soak."
+
+
+def is_production(e: LogEntry) -> bool:
+    """A request of the production driver (`--policy adaptive`), not a ping."""
+    body = e.body if isinstance(e.body, dict) else {}
+    messages = body.get("messages") or [{}]
+    return isinstance(messages[0], dict) and messages[0].get("content") == PRODUCTION_QUESTION
+
+
+def pings_only(entries: list[LogEntry]) -> list[LogEntry]:
+    """The keepalive's own requests."""
+    return [e for e in entries if not is_production(e)]
+
+
+def sessions(rng: random.Random, hours: float) -> list[float]:
+    """Seeded production request times (simulated seconds) for one pair: sessions and quiet gaps."""
+    out, t = [], rng.uniform(0, 600)
+    while t < hours * 3600:
+        end = t + rng.uniform(20, 90) * 60
+        while t < end:
+            out.append(t)
+            t += rng.uniform(30, 180)
+        t += rng.uniform(5, 120) * 60
+    return out
+
+
 def successes(entries: list[LogEntry]) -> dict[str, list[LogEntry]]:
     """Answered pings by model (that is, by pair), oldest first."""
     out: dict[str, list[LogEntry]] = {}
@@ -186,8 +224,8 @@ def lapses(entries: list[LogEntry], outages: list[Outage], ttl_real: float) -> l
     found = []
     for model, pings in successes(entries).items():
         for before, after in itertools.pairwise(pings):
-            if not is_rewarmed(after) or before.fingerprint != after.fingerprint:
-                continue
+            if is_production(after) or not is_rewarmed(after) or before.fingerprint != after.fingerprint:
+                continue  # production may write a cache the policy let lapse: only a cold *ping* lapsed
             if any(o.real_start <= after.time and o.real_end >= before.time for o in outages):
                 continue  # an outage in between explains it
             found.append({
@@ -198,17 +236,21 @@ def lapses(entries: list[LogEntry], outages: list[Outage], ttl_real: float) -> l
     return found
 
 
-def assess_recoveries(entries: list[LogEntry], outages: list[Outage], scale: float, horizon: float) -> None:
-    """Mark each outage recovered when every pair had a warm ping before the next one began."""
+def assess_recoveries(entries: list[LogEntry], outages: list[Outage], scale: float, horizon: float,
+                      keep_warm: Callable[[str, float, float], bool] | None = None) -> None:
+    """Mark each outage recovered when every pair (that `keep_warm` says the policy kept warm
+    between the outage's end and the next one's start) had a warm ping in that stretch."""
     by_pair = successes(entries)
     for i, outage in enumerate(outages):
         until = outages[i + 1].real_start if i + 1 < len(outages) else horizon
         firsts = []
         for model in PAIRS:
+            if keep_warm is not None and not keep_warm(model, outage.real_end, until):
+                continue  # the adaptive policy let this cache lapse meanwhile: nothing to recover
             warm = [e.time for e in by_pair.get(model, []) if outage.real_end <= e.time < until and is_warm(e)]
             firsts.append(warm[0] if warm else None)
         outage.recovered = all(t is not None for t in firsts)
-        if outage.recovered:
+        if outage.recovered and firsts:
             outage.recovery_s = round((max(t for t in firsts if t is not None) - outage.real_end) / scale, 1)
 
 
@@ -229,6 +271,10 @@ class Soak:
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
+        self.adaptive = getattr(args, "policy", "fixed") == "adaptive"
+        self.production_stop = threading.Event()
+        self.production_sent = 0
+        self._prefixes: tuple[int, dict[str, list[dict[str, Any]]]] = (-1, {})
         self.scale = float(args.time_scale)
         self.workdir = workdir
         self.rng = random.Random(args.seed)
@@ -269,9 +315,13 @@ class Soak:
         for expert in set(PAIRS.values()):
             text = f"{PROMPT}\nYou are the {expert}. Edition {self.edition}."
             (self.workdir / f"{expert}.md").write_text(text, encoding="utf-8")
+        if self.adaptive:  # `--time-scale` scales them, and the TTL the policy reasons about
+            defaults: dict[str, Any] = {"interval": f"{INTERVAL:g}s", "jitter": f"{JITTER:g}s", "policy": "adaptive"}
+        else:
+            defaults = {"interval": f"{INTERVAL * self.scale:.4f}s", "jitter": f"{JITTER * self.scale:.4f}s"}
         doc = {
             "api": {"base_url": f"http://127.0.0.1:{self.port}", "timeout": f"{TIMEOUT_REAL}s"},
-            "defaults": {"interval": f"{INTERVAL * self.scale:.4f}s", "jitter": f"{JITTER * self.scale:.4f}s"},
+            "defaults": defaults,
             "experts": [
                 {"name": expert, "system": [{"file": f"{expert}.md"}], "models": [m for m, e in PAIRS.items() if e == expert]}
                 for expert in sorted(set(PAIRS.values()))
@@ -280,6 +330,8 @@ class Soak:
             "ledger": {"path": "ledger.sqlite"},
             "shutdown_timeout": "3s",
         }
+        if self.adaptive:
+            doc["observe"] = {"allow_unauthenticated": True}  # loopback only, the driver below
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
     def _start_daemon(self) -> subprocess.Popen[bytes]:
@@ -289,7 +341,8 @@ class Soak:
         env["ANTHROPIC_API_KEY"] = KEY
         with log.open("wb") as sink:
             return subprocess.Popen(
-                [sys.executable, "-m", "keepwarm", "run", "--config", str(self.config), "--log-format", "json"],
+                [sys.executable, "-m", "keepwarm", "run", "--config", str(self.config), "--log-format", "json",
+                 *(["--time-scale", str(self.scale)] if self.adaptive else [])],
                 stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
             )
 
@@ -452,9 +505,62 @@ class Soak:
             time.sleep(0.05)
         raise SystemExit("the pairs never got warm:\n" + self.log_files[-1].read_text()[-3000:])
 
+    # --- production (`--policy adaptive`) ----------------------------------------------------
+
+    def _production(self, model: str, times: list[float]) -> None:
+        """One pair's production: each request to the emulator, then its observation to the daemon."""
+        expert = PAIRS[model]
+        for t in times:
+            if self.production_stop.wait(max(self.real(t) - time.monotonic(), 0)):
+                return
+            try:
+                system = self._system(expert)
+                at = time.time()
+                body = {"model": model, "max_tokens": 16, "system": system,
+                        "messages": [{"role": "user", "content": PRODUCTION_QUESTION}]}
+                answer = self._post(f"http://127.0.0.1:{self.port}/v1/messages", body, {"x-api-key": KEY})
+                obs = {"expert": expert, "model": model, "at": at, "usage": answer["usage"]}
+                self._post(f"http://127.0.0.1:{self.metrics_port}/v1/observations", obs, {})
+                self.production_sent += 1
+            except (OSError, ValueError, KeyError):
+                continue  # an outage fails production too; it just tries again later
+
+    def _system(self, expert: str) -> list[dict[str, Any]]:
+        """The system blocks the daemon pings with (built by the same code): the same cache."""
+        if self._prefixes[0] != self.edition:  # a reload's new prompts: build them again
+            pairs = load_config(self.config).pairs
+            self._prefixes = (self.edition, {p.expert: list(p.prefix.params()["system"]) for p in pairs})
+        return self._prefixes[1][expert]
+
+    @staticmethod
+    def _post(url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "anthropic-version": "2023-06-01",
+                                              **headers})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+
+    def start_production(self) -> list[threading.Thread]:
+        rng = random.Random(f"{self.args.seed}:production")
+        threads = [threading.Thread(target=self._production, args=(m, sessions(rng, self.args.hours)), daemon=True)
+                   for m in PAIRS]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def kept_warm(self, model: str, since: float, until: float) -> bool:
+        """Whether the policy pinged the pair at all between two real times (else it let it lapse)."""
+        return any(e.model == model and since <= e.time < until and not is_production(e)
+                   for e in self.entries.values() if e.path == "/v1/messages")
+
     def run(self) -> dict[str, Any]:
         self.wait_ready()
-        self.wait_all_warm()
+        threads: list[threading.Thread] = []
+        if self.adaptive:
+            self.t0 = time.monotonic()  # production's clock; restarted below once all are warm
+            threads = self.start_production()
+        self.wait_all_warm(deadline=120.0 if self.adaptive else 30.0)
         # Simulated time starts now: the outages meet a daemon in its steady state.
         self.t0 = started = time.monotonic()
         self.baseline = self.errors_now()
@@ -473,13 +579,16 @@ class Soak:
                 self.idle_until(outage.end + 2 * INTERVAL)
                 self.harvest()
                 outage.catch_up_max = max(
-                    (len([e for e in self.entries.values() if e.model == m and
+                    (len([e for e in self.entries.values() if e.model == m and not is_production(e) and
                           outage.real_end <= e.time < outage.real_end + 0.8 * INTERVAL * self.scale])
                      for m in PAIRS),
                     default=0,
                 )
         self.idle_until(self.args.hours * 3600)
         horizon = time.monotonic()
+        self.production_stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
         if previous is not None:
             self.count_errors(self.baseline, previous.errors_counted)
         self.snapshot_pages()
@@ -490,11 +599,12 @@ class Soak:
         return self.figures(started, horizon, shutdown)
 
     def figures(self, started: float, horizon: float, shutdown: dict[str, Any]) -> dict[str, Any]:
-        entries = list(self.entries.values())
+        everything = list(self.entries.values())
+        entries = pings_only(everything)  # production's requests are not the keepalive's
         ttl_real = TTL * self.scale
         count_failed(entries, self.outages)
-        assess_recoveries(entries, self.outages, self.scale, horizon)
-        found_lapses = lapses(entries, self.outages, ttl_real)
+        assess_recoveries(entries, self.outages, self.scale, horizon, self.kept_warm if self.adaptive else None)
+        found_lapses = lapses(everything, self.outages, ttl_real)
         ledger = self.workdir / "ledger.sqlite"
         rows = read_ledger(ledger)
         lost = answered(entries) - {r.request_id for r in rows}
@@ -507,7 +617,7 @@ class Soak:
         places += [(f"page {path}", body) for path, body in self.pages]
         places += [(name.name, name.read_bytes()) for name in self.workdir.glob("ledger.sqlite*")]
         places += [("keepwarm report", report.stdout + report.stderr)]
-        places += [("emulator log", json.dumps([e.to_json() for e in entries]).encode())]
+        places += [("emulator log", json.dumps([e.to_json() for e in everything]).encode())]
         secret = KEY[:-4].encode()
         leaks = [where for where, data in places if secret in data]
 
@@ -546,7 +656,9 @@ class Soak:
                 "gap_simulated_min": list(self.args.gap),
                 "length_simulated_min": list(self.args.length),
                 "kinds": list(self.args.kinds),
+                "policy": "adaptive" if self.adaptive else "fixed",
             },
+            "production_requests": len(everything) - len(entries),
             "real_seconds": round(horizon - started, 1),
             "requests": len(pings),
             "answered": len(answered(entries)),
@@ -600,7 +712,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length", type=float, nargs=2, default=(1.0, 20.0), metavar=("MIN", "MAX"),
                    help="simulated minutes an outage lasts")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"default {DEFAULT_OUTPUT.relative_to(REPO)} (fixed) or bench/results/soak-adaptive.json")
+    p.add_argument("--policy", choices=("fixed", "adaptive"), default="fixed",
+                   help="the daemon's policy; adaptive adds production traffic (default fixed)")
     return p.parse_args(argv)
 
 
@@ -620,8 +735,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT if args.policy == "fixed" else DEFAULT_OUTPUT.with_name("soak-adaptive.json")
     figures = run(args)
-    summary = {k: figures[k] for k in ("real_seconds", "requests", "crashes", "outages", "faults_injected",
+    summary = {k: figures[k] for k in ("real_seconds", "requests", "production_requests", "crashes", "outages", "faults_injected",
                                        "recoveries", "cache_lapses_outside_outages", "catch_up_pings_max",
                                        "rows_lost", "key_leaks")}
     print(json.dumps(summary, indent=2))

@@ -24,6 +24,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SOAK = REPO / "bench" / "results" / "soak.json"
+# `python3 bench/soak.py --policy adaptive`: the same day with the adaptive policy and production.
+SOAK_ADAPTIVE = REPO / "bench" / "results" / "soak-adaptive.json"
 
 # What keepwarm does, in the README's words, for each outage kind the soak injects.
 BEHAVIOUR = {
@@ -137,8 +139,35 @@ def _counted(errors: dict[str, float]) -> str:
     return ", ".join(f"{int(n)} `{kind}`" for kind, n in sorted(errors.items(), key=lambda kv: -kv[1]))
 
 
+def render_adaptive(a: dict[str, Any]) -> str:
+    """The section on the soak with `policy: adaptive` and production traffic."""
+    s = a["settings"]
+    return f"""
+## With the adaptive policy and production traffic
+
+`python3 bench/soak.py --policy adaptive` runs the same kind of day ({s["simulated_hours"]:g} simulated
+hours, seed {s["seed"]}, {a["outages"]} outages of {len(a["by_kind"])} kinds) with `policy: adaptive`, while a
+production driver sends each pair seeded working sessions through the emulator and reports
+every request to the daemon's observations endpoint. The policy lets idle caches lapse on
+purpose; a lapse here is still a *ping* that found the cache cold, which only happens when a
+cache the policy chose to keep warm expired. It took {a["real_seconds"]:g} real seconds.
+
+| over the whole run, adaptive | measured |
+| --- | ---: |
+| production requests | {a["production_requests"]} |
+| keepalive pings sent / answered | {a["requests"]} / {a["answered"]} |
+| daemon crashes | {a["crashes"]} |
+| outages after which every pair the policy kept warm was warm again before the next | {a["recoveries"]} of {a["outages"]} |
+| cache lapses outside outages, of caches the policy kept warm | {a["cache_lapses_outside_outages"]} |
+| ledger rows lost | {a["rows_lost"]} |
+| key leaks | {a["key_leaks"]} |
+"""
+
+
 def render(figures: dict[str, Any]) -> str:
-    """The Markdown page."""
+    """The Markdown page (with the adaptive soak's section when its figures are committed)."""
+    adaptive = (render_adaptive(json.loads(SOAK_ADAPTIVE.read_text(encoding="utf-8")))
+                if SOAK_ADAPTIVE.exists() else "")
     s = figures["settings"]
     scale = s["time_scale"]
     rows = []
@@ -212,7 +241,7 @@ first failed assertion.
 | fault | what keepwarm does | tests | outcome |
 | --- | --- | --- | --- |
 {elsewhere}
-"""
+{adaptive}"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from keepwarm.policy import Decision, Source, Touch
+from keepwarm.policy import Decision, Source, Touch, human_duration
 
 DEFAULT_MARGIN = 20.0  # seconds before expiry, until ping latencies are measured (a p99 of ~8 s and a retry)
 RETRY_BACKOFF = 1.0  # the runner's first backoff (runner.BASE_BACKOFF), between an attempt and its retry
@@ -98,6 +98,14 @@ class _Mixture:
     def above(self, x: float) -> float:
         """Weight of the gaps longer than x."""
         return sum(w * (len(values) - bisect.bisect_right(values, x)) for values, w in self.parts)
+
+    def mean_above(self, x: float) -> float | None:
+        """The mean of the gaps longer than x (None: none is)."""
+        weight = self.above(x)
+        if weight <= 0:
+            return None
+        total = sum(w * math.fsum(values[bisect.bisect_right(values, x):]) for values, w in self.parts)
+        return total / weight
 
 
 class AdaptivePolicy:
@@ -256,6 +264,19 @@ class AdaptivePolicy:
 
     def _next_at(self, draw: float) -> float:
         return max(self.last_refresh, self.last_ping) + self.spacing + self.jitter * draw
+
+    def describe(self, now: float) -> str:
+        """`keeping warm, idle 12 m of an expected 40 m` or `letting lapse: idle 1 h 5 m`."""
+        if not self.last_refresh:
+            return "waiting for production's first request (never pre-warms)"
+        idle = human_duration(now - self.idle_since)
+        if self.next_ping(now, 0.0).at is None:
+            return f"letting lapse: idle {idle}"
+        dist = self._distribution(now - self.idle_since)
+        expected = None if dist is None else dist.mean_above(now - self.idle_since)
+        if expected is None:
+            return f"keeping warm, idle {idle} (no gaps seen yet: until its pings cost one miss)"
+        return f"keeping warm, idle {idle} of an expected {human_duration(expected)}"
 
     def next_ping(self, now: float, draw: float) -> Decision:
         """The next ping, or None with reason `idle` when the cache should lapse."""

@@ -14,13 +14,15 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from keepwarm import __version__, early_signals, sdnotify
-from keepwarm.config import ApiKey, Config, ConfigError, load_config, resolve_api_key
+from keepwarm.classify import Result
+from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.gate import Gate
@@ -29,6 +31,7 @@ from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
 from keepwarm.observations import WINDOWS, Observer, load_token
 from keepwarm.ping import make_client
+from keepwarm.policy import Source, Touch
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.web import PageInfo, WebServer
@@ -64,6 +67,56 @@ def build_runner(
     )
 
 
+# How far back a restart replays each pair's touches into its policy: the adaptive policy learns
+# idle gaps by hour of the week, so a week of history is what it needs.
+HISTORY_WINDOW = 7 * 86400.0
+
+
+def ledger_history(ledger: Ledger, now: float) -> Callable[[Pair], list[Touch]]:
+    """Each pair's pings and observations of the last week, as touches (read once, at start)."""
+    by_pair: dict[tuple[str, str, str], list[Touch]] = {}
+    for row in ledger.rows(now - HISTORY_WINDOW):
+        try:
+            result = Result(row.result)
+        except ValueError:
+            continue
+        usage = row.usage
+        tokens = 0 if usage is None else (usage.cache_read + usage.cache_write) or usage.input
+        by_pair.setdefault((row.expert, row.model, row.fingerprint), []).append(
+            Touch(row.time, Source.PING, result, tokens))
+    for obs in ledger.observations(now - HISTORY_WINDOW):
+        if obs.drift is not None:  # touched some other prefix's entry, as when it arrived
+            continue
+        try:
+            result = Result(obs.result)
+        except ValueError:
+            continue
+        tokens = (obs.cache_read + obs.cache_write) or obs.input
+        by_pair.setdefault((obs.expert, obs.model, obs.fingerprint), []).append(
+            Touch(obs.time, Source.PRODUCTION, result, tokens))
+    # A pair whose prefix changed since is a new cache: only its own fingerprint's touches count.
+    return lambda pair: by_pair.get((pair.expert, pair.model, pair.fingerprint), [])
+
+
+def build_scheduler(config: Config, runner: Runner, metrics: Metrics) -> Scheduler:
+    """The scheduler with every pair's policy inputs: prices, the budget, the time scale, the ledger's history."""
+    history = None
+    if isinstance(runner.ledger, Ledger):
+        try:
+            history = ledger_history(runner.ledger, time.time())
+        except (LedgerError, sqlite3.Error) as exc:  # the policies start afresh; pinging goes on
+            event(log, logging.WARNING, "cannot read the ledger back for the policies", error=str(exc))
+    return Scheduler(
+        runner,
+        metrics,
+        max_workers=config.api.max_concurrency,
+        prices=config.prices,
+        budget_usd_per_day=config.budget_usd_per_day,
+        time_scale=config.time_scale,
+        history=history,
+    )
+
+
 def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runner: Runner) -> Observer:
     """The observations endpoint's state, fed by and feeding the scheduler; raise ConfigError (token file)."""
     observer = Observer(
@@ -93,6 +146,7 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
             time_scale=None if config.time_scale == 1.0 else config.time_scale,
             reload_ok=reload_ok != 0,
             prices=scheduler.runner.prices,
+            policy=scheduler.describe,
         )
 
     return WebServer(
@@ -220,7 +274,7 @@ class Daemon:
             ledger = None
         client = make_client(self._base_url(config), key.value, config.api.timeout)
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
-        scheduler = Scheduler(runner, metrics, max_workers=config.api.max_concurrency)
+        scheduler = build_scheduler(config, runner, metrics)
         try:
             observer = build_observer(config, metrics, scheduler, runner)
         except ConfigError as exc:
@@ -330,6 +384,8 @@ class Daemon:
         runner.client = make_client(self._base_url(new), key.value, new.api.timeout)
         runner.key_source = key.source
         runner.prices = new.prices
+        scheduler.prices = new.prices  # priced policies follow at their next rebuild
+        scheduler.set_budget(new.budget_usd_per_day)
         runner.diagnostics = new.api.cache_diagnostics
         # A reload is how an operator says "fixed": a new key or limit starts with an open gate.
         runner.gate = Gate(new.api.requests_per_minute)

@@ -482,6 +482,7 @@ class Metrics:
         # The few unlabelled metrics stay prometheus_client's own; they also sit in a registry
         # of their own, which `exposition()` renders after the per-pair families.
         self._plain = CollectorRegistry()
+        self._budget_gauges: tuple[Gauge, Gauge] | None = None  # created by set_budget
         self.lateness = Histogram(
             "keepwarm_ping_lateness_seconds",
             "How late each ping started against its scheduled time.",
@@ -516,6 +517,30 @@ class Metrics:
         self.reload_ok.set(1)
         for reason in REJECT_REASONS:  # five series in all, not per pair: there from the start
             self.observations_rejected.labels(reason)
+
+    def set_budget(self, cap: float, spent: float) -> None:
+        """Export `budget.usd_per_day` and the trailing-24 h spend; only a daemon with a budget has them."""
+        gauges = self._budget_gauges
+        if gauges is None:
+            gauges = (
+                Gauge("keepwarm_budget_usd_per_day", "The cap on the keepalive's own spend over the"
+                      " trailing 24 h (budget.usd_per_day).", registry=None),
+                Gauge("keepwarm_budget_spent_usd", "What the keepalive's pings cost over the trailing 24 h,"
+                      " all pairs.", registry=None),
+            )
+            for gauge in gauges:
+                self.registry.register(gauge)
+                self._plain.register(gauge)
+            self._budget_gauges = gauges
+        gauges[0].set(cap)
+        gauges[1].set(spent)
+
+    def drop_budget(self) -> None:
+        """Remove the budget gauges (a reload removed `budget.usd_per_day`)."""
+        gauges, self._budget_gauges = self._budget_gauges, None
+        for gauge in gauges or ():
+            self.registry.unregister(gauge)
+            self._plain.unregister(gauge)
 
     def add_pair(self, pair: Pair) -> None:
         """Create a configured pair's series, or update its info and interval in place."""

@@ -558,7 +558,8 @@ class Observer:
                     # ping must still come (a skipped ping there would let the real cache lapse).
                     if r.drift is None:
                         obs = r.observation
-                        self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result))
+                        tokens = obs.usage.cache_read + obs.usage.cache_write
+                        self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result, tokens or obs.usage.input))
         return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
 
     def _series(self, pair: Pair) -> _PairSeries:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
+from zoneinfo import ZoneInfo
 
 from keepwarm.classify import Result
 
@@ -50,6 +52,7 @@ class Touch:
     at: float
     source: Source
     result: Result
+    prefix_tokens: int = 0  # the prefix size the request reported (0: not known); prices a new policy
 
     @property
     def refreshed(self) -> bool:
@@ -69,6 +72,18 @@ class Decision:
     reason: str | None = None
 
 
+def human_duration(seconds: float) -> str:
+    """A duration for people on the status page: `45 s`, `12 m`, `1 h 5 m`."""
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{int(seconds)} s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} m" if minutes else f"{hours} h"
+
+
 class PairPolicy(Protocol):
     """The policy of one pair: fed touches in time order, asked when to ping next."""
 
@@ -77,6 +92,9 @@ class PairPolicy(Protocol):
 
     def next_ping(self, now: float, draw: float) -> Decision:
         """When to ping next, knowing only the touches fed so far; `draw` is uniform in [0, 1)."""
+
+    def describe(self, now: float) -> str:
+        """A few words for the status page: what the policy does with the pair now, and why."""
 
 
 class FixedPolicy:
@@ -111,6 +129,13 @@ class FixedPolicy:
         at = self.last_touch + self.interval + self.jitter * draw
         reason = "production_touch" if self.last_touch > self.last_ping else None
         return Decision(at, reason)
+
+    def describe(self, now: float) -> str:
+        """`fixed` keeps every cache warm: say how often, and whether production did it lately."""
+        every = human_duration(self.interval)
+        if self.last_touch and self.last_touch > self.last_ping:
+            return f"keeping warm: a ping every {every}, production touched it {human_duration(now - self.last_touch)} ago"
+        return f"keeping warm: a ping every {every}"
 
 
 # --- wrappers: active hours and the budget apply to any policy -----------------------------
@@ -152,6 +177,16 @@ class HoursPolicy:
             return Decision(None, "outside_hours")
         return Decision(start, "outside_hours")
 
+    def describe(self, now: float) -> str:
+        """Outside active hours: until when (in the zone of the hours); else the wrapped policy's words."""
+        if self.hours.contains(now):
+            return self.inner.describe(now)
+        start = self.hours.next_start(now)
+        if start is None:
+            return "outside active hours"
+        zone = ZoneInfo(self.hours.ranges[0].zone)
+        return f"outside active hours until {datetime.fromtimestamp(start, zone).strftime('%a %H:%M')}"
+
     def __getattr__(self, name: str) -> Any:
         # observe_latency, expected_saving, replay: whatever the wrapped policy offers
         return getattr(self.inner, name)
@@ -178,6 +213,12 @@ class BudgetedPolicy:
         if self.budget.may_ping(self.key, now, self.value(now)):
             return decision
         return Decision(max(self.budget.resume_at(now), now), "budget")
+
+    def describe(self, now: float) -> str:
+        """At the cap: `budget reached`; below it, the wrapped policy's words."""
+        if self.budget.spent(now) >= self.budget.cap:
+            return "budget reached"
+        return self.inner.describe(now)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

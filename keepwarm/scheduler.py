@@ -25,6 +25,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,11 +40,14 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
+from keepwarm.adaptive import AdaptivePolicy, SharedPrior
+from keepwarm.budget import Budget
 from keepwarm.classify import Result
 from keepwarm.config import Pair
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics
-from keepwarm.policy import FixedPolicy, PairPolicy, Source, Touch
+from keepwarm.policy import BudgetedPolicy, Decision, HoursPolicy, PairPolicy, Source, Touch, make_policy
+from keepwarm.pricing import PriceTable
 from keepwarm.runner import PairState, PingOutcome, Runner
 
 log = logging.getLogger("keepwarm.scheduler")
@@ -58,6 +62,12 @@ CLOCK_JUMP_THRESHOLD = 2.0
 BUSY_WARN_SHARE = 0.8
 BUSY_WINDOW = 60.0
 BUSY_WARN_EVERY = 600.0
+# Touches kept per pair to rebuild its policy (a new prefix size, a reload): about a week of
+# 5-minute pings, the window the adaptive policy learns from.
+TOUCH_LOG = 2500
+# The budget's loud warning comes once per crossing of this share of the cap (the policy's own
+# "near" point, where the pairs that save least start to stop).
+BUDGET_WARN_SHARE = 0.8
 
 
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
@@ -121,6 +131,13 @@ class ApplyReport:
     unchanged: tuple[str, ...]
 
 
+def _innermost(policy: PairPolicy) -> PairPolicy:
+    """The policy inside every wrapper (active hours, budget)."""
+    while isinstance(policy, HoursPolicy | BudgetedPolicy):
+        policy = policy.inner
+    return policy
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -141,8 +158,20 @@ class Scheduler:
         draw: Callable[[], float] = random.random,
         mono: Callable[[], float] = time.monotonic,
         boot: Callable[[], float] | None = None,
+        *,
+        prices: PriceTable | None = None,
+        budget_usd_per_day: float | None = None,
+        time_scale: float = 1.0,
+        history: Callable[[Pair], Iterable[Touch]] | None = None,
     ) -> None:
         self.runner = runner
+        # What every pair's policy is built from (`make_policy`): one prior learnt across all
+        # pairs, one budget they share, and the time scale of an emulator's TTLs.
+        self.prices = prices if prices is not None else runner.prices
+        self.prior = SharedPrior()
+        self.budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
+        self.time_scale = time_scale
+        self.history = history  # the ledger's touches of a pair, replayed when it is added
         self.mono = mono
         # The suspend-aware clock; a test that fakes `mono` alone gets a machine that never sleeps.
         self.boot = boot if boot is not None else (boottime if mono is time.monotonic else mono)
@@ -156,6 +185,15 @@ class Scheduler:
         self.policies: dict[str, PairPolicy] = {}
         self._draws: dict[str, float] = {}
         self._lapsed: set[str] = set()  # pairs with no job armed because their policy said none
+        self._touches: dict[str, deque[Touch]] = {}  # every touch fed, to rebuild a policy
+        self._latencies: dict[str, deque[float]] = {}  # every ping attempt's latency, likewise
+        self._built_tokens: dict[str, int] = {}  # the prefix size each pair's policy was priced with
+        self._prod_tokens: dict[str, int] = {}  # prefix size production reported, before any ping
+        self._last_production: dict[str, float] = {}
+        self._budget_state = "ok"  # ok | near | reached: the loud budget log fires on a change
+        self._budget_lock = threading.Lock()
+        if self.budget is not None:
+            metrics.set_budget(self.budget.cap, 0.0)
         self._policy_lock = threading.Lock()
         # Called with every finished ping (the observations' attribution listens here).
         self.on_ping: Callable[[PingOutcome], None] | None = None
@@ -216,6 +254,7 @@ class Scheduler:
     def _heartbeat(self) -> None:
         self.last_heartbeat = self.mono()
         self.check_clock()
+        self.check_budget()  # spend rolls out of the window with no ping to notice it
         mono = self.mono()
         if mono - self._busy_since >= BUSY_WINDOW:
             self._check_busy(mono)
@@ -296,6 +335,15 @@ class Scheduler:
                 state.last_start += jump
             if state.expires_at:
                 state.expires_at += jump
+            with self._policy_lock:
+                touches = self._touches.get(state.pair.key)
+                if touches:
+                    self._touches[state.pair.key] = deque(
+                        (Touch(t.at + jump, t.source, t.result, t.prefix_tokens) for t in touches), maxlen=TOUCH_LOG
+                    )
+                last = self._last_production.get(state.pair.key)
+                if last:
+                    self._last_production[state.pair.key] = last + jump
             self._new_policy(state)  # its anchors are wall times too; rebuilt from the shifted state
             if state.next_due:  # 0: in flight or parked; the ping re-arms itself from last_start
                 self._schedule(state, state.next_due + jump)
@@ -326,6 +374,9 @@ class Scheduler:
                     self.policies.pop(key, None)
                     self._draws.pop(key, None)
                     self._lapsed.discard(key)
+                    for kept in (self._touches, self._latencies, self._built_tokens, self._prod_tokens,
+                                 self._last_production):
+                        kept.pop(key, None)
                 self._remove_job(key)
                 self.metrics.remove_pair(old.pair)
                 removed.append(key)
@@ -340,18 +391,70 @@ class Scheduler:
                 continue
             state = PairState(pair=pair, max_tokens=pair.max_tokens)
             self.states[key] = state
-            self._new_policy(state)
             if old_state is None:
                 added.append(key)
                 self.metrics.add_pair(pair)
+                if self._restore(state, now):
+                    continue
+                self._new_policy(state)
                 self._schedule(state, now + phase(key, pair.interval))
             else:
+                with self._policy_lock:  # a new prefix: a new cache, whose history starts now
+                    for kept in (self._touches, self._latencies, self._built_tokens, self._prod_tokens):
+                        kept.pop(key, None)
+                self._new_policy(state)
                 changed.append(key)
                 self.metrics.remove_pair(old_state.pair)
                 self.metrics.add_pair(pair)
                 state.miss_hint = "prefix_changed"
                 self._schedule(state, now)
         return ApplyReport(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+    def _restore(self, state: PairState, now: float) -> bool:
+        """Replay the pair's history (the ledger's pings and observations) into its new policy.
+
+        With history, the first ping is where the policy puts it (a restart within an interval
+        does not ping early), spread over a few seconds when it is due at once so a restart does
+        not fire every pair together; a policy that lets the cache lapse arms nothing. Returns
+        False when there is no history (the caller schedules the pair at its phase).
+        """
+        if self.history is None:
+            return False
+        pair = state.pair
+        try:
+            touches = [t for t in self.history(pair) if t.at <= now]
+        except Exception as exc:  # bookkeeping: a pair without its history still pings
+            event(log, logging.WARNING, "cannot read the pair's history back; starting it afresh",
+                  pair=pair.key, error=str(exc))
+            return False
+        if not touches:
+            return False
+        touches.sort(key=lambda t: t.at)
+        pings = [t for t in touches if t.source is Source.PING]
+        if pings:
+            state.last_start, state.last_result = pings[-1].at, pings[-1].result
+        # A ping measures the prefix keepwarm sends exactly; production's size stands in without one.
+        measured = [t.prefix_tokens for t in pings if t.prefix_tokens]
+        if measured:
+            state.prefix_tokens = measured[-1]
+        tokens = [t.prefix_tokens for t in touches if t.prefix_tokens and t.source is Source.PRODUCTION]
+        with self._policy_lock:
+            self._touches[pair.key] = deque(touches, maxlen=TOUCH_LOG)
+            for t in touches:
+                if t.source is Source.PRODUCTION:
+                    self._last_production[pair.key] = t.at
+            if tokens:
+                self._prod_tokens[pair.key] = tokens[-1]
+        policy = self._new_policy(state)
+        draw = self._draw(pair.key)
+        with self._policy_lock:
+            decision = policy.next_ping(now, draw)
+        self._decided(state, "restore", decision.reason, decision.at)
+        if decision.at is None:
+            self._lapse(state)
+        else:
+            self._schedule(state, max(decision.at, now + phase(pair.key, min(pair.interval, 10.0))))
+        return True
 
     def _retime(self, state: PairState, pair: Pair, now: float) -> None:
         """Same cache, new timing: the state and series go on; the next ping follows the new interval."""
@@ -370,14 +473,50 @@ class Scheduler:
     # --- the policy --------------------------------------------------------------------------
 
     def _new_policy(self, state: PairState) -> PairPolicy:
-        """A fresh policy for a pair, knowing its last ping if it had one."""
+        """The pair's policy as its config asks (`make_policy`), fed every touch and latency it has had.
+
+        Rebuilt, never patched, when what it is priced or timed from changes (the prefix size
+        becomes known, a reload changes the pair): replaying the same touches in order gives the
+        state an unchanged policy would have, since policies are pure.
+        """
         pair = state.pair
-        policy = FixedPolicy(pair.interval, pair.jitter)
-        if state.last_start and state.last_result is not None:
-            policy.observe(Touch(state.last_start, Source.PING, state.last_result))
+        tokens = state.prefix_tokens or self._prod_tokens.get(pair.key, 0)
+        policy = make_policy(
+            pair, self.prices, tokens, prior=self.prior, budget=self.budget, time_scale=self.time_scale
+        )
         with self._policy_lock:
+            touches = sorted(self._touches.get(pair.key, ()), key=lambda t: t.at)
+            if not touches and state.last_start and state.last_result is not None:
+                touches = [Touch(state.last_start, Source.PING, state.last_result)]
+            # A rebuild replays gaps the shared prior already holds: replay them past it, so the
+            # prior counts each gap once, as a simulation of the same traffic does.
+            inner = _innermost(policy)
+            rebuild = isinstance(inner, AdaptivePolicy) and pair.key in self._built_tokens
+            if isinstance(inner, AdaptivePolicy) and rebuild:
+                inner.prior = SharedPrior()
+            for touch in touches:
+                policy.observe(touch)  # through every wrapper: active hours track refreshes too
+            if isinstance(inner, AdaptivePolicy):
+                inner.prior = self.prior
+            observe_latency = getattr(policy, "observe_latency", None)
+            if callable(observe_latency):
+                for seconds in self._latencies.get(pair.key, ()):
+                    observe_latency(seconds)
             self.policies[pair.key] = policy
+            self._built_tokens[pair.key] = tokens
         return policy
+
+    def describe(self, key: str, now: float) -> str:
+        """The pair's policy in a few words for the status page (empty for a pair not kept here)."""
+        with self._policy_lock:
+            policy = self.policies.get(key)
+            return "" if policy is None else policy.describe(now)
+
+    def _log_touch(self, key: str, touch: Touch) -> None:
+        """Keep a touch for rebuilding the pair's policy. Caller holds `_policy_lock`."""
+        self._touches.setdefault(key, deque(maxlen=TOUCH_LOG)).append(touch)
+        if touch.source is Source.PRODUCTION:
+            self._last_production[key] = max(self._last_production.get(key, 0.0), touch.at)
 
     def _draw(self, key: str) -> float:
         """A new jitter draw for the pair's next arming, kept until it is re-armed."""
@@ -388,19 +527,31 @@ class Scheduler:
 
     def touch(self, key: str, touch: Touch) -> None:
         """Feed a production request (an observation) to the pair's policy; pairs not kept here are ignored."""
+        state = self.states.get(key)
+        rebuild = False
         with self._policy_lock:
             policy = self.policies.get(key)
-            if policy is None:
+            if policy is None or state is None:
                 return
-            policy.observe(touch)
+            self._log_touch(key, touch)
+            if touch.prefix_tokens and not state.prefix_tokens and not self._built_tokens.get(key):
+                # No ping has measured the prefix yet: production's size prices the policy.
+                self._prod_tokens[key] = touch.prefix_tokens
+                rebuild = True
+            else:
+                policy.observe(touch)
+        if rebuild:
+            policy = self._new_policy(state)  # replays this touch with the others
+        draw = self._draw(key)  # drawn anew after every touch, as `keepwarm simulate` does
+        with self._policy_lock:
             lapsed = key in self._lapsed
-            decision = policy.next_ping(self.clock(), self._draws.get(key, 0.0)) if lapsed else None
-        state = self.states.get(key)
-        if decision is not None and decision.at is not None and state is not None:
+            decision = policy.next_ping(self.clock(), draw) if lapsed else None
+        if decision is not None and decision.at is not None:
             # A policy that let the cache lapse has no job armed: a touch is what wakes it.
             with self._policy_lock:
                 self._lapsed.discard(key)
-            self._schedule(state, decision.at)
+            self._decided(state, "arm", decision.reason, decision.at)
+            self._schedule(state, max(decision.at, self.clock()))
 
     def _lapse(self, state: PairState) -> None:
         """No ping until a later touch (the policy said so): no job stays armed."""
@@ -408,8 +559,30 @@ class Scheduler:
         with self._policy_lock:
             self._lapsed.add(state.pair.key)
 
-    def _policy_wait(self, state: PairState) -> tuple[float | None, str] | None:
-        """If the policy now says later than this wake-up, (when, why); None to ping now."""
+    def _decided(self, state: PairState, decision: str, reason: str | None, at: float | None) -> None:
+        """One DEBUG line per policy decision: what, why, and how long production has been away."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        key, now = state.pair.key, self.clock()
+        last = self._last_production.get(key)
+        event(
+            log,
+            logging.DEBUG,
+            "policy decision",
+            pair=key,
+            decision=decision,
+            reason=reason,
+            next_ping_at=None if at is None else _iso(at),
+            idle_s=None if last is None else round(now - last, 1),
+        )
+
+    def _skip(self, state: PairState, reason: str | None) -> None:
+        """Count a ping the policy did not send under its reason (SPEC: pings_skipped_total)."""
+        if reason is not None and not state.removed:
+            self.metrics.skipped.labels(state.pair.expert, state.pair.model, reason).inc()
+
+    def _policy_wait(self, state: PairState) -> Decision | None:
+        """If the policy now says later than this wake-up (or never), its decision; None to ping now."""
         key = state.pair.key
         now = self.clock()
         with self._policy_lock:
@@ -419,7 +592,74 @@ class Scheduler:
             decision = policy.next_ping(now, self._draws.get(key, 0.0))
         if decision.at is not None and decision.at <= now:
             return None
-        return decision.at, decision.reason or "production_touch"
+        if decision.at is not None and decision.reason is None:
+            return Decision(decision.at, "production_touch")
+        return decision
+
+    def _record_ping(self, key: str, state: PairState, outcome: PingOutcome) -> None:
+        """Feed a finished ping to the pair's policy: the touch, each attempt's latency, its cost."""
+        touch = Touch(outcome.started, Source.PING, outcome.result)
+        with self._policy_lock:
+            policy = self.policies.get(key)
+            if policy is None or self.states.get(key) is not state:
+                return
+            self._log_touch(key, touch)
+            policy.observe(touch)
+            observe_latency = getattr(policy, "observe_latency", None)
+            latencies = self._latencies.setdefault(key, deque(maxlen=200))
+            for attempt in outcome.attempts:
+                latencies.append(attempt.latency)
+                if callable(observe_latency):
+                    observe_latency(attempt.latency)
+            if self.budget is not None:
+                self.budget.record(outcome.started, outcome.total_cost)
+            stale = state.prefix_tokens and state.prefix_tokens != self._built_tokens.get(key)
+        if stale:
+            self._new_policy(state)  # priced from the measured prefix now
+        self.check_budget()
+
+    def set_budget(self, usd_per_day: float | None) -> None:
+        """Apply a reloaded `budget.usd_per_day`; a changed cap keeps the spend already counted."""
+        old = self.budget
+        if old is not None and usd_per_day:
+            old.cap = usd_per_day
+        elif old is not None or usd_per_day:
+            # Added or removed: every policy is rebuilt with (or without) its budget wrapper.
+            self.budget = Budget(usd_per_day) if usd_per_day else None
+            if self.budget is None:
+                self.metrics.drop_budget()
+            for state in list(self.states.values()):
+                self._new_policy(state)
+        with self._budget_lock:
+            self._budget_state = "ok"  # judged afresh against the new cap
+        self.check_budget()
+
+    def check_budget(self, now: float | None = None) -> None:
+        """Export the trailing-24 h spend and log loudly, once per crossing, near and at the cap."""
+        budget = self.budget
+        if budget is None:
+            return
+        now = self.clock() if now is None else now
+        with self._policy_lock:
+            spent = budget.spent(now)
+        with self._budget_lock:
+            self._budget_level(budget, spent)
+
+    def _budget_level(self, budget: Budget, spent: float) -> None:
+        self.metrics.set_budget(budget.cap, spent)
+        level = "reached" if spent >= budget.cap else "near" if spent >= BUDGET_WARN_SHARE * budget.cap else "ok"
+        if level == self._budget_state:
+            return
+        before, self._budget_state = self._budget_state, level
+        fields = {"spent_usd": round(spent, 6), "cap_usd_per_day": budget.cap}
+        if level == "reached":
+            event(log, logging.ERROR, "BUDGET: the keepalive's daily spend cap is reached; no pings until"
+                  " spend older than 24 h rolls out of the window (budget.usd_per_day)", **fields)
+        elif level == "near" and before == "ok":
+            event(log, logging.WARNING, "BUDGET: the keepalive's spend is near its daily cap; the pairs whose"
+                  " pings save least stop first (budget.usd_per_day)", **fields)
+        elif level == "ok":
+            event(log, logging.INFO, "BUDGET: spend is back below the warning share of the daily cap", **fields)
 
     def _schedule(self, state: PairState, at: float) -> None:
         state.next_due = at
@@ -451,13 +691,13 @@ class Scheduler:
             return  # superseded: a clock step re-anchored this pair, and its new run is pending
         later = self._policy_wait(state)
         if later is not None:
-            # A production request touched the cache since this run was armed: no ping needed yet.
-            at, reason = later
-            self.metrics.skipped.labels(state.pair.expert, state.pair.model, reason).inc()
-            if at is None:
+            # A touch since this run was armed made the ping unnecessary (yet, or at all).
+            self._skip(state, later.reason)
+            self._decided(state, "skip" if later.at is not None else "lapse", later.reason, later.at)
+            if later.at is None:
                 self._lapse(state)
             else:
-                self._schedule(state, at)
+                self._schedule(state, later.at)
             return
         with self._inflight_cv:
             self._inflight += 1
@@ -476,10 +716,7 @@ class Scheduler:
                 deferred = True
                 self.metrics.deferred.inc()
             else:
-                with self._policy_lock:
-                    policy = self.policies.get(key)
-                    if policy is not None and self.states.get(key) is state:
-                        policy.observe(Touch(outcome.started, Source.PING, outcome.result))
+                self._record_ping(key, state, outcome)
                 if self.on_ping is not None:
                     self.on_ping(outcome)
         except Exception:
@@ -497,11 +734,17 @@ class Scheduler:
                     policy = self.policies.get(key)
                 if policy is not None and outcome is None and not deferred:
                     # The job failed before it had a result: still no retry storm, an interval on.
+                    failed = Touch(started, Source.PING, Result.ERROR)
                     with self._policy_lock:
-                        policy.observe(Touch(started, Source.PING, Result.ERROR))
-                decision = policy.next_ping(now, self._draw(key)) if policy is not None else None
+                        self._log_touch(key, failed)
+                        policy.observe(failed)
+                draw = self._draw(key)
+                with self._policy_lock:
+                    decision = policy.next_ping(now, draw) if policy is not None else None
                 at = decision.at if decision is not None else now + pair.interval
                 if at is None:
+                    self._skip(state, decision.reason if decision is not None else None)
+                    self._decided(state, "lapse", decision.reason if decision is not None else None, None)
                     self._lapse(state)
                 elif deferred:
                     # Not sent: the API asked every pair to wait. Come back when the gate opens,

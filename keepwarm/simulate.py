@@ -257,6 +257,9 @@ class _PlainFixed:
     def next_ping(self, now: float, draw: float) -> Any:
         return self.inner.next_ping(now, draw)
 
+    def describe(self, now: float) -> str:
+        return self.inner.describe(now)
+
 
 def _policy_for(name: str, setup: PairSetup, prices: PriceTable, prior: SharedPrior, budget: Budget | None) -> PairPolicy:
     if name == "fixed-plain":

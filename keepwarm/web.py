@@ -58,6 +58,7 @@ class PageInfo:
     time_scale: float | None = None  # the emulator's (or a scaled run's) time factor; None: real time
     reload_ok: bool = True  # False after a rejected SIGHUP reload
     prices: PriceTable | None = None  # for the minimum behind an `uncached`
+    policy: Callable[[str, float], str] | None = None  # a pair's policy in words (Scheduler.describe)
 
 
 def _at(when: float, text: str) -> str:
@@ -149,6 +150,7 @@ def render_page(
             f"<td>{html.escape(s.last_result.value if s.last_result else '—')}</td>"
             f"<td>{last}</td><td>{nxt}</td><td class=\"n\">{s.pings}</td><td class=\"n\">{spend}</td>"
             f"<td><code>{s.pair.fingerprint[:12]}</code></td>"
+            f"<td>{html.escape(info.policy(s.pair.key, now) if info.policy else s.pair.policy)}</td>"
             f'<td class="why">{html.escape(_why(s, word, info.prices))}</td>'
             "</tr>"
         )
@@ -178,7 +180,7 @@ def render_page(
         + headline
         + "<h2>Pairs</h2>"
         "<table><tr><th>expert</th><th>model</th><th>state</th><th>expires in</th><th>last result</th>"
-        "<th>last ping</th><th>next ping</th><th>pings</th><th>spend</th><th>fingerprint</th><th>problem</th></tr>"
+        "<th>last ping</th><th>next ping</th><th>pings</th><th>spend</th><th>fingerprint</th><th>policy</th><th>problem</th></tr>"
         + "".join(rows)
         + "</table></body></html>"
     )

@@ -31,6 +31,7 @@ from keepwarm.metrics import Metrics, PairStateValue
 def exported_families() -> set[str]:
     """Every family keepwarm declares on /metrics, as PromQL names it (counters with _total)."""
     metrics = Metrics(per_pair="full")
+    metrics.set_budget(1.0, 0.0)  # the budget gauges exist only with budget.usd_per_day
     families = text_string_to_metric_families(b"".join(metrics.exposition()).decode())
     return {f.name + "_total" if f.type == "counter" else f.name for f in families}
 

@@ -31,6 +31,8 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
     (config / "keepwarm.yaml").unlink()
     port = free_port()
     text = (ROOT / "config" / "keepwarm.yaml").read_text().replace("127.0.0.1:9464", f"127.0.0.1:{port}")
+    if "\nbudget:" not in text:  # the budget gauges exist only with a budget
+        text += "\nbudget:\n  usd_per_day: 100\n"
     (config / "keepwarm.yaml").write_text(text)
     proc = subprocess.Popen(
         keepwarm_cmd("run", "--config", str(config / "keepwarm.yaml"), "--emulator"),

@@ -52,6 +52,16 @@ def test_promtool_unit_tests() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The production group's alerts (tests/test_observations_deploy.py) and the budget group's
+# (tests/test_policy_daemon_deploy.py) are checked beside their features.
+PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
+BUDGET_ALERTS = {"KeepwarmBudgetReached"}
+
+
+def test_every_group_holds_exactly_its_contracted_alerts() -> None:
+    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS | BUDGET_ALERTS
+
+
 def keepwarm_rules() -> list[dict[str, Any]]:
     """The rules of keepwarm's own groups (production alerts live in a group of their own)."""
     data = yaml.safe_load(RULES.read_text())

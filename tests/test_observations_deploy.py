@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from test_deploy_prometheus import RULES, promtool
+from test_deploy_prometheus import PRODUCTION_ALERTS, RULES, promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-production.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
-PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
 
 
 def _group() -> dict[str, Any]:
