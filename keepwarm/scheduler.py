@@ -534,6 +534,7 @@ class Scheduler:
             if policy is None or state is None:
                 return
             self._log_touch(key, touch)
+            self._refresh_expiry(state, touch)
             if touch.prefix_tokens and not state.prefix_tokens and not self._built_tokens.get(key):
                 # No ping has measured the prefix yet: production's size prices the policy.
                 self._prod_tokens[key] = touch.prefix_tokens
@@ -552,6 +553,18 @@ class Scheduler:
                 self._lapsed.discard(key)
             self._decided(state, "arm", decision.reason, decision.at)
             self._schedule(state, max(decision.at, self.clock()))
+
+    def _refresh_expiry(self, state: PairState, touch: Touch) -> None:
+        """A production request that read or wrote the cache keeps it warm a TTL from its start.
+
+        Without this, a cache production keeps warm (its pings skipped) would read as expired:
+        `keepwarm_pair_state` cold, the stale alert firing, a retry deadline in the past.
+        """
+        expires = touch.at + state.pair.ttl_seconds
+        if not touch.refreshed or state.removed or expires <= state.expires_at:
+            return
+        state.expires_at = expires
+        self.metrics.expires.labels(state.pair.expert, state.pair.model).set(expires)
 
     def _lapse(self, state: PairState) -> None:
         """No ping until a later touch (the policy said so): no job stays armed."""

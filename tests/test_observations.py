@@ -304,6 +304,10 @@ def test_a_production_touch_skips_the_ping_and_no_ping_comes_within_interval(emu
     assert len(emulator.log) == 1, "no ping within interval after a production touch"
     labels = {"expert": pair.expert, "model": pair.model}
     assert _value(metrics, "keepwarm_pings_skipped_total", **labels, reason="production_touch") == 1
+    # Production kept the cache warm: its expiry runs from the touch, so the pair does not read
+    # as cold (and the stale alert stays quiet) while its pings are skipped.
+    assert scheduler.states[pair.key].expires_at == touched + pair.ttl_seconds
+    assert _value(metrics, "keepwarm_cache_expires_timestamp_seconds", **labels) == touched + pair.ttl_seconds
     rearmed = scheduler.states[pair.key].next_due
     assert rearmed == pytest.approx(touched + pair.interval + 0.5 * pair.jitter)
     clock.now = rearmed
