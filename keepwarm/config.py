@@ -717,9 +717,11 @@ class _UniqueKeyLoader(_BaseLoader):
                 continue
             line = key_node.start_mark.line + 1
             if key_node.value in first:
+                # Located as YAML syntax errors are: the key has no settled path while the document
+                # is still being read.
                 self.duplicates.append(
-                    f"line {line}: duplicate key {key_node.value!r} (first at line {first[key_node.value]});"
-                    " only one may be given"
+                    f"line {line}, column {key_node.start_mark.column + 1}: duplicate key {key_node.value!r}"
+                    f" (first at line {first[key_node.value]}); only one may be given"
                 )
             else:
                 first[key_node.value] = line
