@@ -264,14 +264,7 @@ class Daemon:
                   shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}")
 
         metrics = Metrics(per_pair=config.metrics_per_pair)
-        try:
-            ledger = self._open_ledger(config, metrics)
-        except LedgerError as exc:
-            # The ledger is bookkeeping; the pings are the job. Run without it, loudly.
-            metrics.ledger_errors.inc()
-            event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
-                  error=str(exc))
-            ledger = None
+        ledger = self._open_ledger(config, metrics)
         client = make_client(self._base_url(config), key.value, config.api.timeout)
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
         scheduler = build_scheduler(config, runner, metrics)
@@ -339,9 +332,20 @@ class Daemon:
 
     @staticmethod
     def _open_ledger(config: Config, metrics: Metrics) -> Ledger | None:
+        """The configured ledger, or None: without one, or when it cannot be opened.
+
+        The ledger is bookkeeping; the pings are the job. A ledger that cannot open is logged
+        loudly and counted, and the daemon runs without it until a reload tries again.
+        """
         if config.ledger_path is None:
             return None
-        return Ledger(config.ledger_path, config.ledger_retention_days, on_error=metrics.ledger_errors.inc)
+        try:
+            return Ledger(config.ledger_path, config.ledger_retention_days, on_error=metrics.ledger_errors.inc)
+        except LedgerError as exc:
+            metrics.ledger_errors.inc()
+            event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
+                  error=str(exc))
+            return None
 
     def _reload(
         self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler, observer: Observer | None = None
@@ -364,15 +368,8 @@ class Daemon:
             return config
         ledger = runner.ledger
         if ledger_changed:
-            try:
-                ledger = self._open_ledger(new, metrics)
-            except LedgerError as exc:
-                # As at start: the ledger is bookkeeping, the pings are the job. The new config
-                # (a prompt fix, say) applies; the ledger is retried at the next reload.
-                metrics.ledger_errors.inc()
-                event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
-                      error=str(exc))
-                ledger = None
+            # As at start: the new config (a prompt fix, say) applies with or without it.
+            ledger = self._open_ledger(new, metrics)
         for warning in warnings:
             event(log, logging.WARNING, warning)
         if (new.metrics_host, new.metrics_port, new.api.max_concurrency) != (
