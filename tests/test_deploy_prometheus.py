@@ -13,6 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-rules.test.yml"
+MONEY_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-money.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 ALERTS = {
     "KeepwarmCacheCold",
@@ -48,8 +49,43 @@ def test_promtool_check_rules() -> None:
 
 
 def test_promtool_unit_tests() -> None:
-    result = promtool("test", "rules", str(RULE_TESTS))
+    result = promtool("test", "rules", str(RULE_TESTS), str(MONEY_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def groups() -> dict[str, dict[str, Any]]:
+    return {group["name"]: group for group in yaml.safe_load(RULES.read_text())["groups"]}
+
+
+def test_the_money_tiles_are_tested_at_their_own_interval() -> None:
+    # promtool runs every group at the test file's evaluation_interval, ignoring a group's own:
+    # the tiles' test must run at the tiles' interval, or overlapping tiles would count money
+    # several times and the test would check numbers no real Prometheus produces.
+    money = groups()["keepwarm.money"]
+    assert money["interval"] == "5m"
+    tiles = [r for r in money["rules"] if "record" in r]
+    assert tiles and all(r["record"].endswith(":increase5m") and "[5m]" in r["expr"] for r in tiles)
+    assert yaml.safe_load(MONEY_TESTS.read_text())["evaluation_interval"] == money["interval"]
+
+
+def test_tiles_are_only_read_through_sums_over_time() -> None:
+    # A tile is recorded every 5 minutes, the length of Prometheus' lookback: read as an instant
+    # vector it would come and go. Over a range (sum_over_time) it never does.
+    tiles = {r["record"] for r in groups()["keepwarm.money"]["rules"] if "record" in r}
+    for rule in rules():
+        for tile in tiles:
+            for use in re.finditer(re.escape(tile) + r"(\{[^}]*\})?(\[[^]]+\])?", rule["expr"]):
+                assert use.group(2), f"{rule.get('record') or rule.get('alert')} reads {tile} as an instant vector"
+
+
+def test_no_rule_reads_a_raw_counter_over_days() -> None:
+    # increase() of a raw per-pair counter over [1d] or [7d] reads every sample of every pair's
+    # series at every evaluation: seconds of rule time at 10,000 pairs. Those sums read tiles.
+    for rule in rules():
+        for window in re.findall(r"\b(keepwarm_\w+)(?:\{[^}]*\})?\[(\d+)([dh])\]", rule["expr"]):
+            name, n, unit = window
+            hours = int(n) * (24 if unit == "d" else 1)
+            assert hours <= 1, f"{rule.get('record') or rule.get('alert')} reads {name} over {n}{unit}"
 
 
 # The production group's alerts (tests/test_observations_deploy.py) and the budget group's
@@ -108,10 +144,16 @@ def test_every_alert_links_its_own_runbook_section_saying_what_check_and_fix() -
 
 
 def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_up() -> None:
+    # An alert on the instant keepwarm_pair_state needs no pair_info gate: the series goes stale
+    # at the first scrape without it (a removed pair, a failed scrape), and the alert with it.
+    # One that reads a window, where a removed pair lingers for the window's length, does.
     for rule in keepwarm_rules():
         if "alert" not in rule or rule["labels"].get("scope") != "pair":
             continue
         expr = " ".join(rule["expr"].split())
+        assert "up == 1" in expr, rule["alert"]
+        if expr.startswith("keepwarm_pair_state == ") and expr.count("keepwarm_pair_state") == 1:
+            continue
         assert (
             "and on (namespace, job, instance, expert, model) keepwarm_pair_info" in expr
             and "and on (namespace, job, instance) up == 1" in expr
@@ -133,6 +175,8 @@ def test_per_pair_recording_rules_stay_few() -> None:
         "pair:keepwarm_spend_usd_per_day:increase1d",
         "pair:keepwarm_breakeven_misses_per_day:1d",
     }
+    tiles = {r["record"] for r in groups()["keepwarm.money"]["rules"] if "record" in r}
+    assert {t for t in tiles if "production" not in t and "saved" not in t} == {"pair:keepwarm_spend_usd:increase5m"}
 
 
 def test_the_stale_threshold_is_the_ttl_not_the_interval() -> None:

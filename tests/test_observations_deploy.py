@@ -11,6 +11,8 @@ from test_deploy_prometheus import PRODUCTION_ALERTS, RULES, promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-production.test.yml"
+# KeepwarmKeepaliveNotPaying reads keepwarm.money's 5-minute tiles: tested at their interval.
+MONEY_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-money.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
 
@@ -29,7 +31,8 @@ def test_promtool_unit_tests_of_the_production_group() -> None:
 def test_each_production_alert_fires_in_one_case_and_stays_quiet_in_another() -> None:
     firing: set[str] = set()
     quiet: set[str] = set()
-    for case in yaml.safe_load(TESTS.read_text())["tests"]:
+    cases = yaml.safe_load(TESTS.read_text())["tests"] + yaml.safe_load(MONEY_TESTS.read_text())["tests"]
+    for case in cases:
         for check in case.get("alert_rule_test", []):
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     assert firing == quiet == PRODUCTION_ALERTS
