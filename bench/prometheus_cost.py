@@ -1,6 +1,6 @@
 """What monitoring keepwarm costs a real Prometheus at 10,000 pairs, before and after the series budget.
 
-    python3 bench/prometheus_cost.py [--pairs 10000] [--seconds 150] [--before 2157f5f]
+    python3 bench/prometheus_cost.py [--pairs 10000] [--seconds 330] [--before 2157f5f] [--variants before,standard,full]
 
 For each variant it serves the /metrics page of N pairs in a healthy steady state from its own
 process, has Debian's `prometheus` scrape it every --scrape-interval (30 s, as the issue
@@ -10,7 +10,12 @@ measured) with that variant's shipped rules evaluated every 30 s, and reports:
 - bytes per scrape, plain and gzipped, and the time to serve each (fetched by this script);
 - scrape duration as Prometheus saw it (scrape_duration_seconds), which gzips when it can;
 - Prometheus' RSS (process_resident_memory_bytes, the peak over the window);
-- rule evaluation: the slowest evaluationTime of a rule group in /api/v1/rules.
+- rule evaluation, from every evaluation of every group seen in /api/v1/rules (polled every
+  5 s): each group's median and slowest, the slowest rules, and the cost of one 30 s cycle
+  (each group's median, a group evaluated every 5 minutes counted a tenth);
+- the samples the rules' range selectors would read per 30 s cycle once their windows are
+  full (series selected now x window / sample interval): a window of minutes hides what a
+  [1d] or [7d] window costs after a week.
 
 Variants: `before` is the code at --before (default 2157f5f, the commit before the budget),
 extracted with `git archive` into a temporary directory and imported from there with this
@@ -32,8 +37,10 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +51,8 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "prometheus-cost.json"
@@ -145,6 +154,50 @@ def prom_api(url: str, path: str, **params: str) -> Any:
         return json.loads(resp.read())["data"]
 
 
+def parse_seconds(text: str) -> float:
+    """Prometheus' duration syntax, as used here (30s, 5m, 1h, 1d, 7d, 1h30m)."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)", text))
+
+
+def summarize(times: list[float], interval: float) -> dict[str, Any]:
+    """A group's evaluations in the window: how many, median, max."""
+    ordered = sorted(times)
+    return {"evaluations": len(ordered), "interval_seconds": interval,
+            "median_seconds": round(statistics.median(ordered), 4) if ordered else None,
+            "max_seconds": round(ordered[-1], 4) if ordered else None}
+
+
+# A selector with a range: name{matchers}[window] (subqueries and offsets are not used here).
+_RANGE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\[(\d+[smhdwy])\]")
+
+
+def steady_state_samples(url: str, rules: Path, intervals: dict[str, float], scrape: float) -> dict[str, Any]:
+    """Samples the range selectors of each group read per 30 s cycle once the windows are full.
+
+    A short window's figures hide this: [1d] over a series scraped every 30 s holds 2,880
+    samples once Prometheus has a day of data, 5 after 150 s. For each range selector, the
+    series it selects now (a count query) x the window / the interval its samples come at (the
+    scrape interval for a raw metric, the recording group's interval for a recorded one),
+    scaled to a 30 s cycle for a group with a longer interval.
+    """
+    doc = yaml.safe_load(rules.read_text())
+    recorded_every = {r["record"]: intervals.get(g["name"], scrape) for g in doc["groups"]
+                      for r in g["rules"] if "record" in r}
+    main_interval = min(intervals.values(), default=scrape)
+    out: dict[str, Any] = {}
+    for group in doc["groups"]:
+        total = 0.0
+        for rule in group["rules"]:
+            for name, matchers, window in _RANGE.findall(rule["expr"]):
+                found = prom_api(url, "query", query=f"count({name}{matchers or ''})")["result"]
+                series = float(found[0]["value"][1]) if found else 0.0
+                total += series * parse_seconds(window) / recorded_every.get(name, scrape)
+        out[group["name"]] = round(total * main_interval / intervals.get(group["name"], main_interval))
+    out["total"] = sum(out.values())
+    return out
+
+
 def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One variant: exporter and Prometheus up, a window of scrapes, the figures."""
     port = free_port()
@@ -182,8 +235,10 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             stdout=subprocess.DEVNULL, stderr=(workdir / f"prometheus-{variant}.log").open("wb"),
         )
         peak_rss = 0.0
-        slowest_group = 0.0
-        groups: dict[str, float] = {}
+        # Every evaluation of every group and rule, told apart by its lastEvaluation time.
+        evaluations: dict[str, dict[str, float]] = {}
+        rule_seconds: dict[str, float] = {}
+        intervals: dict[str, float] = {}
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             time.sleep(5)
@@ -192,10 +247,21 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             try:
                 peak_rss = max(peak_rss, prom_metric(prom_url, "process_resident_memory_bytes"))
                 for group in prom_api(prom_url, "rules")["groups"]:
-                    groups[group["name"]] = max(groups.get(group["name"], 0.0), group["evaluationTime"])
-                    slowest_group = max(slowest_group, group["evaluationTime"])
+                    name, last = group["name"], group["lastEvaluation"]
+                    intervals[name] = float(group["interval"])
+                    if last.startswith("0001-") or last in evaluations.setdefault(name, {}):
+                        continue  # not evaluated yet, or already counted
+                    evaluations[name][last] = group["evaluationTime"]
+                    for rule in group["rules"]:
+                        rule_seconds[rule["name"]] = max(rule_seconds.get(rule["name"], 0.0), rule["evaluationTime"])
             except OSError:
                 continue  # not up yet
+        groups = {name: summarize(list(times.values()), intervals[name]) for name, times in evaluations.items()}
+        # What a 30 s cycle costs: each group's median evaluation, a group with a longer
+        # interval counted for the share of cycles it runs in.
+        main_interval = min(intervals.values(), default=30.0)
+        cycle = sum(g["median_seconds"] * main_interval / g["interval_seconds"] for g in groups.values())
+        samples = steady_state_samples(prom_url, rules, intervals, parse_seconds(args.scrape_interval))
         head_series = prom_metric(prom_url, "prometheus_tsdb_head_series")
         samples = prom_api(prom_url, "query", query="scrape_samples_scraped")["result"]
         durations = prom_api(prom_url, "query", query="max_over_time(scrape_duration_seconds[10m])")["result"]
@@ -212,8 +278,11 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             "serve_gzip_seconds": round(gzip_s, 2),
             "prometheus_scrape_duration_max_seconds": float(durations[0]["value"][1]) if durations else None,
             "prometheus_peak_rss_bytes": peak_rss,
-            "rule_group_evaluation_max_seconds": groups,
-            "rule_evaluation_max_seconds": slowest_group,
+            "rule_groups": groups,
+            "rule_evaluation_max_seconds": max((g["max_seconds"] for g in groups.values()), default=None),
+            "rule_evaluation_per_cycle_seconds": round(cycle, 3),
+            "slowest_rules_seconds": dict(sorted(rule_seconds.items(), key=lambda kv: -kv[1])[:5]),
+            "steady_state_samples_per_cycle": samples,
         }
     finally:
         for proc in (prometheus, exporter):
@@ -235,7 +304,8 @@ def main() -> int:
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--per-pair", required=True)
     parser.add_argument("--pairs", type=int, default=10_000)
-    parser.add_argument("--seconds", type=float, default=150.0, help="window per variant (default 150)")
+    parser.add_argument("--seconds", type=float, default=330.0,
+                        help="window per variant (default 330: the 5-minute money group runs at least once)")
     parser.add_argument("--scrape-interval", default="30s", help="scrape and rule interval (default 30s)")
     parser.add_argument("--before", default="2157f5f", help="the commit measured as `before`")
     parser.add_argument("--variants", default="before,standard,full")
