@@ -123,7 +123,7 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         config,
         metrics,
         load_token(config),
-        touch=scheduler.touch,
+        touch_many=scheduler.touch_many,
         ledger=lambda: runner.ledger if isinstance(runner.ledger, Ledger) else None,
     )
     scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost)
