@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 import observations as http_bench  # noqa: E402 - the HTTP bench's config and observations
 
+from keepwarm import daemon  # noqa: E402
 from keepwarm.config import load_config  # noqa: E402
 from keepwarm.metrics import Metrics  # noqa: E402
 from keepwarm.observations import Observer  # noqa: E402
@@ -68,7 +69,11 @@ def build() -> Observer:
     # script measures both, so a checkout of the older code can be measured with it.
     if hasattr(scheduler, "touch_many"):
         wiring["touch_many"] = scheduler.touch_many
-    return Observer(config, metrics, **wiring)
+    observer = Observer(config, metrics, **wiring)
+    freeze = getattr(daemon, "freeze_heap", None)  # as the daemon does once started (newer code only)
+    if freeze is not None:
+        freeze()
+    return observer
 
 
 def bodies(batch: int, count: int, rng: random.Random) -> list[bytes]:

@@ -326,10 +326,14 @@ class ProductionSeries:
         values = self._series.values
         with self._store.lock:
             for family, amounts in ((_PROD_REQUESTS, requests), (_PROD_TOKENS, tokens), (_PROD_COST, cost)):
+                slot = _SLOT[family.name]
                 for value, amount in amounts.items():
-                    values[family.offset + _SLOT[family.name][value]] += _counted(amount)
-            values[_SAVED.offset] += _counted(saved)
-            values[_DRIFT.offset] += _counted(drift)
+                    if amount:
+                        values[family.offset + slot[value]] += _counted(amount)
+            if saved:
+                values[_SAVED.offset] += _counted(saved)
+            if drift:
+                values[_DRIFT.offset] += _counted(drift)
             self._series.observed = True
 
 
