@@ -323,24 +323,19 @@ class ProductionSeries:
     ) -> None:
         """Add to `keepwarm_production_requests_total` by result, `_tokens_total` and
         `_cost_usd_total` by kind, `keepwarm_saved_usd_total` and `keepwarm_prefix_drift_total`."""
+        if min(saved, drift, *requests.values(), *tokens.values(), *cost.values(), 0) < 0:
+            # As `_Cell.inc` (and prometheus_client) refuse it.
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
         values = self._series.values
         with self._store.lock:
             for family, amounts in ((_PROD_REQUESTS, requests), (_PROD_TOKENS, tokens), (_PROD_COST, cost)):
-                slot = _SLOT[family.name]
+                offset, slot = family.offset, _SLOT[family.name]
                 for value, amount in amounts.items():
                     if amount:
-                        values[family.offset + slot[value]] += _counted(amount)
-            if saved:
-                values[_SAVED.offset] += _counted(saved)
-            if drift:
-                values[_DRIFT.offset] += _counted(drift)
+                        values[offset + slot[value]] += amount
+            values[_SAVED.offset] += saved
+            values[_DRIFT.offset] += drift
             self._series.observed = True
-
-
-def _counted(amount: float) -> float:
-    if amount < 0:  # as `_Cell.inc` (and prometheus_client) refuse it
-        raise ValueError("Counters can only be incremented by non-negative amounts.")
-    return amount
 
 
 class PairMetric:
