@@ -650,13 +650,14 @@ class Observer:
     def _touch(self, judged: list[tuple[Observation, Verdict]]) -> None:
         """Feed the pairs' policies a touch per observation, in time order, a chunk at a time."""
         touches = []
+        production = Source.PRODUCTION  # looked up once: an enum member's lookup is not free
         for obs, verdict in judged:
             # A drifted request touched some other prefix's entry, not the pair's: its ping
             # must still come (a skipped ping there would let the real cache lapse).
             if verdict.drift is None:
                 usage = obs.usage
                 tokens = usage.cache_read + usage.cache_write_5m + usage.cache_write_1h
-                touches.append((obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result, tokens or usage.input)))
+                touches.append((obs.pair.key, Touch(obs.at, production, obs.result, tokens or usage.input)))
         if self.touch_many is not None:
             for start in range(0, len(touches), CHUNK):
                 if start:

@@ -78,7 +78,8 @@ _KeptTouch = tuple[float, str, str, int]
 
 
 def _kept(touch: Touch) -> _KeptTouch:
-    return (touch.at, touch.source.value, touch.result.value, touch.prefix_tokens)
+    # `_value_`, not `.value`: the same string, without the enum property's Python-level call.
+    return (touch.at, touch.source._value_, touch.result._value_, touch.prefix_tokens)
 
 
 def _unkept(kept: _KeptTouch) -> Touch:
