@@ -554,8 +554,8 @@ class Scheduler:
         """Feed production requests to their pairs' policies, in the order given: what `touch`
         does for each in turn, under one acquisition of the policy lock.
 
-        A batch of observations brings up to a thousand touches, and taking the lock three
-        times for each was a good part of what they cost. Every touch still reaches its
+        A batch of observations brings up to a thousand touches: one acquisition for a chunk
+        of them, where touching one by one took the lock three times each. Every touch reaches its
         policy, in order (the adaptive policy learns from every one); the caller hands over
         one chunk at a time, so a ping waits for the lock behind one chunk at most.
         """
