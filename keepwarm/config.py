@@ -167,11 +167,12 @@ class Pair:
     fingerprint: str
     policy: str = "fixed"  # fixed | adaptive (keepwarm.policy.make_policy)
     active_hours: ActiveHours | None = None  # None: always
+    # A stable identifier: `expert/model`. Computed once here, not in a property: the scheduler
+    # and the observations look it up several times per production request.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """A stable identifier: `expert/model`."""
-        return f"{self.expert}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.expert}/{self.model}")
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,9 +46,9 @@ from keepwarm.classify import Result, Usage, classify, usage_from_api
 from keepwarm.config import Config, ConfigError, Pair
 from keepwarm.ledger import Recent
 from keepwarm.logs import event
-from keepwarm.metrics import Metrics
+from keepwarm.metrics import Metrics, ProductionSeries
 from keepwarm.policy import Source, Touch
-from keepwarm.pricing import COST_KINDS, PriceTable
+from keepwarm.pricing import PriceTable
 from keepwarm.shard import shard_of
 
 log = logging.getLogger("keepwarm.observations")
@@ -67,6 +68,7 @@ _MAX_REQUEST_ID = 256
 # A batch is handled in chunks, giving the interpreter lock (and the observer's own) back in
 # between: pings must not wait behind a batch of 1,000 (docs/performance.md).
 CHUNK = 64
+_AT = operator.attrgetter("at")
 # Recent pings kept per pair: enough to find the one before a late observation.
 _PING_HISTORY = 16
 
@@ -167,6 +169,76 @@ def validate(
     other_shards: Callable[[str], int | None] = lambda key: None,
 ) -> Observation | Rejection:
     """Check one observation against the configured pairs; never raises."""
+    # Nearly every item is well formed and for a configured pair: `_well_formed` takes those
+    # with a few exact type checks and builds no message (checking every item the long way was
+    # a good part of a batch's cost). It only ever accepts, and only what the full check would,
+    # with the same result; everything else, or anything it is unsure of, goes the long way,
+    # which finds what is wrong and says so (tests/test_observations.py fuzzes one against the other).
+    observation = _well_formed(item, pairs, now)
+    if observation is not None:
+        return observation
+    return _validate_in_full(item, index, pairs, now, other_shards)
+
+
+def _plain_count(value: Any) -> int:
+    """A usage count as the fast path takes it: None is 0, an int >= 0 itself; -1 for anything else."""
+    if value is None:
+        return 0
+    return value if type(value) is int and value >= 0 else -1  # exact type: a bool is no count
+
+
+def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observation | None:
+    """The observation of a plainly valid item (what JSON gives: exact types), else None."""
+    if type(item) is not dict or not _ITEM_KEYS.issuperset(item):
+        return None
+    expert, model = item.get("expert"), item.get("model")
+    if type(expert) is not str or type(model) is not str:
+        return None
+    pair = pairs.get(f"{expert}/{model}")
+    at = item.get("at", now)
+    usage = item.get("usage")
+    fingerprint = item.get("fingerprint")
+    request_id = item.get("request_id")
+    if (
+        pair is None
+        or (type(at) is not float and type(at) is not int)
+        or not 0 < at <= now + MAX_FUTURE_SKEW  # False for NaN and both infinities too
+        or type(usage) is not dict
+        or (fingerprint is not None and (type(fingerprint) is not str or not _FINGERPRINT.fullmatch(fingerprint)))
+        or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID))
+    ):
+        return None
+    fresh = _plain_count(usage.get("input_tokens"))
+    created = _plain_count(usage.get("cache_creation_input_tokens"))
+    read = _plain_count(usage.get("cache_read_input_tokens"))
+    output = _plain_count(usage.get("output_tokens"))
+    w5 = w1 = 0
+    split = usage.get("cache_creation")
+    if split is not None:
+        if type(split) is not dict:
+            return None
+        w5 = _plain_count(split.get("ephemeral_5m_input_tokens"))
+        w1 = _plain_count(split.get("ephemeral_1h_input_tokens"))
+    if min(fresh, created, read, output, w5, w1) < 0:
+        return None
+    # What `usage_from_api` makes of it: a write the split does not cover is billed at the pair's TTL.
+    rest = max(created - w5 - w1, 0)
+    if pair.ttl == "1h":
+        w1 += rest
+    else:
+        w5 += rest
+    counts = Usage(input=fresh, cache_read=read, cache_write_5m=w5, cache_write_1h=w1, output=output)
+    return Observation(pair, float(at), counts, classify(counts), fingerprint, request_id)
+
+
+def _validate_in_full(
+    item: Any,
+    index: int,
+    pairs: Mapping[str, Pair],
+    now: float,
+    other_shards: Callable[[str], int | None],
+) -> Observation | Rejection:
+    """Every check in order, with the message of the first that fails."""
 
     def reject(reason: str, message: str, shard: int | None = None) -> Rejection:
         return Rejection(index, reason, message, shard)
@@ -377,49 +449,62 @@ def load_token(config: Config) -> bytes | None:
     return token
 
 
-class _Counter(Protocol):
-    def inc(self, amount: float = 1.0) -> None: ...
+class _HourSums:
+    """What one request adds to one pair's hour on the status page (`Windows`)."""
 
+    __slots__ = ("cache_read", "cache_write", "drift", "requests", "saved_read")
 
-@dataclass(frozen=True, slots=True)
-class _PairSeries:
-    """One pair's production series, looked up once."""
-
-    requests: dict[str, _Counter]
-    tokens: dict[str, _Counter]
-    cost: dict[str, _Counter]
-    saved: _Counter
-    drift: _Counter
+    def __init__(self) -> None:
+        self.requests = self.cache_read = self.cache_write = self.drift = 0
+        self.saved_read = 0  # cache_read of the requests credited as saved
 
 
 class _Sums:
-    """What one request's observations add to one pair's series."""
+    """What one request's observations add to one pair: token counts, summed, priced once.
 
-    __slots__ = ("cost", "drift", "pair", "requests", "saved", "tokens")
+    Cost is linear in tokens (`PriceTable.cost` and `saved_usd` are count x price, kind by kind),
+    so pricing the sums equals summing the prices within float rounding, at a fraction of the
+    cost (tests/test_observations.py pins it). Ledger rows are still priced one by one.
+    """
+
+    __slots__ = ("cache_read", "cache_write_1h", "cache_write_5m", "drift", "hours", "input", "output", "pair",
+                 "requests", "saved_read")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
-        self.requests: dict[str, int] = {}
-        self.tokens = dict.fromkeys(COST_KINDS, 0)
-        self.cost = dict.fromkeys(COST_KINDS, 0.0)
-        self.saved = 0.0
+        self.requests: dict[Result, int] = {}
+        self.input = self.cache_read = self.cache_write_5m = self.cache_write_1h = self.output = 0
+        self.saved_read = 0  # cache_read of the requests credited as saved
         self.drift = 0
+        self.hours: dict[int, _HourSums] = {}
 
-    def add(self, obs: Observation, cost: dict[str, float] | None, saved: float, drift: bool) -> None:
-        """Add one observation."""
-        result = obs.result.value
-        self.requests[result] = self.requests.get(result, 0) + 1
+    def add(self, obs: Observation, verdict: Verdict) -> None:
+        """Add one attributed observation."""
         usage = obs.usage
-        self.tokens["input"] += usage.input
-        self.tokens["cache_read"] += usage.cache_read
-        self.tokens["cache_write_5m"] += usage.cache_write_5m
-        self.tokens["cache_write_1h"] += usage.cache_write_1h
-        self.tokens["output"] += usage.output
-        if cost is not None:
-            for kind, value in cost.items():
-                self.cost[kind] += value
-        self.saved += saved
-        self.drift += drift
+        self.requests[obs.result] = self.requests.get(obs.result, 0) + 1
+        self.input += usage.input
+        self.cache_read += usage.cache_read
+        self.cache_write_5m += usage.cache_write_5m
+        self.cache_write_1h += usage.cache_write_1h
+        self.output += usage.output
+        hour = int(obs.at // BUCKET)
+        window = self.hours.get(hour)
+        if window is None:
+            window = self.hours[hour] = _HourSums()
+        window.requests += 1
+        window.cache_read += usage.cache_read
+        window.cache_write += usage.cache_write_5m + usage.cache_write_1h
+        if verdict.saved:
+            self.saved_read += usage.cache_read
+            window.saved_read += usage.cache_read
+        if verdict.drift is not None:
+            self.drift += 1
+            window.drift += 1
+
+    def usage(self) -> Usage:
+        """The summed counts, to price as one response."""
+        return Usage(self.input, self.cache_read, self.cache_write_5m, self.cache_write_1h, self.output)
+
 
 
 class Observer:
@@ -432,17 +517,20 @@ class Observer:
         token: bytes | None = None,
         *,
         touch: Callable[[str, Touch], None] | None = None,
+        touch_many: Callable[[Sequence[tuple[str, Touch]]], None] | None = None,
         ledger: Callable[[], ObservationLedger | None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`touch_many` (the scheduler's) takes a chunk of touches at once; else `touch`, one by one."""
         self.metrics = metrics
         self.touch = touch
+        self.touch_many = touch_many
         self.ledger = ledger
         self.clock = clock
         self.windows = Windows(since=clock())
         self._lock = threading.Lock()
         self._attribution: dict[str, PairAttribution] = {}
-        self._series_of: dict[str, _PairSeries] = {}  # pairs whose production series exist
+        self._series_of: dict[str, ProductionSeries] = {}  # pairs whose production series exist
         self._unauth_warned = False
         self.pairs: dict[str, Pair] = {}
         self.apply(config, token)
@@ -547,86 +635,113 @@ class Observer:
         shards = {r.shard for r in bad}
         if bad and not good and len(shards) == 1 and None not in shards:
             return 421, {"shard": bad[0].shard, "rejected": [r.to_json() for r in bad]}
-        records = self.record(good)
-        if records:
+        judged = self._judge(good)
+        if judged:
             ledger = self.ledger()
             if ledger is not None:
-                ledger.record_observations(records)
-            if self.touch is not None:
-                for r in records:
-                    # A drifted request touched some other prefix's entry, not the pair's: its
-                    # ping must still come (a skipped ping there would let the real cache lapse).
-                    if r.drift is None:
-                        obs = r.observation
-                        tokens = obs.usage.cache_read + obs.usage.cache_write
-                        self.touch(obs.pair.key, Touch(obs.at, Source.PRODUCTION, obs.result, tokens or obs.usage.input))
+                ledger.record_observations(self._ledger_rows(judged))
+            self._touch(judged)
         return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
 
-    def _series(self, pair: Pair) -> _PairSeries:
-        """The pair's production series, created with every label value at its first observation."""
+    def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
+        """Attribute observations in time order and count them; return what was decided."""
+        return self._ledger_rows(self._judge(observations))
+
+    def _touch(self, judged: list[tuple[Observation, Verdict]]) -> None:
+        """Feed the pairs' policies a touch per observation, in time order, a chunk at a time."""
+        touches = []
+        production = Source.PRODUCTION  # looked up once: an enum member's lookup is not free
+        for obs, verdict in judged:
+            # A drifted request touched some other prefix's entry, not the pair's: its ping
+            # must still come (a skipped ping there would let the real cache lapse).
+            if verdict.drift is None:
+                usage = obs.usage
+                tokens = usage.cache_read + usage.cache_write_5m + usage.cache_write_1h
+                touches.append((obs.pair.key, Touch(obs.at, production, obs.result, tokens or usage.input)))
+        if self.touch_many is not None:
+            for start in range(0, len(touches), CHUNK):
+                if start:
+                    _yield()
+                self.touch_many(touches[start:start + CHUNK])
+        elif self.touch is not None:
+            for key, touch in touches:
+                self.touch(key, touch)
+
+    def _ledger_rows(self, judged: list[tuple[Observation, Verdict]]) -> list[ObservationRecord]:
+        """The ledger's rows: each observation priced on its own, as the ledger keeps them."""
+        prices = self.prices
+        return [
+            ObservationRecord(
+                obs,
+                prices.cost(obs.pair.model, obs.usage),
+                saved_usd(prices, obs.pair, obs.usage) if verdict.saved else None,
+                verdict.saved,
+                verdict.drift,
+                verdict.late,
+            )
+            for obs, verdict in judged
+        ]
+
+    def _series(self, pair: Pair) -> ProductionSeries:
+        """The pair's production series, looked up once."""
         found = self._series_of.get(pair.key)
         if found is None:
-            m, labels = self.metrics, (pair.expert, pair.model)
-            found = _PairSeries(
-                requests={r: m.production_requests.labels(*labels, r) for r in PRODUCTION_RESULTS},
-                tokens={k: m.production_tokens.labels(*labels, k) for k in COST_KINDS},
-                cost={k: m.production_cost.labels(*labels, k) for k in COST_KINDS},
-                saved=m.saved.labels(*labels),
-                drift=m.drift.labels(*labels),
-            )
-            self._series_of[pair.key] = found
+            found = self._series_of[pair.key] = self.metrics.production(pair.expert, pair.model)
         return found
 
-    def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums], out: list[ObservationRecord]) -> None:
+    def _judge(self, observations: Iterable[Observation]) -> list[tuple[Observation, Verdict]]:
+        """Attribute observations in time order, a chunk at a time, then count them per pair."""
+        judged: list[tuple[Observation, Verdict]] = []
+        # Summed per pair first, then priced and counted once per pair: a batch of 1,000 costs a
+        # few hundred counter updates instead of eleven thousand, and a few hundred prices.
+        sums: dict[str, _Sums] = {}
+        ordered = sorted(observations, key=_AT)
+        for start in range(0, len(ordered), CHUNK):
+            if start:
+                _yield()
+            self._attribute(ordered[start:start + CHUNK], sums, judged)
+        with self._lock:
+            for key, total in sums.items():
+                if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
+                    self._count(key, total)
+        return judged
+
+    def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums],
+                   out: list[tuple[Observation, Verdict]]) -> None:
         """Attribute one chunk of a request's observations under the lock."""
         with self._lock:
             for obs in chunk:
                 pair = obs.pair
-                attribution = self._attribution.get(pair.key)
-                if attribution is None or self.pairs.get(pair.key) is not pair:
+                key = pair.key
+                attribution = self._attribution.get(key)
+                if attribution is None or self.pairs.get(key) is not pair:
                     continue  # a reload removed it between validation and here
                 verdict = attribution.production(obs.at, obs.usage, obs.fingerprint)
-                cost = self.prices.cost(pair.model, obs.usage)
-                usd = saved_usd(self.prices, pair, obs.usage) if verdict.saved else None
-                total = sums.get(pair.key)
+                total = sums.get(key)
                 if total is None:
-                    total = sums[pair.key] = _Sums(pair)
-                total.add(obs, cost, usd or 0.0, verdict.drift is not None)
-                bucket = self.windows.at(pair.key, obs.at)
-                bucket.requests += 1
-                bucket.cache_read += obs.usage.cache_read
-                bucket.cache_write += obs.usage.cache_write
-                bucket.saved_usd += usd or 0.0
-                bucket.drift += verdict.drift is not None
-                out.append(ObservationRecord(obs, cost, usd, verdict.saved, verdict.drift, verdict.late))
+                    total = sums[key] = _Sums(pair)
+                total.add(obs, verdict)
+                out.append((obs, verdict))
 
-    def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
-        """Attribute observations in time order and count them; return what was decided."""
-        out: list[ObservationRecord] = []
-        # Summed per pair first, then one increment per series: a batch of 1,000 costs a few
-        # hundred metric updates instead of eleven thousand.
-        sums: dict[str, _Sums] = {}
-        ordered = sorted(observations, key=lambda o: o.at)
-        for start in range(0, len(ordered), CHUNK):
-            if start:
-                _yield()
-            self._attribute(ordered[start:start + CHUNK], sums, out)
-        with self._lock:
-            for total in sums.values():
-                series = self._series(total.pair)
-                for result, n in total.requests.items():
-                    series.requests[result].inc(n)
-                for kind, count in total.tokens.items():
-                    if count:
-                        series.tokens[kind].inc(count)
-                for kind, value in total.cost.items():
-                    if value:
-                        series.cost[kind].inc(value)
-                if total.saved:
-                    series.saved.inc(total.saved)
-                if total.drift:
-                    series.drift.inc(total.drift)
-        return out
+    def _count(self, key: str, total: _Sums) -> None:
+        """Price one pair's sums and add them to its series and its hours. Caller holds the lock."""
+        pair = total.pair
+        usage = total.usage()
+        # The very arithmetic of one observation (`PriceTable.cost`, `saved_usd`), on the sums.
+        cost = self.prices.cost(pair.model, usage) or {}
+        saved = 0.0
+        if total.saved_read:
+            saved = saved_usd(self.prices, pair, Usage(cache_read=total.saved_read)) or 0.0
+        requests = {result.value: n for result, n in total.requests.items()}
+        self._series(pair).add(requests, usage.by_kind(), cost, saved, total.drift)
+        for hour, sums in total.hours.items():
+            bucket = self.windows.at(key, hour * BUCKET)
+            bucket.requests += sums.requests
+            bucket.cache_read += sums.cache_read
+            bucket.cache_write += sums.cache_write
+            if sums.saved_read:
+                bucket.saved_usd += saved_usd(self.prices, pair, Usage(cache_read=sums.saved_read)) or 0.0
+            bucket.drift += sums.drift
 
     def restore(self, recent: Recent, now: float | None = None) -> None:
         """Take back what a ledger remembers after a restart: the page's hourly sums, and the

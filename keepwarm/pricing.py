@@ -39,6 +39,9 @@ class ModelPrice:
         return None not in (self.input, self.output, self.read_multiplier)
 
 
+_UNKNOWN = ModelPrice()  # frozen: one for every model without a price, not one per lookup
+
+
 @dataclass(frozen=True)
 class PriceTable:
     """Per-model prices plus the write multipliers shared by every model."""
@@ -51,7 +54,7 @@ class PriceTable:
 
     def get(self, model: str) -> ModelPrice:
         """The model's entry, or an entry where everything is unknown."""
-        return self.models.get(model, ModelPrice())
+        return self.models.get(model, _UNKNOWN)
 
     def write_multiplier(self, ttl: str) -> float:
         """The write price as a multiple of input for a TTL (`5m` or `1h`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import socket
 import struct
@@ -180,7 +181,7 @@ def test_add_pair_twice_updates_in_place_and_keeps_the_counts(emulator: Emulator
     pair = _pair(emulator)
     metrics.add_pair(pair)
     metrics.pings.labels(pair.expert, pair.model, "warm").inc()
-    metrics.add_pair(pair.__class__(**{**{s: getattr(pair, s) for s in pair.__slots__}, "interval": 123.0}))
+    metrics.add_pair(dataclasses.replace(pair, interval=123.0))  # an equal pair but its interval, a new object
     labels = {"expert": pair.expert, "model": pair.model}
     assert metrics.registry.get_sample_value("keepwarm_pings_total", {**labels, "result": "warm"}) == 1
     assert metrics.registry.get_sample_value("keepwarm_ping_interval_seconds", labels) == 123.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -437,3 +438,152 @@ def test_a_body_without_content_length_is_refused(served: Served) -> None:
     assert conn.getresponse().status == 411
     conn.close()
     assert _value(served.metrics, "keepwarm_observations_rejected_total", reason="malformed") == 1
+
+
+# --- the fast paths agree with the long ways -----------------------------------------------------
+
+
+def _mutant(rng: random.Random, pairs: list[str]) -> Any:
+    """An item near a valid one: each field often right, sometimes missing, of a wrong type or out of range."""
+    odd: list[Any] = [None, True, False, -1, 0, 1.5, float("nan"), float("inf"), "x", [], {}, 10**30]
+
+    def maybe(good: Any) -> Any:
+        return good if rng.random() < 0.8 else rng.choice(odd)
+
+    expert, model = rng.choice([*pairs, "ghost/claude-sonnet-4-6"]).split("/")
+    usage: dict[str, Any] = {}
+    for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"):
+        if rng.random() < 0.9:
+            usage[name] = maybe(rng.choice([0, 1, 1500, 2**40]))
+    if rng.random() < 0.3:
+        split = {n: maybe(rng.randrange(3000)) for n in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
+                 if rng.random() < 0.8}
+        usage["cache_creation"] = maybe(split)
+    if rng.random() < 0.05:
+        usage["server_tool_use"] = {"web_search_requests": 0}  # a key the API may add: ignored
+    item: dict[Any, Any] = {"expert": maybe(expert), "model": maybe(model), "usage": maybe(usage)}
+    if rng.random() < 0.9:
+        item["at"] = maybe(rng.choice([T0 - 600, T0, T0 + 299.5, T0 + 301, int(T0), -5.0]))
+    if rng.random() < 0.3:
+        item["fingerprint"] = maybe(rng.choice(["a" * 64, "A" * 64, "a" * 63]))
+    if rng.random() < 0.3:
+        item["request_id"] = maybe(rng.choice(["req_1", "r" * 256, "r" * 257]))
+    if rng.random() < 0.05:
+        item[rng.choice(["colour", 3])] = 1
+    if rng.random() < 0.05:
+        del item["expert"]
+    return item if rng.random() < 0.98 else rng.choice(odd)
+
+
+def test_the_fast_validation_accepts_and_rejects_exactly_what_the_full_one_does(tmp_path: Path) -> None:
+    from keepwarm.observations import _validate_in_full, _well_formed
+
+    pairs = {p.key: p for p in _config(tmp_path).pairs}
+    hour = {p.key: p for p in parse_config(basic_doc("http://127.0.0.1:9", ttl="1h"), tmp_path).pairs}
+    rng = random.Random(12)
+    fast = 0
+    for n in range(20_000):
+        table = pairs if n % 2 else hour
+        item = _mutant(rng, list(table))
+        full = _validate_in_full(item, n, table, T0, lambda key: None)
+        quick = _well_formed(item, table, T0)
+        if quick is not None:
+            fast += 1
+            assert quick == full, item  # the same Observation, field by field
+        assert validate(item, n, table, T0) == full, item  # and the same Rejection, message included
+    assert fast > 1_000, "the fuzz reaches the fast path often"
+
+
+def _scheduler_for(config: Config, policy_draws: random.Random) -> Scheduler:
+    metrics = Metrics()
+    runner = Runner(make_client("http://127.0.0.1:9", "sk-test", 5), config.prices, metrics, threading.Event())
+    clock = FakeClock(T0)
+    scheduler = Scheduler(runner, metrics, clock=clock, draw=policy_draws.random, mono=clock, prices=config.prices)
+    scheduler.apply(config.pairs)
+    return scheduler
+
+
+def _policy_state(scheduler: Scheduler) -> dict[str, Any]:
+    """Everything a touch can change, as values."""
+    out: dict[str, Any] = {}
+    for key, state in scheduler.states.items():
+        policy = scheduler.policies[key]
+        out[key] = (
+            list(scheduler._touches.get(key, ())), scheduler._last_production.get(key), scheduler._prod_tokens.get(key),
+            scheduler._built_tokens.get(key), scheduler._draws.get(key), key in scheduler._lapsed, state.expires_at,
+            state.next_due, [policy.next_ping(T0 + t, 0.5) for t in (0, 100, 400, 4000, 90_000)],
+            policy.describe(T0 + 500),
+        )
+    return out
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_batched_touches_leave_the_scheduler_as_one_by_one_touches_do(tmp_path: Path, policy: str) -> None:
+    config = parse_config(basic_doc("http://127.0.0.1:9", policy=policy), tmp_path)
+    one, many = _scheduler_for(config, random.Random(3)), _scheduler_for(config, random.Random(3))
+    for scheduler in (one, many):
+        scheduler._lapsed.add("terse/claude-sonnet-4-6")  # a pair whose policy let the cache lapse: a touch arms it
+    rng = random.Random(5)
+    keys = [*one.states, "ghost/claude-sonnet-4-6"]
+    touches = [
+        (rng.choice(keys), Touch(T0 - 3000 + 10 * i + rng.random(), Source.PRODUCTION,
+                                 rng.choice([Result.WARM, Result.REWARMED, Result.PARTIAL, Result.UNCACHED]),
+                                 rng.choice([0, 0, 3000, 3100])))
+        for i in range(300)
+    ]
+    for key, touch in touches:
+        one.touch(key, touch)
+    for start in range(0, len(touches), 64):
+        many.touch_many(touches[start:start + 64])
+    assert _policy_state(many) == _policy_state(one)
+    assert many.states["terse/claude-sonnet-4-6"].next_due, "the lapsed pair was armed"
+    if policy == "adaptive":
+        prior = (list(many.prior.order), many.prior.values, many.prior.added)
+        assert prior == (list(one.prior.order), one.prior.values, one.prior.added), "the shared prior learnt the same"
+        assert one.prior.added, "the touches taught the shared prior something"
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+
+    def record_observations(self, rows: list[Any]) -> None:
+        self.rows.extend(rows)
+
+
+def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
+    import math
+
+    from keepwarm.observations import saved_usd
+    from keepwarm.pricing import COST_KINDS
+
+    config = _config(tmp_path)
+    rows, metrics = _Rows(), Metrics()
+    observer = Observer(config, metrics, ledger=lambda: rows, clock=FakeClock(T0 + 200_000))
+    rng = random.Random(9)
+    keys = [p.key for p in config.pairs]
+    batch = []
+    for i in range(900):
+        split = {"ephemeral_5m_input_tokens": rng.randrange(900), "ephemeral_1h_input_tokens": rng.randrange(900)}
+        item = _obs(rng.choice(keys), at=T0 + rng.choice([20, 200]) * i, read=rng.choice([0, 1537, 20_011]), write=rng.choice([0, 2049]))
+        if rng.random() < 0.3:
+            item["usage"]["cache_creation"] = split
+        batch.append(item)
+    for start in range(0, len(batch), 300):  # three requests: sums across requests too
+        assert observer.accept(batch[start:start + 300])[1]["rejected"] == []
+    assert len(rows.rows) == 900
+    for pair in config.pairs:
+        mine = [r for r in rows.rows if r.observation.pair.key == pair.key]
+        labels = {"expert": pair.expert, "model": pair.model}
+        for kind in COST_KINDS:
+            each = math.fsum(r.cost[kind] for r in mine)
+            got = _value(metrics, "keepwarm_production_cost_usd_total", **labels, kind=kind) or 0.0
+            assert got == pytest.approx(each, rel=1e-12, abs=0.0), (pair.key, kind)
+        saved = [saved_usd(config.prices, pair, r.observation.usage) for r in mine if r.saved]
+        assert saved, "some requests were credited"
+        assert [r.saved_usd for r in mine if r.saved] == saved, "ledger rows are priced one by one"
+        got = _value(metrics, "keepwarm_saved_usd_total", **labels) or 0.0
+        assert got == pytest.approx(math.fsum(s or 0.0 for s in saved), rel=1e-12, abs=0.0)
+        page = observer.windows.total(pair.key, 7 * 86400, T0 + 200_000)  # the status page's hours, summed
+        assert page.saved_usd == pytest.approx(math.fsum(s or 0.0 for s in saved), rel=1e-12, abs=0.0)
+        assert (page.requests, page.cache_read) == (len(mine), sum(r.observation.usage.cache_read for r in mine))
