@@ -370,37 +370,50 @@ class Totals:
         return self.saved_usd - self.keepalive_usd
 
 
+# The windows' key for sums over every pair: a pair's key is always expert/model.
+ALL = "all pairs"
+
+
 @dataclass
 class Windows:
-    """Hourly sums per pair, kept for a week: what the status page headline shows."""
+    """Hourly sums for the status page's headline: over every pair for a week, per pair a day.
+
+    The page shows per pair only production's figures over 24 h, so that is all a pair's hours
+    hold, and only a pair with observations has any. (Every pair's spend by the hour for a week
+    was 1.7 million buckets at 10,000 pairs, a few hundred MB.) The sums over every pair keep a
+    removed or changed pair's money: it was spent or saved all the same.
+    """
 
     buckets: dict[str, dict[int, Totals]] = field(default_factory=dict)
     since: float = field(default_factory=time.time)  # first time these sums cover
 
-    def at(self, key: str, when: float) -> Totals:
-        """The bucket of a pair that holds time `when`."""
+    def add(self, key: str | None, when: float, sums: Totals) -> None:
+        """Add `sums` at time `when` to every pair's hours, and to pair `key`'s when given."""
         hour = int(when // BUCKET)
+        self._bucket(ALL, hour, WINDOWS["7d"]).add(sums)
+        if key is not None:
+            self._bucket(key, hour, WINDOWS["24h"]).add(sums)
+
+    def _bucket(self, key: str, hour: int, keep: float) -> Totals:
         per = self.buckets.setdefault(key, {})
         found = per.get(hour)
         if found is None:
             found = per[hour] = Totals()
-            for old in [h for h in per if h < hour - WINDOWS["7d"] / BUCKET]:
+            for old in [h for h in per if h < hour - keep / BUCKET]:
                 del per[old]
         return found
 
     def total(self, key: str | None, span: float, now: float) -> Totals:
-        """Sums over the last `span` seconds for one pair (or all when None)."""
+        """Sums over the last `span` seconds for one pair (or over every pair when None)."""
         first = int((now - span) // BUCKET) + 1  # whole hours only: a bucket is in or out
         out = Totals()
-        keys = list(self.buckets) if key is None else [key]
-        for k in keys:
-            for hour, totals in list(self.buckets.get(k, {}).items()):
-                if hour >= first:
-                    out.add(totals)
+        for hour, totals in list(self.buckets.get(ALL if key is None else key, {}).items()):
+            if hour >= first:
+                out.add(totals)
         return out
 
     def drop(self, key: str) -> None:
-        """Forget a pair (removed or changed by a reload)."""
+        """Forget a pair's own hours (removed or changed by a reload); the sums over all keep it."""
         self.buckets.pop(key, None)
 
 
@@ -567,11 +580,10 @@ class Observer:
                 return  # removed or changed meanwhile
             attribution = self._attribution[pair.key]
             attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL))
-            bucket = self.windows.at(pair.key, started)
             if cost is None:
-                bucket.keepalive_unknown = bucket.keepalive_unknown or result is not Result.ERROR
+                self.windows.add(None, started, Totals(keepalive_unknown=result is not Result.ERROR))
             else:
-                bucket.keepalive_usd += cost
+                self.windows.add(None, started, Totals(keepalive_usd=cost))
 
     # --- the endpoint --------------------------------------------------------------------
 
@@ -735,13 +747,13 @@ class Observer:
         requests = {result.value: n for result, n in total.requests.items()}
         self._series(pair).add(requests, usage.by_kind(), cost, saved, total.drift)
         for hour, sums in total.hours.items():
-            bucket = self.windows.at(key, hour * BUCKET)
-            bucket.requests += sums.requests
-            bucket.cache_read += sums.cache_read
-            bucket.cache_write += sums.cache_write
+            hour_saved = 0.0
             if sums.saved_read:
-                bucket.saved_usd += saved_usd(self.prices, pair, Usage(cache_read=sums.saved_read)) or 0.0
-            bucket.drift += sums.drift
+                hour_saved = saved_usd(self.prices, pair, Usage(cache_read=sums.saved_read)) or 0.0
+            self.windows.add(key, hour * BUCKET, Totals(
+                requests=sums.requests, cache_read=sums.cache_read, cache_write=sums.cache_write,
+                saved_usd=hour_saved, drift=sums.drift,
+            ))
 
     def restore(self, recent: Recent, now: float | None = None) -> None:
         """Take back what a ledger remembers after a restart: the page's hourly sums, and the
@@ -751,20 +763,14 @@ class Observer:
         with self._lock:
             keys = {(p.expert, p.model): p.key for p in self.pairs.values()}
             for (expert, model, hour), (usd, unpriced) in recent.ping_hours.items():
-                key = keys.get((expert, model))
-                if key is not None:
-                    bucket = self.windows.at(key, hour * BUCKET)
-                    bucket.keepalive_usd += usd
-                    bucket.keepalive_unknown |= unpriced > 0
+                if (expert, model) in keys:
+                    self.windows.add(None, hour * BUCKET, Totals(keepalive_usd=usd, keepalive_unknown=unpriced > 0))
             for (expert, model, hour), (n, read, written, saved, drift) in recent.observation_hours.items():
                 key = keys.get((expert, model))
                 if key is not None:
-                    bucket = self.windows.at(key, hour * BUCKET)
-                    bucket.requests += n
-                    bucket.cache_read += read
-                    bucket.cache_write += written
-                    bucket.saved_usd += saved
-                    bucket.drift += drift
+                    self.windows.add(key, hour * BUCKET, Totals(
+                        requests=n, cache_read=read, cache_write=written, saved_usd=saved, drift=drift,
+                    ))
             for pair_labels, at in recent.last_production.items():
                 key = keys.get(pair_labels)
                 if key is not None:

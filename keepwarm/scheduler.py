@@ -65,6 +65,11 @@ BUSY_WARN_EVERY = 600.0
 # Touches kept per pair to rebuild its policy (a new prefix size, a reload): about a week of
 # 5-minute pings, the window the adaptive policy learns from.
 TOUCH_LOG = 2500
+# Pings an adaptive pair keeps for a rebuild: those since production's last request are all
+# its policy counts, and it stops pinging an idle cache after about twenty (see TouchLog).
+PING_LOG = 32
+# Ping attempts' latencies an adaptive pair keeps for a rebuild (its safety margin's p99).
+LATENCY_LOG = 200
 # The budget's loud warning comes once per crossing of this share of the cap (the policy's own
 # "near" point, where the pairs that save least start to stop).
 BUDGET_WARN_SHARE = 0.8
@@ -85,6 +90,56 @@ def _kept(touch: Touch) -> _KeptTouch:
 def _unkept(kept: _KeptTouch) -> Touch:
     at, source, result, prefix_tokens = kept
     return Touch(at, Source(source), Result(result), prefix_tokens)
+
+
+class TouchLog:
+    """What a rebuilt policy needs of one pair's past touches, in bounded memory.
+
+    A policy is rebuilt by replaying touches (a reload, a measured prefix size, a clock step).
+    The fixed policy, and the active-hours and budget wrappers, use only the latest ping and the
+    latest touch that refreshed the cache; the adaptive policy learns from the gaps between
+    production requests and counts the pings since the last of them (its ski rental stops
+    after about twenty). So an adaptive pair keeps up to TOUCH_LOG production touches and its
+    last PING_LOG pings, any other pair its latest ping and its latest refreshing production
+    touch. Keeping every touch, a week of pings every 4 minutes was 2,520 touches a pair:
+    25 million at 10,000 pairs.
+    """
+
+    __slots__ = ("adaptive", "pings", "production")
+
+    def __init__(self, adaptive: bool, kept: Iterable[_KeptTouch] = ()) -> None:
+        self.adaptive = adaptive
+        self.pings: deque[_KeptTouch] = deque(maxlen=PING_LOG if adaptive else 1)
+        self.production: deque[_KeptTouch] = deque(maxlen=TOUCH_LOG if adaptive else 1)
+        for entry in sorted(kept):
+            self._add(entry)
+
+    def add(self, touch: Touch) -> None:
+        """Keep one touch (caller holds the scheduler's policy lock)."""
+        if not self.adaptive and touch.source is not Source.PING and not touch.refreshed:
+            return  # moves nothing a fixed policy or its wrappers keep
+        self._add(_kept(touch))
+
+    def _add(self, entry: _KeptTouch) -> None:
+        kept = self.pings if entry[1] == Source.PING._value_ else self.production
+        if not self.adaptive and kept and kept[-1][0] > entry[0]:
+            return  # a late touch: the latest is the one that counts
+        kept.append(entry)
+
+    def entries(self) -> list[_KeptTouch]:
+        """Every touch kept, oldest first."""
+        return sorted([*self.production, *self.pings])
+
+    def touches(self) -> list[Touch]:
+        """Every touch kept, oldest first, to replay into a new policy."""
+        return [_unkept(entry) for entry in self.entries()]
+
+    def shifted(self, jump: float) -> TouchLog:
+        """The same touches `jump` seconds later (a wall-clock step)."""
+        return TouchLog(self.adaptive, ((at + jump, s, r, n) for at, s, r, n in self.entries()))
+
+    def __len__(self) -> int:
+        return len(self.pings) + len(self.production)
 
 
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
@@ -202,8 +257,8 @@ class Scheduler:
         self.policies: dict[str, PairPolicy] = {}
         self._draws: dict[str, float] = {}
         self._lapsed: set[str] = set()  # pairs with no job armed because their policy said none
-        self._touches: dict[str, deque[_KeptTouch]] = {}  # every touch fed, to rebuild a policy
-        self._latencies: dict[str, deque[float]] = {}  # every ping attempt's latency, likewise
+        self._touches: dict[str, TouchLog] = {}  # what a rebuilt policy needs of the touches fed
+        self._latencies: dict[str, deque[float]] = {}  # adaptive pairs' ping latencies, likewise
         self._built_tokens: dict[str, int] = {}  # the prefix size each pair's policy was priced with
         self._prod_tokens: dict[str, int] = {}  # prefix size production reported, before any ping
         self._last_production: dict[str, float] = {}
@@ -355,10 +410,7 @@ class Scheduler:
             with self._policy_lock:
                 touches = self._touches.get(state.pair.key)
                 if touches:
-                    self._touches[state.pair.key] = deque(
-                        ((at + jump, source, result, tokens) for at, source, result, tokens in touches),
-                        maxlen=TOUCH_LOG,
-                    )
+                    self._touches[state.pair.key] = touches.shifted(jump)
                 last = self._last_production.get(state.pair.key)
                 if last:
                     self._last_production[state.pair.key] = last + jump
@@ -457,7 +509,9 @@ class Scheduler:
             state.prefix_tokens = measured[-1]
         tokens = [t.prefix_tokens for t in touches if t.prefix_tokens and t.source is Source.PRODUCTION]
         with self._policy_lock:
-            self._touches[pair.key] = deque(map(_kept, touches), maxlen=TOUCH_LOG)
+            history = self._touches[pair.key] = TouchLog(pair.policy == "adaptive")
+            for touch in touches:
+                history.add(touch)
             for t in touches:
                 if t.source is Source.PRODUCTION:
                     self._last_production[pair.key] = t.at
@@ -503,7 +557,11 @@ class Scheduler:
             pair, self.prices, tokens, prior=self.prior, budget=self.budget, time_scale=self.time_scale
         )
         with self._policy_lock:
-            touches = sorted(map(_unkept, self._touches.get(pair.key, ())), key=lambda t: t.at)
+            history = self._touches.get(pair.key)
+            if history is not None and history.adaptive != (pair.policy == "adaptive"):
+                # A reload changed the policy: keep what was kept, within the new bounds.
+                history = self._touches[pair.key] = TouchLog(pair.policy == "adaptive", history.entries())
+            touches = history.touches() if history is not None else []
             if not touches and state.last_start and state.last_result is not None:
                 touches = [Touch(state.last_start, Source.PING, state.last_result)]
             # A rebuild replays gaps the shared prior already holds: replay them past it, so the
@@ -533,9 +591,10 @@ class Scheduler:
     def _log_touch(self, key: str, touch: Touch) -> None:
         """Keep a touch for rebuilding the pair's policy. Caller holds `_policy_lock`."""
         kept = self._touches.get(key)
-        if kept is None:  # not setdefault: that would build a deque for every touch
-            kept = self._touches[key] = deque(maxlen=TOUCH_LOG)
-        kept.append(_kept(touch))
+        if kept is None:  # not setdefault: that would build a log for every touch
+            state = self.states.get(key)
+            kept = self._touches[key] = TouchLog(state is not None and state.pair.policy == "adaptive")
+        kept.add(touch)
         if touch.source is Source.PRODUCTION:
             self._last_production[key] = max(self._last_production.get(key, 0.0), touch.at)
 
@@ -669,10 +728,13 @@ class Scheduler:
             self._log_touch(key, touch)
             policy.observe(touch)
             observe_latency = getattr(policy, "observe_latency", None)
-            latencies = self._latencies.setdefault(key, deque(maxlen=200))
-            for attempt in outcome.attempts:
-                latencies.append(attempt.latency)
-                if callable(observe_latency):
+            if state.pair.policy == "adaptive":  # only its margin reads them: kept for a rebuild
+                latencies = self._latencies.get(key)
+                if latencies is None:
+                    latencies = self._latencies[key] = deque(maxlen=LATENCY_LOG)
+                latencies.extend(attempt.latency for attempt in outcome.attempts)
+            if callable(observe_latency):
+                for attempt in outcome.attempts:
                     observe_latency(attempt.latency)
             if self.budget is not None:
                 self.budget.record(outcome.started, outcome.total_cost)

@@ -509,7 +509,7 @@ def _policy_state(scheduler: Scheduler) -> dict[str, Any]:
     for key, state in scheduler.states.items():
         policy = scheduler.policies[key]
         out[key] = (
-            list(scheduler._touches.get(key, ())), scheduler._last_production.get(key), scheduler._prod_tokens.get(key),
+            (log.entries() if (log := scheduler._touches.get(key)) else []), scheduler._last_production.get(key), scheduler._prod_tokens.get(key),
             scheduler._built_tokens.get(key), scheduler._draws.get(key), key in scheduler._lapsed, state.expires_at,
             state.next_due, [policy.next_ping(T0 + t, 0.5) for t in (0, 100, 400, 4000, 90_000)],
             policy.describe(T0 + 500),
@@ -554,7 +554,7 @@ class _Rows:
 def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
     import math
 
-    from keepwarm.observations import saved_usd
+    from keepwarm.observations import BUCKET, saved_usd
     from keepwarm.pricing import COST_KINDS
 
     config = _config(tmp_path)
@@ -584,6 +584,12 @@ def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Pat
         assert [r.saved_usd for r in mine if r.saved] == saved, "ledger rows are priced one by one"
         got = _value(metrics, "keepwarm_saved_usd_total", **labels) or 0.0
         assert got == pytest.approx(math.fsum(s or 0.0 for s in saved), rel=1e-12, abs=0.0)
-        page = observer.windows.total(pair.key, 7 * 86400, T0 + 200_000)  # the status page's hours, summed
-        assert page.saved_usd == pytest.approx(math.fsum(s or 0.0 for s in saved), rel=1e-12, abs=0.0)
-        assert (page.requests, page.cache_read) == (len(mine), sum(r.observation.usage.cache_read for r in mine))
+        # The status page's hours, summed: a pair's own hours cover the last 24 (whole hours).
+        first = int((T0 + 200_000 - 86400) // BUCKET) + 1
+        recent = [r for r in mine if int(r.observation.at // BUCKET) >= first]
+        page = observer.windows.total(pair.key, 86400, T0 + 200_000)
+        assert page.saved_usd == pytest.approx(math.fsum(r.saved_usd or 0.0 for r in recent), rel=1e-12, abs=0.0)
+        assert (page.requests, page.cache_read) == (len(recent), sum(r.observation.usage.cache_read for r in recent))
+    week = observer.windows.total(None, 7 * 86400, T0 + 200_000)  # every pair's, the whole week
+    assert week.saved_usd == pytest.approx(math.fsum(r.saved_usd or 0.0 for r in rows.rows), rel=1e-12, abs=0.0)
+    assert week.requests == len(rows.rows)
