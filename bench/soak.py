@@ -386,6 +386,21 @@ class Soak:
                 counts[kind] = counts.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
         return counts
 
+    def await_counted(self, o: Outage, error_type: str, deadline: float = 5.0) -> None:
+        """Wait until the daemon counts every request the emulator refused in the outage so far.
+
+        The emulator logs a refusal when it answers; the daemon counts it a moment later, when
+        the answer is back and classified. Counted before that, a ping in flight at the end of
+        the outage would be missing, and a reload resetting its pair's series would lose it.
+        """
+        refused = sum(1 for e in self.emu.log
+                      if e.path == "/v1/messages" and e.time >= o.real_start and e.error_type == "invalid_request_error")
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.errors_now().get(error_type, 0.0) - self.baseline.get(error_type, 0.0) >= refused:
+                return
+            time.sleep(0.02)
+
     def count_errors(self, since: dict[str, float], into: dict[str, float]) -> dict[str, float]:
         """Add what the daemon counted since `since` to `into`; return the counts now."""
         now = self.errors_now()
@@ -463,7 +478,9 @@ class Soak:
             self.emu.clear_faults()
         if kind == "invalid_400":
             # The operator's answer to a 400: fix the prompt, reload. (A 400 parks a pair.) A
-            # changed pair starts its series afresh, so count its errors before the reload.
+            # changed pair starts its series afresh, so count its errors before the reload,
+            # once the last refused ping has made its way back into the daemon's counters.
+            self.await_counted(o, "invalid_request")
             self.count_errors(self.baseline, o.errors_counted)
             self.edition += 1
             self._write_config()

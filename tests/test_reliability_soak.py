@@ -63,9 +63,6 @@ def test_one_catch_up_ping_per_pair_after_a_stop(figures: dict[str, Any]) -> Non
     assert figures["catch_up_pings_max"] is not None and figures["catch_up_pings_max"] <= 1
 
 
-# Failed twice in this session's last runs (an invalid_400 outage: 1 failed request, 0 counted),
-# passed in others: the cause is open, so a failure is reported, not fatal. Fix it, drop the mark.
-@pytest.mark.xfail(strict=False, reason="an invalid_400 outage sometimes counts 0 of 1 failed request; cause open")
 def test_every_failed_request_is_counted_by_the_daemon(figures: dict[str, Any]) -> None:
     assert figures["errors_counted_before_any_outage"] == {}, "nothing fails outside an outage"
     for outage in figures["schedule"]:
