@@ -27,7 +27,6 @@ header parse, nothing more.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import ipaddress
 import json
@@ -37,6 +36,7 @@ import operator
 import re
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,12 +298,15 @@ class PairAttribution:
         self.fingerprint = fingerprint
         self.ttl = ttl
         self.last_production = 0.0  # start of the latest production request attributed (0: none)
-        self.pings: collections.deque[float] = collections.deque(maxlen=_PING_HISTORY)
+        # The latest _PING_HISTORY pings' starts: an array, as a deque is ~760 bytes a pair.
+        self.pings = array("d")
 
     def ping(self, at: float, refreshed: bool) -> None:
         """A keepalive ping that started at `at`; only one that read or wrote the cache counts."""
         if refreshed:
             self.pings.append(at)
+            if len(self.pings) > _PING_HISTORY:
+                del self.pings[0]
 
     def held_warm(self, at: float) -> bool:
         """Whether a ping that read or wrote the cache started within a TTL before `at`."""

@@ -109,8 +109,10 @@ class TouchLog:
 
     def __init__(self, adaptive: bool, kept: Iterable[_KeptTouch] = ()) -> None:
         self.adaptive = adaptive
-        self.pings: deque[_KeptTouch] = deque(maxlen=PING_LOG if adaptive else 1)
-        self.production: deque[_KeptTouch] = deque(maxlen=TOUCH_LOG if adaptive else 1)
+        # An adaptive pair's touches go in bounded deques. Any other pair's latest of each kind
+        # is a 1-tuple: a deque costs about 760 bytes even empty, 15 MB for two at 10,000 pairs.
+        self.pings: Sequence[_KeptTouch] = deque(maxlen=PING_LOG) if adaptive else ()
+        self.production: Sequence[_KeptTouch] = deque(maxlen=TOUCH_LOG) if adaptive else ()
         for entry in sorted(kept):
             self._add(entry)
 
@@ -121,10 +123,15 @@ class TouchLog:
         self._add(_kept(touch))
 
     def _add(self, entry: _KeptTouch) -> None:
-        kept = self.pings if entry[1] == Source.PING._value_ else self.production
-        if not self.adaptive and kept and kept[-1][0] > entry[0]:
-            return  # a late touch: the latest is the one that counts
-        kept.append(entry)
+        ping = entry[1] == Source.PING._value_
+        kept = self.pings if ping else self.production
+        if isinstance(kept, deque):
+            kept.append(entry)
+        elif not kept or kept[-1][0] <= entry[0]:  # a late touch: the latest is the one that counts
+            if ping:
+                self.pings = (entry,)
+            else:
+                self.production = (entry,)
 
     def entries(self) -> list[_KeptTouch]:
         """Every touch kept, oldest first."""
