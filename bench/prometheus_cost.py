@@ -261,7 +261,7 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
         # interval counted for the share of cycles it runs in.
         main_interval = min(intervals.values(), default=30.0)
         cycle = sum(g["median_seconds"] * main_interval / g["interval_seconds"] for g in groups.values())
-        samples = steady_state_samples(prom_url, rules, intervals, parse_seconds(args.scrape_interval))
+        steady = steady_state_samples(prom_url, rules, intervals, parse_seconds(args.scrape_interval))
         head_series = prom_metric(prom_url, "prometheus_tsdb_head_series")
         samples = prom_api(prom_url, "query", query="scrape_samples_scraped")["result"]
         durations = prom_api(prom_url, "query", query="max_over_time(scrape_duration_seconds[10m])")["result"]
@@ -282,7 +282,7 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             "rule_evaluation_max_seconds": max((g["max_seconds"] for g in groups.values()), default=None),
             "rule_evaluation_per_cycle_seconds": round(cycle, 3),
             "slowest_rules_seconds": dict(sorted(rule_seconds.items(), key=lambda kv: -kv[1])[:5]),
-            "steady_state_samples_per_cycle": samples,
+            "steady_state_samples_per_cycle": steady,
         }
     finally:
         for proc in (prometheus, exporter):
@@ -310,6 +310,7 @@ def main() -> int:
     parser.add_argument("--before", default="2157f5f", help="the commit measured as `before`")
     parser.add_argument("--variants", default="before,standard,full")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="what else ran on the machine, kept in the results")
     args = parser.parse_args()
     if args.command == "serve":
         serve(args.tree, args.pairs, args.port, args.per_pair)
@@ -343,7 +344,7 @@ def main() -> int:
             "prometheus": subprocess.run(["prometheus", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
             "load_average_at_start": [round(x, 2) for x in load_start],
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "shared": "yes: other engineers' tests and benchmarks ran on the same 2 cores",
+            "note": args.note,
         },
         "tree": {"commit": commit, "before": args.before},
         "setup": {"pairs": args.pairs, "window_seconds": args.seconds, "scrape_and_rule_interval": args.scrape_interval},
