@@ -259,7 +259,11 @@ def _validate_in_full(
             return reject("misdirected", f"{key} is kept warm by shard {owner}", owner)
         return reject("unknown_pair", f"{key} is not a configured pair")
     at = item.get("at", now)
-    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at <= 0:
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        return reject("malformed", f"at: expected unix seconds, got {at!r}")
+    if isinstance(at, int) and not 0 < at < 2**53:  # JSON's integers are unbounded, floats not
+        return reject("malformed", "at: expected unix seconds, got an integer out of range")
+    if not math.isfinite(at) or at <= 0:
         return reject("malformed", f"at: expected unix seconds, got {at!r}")
     if at > now + MAX_FUTURE_SKEW:
         return reject("malformed", f"at: {at} is {at - now:.0f}s in the future")

@@ -226,4 +226,14 @@ def load_price_table(override: Path | None = None) -> tuple[PriceTable, list[str
         verified=extra.verified or base.verified,
         source=extra.source or base.source,
     )
+    # A read must cost less than either write: every miss penalty and every saving is
+    # (write - read) x tokens, and a negative one is a typo in the file, not a price.
+    cheapest_write = min(table.write_5m_multiplier, table.write_1h_multiplier)
+    for name in extra.models:
+        read = table.models[name].read_multiplier
+        if read is not None and read >= cheapest_write:
+            errors.append(
+                f"pricing_file {where}.models.{name}.read_multiplier: {read:g} is not below the cache-write"
+                f" multipliers ({table.write_5m_multiplier:g} for 5m, {table.write_1h_multiplier:g} for 1h)"
+            )
     return table, errors

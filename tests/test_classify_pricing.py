@@ -102,3 +102,14 @@ def test_a_bad_pricing_file_names_its_problems(tmp_path: Path) -> None:
     assert any("m: unknown key(s) ['colour']" in p for p in problems)
     assert any("n.output: expected a number >= 0, got 'cheap'" in p for p in problems)
     assert any("write_1h_multiplier: expected a number > 0" in p for p in problems)
+
+
+def test_a_read_multiplier_not_below_the_write_multipliers_is_refused(tmp_path: Path) -> None:
+    # Every miss penalty and saving is (write - read) x tokens: a read priced like a write would
+    # make them zero or negative, and a saved request a negative saving.
+    path = tmp_path / "p.yaml"
+    path.write_text("models:\n  claude-in-house-1: {input: 1, output: 2, read_multiplier: 1.5}\n"
+                    "  claude-sonnet-4-6: {read_multiplier: 0.1}\n")
+    _, problems = load_price_table(path)
+    assert problems == [f"pricing_file {path}.models.claude-in-house-1.read_multiplier: 1.5 is not below the"
+                        " cache-write multipliers (1.25 for 5m, 2 for 1h)"]

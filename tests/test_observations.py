@@ -74,6 +74,8 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
         ({"at": "yesterday"}, "malformed", "at: expected unix seconds, got 'yesterday'"),
         ({"at": T0 + 3600}, "malformed", "at: 1800003600.0 is 3600s in the future"),
         ({"at": True}, "malformed", "at: expected unix seconds, got True"),
+        # JSON's integers are unbounded: one past a float's range is refused, not an OverflowError.
+        ({"at": 10**400}, "malformed", "at: expected unix seconds, got an integer out of range"),
         ({"fingerprint": "ABC"}, "malformed", "fingerprint: expected 64 lower-case hex digits (sha256)"),
         ({"usage": None}, "malformed", "usage: expected an object with the response's usage"),
         ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer >= 0, got -1"),
