@@ -451,15 +451,8 @@ class Ledger:
             self._failed("cannot turn the ping into a row", exc)
             return
         with self._lock:
-            self._pending.append(values)
-            while len(self._pending) > MAX_PENDING:
-                self._pending.popleft()
-                self.dropped += 1
-            try:
-                self._flush()
-            except Exception as exc:  # noqa: BLE001 - record() must never stop the pinging
-                self._failed("cannot write the ledger; the row is kept in memory and retried with the next ping",
-                             exc)
+            if not self._queue(self._pending, [values],
+                               "cannot write the ledger; the row is kept in memory and retried with the next ping"):
                 return
             try:
                 if self.retention_days is not None and self._clock() - self._last_sweep >= RETENTION_EVERY:
@@ -476,14 +469,22 @@ class Ledger:
             self._failed("cannot turn observations into rows", exc)
             return
         with self._lock:
-            self._pending_observations.extend(values)
-            while len(self._pending_observations) > MAX_PENDING:
-                self._pending_observations.popleft()
-                self.dropped += 1
-            try:
-                self._flush()
-            except Exception as exc:  # noqa: BLE001 - the endpoint must keep answering
-                self._failed("cannot write observations to the ledger; kept in memory and retried", exc)
+            self._queue(self._pending_observations, values,
+                        "cannot write observations to the ledger; kept in memory and retried")
+
+    def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
+        """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
+        pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
+        pending.extend(values)
+        while len(pending) > MAX_PENDING:
+            pending.popleft()
+            self.dropped += 1
+        try:
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 - neither the pinging nor the endpoint may stop for it
+            self._failed(failure, exc)
+            return False
+        return True
 
     def _flush(self) -> None:
         """Commit every pending row in one transaction (the caller holds the lock)."""

@@ -545,40 +545,40 @@ class _Call:
         kw = self.kwargs
         self.observer.record(self.expert, str(kw.get("model")), self.at, kw.get("system"), kw.get("tools"), usage, request_id)
 
+    def _see(self, acc: _StreamUsage, event: Any, request_id: str | None) -> None:
+        """Take one stream event; report the usage once, at `message_stop`."""
+        try:
+            if acc.see(event) and not acc.done:
+                acc.done = True
+                self.report(acc, request_id)
+        except Exception:  # noqa: BLE001 - observing must never break the stream
+            pass
+
+    def _end(self, acc: _StreamUsage, request_id: str | None) -> None:
+        """The stream is over: one abandoned after message_start was still billed, so report it."""
+        if not acc.done and acc.usages:
+            acc.done = True
+            self.report(acc, request_id)
+
     def watch(self, events: Iterator[Any], request_id: str | None) -> Iterator[Any]:
         """The stream's events, unchanged, with their usage reported at `message_stop`."""
         acc = _StreamUsage()
         try:
             for event in events:
-                try:
-                    if acc.see(event) and not acc.done:
-                        acc.done = True
-                        self.report(acc, request_id)
-                except Exception:  # noqa: BLE001 - observing must never break the stream
-                    pass
+                self._see(acc, event, request_id)
                 yield event
         finally:
-            # A stream abandoned after message_start was still billed: report what it said.
-            if not acc.done and acc.usages:
-                acc.done = True
-                self.report(acc, request_id)
+            self._end(acc, request_id)
 
     async def awatch(self, events: AsyncIterator[Any], request_id: str | None) -> AsyncIterator[Any]:
         """`watch` for an async stream."""
         acc = _StreamUsage()
         try:
             async for event in events:
-                try:
-                    if acc.see(event) and not acc.done:
-                        acc.done = True
-                        self.report(acc, request_id)
-                except Exception:  # noqa: BLE001 - observing must never break the stream
-                    pass
+                self._see(acc, event, request_id)
                 yield event
         finally:
-            if not acc.done and acc.usages:
-                acc.done = True
-                self.report(acc, request_id)
+            self._end(acc, request_id)
 
 
 def _hook(stream: Any, call: _Call, asynchronous: bool) -> None:
