@@ -101,12 +101,14 @@ def serve(tree: Path, pairs: int, port: int, per_pair: str) -> None:
         metrics.miss_penalty.labels(e, m).set(0.005)
     stop = threading.Event()
 
-    def ping_on() -> None:  # N/240 warm pings a second, as a 4-minute interval gives
-        rng = random.Random(1)
+    def ping_on() -> None:  # N/240 warm pings a second, each pair every 4 minutes as the daemon does
         keys = list(config.pairs)
+        random.Random(1).shuffle(keys)
+        per_second = max(1, len(keys) // 240)
+        turn = 0
         while not stop.wait(1.0):
             t = time.time()
-            for pair in rng.sample(keys, max(1, len(keys) // 240)):
+            for pair in keys[turn:turn + per_second]:
                 e, m = pair.expert, pair.model
                 metrics.pings.labels(e, m, "warm").inc()
                 metrics.tokens.labels(e, m, "cache_read").inc(1500)
@@ -114,6 +116,7 @@ def serve(tree: Path, pairs: int, port: int, per_pair: str) -> None:
                 metrics.duration.labels(e, m).observe(0.3)
                 metrics.last_ping.labels(e, m).set(t)
                 metrics.expires.labels(e, m).set(t + 300)
+            turn = turn + per_second if turn + per_second < len(keys) else 0
 
     threading.Thread(target=ping_on, daemon=True).start()
     web = WebServer("127.0.0.1", port, metrics, lambda: [], lambda: (True, "ok"))
@@ -234,7 +237,7 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
              "--log.level=warn"],
             stdout=subprocess.DEVNULL, stderr=(workdir / f"prometheus-{variant}.log").open("wb"),
         )
-        peak_rss = 0.0
+        peak_rss = last_rss = 0.0
         # Every evaluation of every group and rule, told apart by its lastEvaluation time.
         evaluations: dict[str, dict[str, float]] = {}
         rule_seconds: dict[str, float] = {}
@@ -245,7 +248,8 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             if prometheus.poll() is not None:
                 raise RuntimeError(f"prometheus exited: {(workdir / f'prometheus-{variant}.log').read_text()[-2000:]}")
             try:
-                peak_rss = max(peak_rss, prom_metric(prom_url, "process_resident_memory_bytes"))
+                last_rss = prom_metric(prom_url, "process_resident_memory_bytes")
+                peak_rss = max(peak_rss, last_rss)
                 for group in prom_api(prom_url, "rules")["groups"]:
                     name, last = group["name"], group["lastEvaluation"]
                     intervals[name] = float(group["interval"])
@@ -265,6 +269,9 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
         head_series = prom_metric(prom_url, "prometheus_tsdb_head_series")
         samples = prom_api(prom_url, "query", query="scrape_samples_scraped")["result"]
         durations = prom_api(prom_url, "query", query="max_over_time(scrape_duration_seconds[10m])")["result"]
+        # The state measured must be the healthy one: pairs not warm, and alerts firing, at the end.
+        not_warm = prom_api(prom_url, "query", query="count(keepwarm_pair_state != 1)")["result"]
+        firing = prom_api(prom_url, "query", query='count by (alertname) (ALERTS{alertstate="firing"})')["result"]
         return {
             "variant": variant,
             "exporter_setup_seconds": round(setup_s, 1),
@@ -278,6 +285,9 @@ def measure(variant: str, tree: Path, rules: Path, args: argparse.Namespace, wor
             "serve_gzip_seconds": round(gzip_s, 2),
             "prometheus_scrape_duration_max_seconds": float(durations[0]["value"][1]) if durations else None,
             "prometheus_peak_rss_bytes": peak_rss,
+            "prometheus_rss_at_end_bytes": last_rss,
+            "pairs_not_warm_at_end": float(not_warm[0]["value"][1]) if not_warm else 0.0,
+            "alerts_firing_at_end": {a["metric"]["alertname"]: float(a["value"][1]) for a in firing},
             "rule_groups": groups,
             "rule_evaluation_max_seconds": max((g["max_seconds"] for g in groups.values()), default=None),
             "rule_evaluation_per_cycle_seconds": round(cycle, 3),
