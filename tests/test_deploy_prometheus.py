@@ -61,18 +61,25 @@ def test_the_money_tiles_are_tested_at_their_own_interval() -> None:
     # promtool runs every group at the test file's evaluation_interval, ignoring a group's own:
     # the tiles' test must run at the tiles' interval, or overlapping tiles would count money
     # several times and the test would check numbers no real Prometheus produces.
-    money = groups()["keepwarm.money"]
-    assert money["interval"] == "5m"
-    tiles = [r for r in money["rules"] if "record" in r]
-    assert tiles and all(r["record"].endswith(":increase5m") and "[5m]" in r["expr"] for r in tiles)
-    assert yaml.safe_load(MONEY_TESTS.read_text())["evaluation_interval"] == money["interval"]
+    money = [g for g in groups().values() if g.get("interval") == "5m"]
+    assert {g["name"] for g in money} == {"keepwarm.money", "keepwarm.money_by_pair"}
+    tiles = [r for g in money for r in g["rules"] if "record" in r]
+    names = {r["record"] for r in tiles}
+    # Each tile is 5 minutes of a raw counter, or a sum of another tile of the same evaluation.
+    assert tiles and all(
+        r["record"].endswith(":increase5m") and ("[5m]" in r["expr"] or any(n in r["expr"] for n in names - {r["record"]}))
+        for r in tiles
+    )
+    assert yaml.safe_load(MONEY_TESTS.read_text())["evaluation_interval"] == "5m"
 
 
 def test_tiles_are_only_read_through_sums_over_time() -> None:
     # A tile is recorded every 5 minutes, the length of Prometheus' lookback: read as an instant
-    # vector it would come and go. Over a range (sum_over_time) it never does.
-    tiles = {r["record"] for r in groups()["keepwarm.money"]["rules"] if "record" in r}
-    for rule in rules():
+    # vector it would come and go. Over a range (sum_over_time) it never does. Inside its own
+    # group a tile is read at the evaluation that wrote it, so there it may be instant.
+    money = [r for g in groups().values() if g.get("interval") == "5m" for r in g["rules"]]
+    tiles = {r["record"] for r in money if "record" in r}
+    for rule in (r for r in rules() if r not in money):
         for tile in tiles:
             for use in re.finditer(re.escape(tile) + r"(\{[^}]*\})?(\[[^]]+\])?", rule["expr"]):
                 assert use.group(2), f"{rule.get('record') or rule.get('alert')} reads {tile} as an instant vector"
@@ -98,11 +105,13 @@ def test_every_group_holds_exactly_its_contracted_alerts() -> None:
     assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS | BUDGET_ALERTS
 
 
+KEEPWARM_GROUPS = ("keepwarm.recording", "keepwarm.pings", "keepwarm.pairs", "keepwarm.alerts")
+
+
 def keepwarm_rules() -> list[dict[str, Any]]:
     """The rules of keepwarm's own groups (production alerts live in a group of their own)."""
     data = yaml.safe_load(RULES.read_text())
-    return [rule for group in data["groups"] if group["name"] in ("keepwarm.recording", "keepwarm.alerts")
-            for rule in group["rules"]]
+    return [rule for group in data["groups"] if group["name"] in KEEPWARM_GROUPS for rule in group["rules"]]
 
 
 def test_alerts_are_exactly_the_contracted_ones() -> None:
@@ -144,46 +153,72 @@ def test_every_alert_links_its_own_runbook_section_saying_what_check_and_fix() -
 
 
 def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_up() -> None:
-    # An alert on the instant keepwarm_pair_state needs no pair_info gate: the series goes stale
-    # at the first scrape without it (a removed pair, a failed scrape), and the alert with it.
-    # One that reads a window, where a removed pair lingers for the window's length, does.
+    # An alert on the instant pair state needs no other gate than the target: the series goes
+    # stale at the first scrape without it (a removed pair, a failed scrape), and the alert with
+    # it. One that reads a window, where a removed pair lingers for the window's length, is
+    # gated on an instant series of the same pair: the sparse counter itself, so the gate reads
+    # the few pairs with the problem rather than 10,000 keepwarm_pair_info series.
+    by_name = {r["record"]: r for r in rules() if "record" in r}
     for rule in keepwarm_rules():
         if "alert" not in rule or rule["labels"].get("scope") != "pair":
             continue
         expr = " ".join(rule["expr"].split())
-        assert "up == 1" in expr, rule["alert"]
-        if expr.startswith("keepwarm_pair_state == ") and expr.count("keepwarm_pair_state") == 1:
+        if expr.startswith("pair:keepwarm_cache_hit_ratio_low:1h "):
+            # Gated inside the rule: a removed pair or a target that is down has no prefix gauge.
+            assert "* max without (instance, pod) (keepwarm_prefix_tokens)" in by_name[expr.split()[0]]["expr"]
             continue
-        assert (
-            "and on (namespace, job, instance, expert, model) keepwarm_pair_info" in expr
-            and "and on (namespace, job, instance) up == 1" in expr
-        ) or ("and on (namespace, job, expert, model) (keepwarm_pair_info and on (namespace, job, instance) up == 1)"
-              in expr), rule["alert"]
+        assert "and on (namespace, job, instance) up == 1" in expr, rule["alert"]
+        if expr.startswith("pair:keepwarm_pair_state:unhealthy == "):
+            continue
+        family = re.search(r"increase\((keepwarm_\w+)\[", expr)
+        assert family, rule["alert"]
+        assert f"and on (namespace, job, instance, expert, model) {family.group(1)} " in expr, rule["alert"]
     per_pair = {r["alert"] for r in keepwarm_rules() if r.get("labels", {}).get("scope") == "pair"}
     # Every alert with expert/model labels is marked, so Alertmanager can inhibit it.
     assert per_pair == ALERTS - {"KeepwarmDown", "KeepwarmConfigReloadFailed", "KeepwarmLedgerErrors",
                                  "KeepwarmPingsDeferred"}
+    unhealthy = " ".join(by_name["pair:keepwarm_pair_state:unhealthy"]["expr"].split())
+    assert unhealthy == "keepwarm_pair_state >= 2"
 
 
-def test_per_pair_recording_rules_stay_few() -> None:
-    # Each per-pair rule is one more series per pair in Prometheus' head (10,000 at 10,000
-    # pairs): only those the alerts and the dashboard's range panels need (the break-even
-    # table is an instant query of the daily spend over the miss penalty).
-    per_pair = {r["record"] for r in keepwarm_rules() if r.get("record", "").startswith("pair:")}
-    observed = {r for r in per_pair if "production" in r or "saved" in r}  # only for pairs with observations
-    assert per_pair - observed == {
-        "pair:keepwarm_cache_hit_ratio:1h",
-        "pair:keepwarm_spend_usd_per_day:increase1d",
-    }
-    tiles = {r["record"] for r in groups()["keepwarm.money"]["rules"] if "record" in r}
-    assert {t for t in tiles if "production" not in t and "saved" not in t} == {"pair:keepwarm_spend_usd:increase5m"}
+def test_a_healthy_fleet_without_observations_gets_no_per_pair_series_from_the_rules() -> None:
+    # Each per-pair rule would be one more series per pair in Prometheus' head (10,000 at
+    # 10,000 pairs, about 40 MB of its memory): a per-pair rule records only the pairs that need
+    # attention (a comparison at the end) or that have production observations.
+    per_pair = {r["record"]: " ".join(r["expr"].split()) for r in rules() if r.get("record", "").startswith("pair:")}
+    observed = {name for name, expr in per_pair.items() if "keepwarm_production_" in expr or "saved" in name}
+    assert set(per_pair) - observed == {"pair:keepwarm_pair_state:unhealthy", "pair:keepwarm_cache_hit_ratio_low:1h"}
+    assert per_pair["pair:keepwarm_cache_hit_ratio_low:1h"].endswith("< 0.85")
+    assert per_pair["pair:keepwarm_spend_usd:increase5m"].endswith(
+        "and on (namespace, job, expert, model) keepwarm_production_requests_total")
+
+
+DENSE_PER_PAIR = ("keepwarm_pings_total", "keepwarm_cost_usd_total", "keepwarm_tokens_total",
+                  "keepwarm_last_ping_timestamp_seconds", "keepwarm_cache_expires_timestamp_seconds",
+                  "keepwarm_prefix_tokens", "keepwarm_miss_penalty_usd", "keepwarm_pair_info", "keepwarm_pair_state")
+
+
+def test_what_runs_every_30_seconds_reads_each_pair_once() -> None:
+    # At 10,000 pairs a selector of a dense per-pair family reads 10,000 to 50,000 series. What
+    # Prometheus evaluates every 30 s reads one, keepwarm_pair_state, once (into the unhealthy
+    # rule the per-pair alerts read); the rest runs every 2 or every 5 minutes.
+    reads = []
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        if "interval" in group:
+            assert group["interval"] in ("2m", "5m"), group["name"]
+            continue
+        for rule in group["rules"]:
+            for family in DENSE_PER_PAIR:
+                reads += [(rule.get("record") or rule.get("alert"), family)] * len(
+                    re.findall(rf"(?<![\w:]){family}(?![\w:])", rule["expr"]))
+    assert reads == [("pair:keepwarm_pair_state:unhealthy", "keepwarm_pair_state")]
 
 
 def test_the_stale_threshold_is_the_ttl_not_the_interval() -> None:
     # The daemon marks a pair cold (keepwarm_pair_state 2) once its TTL has passed unpinged;
     # the rule reads that rather than comparing against a multiple of the interval.
     stale = next(r for r in rules() if r.get("alert") == "KeepwarmPingsStale")
-    assert "keepwarm_pair_state == 2" in stale["expr"]
+    assert "pair:keepwarm_pair_state:unhealthy == 2" in stale["expr"]
     assert "interval" not in stale["expr"]
 
 

@@ -39,9 +39,11 @@ from conftest import LONG_PROMPT, ROOT, DaemonProcess, daemon_env, free_port, wr
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
 TIME_SCALE = "0.02"
 DEADLINE = 110.0  # for an alert with `for: 1m` to fire, from the fault
-# Recording rules over production observations, which need the observations endpoint: they
-# have no values in a run that only pings.
-NEEDS_OBSERVATIONS = ("saved", "production", "net_saving")
+# Recording rules with no values in a healthy run that only pings: those over production
+# observations (which need the observations endpoint, and the per-pair spend tile only exists
+# for observed pairs), and the hit rate of the pairs below 85%, checked in the fault phase.
+NO_VALUES_WHEN_HEALTHY = ("saved", "production", "net_saving", "pair:keepwarm_spend_usd:increase5m",
+                          "pair:keepwarm_cache_hit_ratio_low:1h")
 
 Alert = tuple[str, str, str, str]  # alertname, instance, expert, model
 
@@ -59,19 +61,23 @@ def _send(url: str, method: str, body: Any = None) -> None:
 
 
 def scaled_rules(directory: Path) -> Path:
-    """The shipped rules with keepwarm.money's 5-minute tiles scaled like the daemons' time.
+    """The shipped rules with their groups' own intervals scaled for a test of minutes.
 
     A tile group evaluated every 5 minutes would record nothing in this test's minutes; its
     interval and its tiles' window are shortened together (to TIME_SCALE x 5m), so the tiles
-    still cover time exactly once. Every other rule is as shipped.
+    still cover time exactly once. The groups evaluated every 2 minutes run at the test's 1 s,
+    as the others do. Every rule is as shipped.
     """
     doc = yaml.safe_load(RULES.read_text())
-    money = next(g for g in doc["groups"] if g["name"] == "keepwarm.money")
     tile = f"{float(TIME_SCALE) * 300:g}s"
-    assert money["interval"] == "5m"
-    money["interval"] = tile
-    for rule in money["rules"]:
-        rule["expr"] = rule["expr"].replace("[5m]", f"[{tile}]")
+    for group in doc["groups"]:
+        if group.get("interval") == "2m":
+            del group["interval"]
+        elif group.get("interval") == "5m":
+            group["interval"] = tile
+            for rule in group["rules"]:
+                rule["expr"] = rule["expr"].replace("[5m]", f"[{tile}]")
+    assert all(g.get("interval") in (None, tile) for g in doc["groups"]), "a group interval this test does not scale"
     path = directory / "keepwarm-rules.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -215,7 +221,7 @@ def test_the_shipped_rules_on_a_real_prometheus(
         return bool(prometheus.api("query", query=name)["result"])
 
     def every_rule_has_values() -> bool:
-        wanted = [r["name"] for r in records if not any(word in r["name"] for word in NEEDS_OBSERVATIONS)]
+        wanted = [r["name"] for r in records if not any(word in r["name"] for word in NO_VALUES_WHEN_HEALTHY)]
         return all(recorded(name) for name in wanted)
 
     wait_until("every recording rule to have values", every_rule_has_values, 30)
@@ -259,6 +265,11 @@ def test_the_shipped_rules_on_a_real_prometheus(
         # Never anything else on the way: no stale or failing page for the spend cap, nothing
         # per pair for the stopped daemon.
         assert seen <= expected, sorted(seen - expected)
+        # Caches that expire between pings: every ping writes, and the hit rate of their pairs
+        # falls below 85% (KeepwarmHitRateLow's `for` of 15 minutes is longer than this test).
+        low = prometheus.api("query", query="pair:keepwarm_cache_hit_ratio_low:1h")["result"]
+        assert {(r["metric"]["expert"], r["metric"]["model"]) for r in low} >= {
+            ("chief-economist", "claude-sonnet-4-6"), ("support-triage", "claude-sonnet-4-6")}, low
     finally:
         stop_expiring.set()
         expiring.join()
