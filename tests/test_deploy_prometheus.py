@@ -183,7 +183,7 @@ def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_u
 
 def test_a_healthy_fleet_without_observations_gets_no_per_pair_series_from_the_rules() -> None:
     # Each per-pair rule would be one more series per pair in Prometheus' head (10,000 at
-    # 10,000 pairs, about 40 MB of its memory): a per-pair rule records only the pairs that need
+    # 10,000 pairs, 40 to 50 MB of its memory): a per-pair rule records only the pairs that need
     # attention (a comparison at the end) or that have production observations.
     per_pair = {r["record"]: " ".join(r["expr"].split()) for r in rules() if r.get("record", "").startswith("pair:")}
     observed = {name for name, expr in per_pair.items() if "keepwarm_production_" in expr or "saved" in name}
