@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.daemon import build_runner, build_web  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.daemon import TRIM_EVERY, build_runner, build_web, freeze_heap  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.heap import release_free_memory  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
@@ -132,13 +133,19 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     started_wall = time.time()
     scheduler.start(config.pairs)
     start_seconds = time.perf_counter() - began
+    freeze_heap()  # as keepwarm.daemon does once the scheduler runs
     memory["after_scheduler_start"] = rss_mb()
     print(f"ready {web.address[1]}", flush=True)
 
     end = started_wall + args.seconds
-    # keepwarm.daemon's main loop: wait a heartbeat, check the wall clock for a step.
+    trimmed = time.monotonic()
+    # keepwarm.daemon's main loop: wait a heartbeat, check the wall clock for a step, and every
+    # TRIM_EVERY seconds hand the freed memory back.
     while not stop.wait(max(0.0, min(HEARTBEAT_EVERY, end - time.time()))):
         scheduler.check_clock()
+        if time.monotonic() - trimmed >= TRIM_EVERY:
+            trimmed = time.monotonic()
+            release_free_memory()
         if time.time() >= end:
             break
     ended_wall = time.time()
