@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.daemon import TRIM_EVERY, build_runner, build_web, freeze_heap  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.heap import release_free_memory  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.heap import keep_large_blocks_mapped, release_free_memory  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
@@ -116,6 +116,7 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     """The daemon as keepwarm.daemon wires it, for `args.seconds`; returns its own figures."""
     setup_logging("text")
     memory = {"after_imports": rss_mb()}
+    keep_large_blocks_mapped()  # as keepwarm.daemon does before it loads the config
     began = time.perf_counter()
     config = load_config(args.config)
     config_seconds = time.perf_counter() - began

@@ -27,7 +27,7 @@ from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, reso
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.gate import Gate
-from keepwarm.heap import release_free_memory
+from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
@@ -260,6 +260,7 @@ class Daemon:
                 signal.signal(s, h)
 
     def _run(self) -> int:
+        keep_large_blocks_mapped()  # before the config's transients: see keepwarm.heap
         try:
             config, key, warnings = self._load()
         except ConfigError as exc:

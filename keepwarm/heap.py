@@ -17,34 +17,51 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
-from collections.abc import Callable
 from typing import Any
 
 _lock = threading.Lock()
-_trim: Callable[[int], Any] | None = None
+_libc: Any = None
 _looked_up = False
 
+# glibc's mallopt parameter: blocks of at least this many bytes get a mapping of their own.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
-def _malloc_trim() -> Callable[[int], Any] | None:
-    global _trim, _looked_up
+
+def _glibc() -> Any:
+    """The C library if it is glibc (it has malloc_trim and mallopt), else None."""
+    global _libc, _looked_up
     with _lock:
         if not _looked_up:
             _looked_up = True
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                trim = libc.malloc_trim
-                trim.argtypes = [ctypes.c_size_t]
-                trim.restype = ctypes.c_int
-                _trim = trim
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                libc.malloc_trim.restype = ctypes.c_int
+                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                libc.mallopt.restype = ctypes.c_int
+                _libc = libc
             except (OSError, AttributeError):  # not glibc: nothing to call
-                _trim = None
-        return _trim
+                _libc = None
+        return _libc
+
+
+def keep_large_blocks_mapped() -> bool:
+    """Give every block of 128 kB or more a mapping of its own, unmapped when it is freed.
+
+    glibc starts so, but raises the threshold to the largest such block freed so far (up to
+    32 MB): after the first scrape frees its 256 kB chunks, every later chunk comes from an
+    arena instead, between the pings' buffers, and leaves a hole there when freed. Setting the
+    threshold once keeps it where it starts. False where the C library is not glibc.
+    """
+    libc = _glibc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def release_free_memory() -> bool:
     """Return the C allocator's free pages to the OS; False where the C library cannot."""
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True
