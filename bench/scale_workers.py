@@ -6,7 +6,8 @@
 `keepwarm` wires the daemon in-process with keepwarm.daemon's own `build_runner` and
 `build_web` (config, SDK client, Metrics, the runner, Scheduler with the
 config's `api.max_concurrency` (sized from the pairs when the config leaves it out), the web
-server on the config's `metrics.listen`, the main loop's clock check), with a recorder in the
+server on the config's `metrics.listen`, `freeze_heap` once it schedules, the main loop's clock
+check and memory trim, glibc's mmap threshold kept as keepwarm.heap keeps it), with a recorder in the
 ledger's place, prints `ready PORT` once it schedules, runs for S seconds and writes
 what it saw to R. `baseline` is the seed's approach transliterated: one loop that pings every
 pair one after another, then waits for the next multiple of the interval, through the same SDK
