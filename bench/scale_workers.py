@@ -6,7 +6,8 @@
 `keepwarm` wires the daemon in-process with keepwarm.daemon's own `build_runner` and
 `build_web` (config, SDK client, Metrics, the runner, Scheduler with the
 config's `api.max_concurrency` (sized from the pairs when the config leaves it out), the web
-server on the config's `metrics.listen`, the main loop's clock check), with a recorder in the
+server on the config's `metrics.listen`, `freeze_heap` once it schedules, the main loop's clock
+check and memory trim, glibc's mmap threshold kept as keepwarm.heap keeps it), with a recorder in the
 ledger's place, prints `ready PORT` once it schedules, runs for S seconds and writes
 what it saw to R. `baseline` is the seed's approach transliterated: one loop that pings every
 pair one after another, then waits for the next multiple of the interval, through the same SDK
@@ -32,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from keepwarm.classify import Result, classify  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.config import load_config  # noqa: E402 - imported after sys.path names this tree
-from keepwarm.daemon import build_runner, build_web  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.daemon import TRIM_EVERY, build_runner, build_web, freeze_heap  # noqa: E402 - imported after sys.path names this tree
+from keepwarm.heap import keep_large_blocks_mapped, release_free_memory  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.logs import setup_logging  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.metrics import Metrics  # noqa: E402 - imported after sys.path names this tree
 from keepwarm.ping import make_client, send_ping  # noqa: E402 - imported after sys.path names this tree
@@ -115,6 +117,7 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     """The daemon as keepwarm.daemon wires it, for `args.seconds`; returns its own figures."""
     setup_logging("text")
     memory = {"after_imports": rss_mb()}
+    keep_large_blocks_mapped()  # as keepwarm.daemon does before it loads the config
     began = time.perf_counter()
     config = load_config(args.config)
     config_seconds = time.perf_counter() - began
@@ -132,13 +135,19 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     started_wall = time.time()
     scheduler.start(config.pairs)
     start_seconds = time.perf_counter() - began
+    freeze_heap()  # as keepwarm.daemon does once the scheduler runs
     memory["after_scheduler_start"] = rss_mb()
     print(f"ready {web.address[1]}", flush=True)
 
     end = started_wall + args.seconds
-    # keepwarm.daemon's main loop: wait a heartbeat, check the wall clock for a step.
+    trimmed = time.monotonic()
+    # keepwarm.daemon's main loop: wait a heartbeat, check the wall clock for a step, and every
+    # TRIM_EVERY seconds hand the freed memory back.
     while not stop.wait(max(0.0, min(HEARTBEAT_EVERY, end - time.time()))):
         scheduler.check_clock()
+        if time.monotonic() - trimmed >= TRIM_EVERY:
+            trimmed = time.monotonic()
+            release_free_memory()
         if time.time() >= end:
             break
     ended_wall = time.time()

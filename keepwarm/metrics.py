@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import bisect
 import enum
+import sys
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal, cast
 
@@ -172,17 +173,30 @@ _SPECS: list[tuple[str, str, str, str | None, tuple[str, ...], _Presence, _Prese
 ]
 
 
+def _group(family: _Family) -> int:
+    """Where a family's slots sit in a pair's array: 0 what every mode keeps from the start,
+    1 the production families (added at the pair's first observation), 2 what only `full` exports."""
+    return 1 if family.full == "observed" else 2 if family.standard == "never" else 0
+
+
 def _layout() -> tuple[_Family, ...]:
-    families, offset = [], 0
-    for name, kind, documentation, label, values, standard, full in _SPECS:
-        family = _Family(name, kind, documentation, offset, label, values, standard, full)
-        families.append(family)
+    """The families in exposition order, their slots laid out group by group (`_group`)."""
+    families = [_Family(name, kind, doc, 0, label, values, standard, full)
+                for name, kind, doc, label, values, standard, full in _SPECS]
+    offsets, offset = {}, 0
+    for family in sorted(families, key=_group):  # a stable sort: spec order within a group
+        offsets[family.name] = offset
         offset += family.width
-    return tuple(families)
+    return tuple(replace(family, offset=offsets[family.name]) for family in families)
 
 
 _FAMILIES = _layout()
 _BY_NAME = {f.name: f for f in _FAMILIES}
+# A pair's array is as long as its mode needs: at 10,000 pairs every slot is 80 kB. Standard mode
+# starts with the first group and adds the production slots at the pair's first observation;
+# full mode has every slot from the start (it is meant for a few hundred pairs).
+_CORE_WIDTH = sum(f.width for f in _FAMILIES if _group(f) == 0)
+_OBSERVED_WIDTH = _CORE_WIDTH + sum(f.width for f in _FAMILIES if _group(f) == 1)
 _WIDTH = sum(f.width for f in _FAMILIES)
 _INTERVAL = _BY_NAME["keepwarm_ping_interval_seconds"]
 _EXPIRES = _BY_NAME["keepwarm_cache_expires_timestamp_seconds"]
@@ -214,11 +228,13 @@ class _Series:
         "ttl_seconds", "values", "write_kind",
     )
 
-    def __init__(self, expert: str, model: str, created: float) -> None:
+    def __init__(self, expert: str, model: str, created: float, width: int) -> None:
         self.labels = (expert, model)
-        self.expert = f'expert="{_escape(expert)}"'  # rendered once, used in every line
-        self.model = f'model="{_escape(model)}"'
-        self.values = array("d", bytes(8 * _WIDTH))
+        # Rendered once, used in every line, and one string for all pairs of an expert or a
+        # model (interned strings go when their last user does).
+        self.expert = sys.intern(f'expert="{_escape(expert)}"')
+        self.model = sys.intern(f'model="{_escape(model)}"')
+        self.values = array("d", bytes(8 * width))  # _CORE_WIDTH, _OBSERVED_WIDTH or _WIDTH slots
         self.info: tuple[str, str] | None = None  # (ttl, fingerprint)
         self.configured = False
         self.observed = False  # a production observation arrived
@@ -245,7 +261,18 @@ class _Store:
         if found is not None:
             return found
         with self.lock:
-            return self.pairs.setdefault((expert, model), _Series(expert, model, self.clock()))
+            width = _WIDTH if self.mode == "full" else _CORE_WIDTH
+            return self.pairs.setdefault((expert, model), _Series(expert, model, self.clock(), width))
+
+    def observed_slots(self, series: _Series) -> _Series:
+        """`series`, its array extended with the production slots if it lacks them (in place:
+        the cells already handed out keep pointing at it)."""
+        if len(series.values) < _OBSERVED_WIDTH:
+            with self.lock:
+                missing = _OBSERVED_WIDTH - len(series.values)
+                if missing > 0:
+                    series.values.extend(array("d", bytes(8 * missing)))
+        return series
 
     def model_histogram(self, model: str) -> array[float]:
         found = self.models.get(model)
@@ -355,6 +382,8 @@ class PairMetric:
         if slot is None:
             raise ValueError(f"{family.name}: unknown {family.label} {extra[0]!r}; expected one of {family.values}")
         series = self._store.series(expert, model)
+        if family.name in _PRODUCTION:
+            self._store.observed_slots(series)
         if family is _DURATION and self._store.mode == "standard":
             return _Cell(self._store, self._store.model_histogram(model), 0, family.kind)
         return _Cell(self._store, series.values, family.offset + slot, family.kind, self._hook(series, extra))
@@ -403,6 +432,8 @@ _REWRITES = frozenset({Result.REWARMED.value, Result.PARTIAL.value})
 
 def _visible(family: _Family, presence: _Presence, series: _Series) -> Iterable[int]:
     """The slots of `family` this pair exposes now (indexes into `family.values`)."""
+    if family.offset >= len(series.values):  # a family the pair has no slots for yet: all zero
+        return ()
     if presence == "dense":
         return () if family is _INTERVAL and not series.configured else family.slots
     if presence == "never":
@@ -589,13 +620,15 @@ class Metrics:
 
     def production(self, expert: str, model: str) -> ProductionSeries:
         """A pair's production families as one handle, for the observations' per-request sums."""
-        return ProductionSeries(self._store, self._store.series(expert, model))
+        store = self._store
+        return ProductionSeries(store, store.observed_slots(store.series(expert, model)))
 
     def add_pair(self, pair: Pair) -> None:
         """Create a configured pair's series, or update its info and interval in place."""
         series = self._store.series(pair.expert, pair.model)
         with self._store.lock:
-            series.values[_INTERVAL.offset] = pair.interval
+            if len(series.values) > _INTERVAL.offset:  # exported (and given a slot) in full mode only
+                series.values[_INTERVAL.offset] = pair.interval
             series.info = (pair.ttl, pair.fingerprint)
             series.ttl_seconds = pair.ttl_seconds
             series.write_kind = _WRITE_KIND.get(pair.ttl)
