@@ -270,6 +270,8 @@ class Monitor(threading.Thread):
             "rss_mb_median": round(statistics.median(self.rss), 1) if self.rss else None,
             "rss_mb_max_sampled": round(max(self.rss), 1) if self.rss else None,
             "rss_mb_peak": round(self.peak, 1),
+            # The highest sample of each minute: whether the level settles or keeps rising.
+            "rss_mb_max_by_minute": [round(max(self.rss[i:i + 60]), 1) for i in range(0, len(self.rss), 60)],
             "cpu_seconds_in_window": round(self.cpu - self.cpu_start, 2),
             "cpu_percent_of_one_core": round(100 * (self.cpu - self.cpu_start) / window, 1),
             "emulator_cpu_percent_of_one_core": round(100 * (self.emulator_cpu - self.emulator_cpu_start) / window, 1),
