@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -91,26 +92,38 @@ def lapses(pings: list[tuple[str, float, str]], ttl: float) -> dict[str, Any]:
 
 
 class Recorder:
-    """Stands where the ledger would: keeps the few fields the figures need from each ping."""
+    """Stands where the ledger would: writes the few fields the figures need from each ping to a
+    file, as the ledger writes its rows to disk. Kept in a list, the rows themselves (about 200
+    bytes a ping, 41 pings a second) would be most of the growth the RSS figures are there to
+    show: 6 MB over 12 minutes at 10,000 pairs."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float | None, float, str, float, str | None]] = []
+        self._lock = threading.Lock()
+        self._file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed in rows()
 
     def record(self, outcome: PingOutcome) -> None:
-        """One finished ping (list.append is atomic: no lock among the worker threads)."""
-        self.rows.append(
-            (
-                outcome.pair.key,
-                outcome.scheduled_at,
-                outcome.started,
-                outcome.result.value,
-                outcome.duration,
-                outcome.miss_cause,
-            )
-        )
+        """One finished ping, a tab-separated line (pair keys and results hold no tab)."""
+        scheduled = "" if outcome.scheduled_at is None else repr(outcome.scheduled_at)
+        line = (f"{outcome.pair.key}\t{scheduled}\t{outcome.started!r}\t{outcome.result.value}\t"
+                f"{outcome.duration!r}\t{outcome.miss_cause or ''}\n")
+        with self._lock:
+            self._file.write(line)
 
     def close(self) -> None:
         """Nothing to flush: the rows are read when the run ends."""
+
+    def rows(self) -> list[tuple[str, float | None, float, str, float, str | None]]:
+        """Every row written, read back once the window is over."""
+        with self._lock:
+            self._file.seek(0)
+            lines = self._file.read().splitlines()
+            self._file.close()
+        out = []
+        for line in lines:
+            key, scheduled, started, result, duration, cause = line.split("\t")
+            out.append((key, float(scheduled) if scheduled else None, float(started), result, float(duration),
+                        cause or None))
+        return out
 
 
 def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,7 +175,7 @@ def run_keepwarm(args: argparse.Namespace) -> dict[str, Any]:
     left = scheduler.stop(config.shutdown_timeout)
     web.stop()
 
-    rows = [r for r in recorder.rows if r[2] < ended_wall]
+    rows = [r for r in recorder.rows() if r[2] < ended_wall]
     lateness = [started - scheduled for _, scheduled, started, *_ in rows if scheduled is not None]
     durations = [r[4] for r in rows]
     window = ended_wall - started_wall
