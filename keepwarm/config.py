@@ -174,6 +174,11 @@ class Pair:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.expert}/{self.model}")
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the adaptive policy decides this pair's pings (what it keeps differs)."""
+        return self.policy == "adaptive"
+
 
 @dataclass(frozen=True)
 class ApiSettings:

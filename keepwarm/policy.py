@@ -258,7 +258,7 @@ def make_policy(
     penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
     policy: PairPolicy
     value: Callable[[float], float]
-    if pair.policy == "adaptive" and ping_cost is not None and penalty is not None:
+    if pair.adaptive and ping_cost is not None and penalty is not None:
         adaptive = AdaptivePolicy(
             pair.ttl_seconds,
             pair.interval,

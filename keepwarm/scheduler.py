@@ -516,7 +516,7 @@ class Scheduler:
             state.prefix_tokens = measured[-1]
         tokens = [t.prefix_tokens for t in touches if t.prefix_tokens and t.source is Source.PRODUCTION]
         with self._policy_lock:
-            history = self._touches[pair.key] = TouchLog(pair.policy == "adaptive")
+            history = self._touches[pair.key] = TouchLog(pair.adaptive)
             for touch in touches:
                 history.add(touch)
             for t in touches:
@@ -565,9 +565,9 @@ class Scheduler:
         )
         with self._policy_lock:
             history = self._touches.get(pair.key)
-            if history is not None and history.adaptive != (pair.policy == "adaptive"):
+            if history is not None and history.adaptive != pair.adaptive:
                 # A reload changed the policy: keep what was kept, within the new bounds.
-                history = self._touches[pair.key] = TouchLog(pair.policy == "adaptive", history.entries())
+                history = self._touches[pair.key] = TouchLog(pair.adaptive, history.entries())
             touches = history.touches() if history is not None else []
             if not touches and state.last_start and state.last_result is not None:
                 touches = [Touch(state.last_start, Source.PING, state.last_result)]
@@ -600,7 +600,7 @@ class Scheduler:
         kept = self._touches.get(key)
         if kept is None:  # not setdefault: that would build a log for every touch
             state = self.states.get(key)
-            kept = self._touches[key] = TouchLog(state is not None and state.pair.policy == "adaptive")
+            kept = self._touches[key] = TouchLog(state is not None and state.pair.adaptive)
         kept.add(touch)
         if touch.source is Source.PRODUCTION:
             self._last_production[key] = max(self._last_production.get(key, 0.0), touch.at)
@@ -735,7 +735,7 @@ class Scheduler:
             self._log_touch(key, touch)
             policy.observe(touch)
             observe_latency = getattr(policy, "observe_latency", None)
-            if state.pair.policy == "adaptive":  # only its margin reads them: kept for a rebuild
+            if state.pair.adaptive:  # only its margin reads them: kept for a rebuild
                 latencies = self._latencies.get(key)
                 if latencies is None:
                     latencies = self._latencies[key] = deque(maxlen=LATENCY_LOG)
