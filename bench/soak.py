@@ -84,7 +84,7 @@ import yaml  # noqa: E402 - after the path set-up, so a checkout runs without in
 
 from keepwarm.config import load_config  # noqa: E402
 from keepwarm.emulator import Emulator, Fault, LogEntry  # noqa: E402
-from keepwarm.ledger import read_ledger  # noqa: E402
+from keepwarm.store import read_ledger  # noqa: E402
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "soak.json"
 KEY = "sk-ant-api03-SOAKTEST-4c1e9b7d2a6f0358e1b2-soakKEY9"

@@ -28,9 +28,9 @@ from keepwarm.config import (
     resolve_api_key,
 )
 from keepwarm.exitcodes import EX_CONFIG, EX_FAIL, EX_NOT_ALL_WARM, EX_OK, EX_USAGE
-from keepwarm.ledger import LedgerError
 from keepwarm.logs import event, setup_logging
 from keepwarm.pricing import format_usd
+from keepwarm.store import LedgerError
 
 log = logging.getLogger("keepwarm")
 
@@ -320,9 +320,9 @@ def report(args: argparse.Namespace) -> int:
 def once(config: Config, client: _Client) -> int:
     """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
     from keepwarm.daemon import build_runner
-    from keepwarm.ledger import Ledger
     from keepwarm.metrics import Metrics
     from keepwarm.runner import PairState, PingOutcome
+    from keepwarm.store import Ledger
 
     # A CronJob running `once` keeps its history in the ledger, like the daemon.
     ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None

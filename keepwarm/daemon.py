@@ -28,7 +28,6 @@ from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
-from keepwarm.ledger import Ledger, LedgerError
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
 from keepwarm.observations import WINDOWS, Observer, load_token
@@ -36,6 +35,7 @@ from keepwarm.ping import make_client
 from keepwarm.policy import Source, Touch
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
+from keepwarm.store import Ledger, LedgerError
 from keepwarm.web import PageInfo, WebServer
 
 log = logging.getLogger("keepwarm")
@@ -179,6 +179,7 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
         health=scheduler.healthy,
         page_info=page_info,
         observer=observer,
+        live=scheduler.alive,
     )
 
 

@@ -44,12 +44,12 @@ from typing import Any, Protocol
 
 from keepwarm.classify import Result, Usage, classify, usage_from_api
 from keepwarm.config import Config, ConfigError, Pair
-from keepwarm.ledger import Recent
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics, ProductionSeries
 from keepwarm.policy import Source, Touch
 from keepwarm.pricing import PriceTable
 from keepwarm.shard import shard_of
+from keepwarm.store import Recent
 
 log = logging.getLogger("keepwarm.observations")
 

@@ -54,7 +54,8 @@ from typing import Any, TextIO
 from keepwarm.classify import RESULTS, Result
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_USAGE
-from keepwarm.ledger import (
+from keepwarm.pricing import COST_KINDS, MILLION, PriceTable, break_even_misses_per_day, format_usd
+from keepwarm.store import (
     LedgerError,
     LedgerRow,
     ObservationRow,
@@ -62,7 +63,6 @@ from keepwarm.ledger import (
     read_ledger,
     read_observations,
 )
-from keepwarm.pricing import COST_KINDS, MILLION, PriceTable, break_even_misses_per_day, format_usd
 
 FORMATS = ("table", "json", "csv")
 SHORT_WINDOW = 3600.0  # below this, a day's figures rest on a handful of pings

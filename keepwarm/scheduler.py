@@ -931,13 +931,21 @@ class Scheduler:
                 late.append(key)
         return late
 
-    def healthy(self) -> tuple[bool, str]:
-        """Alive and on time: the heartbeat is fresh and no pair is overdue."""
+    def alive(self) -> tuple[bool, str]:
+        """Liveness: the scheduler runs and its heartbeat is fresh. Never depends on the API,
+        so a slow or failing API cannot turn a liveness probe into a restart loop."""
         if not self.running:
             return False, "scheduler not running"
         age = self.mono() - self.last_heartbeat
         if age > 5 * HEARTBEAT_EVERY:
             return False, f"scheduler heartbeat is {age:.1f}s old"
+        return True, "ok"
+
+    def healthy(self) -> tuple[bool, str]:
+        """Readiness: alive, and no pair's ping is so late that its cache may lapse."""
+        ok, why = self.alive()
+        if not ok:
+            return ok, why
         late = self.overdue()
         if late:
             return False, f"{len(late)} pair(s) overdue, e.g. {late[0]}"

@@ -174,7 +174,7 @@ def read_observations(path: Path) -> list[Request]:
 
 def ledger_prefix_tokens(path: Path) -> dict[str, int]:
     """Each pair's prefix size as its latest successful ping in the ledger saw it."""
-    from keepwarm.ledger import LedgerError, read_ledger
+    from keepwarm.store import LedgerError, read_ledger
 
     try:
         rows = read_ledger(path)

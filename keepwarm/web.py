@@ -177,7 +177,7 @@ def render_page(
         f"<h1>keepwarm {html.escape(__version__)}</h1>{banner}"
         f"<p>{len(states)} pairs: {summary}{mode}</p>"
         f"<p>Scheduler: <b class=\"{health_class}\">{html.escape(why)}</b> · "
-        "<a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a></p>"
+        "<a href=/metrics>/metrics</a> · <a href=/healthz>/healthz</a> · <a href=/readyz>/readyz</a></p>"
         + headline
         + "<h2>Pairs</h2>"
         "<table><tr><th>expert</th><th>model</th><th>state</th><th>expires in</th><th>last result</th>"
@@ -220,6 +220,7 @@ class WebServer:
         health: Callable[[], tuple[bool, str]],
         page_info: Callable[[], PageInfo] | None = None,
         observer: Observer | None = None,
+        live: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         server = self
 
@@ -240,8 +241,11 @@ class WebServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._metrics()
-                elif path == "/healthz":
-                    ok, why = server.health()
+                elif path in ("/healthz", "/readyz"):
+                    # /healthz is liveness (the process and its scheduler run: a slow API must
+                    # never restart us); /readyz is readiness (pings go out on time).
+                    check = server.live if path == "/healthz" and server.live is not None else server.health
+                    ok, why = check()
                     self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
                 elif path == "/":
                     info = server.page_info() if server.page_info is not None else None
@@ -321,6 +325,7 @@ class WebServer:
         self.observer = observer
         self.states = states
         self.health = health
+        self.live = live
         self.page_info = page_info
         server_class = _V6Server if ":" in host else ThreadingHTTPServer
         self.httpd = server_class((host, port), Handler)

@@ -16,16 +16,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
+from conftest import LONG_PROMPT, ROOT, basic_doc, free_port, keepwarm_cmd, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.emulator import Emulator
-from keepwarm.ledger import read_ledger
-
-from conftest import LONG_PROMPT, ROOT, basic_doc, free_port, keepwarm_cmd, write_config
+from keepwarm.store import read_ledger
 
 DEADLINE = 40.0
 

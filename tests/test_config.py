@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from keepwarm.config import ConfigError, load_config, parse_config, resolve_api_key
 from keepwarm.durations import parse_duration
 from keepwarm.prefix import cache_marker
-
-from conftest import ROOT
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anthropic
 import pytest
+from conftest import LONG_PROMPT
 
 from keepwarm.config import parse_config
 from keepwarm.emulator import Emulator
@@ -14,8 +15,6 @@ from keepwarm.emulator.diagnostics import BETA
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
 from keepwarm.runner import PairState, Runner
-
-from conftest import LONG_PROMPT
 
 MODEL = "claude-sonnet-4-6"
 

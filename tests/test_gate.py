@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from conftest import LONG_PROMPT
+
 from keepwarm.config import parse_config
 from keepwarm.emulator import Emulator, Fault
 from keepwarm.gate import SPEND_CAP_FIRST_BACKOFF, Gate
@@ -12,8 +14,6 @@ from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
 from keepwarm.runner import PairState, Runner
 from keepwarm.scheduler import Scheduler
-
-from conftest import LONG_PROMPT
 
 
 class Clock:

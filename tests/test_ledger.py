@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from keepwarm import ledger as ledger_module
 from keepwarm.classify import Usage, classify
 from keepwarm.config import Pair, parse_config
-from keepwarm.ledger import Ledger, LedgerError, read_ledger, schema_version
 from keepwarm.ping import PingAttempt, PingError
 from keepwarm.pricing import builtin_table
 from keepwarm.runner import PingOutcome
+from keepwarm.store import Ledger, LedgerError, read_ledger, schema_version
+from keepwarm.store import sqlite as ledger_module
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES = builtin_table()
@@ -221,7 +221,7 @@ CHILD = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[2])
     from tests.test_ledger import SONNET, WARM, T0, outcome
-    from keepwarm.ledger import Ledger
+    from keepwarm.store import Ledger
 
     ledger = Ledger(sys.argv[1])
     for i in range(100_000):

@@ -16,7 +16,6 @@ from conftest import basic_doc, write_config
 from keepwarm.classify import Result, Usage
 from keepwarm.config import Config, parse_config
 from keepwarm.emulator import Emulator
-from keepwarm.ledger import Ledger, read_observations
 from keepwarm.metrics import Metrics
 from keepwarm.observations import (
     MAX_BYTES,
@@ -31,6 +30,7 @@ from keepwarm.ping import make_client
 from keepwarm.policy import Source, Touch
 from keepwarm.runner import Runner
 from keepwarm.scheduler import Scheduler
+from keepwarm.store import Ledger, read_observations
 from keepwarm.web import WebServer
 
 T0 = 1_800_000_000.0
@@ -343,7 +343,7 @@ def test_a_touch_that_refreshed_nothing_moves_no_ping(emulator: Emulator, tmp_pa
 def test_observations_go_to_the_ledger_and_a_v1_ledger_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     with sqlite3.connect(path) as db:  # a ledger as the previous keepwarm left it
-        from keepwarm.ledger import MIGRATIONS
+        from keepwarm.store import MIGRATIONS
 
         MIGRATIONS[0](db)
         db.execute("PRAGMA user_version = 1")

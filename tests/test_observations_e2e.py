@@ -17,21 +17,20 @@ from typing import Any
 
 import anthropic
 import pytest
+from conftest import LONG_PROMPT
 
 from keepwarm.classify import classify, usage_from_api
 from keepwarm.config import Config, parse_config
 from keepwarm.daemon import build_observer, build_web
 from keepwarm.emulator import Emulator
-from keepwarm.ledger import Ledger
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
 from keepwarm.prefix import fingerprint
 from keepwarm.report import run_report
 from keepwarm.runner import Runner
 from keepwarm.scheduler import Scheduler
+from keepwarm.store import Ledger
 from keepwarm.web import _money
-
-from conftest import LONG_PROMPT
 
 T0 = 1_800_000_000.0
 # One key for both: the API's (and the emulator's) caches are shared within a key's workspace only.

@@ -8,15 +8,15 @@ import json
 import math
 from pathlib import Path
 
+from conftest import basic_doc
+from test_ledger import outcome
+
 from keepwarm.classify import Usage
 from keepwarm.config import parse_config
-from keepwarm.ledger import Ledger
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
 from keepwarm.report import run_report
-
-from conftest import basic_doc
-from test_ledger import outcome
+from keepwarm.store import Ledger
 
 T0 = 1_790_000_000.0
 

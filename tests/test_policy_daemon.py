@@ -200,8 +200,8 @@ def test_a_reload_changes_adds_and_removes_the_budget(emulator: Emulator, tmp_pa
 def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
         emulator: Emulator, tmp_path: Path) -> None:
     from keepwarm.daemon import ledger_history
-    from keepwarm.ledger import Ledger
     from keepwarm.observations import Observer
+    from keepwarm.store import Ledger
 
     clock, metrics = FakeClock(), Metrics()
     config = _config(tmp_path, emulator.base_url, policy="adaptive")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import basic_doc
+
 from keepwarm.adaptive import AdaptivePolicy
 from keepwarm.budget import Budget
 from keepwarm.classify import Result
@@ -10,8 +12,6 @@ from keepwarm.hours import parse_active_hours
 from keepwarm.policy import BudgetedPolicy, FixedPolicy, HoursPolicy, Source, Touch, human_duration
 from keepwarm.runner import PairState
 from keepwarm.web import PageInfo, render_page
-
-from conftest import basic_doc
 
 FRIDAY_0800 = 1_800_000_000.0  # Fri 2027-01-15 08:00 UTC
 

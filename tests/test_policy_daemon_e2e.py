@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+from conftest import LONG_PROMPT
 
 from keepwarm.config import parse_config
 from keepwarm.daemon import build_observer, build_runner, build_scheduler, build_web
@@ -31,8 +32,6 @@ from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
 from keepwarm.prefix import fingerprint
 from keepwarm.simulate import PairSetup, Request, replay
-
-from conftest import LONG_PROMPT
 
 S = 0.015  # 5 minutes of TTL are 4.5 s
 KEY = "sk-policy-e2e"

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import anthropic
+from conftest import ROOT
 
 from keepwarm.config import load_config
 from keepwarm.emulator import Emulator
 from keepwarm.ping import make_client, send_ping
 from keepwarm.prefix import build_prefix, fingerprint, load_prefix
-
-from conftest import ROOT
 
 EXAMPLE = ROOT / "config" / "keepwarm.yaml"
 

@@ -23,7 +23,7 @@ from conftest import LONG_PROMPT, DaemonProcess, basic_doc, daemon_env, event_ti
 
 from keepwarm.config import ConfigError, parse_config
 from keepwarm.emulator import Emulator, Fault, LogEntry
-from keepwarm.ledger import read_ledger
+from keepwarm.store import read_ledger
 
 KEY = "sk-ant-test-pending-5e6f7a8b"
 MODELS = ("claude-sonnet-4-6", "claude-opus-4-8", "claude-sonnet-4-5", "claude-sonnet-5")

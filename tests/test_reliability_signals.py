@@ -21,7 +21,7 @@ import pytest
 from conftest import LONG_PROMPT, STARTUP_DEADLINE, DaemonProcess, daemon_env, event_time, keepwarm_cmd, write_config
 
 from keepwarm.emulator import Emulator, Fault, LogEntry
-from keepwarm.ledger import read_ledger
+from keepwarm.store import read_ledger
 
 KEY = "sk-ant-test-signals-0a1b2c3d"
 SONNET, OPUS = "claude-sonnet-4-6", "claude-opus-4-8"

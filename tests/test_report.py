@@ -16,11 +16,11 @@ import pytest
 from keepwarm.advisor import prefix_cost_per_day, ttl_advice, usd
 from keepwarm.classify import Usage, classify
 from keepwarm.config import Pair, parse_config
-from keepwarm.ledger import Ledger, LedgerRow, read_ledger
 from keepwarm.ping import PingAttempt, PingError
 from keepwarm.pricing import MILLION, builtin_table
 from keepwarm.report import TOTAL, build_report, pair_report, render_table, run_report
 from keepwarm.runner import PingOutcome
+from keepwarm.store import Ledger, LedgerRow, read_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES = builtin_table()

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import LONG_PROMPT, basic_doc
 
 from keepwarm.classify import Result
 from keepwarm.config import parse_config
@@ -16,8 +17,6 @@ from keepwarm.ping import ERROR_TYPES, PingError, make_client
 from keepwarm.pricing import COST_KINDS
 from keepwarm.runner import MAX_ATTEMPTS, PairState, Runner, retry_delay
 from keepwarm.scheduler import Scheduler, missed_slots, next_ping_at, phase
-
-from conftest import LONG_PROMPT, basic_doc
 
 
 class FakeClock:

@@ -29,11 +29,11 @@ from keepwarm.classify import Result
 from keepwarm.config import parse_config
 from keepwarm.daemon import Daemon, build_runner
 from keepwarm.emulator import Emulator, Fault
-from keepwarm.ledger import Ledger, read_ledger
 from keepwarm.metrics import Metrics
 from keepwarm.ping import describe_error, make_client
 from keepwarm.runner import PairState
 from keepwarm.scheduler import Scheduler
+from keepwarm.store import Ledger, read_ledger
 
 KEY = "sk-ant-test-hardening-9f8e7d"
 

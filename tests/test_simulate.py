@@ -13,9 +13,9 @@ import pytest
 
 from keepwarm.cli import main
 from keepwarm.config import Pair, parse_config
-from keepwarm.ledger import Ledger
 from keepwarm.pricing import builtin_table
 from keepwarm.simulate import PairSetup, Request, TraceError, optimum, parse_trace, run
+from keepwarm.store import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES = builtin_table()
