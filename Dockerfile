@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
     PATH=/opt/keepwarm/bin:$PATH \
-    CREDENTIALS_DIRECTORY=/run/secrets/keepwarm
+    CREDENTIALS_DIRECTORY=/run/secrets/keepwarm \
+    STATE_DIRECTORY=/var/lib/keepwarm
 # A fixed numeric user (10001, as in deploy/kubernetes) so runAsNonRoot can check it and a
 # mounted volume can be chowned to it; its home is the ledger's directory.
 RUN useradd --system --no-log-init --uid 10001 --user-group \
@@ -37,11 +38,14 @@ RUN useradd --system --no-log-init --uid 10001 --user-group \
 COPY --from=builder /opt/keepwarm /opt/keepwarm
 USER 10001:10001
 WORKDIR /var/lib/keepwarm
-# The ledger (ledger.path: /var/lib/keepwarm/ledger.sqlite) outlives the container.
+# The state (the ledger, /var/lib/keepwarm/ledger.db, kept there by default through
+# $STATE_DIRECTORY) outlives the container: mount a volume here, or every restart starts
+# without state and pings every pair within its TTL's margin.
 VOLUME ["/var/lib/keepwarm"]
 EXPOSE 9464
-# The daemon's /healthz follows its scheduler's heartbeat (200 on time, 503 late), not API
-# success, so an API outage does not make the container unhealthy. urllib: the slim image has no curl.
+# /healthz is liveness: 200 while the process and its scheduler's heartbeat run, whatever the
+# API does, so a slow or failing API never makes the container unhealthy (late pings are
+# /readyz's business). urllib: the slim image has no curl.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4)"]
 # Exec form: keepwarm is PID 1 and gets SIGTERM itself; it installs its own handler (a Python

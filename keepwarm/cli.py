@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=os.environ.get("KEEPWARM_CONFIG"), help="read ledger.path and prices from it"
     )
     rep.add_argument("--ledger", type=Path, help="the ledger file, instead of the config's ledger.path")
+    rep.add_argument(
+        "--origin",
+        choices=["api", "emulator", "scaled", "all"],
+        default="api",
+        help="whose rows: real pings (default), the built-in emulator's, time-scaled runs', or all",
+    )
     rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
     rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
     from keepwarm.simulate import add_parser as add_simulate
@@ -211,7 +217,8 @@ def _main(args: argparse.Namespace) -> int:
                       exit_code=EX_NOT_ALL_WARM)
                 return EX_NOT_ALL_WARM
             if args.command == "once":
-                return once(config, client)
+                origin = "emulator" if args.emulator else "scaled" if config.time_scale != 1.0 else "api"
+                return once(config, client, origin)
             return check(config, client, explain=args.explain)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -304,28 +311,28 @@ def report(args: argparse.Namespace) -> int:
         prices = config.prices
         path = path or config.ledger_path
         if path is None:
-            print(f"keepwarm report: {args.config} has no ledger.path, and no --ledger was given", file=sys.stderr)
+            print(f"keepwarm report: {args.config} has `ledger: off`, and no --ledger was given", file=sys.stderr)
             return EX_CONFIG
     if path is None:
         print("keepwarm report: give --config (with ledger.path) or --ledger", file=sys.stderr)
         return EX_USAGE
     if prices is None:
         prices, _ = load_price_table()
-    return int(run_report(path, prices, since, args.format, sys.stdout))
+    origins = None if args.origin == "all" else (args.origin,)
+    return int(run_report(path, prices, since, args.format, sys.stdout, origins=origins))
 
 
 # --- once ------------------------------------------------------------------------------------
 
 
-def once(config: Config, client: _Client) -> int:
+def once(config: Config, client: _Client, origin: str = "api") -> int:
     """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
-    from keepwarm.daemon import build_runner
+    from keepwarm.daemon import build_runner, open_ledger
     from keepwarm.metrics import Metrics
     from keepwarm.runner import PairState, PingOutcome
-    from keepwarm.store import Ledger
 
     # A CronJob running `once` keeps its history in the ledger, like the daemon.
-    ledger = Ledger(config.ledger_path, config.ledger_retention_days) if config.ledger_path else None
+    ledger = open_ledger(config, origin)
     runner = build_runner(config, client.sdk, Metrics(), threading.Event(), client.key.source, ledger)
     states = [PairState(pair=p, max_tokens=p.max_tokens) for p in config.pairs]
     try:

@@ -30,6 +30,7 @@ from keepwarm.hours import ActiveHours, parse_active_hours
 from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
 from keepwarm.shard import in_shard, parse_shard
+from keepwarm.store.paths import default_ledger_path
 
 try:  # libyaml's parser when present: a 10,000-pair config loads in half the time
     from yaml import CSafeLoader as _BaseLoader
@@ -125,8 +126,15 @@ class ObserveSection(_Strict):
 
 
 class LedgerSection(_Strict):
-    path: str | None = None
-    retention_days: float | None = Field(default=None, gt=0)
+    path: str | None = None  # None: the default state path (keepwarm.store.paths)
+    retention_days: float = Field(default=30.0, gt=0)
+
+
+def _ledger_off(value: Any) -> Any:
+    """`ledger: off` (YAML reads `off` as false), `ledger: "off"` or an empty `ledger:` turn the state off."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return False
+    return value
 
 
 class BudgetSection(_Strict):
@@ -141,7 +149,7 @@ class FileSection(_Strict):
     experts: Annotated[list[Any], Field(min_length=1)]
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
-    ledger: LedgerSection = LedgerSection()
+    ledger: Annotated[LedgerSection | Literal[False], BeforeValidator(_ledger_off)] = LedgerSection()
     observe: ObserveSection = ObserveSection()
     budget: BudgetSection = BudgetSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
@@ -205,6 +213,7 @@ class Config:
     ledger_path: Path | None
     shutdown_timeout: float
     ledger_retention_days: float | None = None
+    ledger_default: bool = False  # ledger_path is the default state path, not one the config named
     shard: tuple[int, int] | None = None
     time_scale: float = 1.0
     warnings: tuple[str, ...] = ()  # worth logging at load, not worth refusing the config
@@ -630,8 +639,9 @@ def _resolve(
         metrics_host=host,
         metrics_port=port,
         metrics_per_pair=raw.metrics.per_pair,
-        ledger_path=load.base / raw.ledger.path if raw.ledger.path else None,
-        ledger_retention_days=raw.ledger.retention_days,
+        ledger_path=_ledger_path(raw.ledger, load.base),
+        ledger_retention_days=raw.ledger.retention_days if raw.ledger is not False else None,
+        ledger_default=raw.ledger is not False and raw.ledger.path is None,
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
         warnings=tuple(load.warnings),
@@ -640,6 +650,15 @@ def _resolve(
         other_shard_pairs=other_shard_pairs,
         budget_usd_per_day=raw.budget.usd_per_day,
     )
+
+
+def _ledger_path(section: LedgerSection | Literal[False], base: Path) -> Path | None:
+    """The ledger file: the configured one, the default state path, or None (`ledger: off`)."""
+    if section is False:
+        return None
+    if section.path is None:
+        return default_ledger_path()
+    return base / section.path
 
 
 def _drop(doc: dict[str, Any], loc: tuple[Any, ...], broken: set[str]) -> None:

@@ -15,14 +15,13 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from keepwarm import __version__, early_signals, sdnotify
-from keepwarm.classify import Result
 from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
@@ -30,12 +29,12 @@ from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import WINDOWS, Observer, load_token
+from keepwarm.observations import Observer, load_token
 from keepwarm.ping import make_client
-from keepwarm.policy import Source, Touch
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
-from keepwarm.store import Ledger, LedgerError
+from keepwarm.store import Ledger, LedgerError, PairKey, PairResume
+from keepwarm.store.paths import prepare
 from keepwarm.web import PageInfo, WebServer
 
 log = logging.getLogger("keepwarm")
@@ -69,54 +68,33 @@ def build_runner(
     )
 
 
-# How far back a restart replays each pair's touches into its policy: the adaptive policy learns
-# idle gaps by hour of the week, so a week of history is what it needs.
-HISTORY_WINDOW = 7 * 86400.0
+def store_resume(ledger: Ledger, clock: Callable[[], float] = time.time) -> Callable[[Sequence[Pair]], dict[str, PairResume]]:
+    """Each newly added pair's stored state, read in one go: what the scheduler resumes from."""
+
+    def resume(pairs: Sequence[Pair]) -> dict[str, PairResume]:
+        keys = [PairKey(p.expert, p.model, p.fingerprint, history=p.adaptive) for p in pairs]
+        found = ledger.resume(keys, clock())
+        return {p.key: found[(p.expert, p.model)] for p in pairs if (p.expert, p.model) in found}
+
+    return resume
 
 
-def ledger_history(ledger: Ledger, now: float) -> Callable[[Pair], list[Touch]]:
-    """Each pair's pings and observations of the last week, as touches (read once, at start)."""
-    by_pair: dict[tuple[str, str, str], list[Touch]] = {}
-    for row in ledger.rows(now - HISTORY_WINDOW):
-        try:
-            result = Result(row.result)
-        except ValueError:
-            continue
-        usage = row.usage
-        tokens = 0 if usage is None else (usage.cache_read + usage.cache_write) or usage.input
-        by_pair.setdefault((row.expert, row.model, row.fingerprint), []).append(
-            Touch(row.time, Source.PING, result, tokens))
-    for obs in ledger.observations(now - HISTORY_WINDOW):
-        if obs.drift is not None:  # touched some other prefix's entry, as when it arrived
-            continue
-        try:
-            result = Result(obs.result)
-        except ValueError:
-            continue
-        tokens = (obs.cache_read + obs.cache_write) or obs.input
-        by_pair.setdefault((obs.expert, obs.model, obs.fingerprint), []).append(
-            Touch(obs.time, Source.PRODUCTION, result, tokens))
-    # A pair whose prefix changed since is a new cache: only its own fingerprint's touches count.
-    return lambda pair: by_pair.get((pair.expert, pair.model, pair.fingerprint), [])
-
-
-def build_scheduler(config: Config, runner: Runner, metrics: Metrics) -> Scheduler:
-    """The scheduler with every pair's policy inputs: prices, the budget, the time scale, the ledger's history."""
-    history = None
-    if isinstance(runner.ledger, Ledger):
-        try:
-            history = ledger_history(runner.ledger, time.time())
-        except (LedgerError, sqlite3.Error) as exc:  # the policies start afresh; pinging goes on
-            event(log, logging.WARNING, "cannot read the ledger back for the policies", error=str(exc))
-    return Scheduler(
+def build_scheduler(config: Config, runner: Runner, metrics: Metrics, *, resume: bool = True) -> Scheduler:
+    """The scheduler with every pair's policy inputs: prices, the budget, the time scale, and the
+    state a restart resumes from (unless `resume` is False: a new emulator's caches are all cold)."""
+    ledger = runner.ledger if isinstance(runner.ledger, Ledger) and resume else None
+    scheduler = Scheduler(
         runner,
         metrics,
         max_workers=config.api.max_concurrency,
         prices=config.prices,
         budget_usd_per_day=config.budget_usd_per_day,
         time_scale=config.time_scale,
-        history=history,
+        resume=store_resume(ledger) if ledger is not None else None,
+        requests_per_minute=config.api.requests_per_minute,
+        spend=ledger.spend if ledger is not None else None,
     )
+    return scheduler
 
 
 def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runner: Runner) -> Observer:
@@ -133,7 +111,7 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         now = time.time()
         longest_ttl = max((p.ttl_seconds for p in config.pairs), default=0.0)
         try:
-            observer.restore(runner.ledger.recent(now - WINDOWS["7d"], now - longest_ttl), now)
+            observer.restore(runner.ledger.recent(now, now - longest_ttl), now)
         except (LedgerError, sqlite3.Error) as exc:  # the page starts empty; pinging goes on
             event(log, logging.WARNING, "cannot read the ledger back for the status page", error=str(exc))
     return observer
@@ -181,6 +159,25 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
         observer=observer,
         live=scheduler.alive,
     )
+
+
+def open_ledger(config: Config, origin: str = "api", on_error: Callable[[], None] | None = None) -> Ledger | None:
+    """The config's ledger (at the default state path unless it names one), or None when it is
+    off or cannot be opened: that is logged loudly and counted, and pinging goes on without it."""
+    if config.ledger_path is None:
+        return None
+    try:
+        prepare(config.ledger_path, make_directory=config.ledger_default)
+        ledger = Ledger(config.ledger_path, config.ledger_retention_days, on_error=on_error, origin=origin)
+    except (LedgerError, OSError) as exc:
+        if on_error is not None:
+            on_error()
+        event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it (no state kept) until a reload or restart",
+              path=str(config.ledger_path), error=str(exc))
+        return None
+    event(log, logging.INFO, "state", ledger=str(config.ledger_path), origin=origin,
+          retention_days=config.ledger_retention_days)
+    return ledger
 
 
 def _is_loopback(host: str) -> bool:
@@ -288,10 +285,14 @@ class Daemon:
                   shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}")
 
         metrics = Metrics(per_pair=config.metrics_per_pair)
-        ledger = self._open_ledger(config, metrics)
+        ledger = self._open_ledger(config, metrics, self.origin)
+        if ledger is None and config.ledger_path is None:
+            event(log, logging.WARNING, "ledger: off: no state is kept, so a restart starts without it"
+                  " (every pair pinged within its TTL's margin) and the budget forgets its spend")
         client = make_client(self._base_url(config), key.value, config.api.timeout)
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
-        scheduler = build_scheduler(config, runner, metrics)
+        # The built-in emulator starts with every cache empty: nothing stored is true of it.
+        scheduler = build_scheduler(config, runner, metrics, resume=self.emulator is None)
         try:
             observer = build_observer(config, metrics, scheduler, runner)
         except ConfigError as exc:
@@ -360,22 +361,21 @@ class Daemon:
         event(log, logging.INFO, "stopped")
         return EX_OK
 
+    @property
+    def origin(self) -> str:
+        """What this run's ledger rows are marked with, so that test runs never mix with real ones."""
+        if self.emulator_mode is not None:
+            return "emulator"
+        return "scaled" if self.time_scale is not None else "api"
+
     @staticmethod
-    def _open_ledger(config: Config, metrics: Metrics) -> Ledger | None:
+    def _open_ledger(config: Config, metrics: Metrics, origin: str = "api") -> Ledger | None:
         """The configured ledger, or None: without one, or when it cannot be opened.
 
         The ledger is bookkeeping; the pings are the job. A ledger that cannot open is logged
         loudly and counted, and the daemon runs without it until a reload tries again.
         """
-        if config.ledger_path is None:
-            return None
-        try:
-            return Ledger(config.ledger_path, config.ledger_retention_days, on_error=metrics.ledger_errors.inc)
-        except LedgerError as exc:
-            metrics.ledger_errors.inc()
-            event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it until a reload or restart",
-                  error=str(exc))
-            return None
+        return open_ledger(config, origin, on_error=metrics.ledger_errors.inc)
 
     def _reload(
         self, config: Config, metrics: Metrics, runner: Runner, scheduler: Scheduler, observer: Observer | None = None
@@ -399,7 +399,7 @@ class Daemon:
         ledger = runner.ledger
         if ledger_changed:
             # As at start: the new config (a prompt fix, say) applies with or without it.
-            ledger = self._open_ledger(new, metrics)
+            ledger = self._open_ledger(new, metrics, self.origin)
         for warning in warnings:
             event(log, logging.WARNING, warning)
         if (new.metrics_host, new.metrics_port, new.api.max_concurrency) != (

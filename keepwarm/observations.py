@@ -401,6 +401,10 @@ class Windows:
         if key is not None:
             self._bucket(key, hour, WINDOWS["24h"]).add(sums)
 
+    def add_pair(self, key: str, when: float, sums: Totals) -> None:
+        """Add `sums` at time `when` to pair `key`'s hours only (a restart restores every pair's apart)."""
+        self._bucket(key, int(when // BUCKET), WINDOWS["24h"]).add(sums)
+
     def _bucket(self, key: str, hour: int, keep: float) -> Totals:
         per = self.buckets.setdefault(key, {})
         found = per.get(hour)
@@ -769,13 +773,16 @@ class Observer:
         now = self.clock() if now is None else now
         with self._lock:
             keys = {(p.expert, p.model): p.key for p in self.pairs.values()}
-            for (expert, model, hour), (usd, unpriced) in recent.ping_hours.items():
-                if (expert, model) in keys:
-                    self.windows.add(None, hour * BUCKET, Totals(keepalive_usd=usd, keepalive_unknown=unpriced > 0))
-            for (expert, model, hour), (n, read, written, saved, drift) in recent.observation_hours.items():
+            # Every pair's hours, as recorded: a removed pair's money was spent or saved all the same.
+            for hour, (usd, unpriced, n, read, written, saved, drift) in recent.all_hours.items():
+                self.windows.add(None, hour * BUCKET, Totals(
+                    keepalive_usd=usd, keepalive_unknown=unpriced > 0,
+                    requests=n, cache_read=read, cache_write=written, saved_usd=saved, drift=drift,
+                ))
+            for (expert, model, hour), (n, read, written, saved, drift) in recent.pair_hours.items():
                 key = keys.get((expert, model))
                 if key is not None:
-                    self.windows.add(key, hour * BUCKET, Totals(
+                    self.windows.add_pair(key, hour * BUCKET, Totals(
                         requests=n, cache_read=read, cache_write=written, saved_usd=saved, drift=drift,
                     ))
             for pair_labels, at in recent.last_production.items():

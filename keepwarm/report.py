@@ -62,6 +62,7 @@ from keepwarm.store import (
     read_first_seen,
     read_ledger,
     read_observations,
+    read_origins,
 )
 
 FORMATS = ("table", "json", "csv")
@@ -487,19 +488,30 @@ def run_report(
     fmt: str,
     out: TextIO,
     now: float | None = None,
+    origins: Sequence[str] | None = ("api",),
 ) -> int:
-    """`keepwarm report`: read the ledger, write the report to `out`; return the exit code."""
+    """`keepwarm report`: read the ledger, write the report to `out`; return the exit code.
+
+    `origins` says whose rows count (None: all): real pings by default, so a demo against the
+    emulator or a time-scaled test run never mixes with real money.
+    """
     if fmt not in FORMATS:
         print(f"keepwarm report: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", file=sys.stderr)
         return EX_USAGE
     now = time.time() if now is None else now
     try:
-        rows = read_ledger(ledger_path, None if since_seconds is None else now - since_seconds)
-        first_seen = read_first_seen(ledger_path)
-        observations = read_observations(ledger_path, None if since_seconds is None else now - since_seconds)
+        since = None if since_seconds is None else now - since_seconds
+        rows = read_ledger(ledger_path, since, origins)
+        first_seen = read_first_seen(ledger_path, origins)
+        observations = read_observations(ledger_path, since, origins)
+        left_out = {o: n for o, n in read_origins(ledger_path, since).items() if origins is not None and o not in origins}
     except LedgerError as exc:
         print(f"keepwarm report: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if left_out:
+        # On stderr: the report itself (json, csv) stays what a machine expects.
+        print("keepwarm report: left out " + ", ".join(f"{n} row(s) from {o} runs" for o, n in sorted(left_out.items()))
+              + "; --origin all (or --origin NAME) includes them", file=sys.stderr)
     report = build_report(rows, prices, since_seconds, now, first_seen, observations)
     if fmt == "json":
         out.write(render_json(report, prices))

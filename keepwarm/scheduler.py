@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -49,6 +49,7 @@ from keepwarm.metrics import Metrics
 from keepwarm.policy import BudgetedPolicy, Decision, HoursPolicy, PairPolicy, Source, Touch, make_policy
 from keepwarm.pricing import PriceTable
 from keepwarm.runner import PairState, PingOutcome, Runner
+from keepwarm.store import PairResume
 
 log = logging.getLogger("keepwarm.scheduler")
 
@@ -187,6 +188,60 @@ def next_ping_at(last_start: float, interval: float, jitter: float, draw: float)
     return last_start + interval + jitter * draw
 
 
+# Pairs without state are spread over this share of their margin, not all of it: a cache the old
+# process left with exactly the margin to live survives any restart that takes less than the rest
+# (37 s with the defaults), and the API sees no burst.
+CATCH_UP_SPREAD = 0.25
+
+
+def catch_up_window(pair: Pair) -> float:
+    """How soon a pair without state must be pinged: the TTL's margin (TTL − interval − jitter),
+    since a cache the previous process kept warm has at least that long left; or the interval
+    when that is shorter, which keeps the rate the previous process pinged at."""
+    return min(pair.ttl_seconds - pair.interval - pair.jitter, pair.interval)
+
+
+def catch_up_plan(
+    due: Sequence[tuple[str, float | None, float]], now: float, spacing: float
+) -> list[tuple[str, float]]:
+    """When to ping each pair due at start: (key, its cache's expiry or None if unknown, its
+    TTL's margin) in, (key, time) out, in the order they will be sent.
+
+    Known-alive caches first by expiry, then pairs without state at a stable phase within the
+    first CATCH_UP_SPREAD of their margin, then known-expired caches. With a `spacing` (the API's request rate) no two starts
+    are closer than it, in that order of priority; without one each pair starts when it wants.
+    """
+    alive = sorted((e, k) for k, e, _ in due if e is not None and e > now)
+    unknown = sorted((now + phase(k, max(m, 0.0) * CATCH_UP_SPREAD), k) for k, e, m in due if e is None)
+    expired = sorted(k for k, e, _ in due if e is not None and e <= now)
+    plan: list[tuple[str, float]] = []
+    at = now - spacing
+    for wanted, key in [(now, k) for _, k in alive] + unknown + [(now, k) for k in expired]:
+        at = max(wanted, at + spacing) if spacing > 0 else wanted
+        plan.append((key, at))
+    return plan
+
+
+def _stored_touches(stored: PairResume, pair: Pair) -> list[Touch]:
+    """The touches a pair's policy is rebuilt from after a restart, oldest first.
+
+    An adaptive pair has its history; for any other pair, its latest ping and the latest
+    requests that refreshed the cache are all the fixed policy and its wrappers use.
+    """
+    if stored.touches:
+        return [Touch(at, Source(source), Result(result), tokens) for at, source, result, tokens in stored.touches
+                if result in Result._value2member_map_]
+    touches = []
+    tokens = stored.prefix_tokens or 0
+    if stored.last_refresh and stored.last_refresh != stored.last_ping:
+        touches.append(Touch(stored.last_refresh, Source.PING, Result.WARM, tokens))
+    if stored.last_ping and stored.last_result in Result._value2member_map_:
+        touches.append(Touch(stored.last_ping, Source.PING, Result(stored.last_result), tokens))
+    if stored.last_production:
+        touches.append(Touch(stored.last_production, Source.PRODUCTION, Result.WARM))
+    return sorted(touches, key=lambda t: t.at)
+
+
 def busy_share(busy_seconds: float, window: float, workers: int) -> float:
     """The share of the workers' time spent in pings over a window: demand over capacity."""
     return busy_seconds / (window * workers) if window > 0 and workers > 0 else 0.0
@@ -241,16 +296,24 @@ class Scheduler:
         prices: PriceTable | None = None,
         budget_usd_per_day: float | None = None,
         time_scale: float = 1.0,
-        history: Callable[[Pair], Iterable[Touch]] | None = None,
+        resume: Callable[[Sequence[Pair]], Mapping[str, PairResume]] | None = None,
+        requests_per_minute: float | None = None,
+        spend: Callable[[float], list[tuple[float, float]]] | None = None,
     ) -> None:
         self.runner = runner
         # What every pair's policy is built from (`make_policy`): one prior learnt across all
         # pairs, one budget they share, and the time scale of an emulator's TTLs.
         self.prices = prices if prices is not None else runner.prices
         self.prior = SharedPrior()
-        self.budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
+        # The budget's trailing-24 h spend survives a restart: taken back from the store.
+        self.clock = clock
+        self._spend_history = spend
+        self.budget = self._new_budget(budget_usd_per_day) if budget_usd_per_day else None
         self.time_scale = time_scale
-        self.history = history  # the ledger's touches of a pair, replayed when it is added
+        # The store's state of newly added pairs, by key (keepwarm.store): what a restart resumes from.
+        self.resume = resume
+        # Catch-up pings after a start are spaced to stay within the API's request rate.
+        self.spacing = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self.mono = mono
         # The suspend-aware clock; a test that fakes `mono` alone gets a machine that never sleeps.
         self.boot = boot if boot is not None else (boottime if mono is time.monotonic else mono)
@@ -272,7 +335,7 @@ class Scheduler:
         self._budget_state = "ok"  # ok | near | reached: the loud budget log fires on a change
         self._budget_lock = threading.Lock()
         if self.budget is not None:
-            metrics.set_budget(self.budget.cap, 0.0)
+            metrics.set_budget(self.budget.cap, self.budget.spent(clock()))
         self._policy_lock = threading.Lock()
         # Called with every finished ping (the observations' attribution listens here).
         self.on_ping: Callable[[PingOutcome], None] | None = None
@@ -443,6 +506,9 @@ class Scheduler:
         wanted = {p.key: p for p in pairs}
         added, removed, changed, unchanged = [], [], [], []
         now = self.clock()
+        new = [p for key, p in wanted.items() if key not in self.states]
+        stored = self._stored(new, now)
+        due: list[tuple[PairState, float | None]] = []  # to ping at once: (state, its cache's expiry if known)
         for key in list(self.states):
             if key not in wanted:
                 old = self.states.pop(key)
@@ -471,10 +537,7 @@ class Scheduler:
             if old_state is None:
                 added.append(key)
                 self.metrics.add_pair(pair)
-                if self._restore(state, now):
-                    continue
-                self._new_policy(state)
-                self._schedule(state, now + phase(key, pair.interval))
+                self._restore(state, stored.get(key), now, due)
             else:
                 with self._policy_lock:  # a new prefix: a new cache, whose history starts now
                     for kept in (self._touches, self._latencies, self._built_tokens, self._prod_tokens):
@@ -485,45 +548,61 @@ class Scheduler:
                 self.metrics.add_pair(pair)
                 state.miss_hint = "prefix_changed"
                 self._schedule(state, now)
+        if due:
+            self._catch_up(due, now, resumed=len(stored))
         return ApplyReport(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
-    def _restore(self, state: PairState, now: float) -> bool:
-        """Replay the pair's history (the ledger's pings and observations) into its new policy.
-
-        With history, the first ping is where the policy puts it (a restart within an interval
-        does not ping early), spread over a few seconds when it is due at once so a restart does
-        not fire every pair together; a policy that lets the cache lapse arms nothing. Returns
-        False when there is no history (the caller schedules the pair at its phase).
-        """
-        if self.history is None:
-            return False
-        pair = state.pair
+    def _stored(self, pairs: Sequence[Pair], now: float) -> Mapping[str, PairResume]:
+        """The store's state of pairs about to be added (empty without a store, or when it fails)."""
+        if self.resume is None or not pairs:
+            return {}
         try:
-            touches = [t for t in self.history(pair) if t.at <= now]
-        except Exception as exc:  # bookkeeping: a pair without its history still pings
-            event(log, logging.WARNING, "cannot read the pair's history back; starting it afresh",
-                  pair=pair.key, error=str(exc))
-            return False
+            return self.resume(pairs)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping: pairs without their state still ping
+            event(log, logging.WARNING, "cannot read the pairs' state back; they start without it",
+                  pairs=len(pairs), error=str(exc))
+            return {}
+
+    def _restore(
+        self, state: PairState, stored: PairResume | None, now: float, due: list[tuple[PairState, float | None]]
+    ) -> None:
+        """Resume a newly added pair from its stored state, or queue it for the catch-up.
+
+        With state, the pair's policy is rebuilt from its touches and its next ping comes where
+        the policy puts it: an interval after its last touch, so a restart neither pings early
+        (no duplicate) nor late. A ping due already joins `due`, pinged at once; a policy that
+        lets the cache lapse arms nothing. Without state, the pair joins `due` with no known
+        expiry: whatever cache it had may be alive, so it is pinged within the TTL's margin.
+        """
+        pair = state.pair
+        touches = _stored_touches(stored, pair) if stored is not None else []
+        touches = [t for t in touches if t.at <= now]
         if not touches:
-            return False
-        touches.sort(key=lambda t: t.at)
-        pings = [t for t in touches if t.source is Source.PING]
-        if pings:
-            state.last_start, state.last_result = pings[-1].at, pings[-1].result
-        # A ping measures the prefix keepwarm sends exactly; production's size stands in without one.
-        measured = [t.prefix_tokens for t in pings if t.prefix_tokens]
-        if measured:
-            state.prefix_tokens = measured[-1]
-        tokens = [t.prefix_tokens for t in touches if t.prefix_tokens and t.source is Source.PRODUCTION]
+            self._new_policy(state)
+            due.append((state, None))
+            return
+        assert stored is not None
+        if stored.last_ping:
+            state.last_start = stored.last_ping
+            state.last_result = Result(stored.last_result) if stored.last_result in Result._value2member_map_ else None
+        if stored.prefix_tokens:
+            state.prefix_tokens = stored.prefix_tokens
+        last_touch = stored.last_touch()
+        if last_touch:
+            state.expires_at = last_touch + pair.ttl_seconds
+            self.metrics.expires.labels(pair.expert, pair.model).set(state.expires_at)
+        if stored.last_ping:
+            self.metrics.last_ping.labels(pair.expert, pair.model).set(stored.last_ping)
+        production = [t for t in touches if t.source is Source.PRODUCTION]
         with self._policy_lock:
             history = self._touches[pair.key] = TouchLog(pair.adaptive)
             for touch in touches:
                 history.add(touch)
-            for t in touches:
-                if t.source is Source.PRODUCTION:
-                    self._last_production[pair.key] = t.at
-            if tokens:
-                self._prod_tokens[pair.key] = tokens[-1]
+            if stored.last_request:
+                self._last_production[pair.key] = stored.last_request
+            sizes = [t.prefix_tokens for t in production if t.prefix_tokens]
+            if sizes:
+                self._prod_tokens[pair.key] = sizes[-1]
         policy = self._new_policy(state)
         draw = self._draw(pair.key)
         with self._policy_lock:
@@ -531,9 +610,46 @@ class Scheduler:
         self._decided(state, "restore", decision.reason, decision.at)
         if decision.at is None:
             self._lapse(state)
+        elif decision.at > now:
+            self._schedule(state, decision.at)
         else:
-            self._schedule(state, max(decision.at, now + phase(pair.key, min(pair.interval, 10.0))))
-        return True
+            due.append((state, state.expires_at or None))
+
+    def _catch_up(self, due: list[tuple[PairState, float | None]], now: float, resumed: int) -> None:
+        """Ping the pairs due at start, in the order that saves the most caches, at the API's rate.
+
+        Caches known alive go first, soonest to expire first; then pairs without state, spread
+        over the TTL's margin (`catch_up_window`: a cache the previous process kept warm has at
+        least that long left); then caches known to have expired, which nothing saves.
+        Starts are spaced by `api.requests_per_minute`, which may stretch the catch-up past the
+        margin: the log says how long it takes.
+        """
+        plan = catch_up_plan(
+            [(s.pair.key, expires, catch_up_window(s.pair)) for s, expires in due],
+            now, self.spacing,
+        )
+        states = {s.pair.key: s for s, _ in due}
+        for key, at in plan:
+            self._schedule(states[key], at)
+        unknown = sum(1 for _, expires in due if expires is None)
+        alive = sum(1 for _, expires in due if expires is not None and expires > now)
+        margin = min((catch_up_window(s.pair) for s, e in due if e is None), default=None)
+        takes = max(at for _, at in plan) - now
+        event(
+            log,
+            logging.INFO if margin is None or takes <= margin else logging.WARNING,
+            "catch-up at start: pinging the pairs that are due now" + (
+                "" if margin is None or takes <= margin else
+                "; it takes longer than the TTL's margin, so caches alive at the restart may lapse:"
+                " raise api.requests_per_minute if the API allows it"),
+            resumed=resumed,
+            due_alive=alive or None,
+            without_state=unknown or None,
+            expired=(len(due) - unknown - alive) or None,
+            takes_s=round(takes, 3),
+            within_s=None if margin is None else round(margin, 3),
+            requests_per_minute=round(60.0 / self.spacing, 3) if self.spacing else None,
+        )
 
     def _retime(self, state: PairState, pair: Pair, now: float) -> None:
         """Same cache, new timing: the state and series go on; the next ping follows the new interval."""
@@ -757,7 +873,7 @@ class Scheduler:
             old.cap = usd_per_day
         elif old is not None or usd_per_day:
             # Added or removed: every policy is rebuilt with (or without) its budget wrapper.
-            self.budget = Budget(usd_per_day) if usd_per_day else None
+            self.budget = self._new_budget(usd_per_day) if usd_per_day else None
             if self.budget is None:
                 self.metrics.drop_budget()
             for state in list(self.states.values()):
@@ -765,6 +881,20 @@ class Scheduler:
         with self._budget_lock:
             self._budget_state = "ok"  # judged afresh against the new cap
         self.check_budget()
+
+    def _new_budget(self, usd_per_day: float) -> Budget:
+        """A budget that has counted what the store says was spent in the window already."""
+        budget = Budget(usd_per_day)
+        if self._spend_history is not None:
+            try:
+                budget.restore(self._spend_history(self.clock() - budget.window))
+            except Exception as exc:  # noqa: BLE001 - the cap still applies, to the spend from now on
+                event(log, logging.WARNING, "cannot read the budget's spend back; counting from zero",
+                      error=str(exc))
+            else:
+                event(log, logging.INFO, "budget: the spend of the last 24 h is restored from the ledger",
+                      spent_usd=budget.spent(self.clock()), cap_usd_per_day=usd_per_day)
+        return budget
 
     def check_budget(self, now: float | None = None) -> None:
         """Export the trailing-24 h spend and log loudly, once per crossing, near and at the cap."""

@@ -38,6 +38,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every daemon it starts, which inherits the environment) keeps its default
+    state in a directory of its own: never the user's ~/.local/state, never another test's."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    return state
+
+
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
     """A real emulator on loopback, at real-time TTLs unless a test scales them."""

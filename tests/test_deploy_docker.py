@@ -30,6 +30,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 IMAGE_CONFIG = "/etc/keepwarm/keepwarm.yaml"
 IMAGE_VENV_BIN = "/opt/keepwarm/bin"
 IMAGE_CREDENTIALS = "/run/secrets/keepwarm"
+IMAGE_STATE = "/var/lib/keepwarm"
 
 
 @dataclass
@@ -139,6 +140,9 @@ def test_entrypoint_and_environment() -> None:
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["CREDENTIALS_DIRECTORY"] == IMAGE_CREDENTIALS
     assert env["PATH"].split(":")[0] == IMAGE_VENV_BIN
+    # The state's default place is the declared volume, so a restart resumes from it.
+    assert env["STATE_DIRECTORY"] == IMAGE_STATE
+    assert IMAGE_STATE in json.loads(FINAL.last("VOLUME"))
     assert not any("KEY" in key and "ANTHROPIC" in key for key in env), "no key in the image"
     assert "9464" in FINAL.last("EXPOSE").split()
 
@@ -223,6 +227,7 @@ def test_image_command_serves_healthz_and_stops_cleanly_on_sigterm(tmp_path: Pat
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "KEEPWARM_"))}
         image_env = env_of(FINAL)
         image_env["CREDENTIALS_DIRECTORY"] = str(credentials)
+        image_env["STATE_DIRECTORY"] = str(workdir)  # the volume
         image_env["PATH"] = os.pathsep.join([str(Path(argv[0]).parent), env.get("PATH", "")])
         env.update(image_env)
 
@@ -252,6 +257,9 @@ def test_image_command_serves_healthz_and_stops_cleanly_on_sigterm(tmp_path: Pat
 
         # With the daemon gone the same check must report unhealthy.
         assert subprocess.run(check, check=False, capture_output=True, timeout=10).returncode != 0
+        # The state went to the volume, with no `ledger:` key in the config, private to the user.
+        ledger = workdir / "ledger.db"
+        assert ledger.is_file() and (ledger.stat().st_mode & 0o777) == 0o600, log.read_text()
         assert key not in log.read_text(), "the API key leaked into the logs"
     finally:
         emulator.stop()

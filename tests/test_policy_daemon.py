@@ -199,7 +199,7 @@ def test_a_reload_changes_adds_and_removes_the_budget(emulator: Emulator, tmp_pa
 
 def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
         emulator: Emulator, tmp_path: Path) -> None:
-    from keepwarm.daemon import ledger_history
+    from keepwarm.daemon import store_resume
     from keepwarm.observations import Observer
     from keepwarm.store import Ledger
 
@@ -232,15 +232,15 @@ def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
     # A new process: its scheduler reads the ledger back and carries on where the last left off.
     clock.now = arrivals[-1] + 100
     ledger = Ledger(tmp_path / "ledger.db", clock=clock)
-    history = ledger_history(ledger, clock.now)
-    touches = history(pair)
-    assert sorted(t.at for t in touches if t.source is Source.PRODUCTION) == arrivals
-    assert len([t for t in touches if t.source is Source.PING]) == pings
+    resume = store_resume(ledger, clock)
+    touches = resume([pair])[KEY].touches
+    assert sorted(at for at, source, _, _ in touches if source == "production") == arrivals
+    assert len([at for at, source, _, _ in touches if source == "ping"]) == pings
     metrics2 = Metrics()
     runner2 = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics2, threading.Event(),
                      clock=clock)
     second = Scheduler(runner2, metrics2, clock=clock, draw=lambda: 0.0, mono=clock, prices=config.prices,
-                       history=history)
+                       resume=resume)
     second.apply([pair])
     after = second.policies[KEY]
     assert isinstance(after, AdaptivePolicy)
@@ -254,7 +254,7 @@ def test_a_restart_replays_the_ledgers_pings_and_observations_into_the_policy(
     assert len(emulator.log) == pings, "nothing sent at start"
     # A pair whose prefix changed since is a new cache: none of the old history applies.
     changed = _config(tmp_path, emulator.base_url, policy="adaptive", max_tokens=1)
-    assert all(len(history(p)) == 0 for p in changed.pairs if p.fingerprint != pair.fingerprint)
+    assert not resume([p for p in changed.pairs if p.fingerprint != pair.fingerprint])
     ledger.close()
 
 

@@ -16,7 +16,7 @@ from keepwarm.metrics import RESULTS, Metrics
 from keepwarm.ping import ERROR_TYPES, PingError, make_client
 from keepwarm.pricing import COST_KINDS
 from keepwarm.runner import MAX_ATTEMPTS, PairState, Runner, retry_delay
-from keepwarm.scheduler import Scheduler, missed_slots, next_ping_at, phase
+from keepwarm.scheduler import CATCH_UP_SPREAD, Scheduler, missed_slots, next_ping_at, phase
 
 
 class FakeClock:
@@ -244,7 +244,9 @@ def _job_time(scheduler: Scheduler, key: str) -> float:
     return job.trigger.run_date.timestamp()
 
 
-def test_start_up_is_spread_and_a_run_rearms_itself(emulator: Emulator) -> None:
+def test_start_up_without_state_is_spread_within_the_ttl_margin_and_a_run_rearms_itself(emulator: Emulator) -> None:
+    """No state: any cache the previous process kept warm has at least TTL − interval − jitter
+    left, so every pair is pinged within that margin, spread at a stable phase inside it."""
     clock = FakeClock()
     metrics = Metrics()
     scheduler = _scheduler(emulator, clock, metrics, 0.5)
@@ -252,7 +254,9 @@ def test_start_up_is_spread_and_a_run_rearms_itself(emulator: Emulator) -> None:
     report = scheduler.apply(pairs)
     assert len(report.added) == 3
     for pair in pairs:
-        assert _job_time(scheduler, pair.key) == pytest.approx(clock.now + phase(pair.key, pair.interval), abs=1e-3)
+        margin = pair.ttl_seconds - pair.interval - pair.jitter
+        assert _job_time(scheduler, pair.key) == pytest.approx(clock.now + phase(pair.key, margin * CATCH_UP_SPREAD), abs=1e-3)
+        assert _job_time(scheduler, pair.key) < clock.now + margin
 
     key = pairs[0].key
     clock.now += 10

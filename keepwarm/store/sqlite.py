@@ -15,11 +15,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -54,6 +55,7 @@ COLUMNS = (
     "error_message",
     "expires_at",
     "miss_cause",
+    "origin",
 )
 
 
@@ -66,6 +68,69 @@ def _describe(exc: sqlite3.Error) -> str:
     if isinstance(exc, sqlite3.OperationalError):
         return f"cannot use it: {exc}"
     return f"not a usable SQLite database ({exc}); move it aside or set another ledger.path"
+
+
+# --- the summaries a restart reads (schema version 3) ---------------------------------------
+
+SPEND_BUCKET = 10  # seconds: the budget's spend is kept, and rolls out of its window, in these steps
+ORIGINS = ("api", "emulator", "scaled")  # real pings; the built-in emulator; a time-scaled run
+_COST_SUM = " + ".join(f"COALESCE(cost_{kind}, 0)" for kind in COST_KINDS)
+_UNPRICED = (
+    "CASE WHEN (" + " OR ".join(f"cost_{kind} IS NULL" for kind in COST_KINDS) + ") AND result != 'error' THEN 1 ELSE 0 END"
+)
+
+# A ping: the pair's latest ping, and when it read or wrote the cache, its latest refresh and size.
+_UPSERT_PING_STATE = """
+    INSERT INTO pair_state (origin, expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (origin, expert, model, fingerprint) DO UPDATE SET
+        last_result = CASE WHEN excluded.last_ping >= COALESCE(last_ping, 0) THEN excluded.last_result ELSE last_result END,
+        last_ping = MAX(COALESCE(last_ping, 0), excluded.last_ping),
+        last_refresh = MAX(COALESCE(last_refresh, 0), COALESCE(excluded.last_refresh, 0)),
+        prefix_tokens = CASE WHEN excluded.prefix_tokens IS NOT NULL AND excluded.last_ping >= COALESCE(last_ping, 0)
+                             THEN excluded.prefix_tokens ELSE prefix_tokens END
+"""
+# A production request: the latest one, and the latest that read or wrote the warmed prefix.
+_UPSERT_OBSERVATION_STATE = """
+    INSERT INTO pair_state (origin, expert, model, fingerprint, last_production, last_request)
+    VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (origin, expert, model, fingerprint) DO UPDATE SET
+        last_production = MAX(COALESCE(last_production, 0), COALESCE(excluded.last_production, 0)),
+        last_request = MAX(COALESCE(last_request, 0), excluded.last_request)
+"""
+_UPSERT_SPEND = """
+    INSERT INTO spend (origin, bucket, usd) VALUES (?, ?, ?)
+    ON CONFLICT (origin, bucket) DO UPDATE SET usd = usd + excluded.usd
+"""
+_UPSERT_PING_HOUR = """
+    INSERT INTO hours (origin, expert, model, hour, ping_usd, ping_unpriced) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (origin, expert, model, hour) DO UPDATE SET
+        ping_usd = ping_usd + excluded.ping_usd, ping_unpriced = ping_unpriced + excluded.ping_unpriced
+"""
+_UPSERT_OBSERVATION_HOUR = """
+    INSERT INTO hours (origin, expert, model, hour, requests, cache_read, cache_write, saved_usd, drift)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (origin, expert, model, hour) DO UPDATE SET
+        requests = requests + excluded.requests, cache_read = cache_read + excluded.cache_read,
+        cache_write = cache_write + excluded.cache_write, saved_usd = saved_usd + excluded.saved_usd,
+        drift = drift + excluded.drift
+"""
+
+
+def _ping_refresh(at: float, read: int | None, w5: int | None, w1: int | None, inp: int | None) -> tuple[float | None, int | None]:
+    """(start if the ping read or wrote the cache, the prefix size it measured) of one ping."""
+    if inp is None:  # failed: no usage
+        return None, None
+    cached = (read or 0) + (w5 or 0) + (w1 or 0)
+    return (at if cached else None), (cached or inp)
+
+
+def _observation_state(
+    origin: str, expert: str, model: str, fingerprint: str, at: float, read: int, w5: int, w1: int, drift: str | None
+) -> tuple[Any, ...]:
+    """The pair_state upsert of one production request: drift touched some other prefix's entry."""
+    refreshed = drift is None and (read or w5 or w1)
+    return (origin, expert, model, fingerprint, at if refreshed else None, at)
 
 
 # --- schema --------------------------------------------------------------------------------
@@ -142,7 +207,102 @@ def _observations_v2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX observations_pair_time ON observations (expert, model, time)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2]
+def _state_v3(db: sqlite3.Connection) -> None:
+    """What a restart resumes from, kept up to date with every row so that reading it back
+    costs O(pairs), never O(rows): each pair's latest touches, the spend of the last 24 h in
+    10-second buckets (the budget), and hourly sums (the status page). Rows also say where they
+    came from (`origin`), so emulator and time-scaled runs never mix with real ones."""
+    for table in ("pings", "observations"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'")
+    db.execute(
+        """
+        CREATE TABLE pair_state (
+            origin TEXT NOT NULL,
+            expert TEXT NOT NULL,
+            model TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,        -- a new prefix is a new cache: its own row
+            last_ping REAL,                   -- start of the latest ping, whatever it found
+            last_result TEXT,
+            last_refresh REAL,                -- start of the latest ping that read or wrote the cache
+            prefix_tokens INTEGER,            -- the prefix size the latest answered ping measured
+            last_production REAL,             -- start of the latest production request that read or wrote it
+            last_request REAL,                -- start of the latest production request of any kind
+            PRIMARY KEY (origin, expert, model, fingerprint)
+        )
+        """
+    )
+    db.execute(
+        "CREATE TABLE spend (origin TEXT NOT NULL, bucket INTEGER NOT NULL, usd REAL NOT NULL,"
+        " PRIMARY KEY (origin, bucket))"
+    )
+    db.execute(
+        """
+        CREATE TABLE hours (
+            origin TEXT NOT NULL,
+            expert TEXT NOT NULL,             -- '' (with model '') for every pair together
+            model TEXT NOT NULL,
+            hour INTEGER NOT NULL,            -- unix time // 3600
+            ping_usd REAL NOT NULL DEFAULT 0,
+            ping_unpriced INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            cache_read INTEGER NOT NULL DEFAULT 0,
+            cache_write INTEGER NOT NULL DEFAULT 0,
+            saved_usd REAL NOT NULL DEFAULT 0,
+            drift INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (origin, expert, model, hour)
+        )
+        """
+    )
+    # A ledger written by an older keepwarm: derive the summaries once from its rows, in SQL
+    # (a month at 10,000 pairs is a hundred million rows: no Python loop over them).
+    cached = "(cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0)"
+    db.execute(
+        f"""
+        INSERT INTO pair_state (origin, expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens)
+        SELECT p.origin, p.expert, p.model, p.fingerprint, p.t, p.result, r.t, m.tokens
+        FROM (SELECT origin, expert, model, fingerprint, MAX(time) AS t, result FROM pings GROUP BY 1, 2, 3, 4) AS p
+        LEFT JOIN (SELECT origin, expert, model, fingerprint, MAX(time) AS t FROM pings WHERE {cached}
+                   GROUP BY 1, 2, 3, 4) AS r USING (origin, expert, model, fingerprint)
+        LEFT JOIN (SELECT origin, expert, model, fingerprint, MAX(time) AS t,
+                          CASE WHEN {cached} THEN COALESCE(cache_read, 0) + COALESCE(cache_write_5m, 0)
+                               + COALESCE(cache_write_1h, 0) ELSE input END AS tokens
+                   FROM pings WHERE input IS NOT NULL GROUP BY 1, 2, 3, 4) AS m USING (origin, expert, model, fingerprint)
+        """  # SQLite takes the other columns of a MAX() aggregate from the row that holds the maximum
+    )
+    db.execute(
+        f"""
+        INSERT INTO pair_state (origin, expert, model, fingerprint, last_production, last_request)
+        SELECT origin, expert, model, fingerprint, MAX(CASE WHEN drift IS NULL AND {cached} THEN time END), MAX(time)
+        FROM observations WHERE true GROUP BY 1, 2, 3, 4
+        ON CONFLICT (origin, expert, model, fingerprint) DO UPDATE SET
+            last_production = excluded.last_production, last_request = excluded.last_request
+        """
+    )
+    db.execute(
+        f"INSERT INTO spend (origin, bucket, usd) SELECT origin, CAST(time / {SPEND_BUCKET} AS INTEGER), SUM({_COST_SUM})"
+        " FROM pings GROUP BY 1, 2"
+    )
+    db.execute(
+        "INSERT INTO hours (origin, expert, model, hour, ping_usd, ping_unpriced)"
+        f" SELECT origin, '', '', CAST(time / 3600 AS INTEGER), SUM({_COST_SUM}), SUM({_UNPRICED}) FROM pings GROUP BY 1, 4"
+    )
+    for expert in ("expert", "''"):  # each pair's hours, and every pair's together
+        model = "model" if expert == "expert" else "''"
+        db.execute(
+            f"""
+            INSERT INTO hours (origin, expert, model, hour, requests, cache_read, cache_write, saved_usd, drift)
+            SELECT origin, {expert}, {model}, CAST(time / 3600 AS INTEGER), COUNT(*), SUM(cache_read),
+                   SUM(cache_write_5m + cache_write_1h), SUM(COALESCE(saved_usd, 0)), SUM(drift IS NOT NULL)
+            FROM observations WHERE true GROUP BY 1, 2, 3, 4
+            ON CONFLICT (origin, expert, model, hour) DO UPDATE SET
+                requests = requests + excluded.requests, cache_read = cache_read + excluded.cache_read,
+                cache_write = cache_write + excluded.cache_write, saved_usd = saved_usd + excluded.saved_usd,
+                drift = drift + excluded.drift
+            """
+        )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _state_v3]
 
 
 def schema_version() -> int:
@@ -216,6 +376,7 @@ class LedgerRow:
     error_message: str | None
     expires_at: float | None
     miss_cause: str | None
+    origin: str = "api"
 
     @property
     def usage(self) -> Usage | None:
@@ -239,7 +400,7 @@ class LedgerRow:
         return dict(zip(COST_KINDS, values))
 
 
-def _row_values(outcome: PingOutcome) -> tuple[Any, ...]:
+def _row_values(outcome: PingOutcome, origin: str = "api") -> tuple[Any, ...]:
     pair, usage, final = outcome.pair, outcome.usage, outcome.final
     counts: list[int | None] = (
         [None] * len(USAGE_COLUMNS) if usage is None else [usage.by_kind()[k] for k in USAGE_COLUMNS]
@@ -265,6 +426,7 @@ def _row_values(outcome: PingOutcome) -> tuple[Any, ...]:
         None if error is None else error.message,
         outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
         outcome.miss_cause,
+        origin,
     )
 
 
@@ -284,6 +446,7 @@ OBSERVATION_COLUMNS = (
     "drift",
     "late",
     "request_id",
+    "origin",
 )
 
 
@@ -315,6 +478,7 @@ class ObservationRow:
     drift: str | None
     late: int
     request_id: str | None
+    origin: str = "api"
 
     @property
     def cache_write(self) -> int:
@@ -330,7 +494,7 @@ class ObservationRow:
         return dict(zip(COST_KINDS, values))
 
 
-def _observation_values(record: ObservationRecord, received: float) -> tuple[Any, ...]:
+def _observation_values(record: ObservationRecord, received: float, origin: str = "api") -> tuple[Any, ...]:
     obs = record.observation
     pair, usage = obs.pair, obs.usage.by_kind()
     costs: list[float | None] = [None] * len(COST_KINDS) if record.cost is None else [record.cost[k] for k in COST_KINDS]
@@ -350,34 +514,58 @@ def _observation_values(record: ObservationRecord, received: float) -> tuple[Any
         record.drift,
         int(record.late),
         obs.request_id,
+        origin,
     )
 
 
 _INSERT_OBSERVATION = (
     f"INSERT INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
 )
-_SELECT_OBSERVATIONS = f"SELECT id, {', '.join(OBSERVATION_COLUMNS)} FROM observations"
+_INSERT = f"INSERT INTO pings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-def _select_observations(db: sqlite3.Connection, since: float | None) -> list[ObservationRow]:
+def _where(db: sqlite3.Connection, table: str, since: float | None, origins: Sequence[str] | None) -> tuple[str, list[Any]]:
+    """The WHERE clause for a window of one table's rows from some origins (None: every origin)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        clauses.append("time >= ?")
+        params.append(since)
+    if origins is not None and _has_origin(db, table):
+        clauses.append(f"origin IN ({', '.join('?' * len(origins))})")
+        params.extend(origins)
+    elif origins is not None and "api" not in origins:
+        clauses.append("0")  # a ledger older than origins holds only real pings
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _has_origin(db: sqlite3.Connection, table: str) -> bool:
+    """Whether the table has the `origin` column (schema version 3 and later)."""
+    return any(row[1] == "origin" for row in db.execute(f"PRAGMA table_info({table})"))
+
+
+def _columns(db: sqlite3.Connection, table: str, columns: Sequence[str]) -> str:
+    """The select list; a ledger read before its migration to version 3 says 'api' for origin."""
+    if _has_origin(db, table):
+        return ", ".join(columns)
+    return ", ".join("'api'" if c == "origin" else c for c in columns)
+
+
+def _select_observations(
+    db: sqlite3.Connection, since: float | None, origins: Sequence[str] | None = None
+) -> list[ObservationRow]:
     if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'observations'").fetchone():
         return []  # a ledger written before observations existed (schema version 1)
-    if since is None:
-        cursor = db.execute(_SELECT_OBSERVATIONS + " ORDER BY time, id")
-    else:
-        cursor = db.execute(_SELECT_OBSERVATIONS + " WHERE time >= ? ORDER BY time, id", (since,))
+    where, params = _where(db, "observations", since, origins)
+    cursor = db.execute(
+        f"SELECT id, {_columns(db, 'observations', OBSERVATION_COLUMNS)} FROM observations{where} ORDER BY time, id", params
+    )
     return [ObservationRow(*row) for row in cursor]
 
 
-_INSERT = f"INSERT INTO pings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM pings"
-
-
-def _select(db: sqlite3.Connection, since: float | None) -> list[LedgerRow]:
-    if since is None:
-        cursor = db.execute(_SELECT + " ORDER BY time, id")
-    else:
-        cursor = db.execute(_SELECT + " WHERE time >= ? ORDER BY time, id", (since,))
+def _select(db: sqlite3.Connection, since: float | None, origins: Sequence[str] | None = None) -> list[LedgerRow]:
+    where, params = _where(db, "pings", since, origins)
+    cursor = db.execute(f"SELECT id, {_columns(db, 'pings', COLUMNS)} FROM pings{where} ORDER BY time, id", params)
     return [LedgerRow(*row) for row in cursor]
 
 
@@ -385,7 +573,12 @@ def _select(db: sqlite3.Connection, since: float | None) -> list[LedgerRow]:
 
 
 class Ledger:
-    """The daemon's ledger file; `record()` may be called from any thread."""
+    """The daemon's ledger file; `record()` may be called from any thread.
+
+    `origin` marks every row this writer adds (`api`, `emulator` or `scaled`): `report` and a
+    restart read only the origin they are for, so a demo against the emulator never mixes with
+    real money or resumes a real daemon's schedule.
+    """
 
     def __init__(
         self,
@@ -395,8 +588,12 @@ class Ledger:
         busy_timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
         on_error: Callable[[], None] | None = None,
+        origin: str = "api",
     ) -> None:
+        if origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, not {origin!r}")
         self.path = Path(path)
+        self.origin = origin
         self._on_error = on_error  # e.g. a metric's inc: failures must be visible, not just logged
         self.retention_days = retention_days
         self.write_errors = 0
@@ -446,7 +643,7 @@ class Ledger:
     def record(self, outcome: PingOutcome) -> None:
         """Store one ping; never raises: a failure is logged and counted in `write_errors`."""
         try:
-            values = _row_values(outcome)
+            values = _row_values(outcome, self.origin)
         except Exception as exc:  # noqa: BLE001 - a malformed outcome is a bug, not worth a crash
             self._failed("cannot turn the ping into a row", exc)
             return
@@ -464,7 +661,7 @@ class Ledger:
         """Store the accepted observations of one request in one commit; never raises."""
         try:
             received = self._clock()
-            values = [_observation_values(r, received) for r in records]
+            values = [_observation_values(r, received, self.origin) for r in records]
         except Exception as exc:  # noqa: BLE001 - a malformed record is a bug, not worth a crash
             self._failed("cannot turn observations into rows", exc)
             return
@@ -487,21 +684,29 @@ class Ledger:
         return True
 
     def _flush(self) -> None:
-        """Commit every pending row in one transaction (the caller holds the lock)."""
+        """Commit every pending row, and the summaries they move, in one transaction (the caller holds the lock)."""
         if self._db is None:
             raise LedgerError(f"ledger {self.path} is closed")
         if not self._pending and not self._pending_observations:
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
             if self._pending:
-                self._db.executemany(_INSERT, self._pending)
+                db.executemany(_INSERT, self._pending)
+                db.executemany(_UPSERT_PING_STATE, map(_ping_state_params, self._pending))
+                db.executemany(_UPSERT_SPEND, [p for p in map(_spend_params, self._pending) if p is not None])
+                db.executemany(_UPSERT_PING_HOUR, map(_ping_hour_params, self._pending))
             if self._pending_observations:
-                self._db.executemany(_INSERT_OBSERVATION, self._pending_observations)
-            self._db.execute("COMMIT")
+                db.executemany(_INSERT_OBSERVATION, self._pending_observations)
+                db.executemany(_UPSERT_OBSERVATION_STATE, map(_observation_state_params, self._pending_observations))
+                for params in map(_observation_hour_params, self._pending_observations):
+                    db.execute(_UPSERT_OBSERVATION_HOUR, params)
+                    db.execute(_UPSERT_OBSERVATION_HOUR, (params[0], "", "", *params[3:]))
+            db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self._pending.clear()
         self._pending_observations.clear()
@@ -511,10 +716,22 @@ class Ledger:
         assert self._db is not None and self.retention_days is not None
         now = self._clock()
         cutoff = now - self.retention_days * 86400.0
-        cursor = self._db.execute("DELETE FROM pings WHERE time < ?", (cutoff,))
-        deleted = cursor.rowcount
-        # Observations are kept exactly as long as pings: a report needs both sides of a window.
-        deleted_observations = self._db.execute("DELETE FROM observations WHERE time < ?", (cutoff,)).rowcount
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = db.execute("DELETE FROM pings WHERE time < ?", (cutoff,)).rowcount
+            # Observations are kept exactly as long as pings: a report needs both sides of a window.
+            deleted_observations = db.execute("DELETE FROM observations WHERE time < ?", (cutoff,)).rowcount
+            # The summaries: the budget needs a day, a pair's hours a day, every pair's a week.
+            db.execute("DELETE FROM spend WHERE bucket < ?", (int((now - 2 * 86400.0) // SPEND_BUCKET),))
+            db.execute("DELETE FROM hours WHERE hour < ? OR (expert != '' AND hour < ?)",
+                       (int(cutoff // 3600), int((now - 2 * 86400.0) // 3600)))
+            db.execute("DELETE FROM pair_state WHERE MAX(COALESCE(last_ping, 0), COALESCE(last_request, 0)) < ?", (cutoff,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         self._last_sweep = now
         if deleted or deleted_observations:
             event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
@@ -525,29 +742,46 @@ class Ledger:
         if self._on_error is not None:
             self._on_error()
         event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
-              write_errors=self.write_errors, pending=len(self._pending), dropped=self.dropped or None)
+              write_errors=self.write_errors, pending=len(self._pending) + len(self._pending_observations),
+              dropped=self.dropped or None)
+
+    def _read(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise LedgerError(f"ledger {self.path} is closed")
+        return self._db
 
     def rows(self, since: float | None = None) -> list[LedgerRow]:
-        """Every committed row with `time >= since` (all when None), oldest first."""
+        """Every committed row of this ledger's origin with `time >= since` (all when None), oldest first."""
         with self._lock:
-            if self._db is None:
-                raise LedgerError(f"ledger {self.path} is closed")
-            return _select(self._db, since)
+            return _select(self._read(), since, (self.origin,))
 
     def observations(self, since: float | None = None) -> list[ObservationRow]:
-        """Every committed observation with `time >= since` (all when None), oldest first."""
+        """Every committed observation of this ledger's origin with `time >= since`, oldest first."""
         with self._lock:
-            if self._db is None:
-                raise LedgerError(f"ledger {self.path} is closed")
-            return _select_observations(self._db, since)
+            return _select_observations(self._read(), since, (self.origin,))
 
-    def recent(self, since: float, ttl_since: float) -> Recent:
-        """What the daemon needs back after a restart: hourly sums since `since`, and the last
-        touches since `ttl_since`, by (expert, model)."""
+    def recent(self, now: float, ttl_since: float) -> Recent:
+        """What the status page and the attribution of savings need back after a restart."""
         with self._lock:
-            if self._db is None:
-                raise LedgerError(f"ledger {self.path} is closed")
-            return _recent(self._db, since, ttl_since)
+            return _recent(self._read(), self.origin, now, ttl_since)
+
+    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
+        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows.
+
+        Only the pair's current prefix counts (a changed prefix is a new cache); adaptive pairs
+        also get their bounded touch history of the last week (`HISTORY_WINDOW`).
+        """
+        with self._lock:
+            return _resume(self._read(), self.origin, list(pairs), now)
+
+    def spend(self, since: float) -> list[tuple[float, float]]:
+        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
+        with self._lock:
+            cursor = self._read().execute(
+                "SELECT bucket, usd FROM spend WHERE origin = ? AND bucket >= ? ORDER BY bucket",
+                (self.origin, int(since // SPEND_BUCKET)),
+            )
+            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
 
     def close(self) -> None:
         """Write what is pending, checkpoint the WAL into the main file, and close."""
@@ -557,7 +791,8 @@ class Ledger:
             try:
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
-                self._failed(f"cannot write {len(self._pending)} pending ledger row(s) at close; they are lost", exc)
+                lost = len(self._pending) + len(self._pending_observations)
+                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc)
             try:
                 # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -604,71 +839,202 @@ def _readonly(path: Path | str) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def read_ledger(path: Path | str, since: float | None = None) -> list[LedgerRow]:
-    """Rows with `time >= since` of a ledger file, read without writing to it; raise LedgerError."""
+def read_ledger(path: Path | str, since: float | None = None, origins: Sequence[str] | None = None) -> list[LedgerRow]:
+    """Ping rows with `time >= since` from `origins` (None: all) of a ledger file, read without
+    writing to it; raise LedgerError."""
     with _readonly(path) as db:
-        return _select(db, since)
+        return _select(db, since, origins)
 
 
-def read_first_seen(path: Path | str) -> dict[tuple[str, str], float]:
+def read_first_seen(path: Path | str, origins: Sequence[str] | None = None) -> dict[tuple[str, str], float]:
     """When each (expert, model) pair was first recorded, whatever the window asked for."""
     with _readonly(path) as db:
-        cursor = db.execute("SELECT expert, model, MIN(time) FROM pings GROUP BY expert, model")
+        where, params = _where(db, "pings", None, origins)
+        cursor = db.execute(f"SELECT expert, model, MIN(time) FROM pings{where} GROUP BY expert, model", params)
         return {(expert, model): float(first) for expert, model, first in cursor}
 
 
-def read_observations(path: Path | str, since: float | None = None) -> list[ObservationRow]:
-    """Observations with `time >= since` of a ledger file, read without writing to it; raise LedgerError."""
+def read_observations(
+    path: Path | str, since: float | None = None, origins: Sequence[str] | None = None
+) -> list[ObservationRow]:
+    """Observations with `time >= since` from `origins` (None: all) of a ledger file, read
+    without writing to it; raise LedgerError."""
     with _readonly(path) as db:
-        return _select_observations(db, since)
+        return _select_observations(db, since, origins)
+
+
+def read_origins(path: Path | str, since: float | None = None) -> dict[str, int]:
+    """How many ping and observation rows each origin has since `since` (what a report leaves out)."""
+    with _readonly(path) as db:
+        counts: dict[str, int] = {}
+        for table in ("pings", "observations"):
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+                continue
+            where, params = _where(db, table, since, None)
+            origin = "origin" if _has_origin(db, table) else "'api'"
+            for name, n in db.execute(f"SELECT {origin}, COUNT(*) FROM {table}{where} GROUP BY 1", params):
+                counts[name] = counts.get(name, 0) + int(n)
+        return counts
 
 
 @dataclass(frozen=True)
 class Recent:
-    """Hourly sums and recent touches per (expert, model), from the ledger (see `Ledger.recent`)."""
+    """What the status page and the attribution of savings take back after a restart."""
 
-    # (expert, model, hour) -> (ping cost known, unpriced answered pings)
-    ping_hours: dict[tuple[str, str, int], tuple[float, int]]
-    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift)
-    observation_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
-    # (expert, model) -> start of the latest production request attributed in order
+    # hour -> (ping cost known, unpriced answered pings, requests, cache_read, cache_write, saved_usd, drift),
+    # every pair together, for the week before `now`
+    all_hours: dict[int, tuple[float, int, int, int, int, float, int]]
+    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift), the day before `now`
+    pair_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
+    # (expert, model) -> start of the latest production request
     last_production: dict[tuple[str, str], float]
     # (expert, model) -> starts of pings that read or wrote the cache since ttl_since
     pings: dict[tuple[str, str], list[float]]
-    first: float | None  # the oldest row of either table at or after `since`
+    first: float | None  # the oldest row of either table in the week before `now`
 
 
-def _recent(db: sqlite3.Connection, since: float, ttl_since: float) -> Recent:
-    cost = " + ".join(f"COALESCE({c}, 0)" for c in COST_COLUMNS)
-    missing = " OR ".join(f"{c} IS NULL" for c in COST_COLUMNS)
-    ping_hours = {
-        (e, m, int(h)): (float(c), int(u))
-        for e, m, h, c, u in db.execute(
-            f"SELECT expert, model, CAST(time / 3600 AS INTEGER), SUM({cost}),"
-            f" SUM(CASE WHEN ({missing}) AND result != 'error' THEN 1 ELSE 0 END)"
-            " FROM pings WHERE time >= ? GROUP BY 1, 2, 3", (since,))
+def _recent(db: sqlite3.Connection, origin: str, now: float, ttl_since: float) -> Recent:
+    week, day = int((now - 7 * 86400.0) // 3600), int((now - 86400.0) // 3600)
+    all_hours = {
+        int(h): (float(c), int(u), int(n), int(r), int(w), float(sv), int(d))
+        for h, c, u, n, r, w, sv, d in db.execute(
+            "SELECT hour, ping_usd, ping_unpriced, requests, cache_read, cache_write, saved_usd, drift FROM hours"
+            " WHERE origin = ? AND expert = '' AND hour >= ?", (origin, week))
+    }
+    pair_hours = {
+        (e, m, int(h)): (int(n), int(r), int(w), float(sv), int(d))
+        for e, m, h, n, r, w, sv, d in db.execute(
+            "SELECT expert, model, hour, requests, cache_read, cache_write, saved_usd, drift FROM hours"
+            " WHERE origin = ? AND expert != '' AND hour >= ? AND requests > 0", (origin, day))
+    }
+    last_production = {
+        (e, m): float(t)
+        for e, m, t in db.execute(
+            "SELECT expert, model, MAX(last_request) FROM pair_state WHERE origin = ? AND last_request IS NOT NULL"
+            " GROUP BY 1, 2", (origin,))
     }
     pings: dict[tuple[str, str], list[float]] = {}
     for e, m, t in db.execute(
-        "SELECT expert, model, time FROM pings WHERE time >= ? AND"
-        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since,)):
+        "SELECT expert, model, time FROM pings WHERE time >= ? AND origin = ? AND"
+        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since, origin)):
         pings.setdefault((e, m), []).append(float(t))
-    first_ping = db.execute("SELECT MIN(time) FROM pings WHERE time >= ?", (since,)).fetchone()[0]
-    observation_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]] = {}
-    last_production: dict[tuple[str, str], float] = {}
-    first_obs = None
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'observations'").fetchone():
-        observation_hours = {
-            (e, m, int(h)): (int(n), int(r), int(w), float(s), int(d))
-            for e, m, h, n, r, w, s, d in db.execute(
-                "SELECT expert, model, CAST(time / 3600 AS INTEGER), COUNT(*), SUM(cache_read),"
-                " SUM(cache_write_5m + cache_write_1h), SUM(COALESCE(saved_usd, 0)),"
-                " SUM(drift IS NOT NULL) FROM observations WHERE time >= ? GROUP BY 1, 2, 3", (since,))
-        }
-        last_production = {
-            (e, m): float(t)
-            for e, m, t in db.execute("SELECT expert, model, MAX(time) FROM observations GROUP BY 1, 2")
-        }
-        first_obs = db.execute("SELECT MIN(time) FROM observations WHERE time >= ?", (since,)).fetchone()[0]
-    firsts = [float(t) for t in (first_ping, first_obs) if t is not None]
-    return Recent(ping_hours, observation_hours, last_production, pings, min(firsts) if firsts else None)
+    since = now - 7 * 86400.0
+    firsts = [
+        db.execute(f"SELECT MIN(time) FROM {table} WHERE time >= ? AND origin = ?", (since, origin)).fetchone()[0]
+        for table in ("pings", "observations")
+    ]
+    found = [float(t) for t in firsts if t is not None]
+    return Recent(all_hours, pair_hours, last_production, pings, min(found) if found else None)
+
+
+# How far back a restart reads an adaptive pair's touches: it learns idle gaps by hour of the week.
+HISTORY_WINDOW = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class PairKey:
+    """A pair as the store knows it: its cache is (expert, model, fingerprint)."""
+
+    expert: str
+    model: str
+    fingerprint: str
+    history: bool = False  # also read back its touches (an adaptive pair learns from them)
+
+
+# A touch as a restart hands it back: (start, "ping" | "production", result, prefix tokens).
+StoredTouch = tuple[float, str, str, int]
+
+
+@dataclass(frozen=True)
+class PairResume:
+    """What a restart resumes one pair from (each None when never seen)."""
+
+    last_ping: float | None = None  # start of the latest ping, whatever it found
+    last_result: str | None = None
+    last_refresh: float | None = None  # start of the latest ping that read or wrote the cache
+    prefix_tokens: int | None = None  # the prefix size the latest answered ping measured
+    last_production: float | None = None  # start of the latest production request that read or wrote it
+    last_request: float | None = None  # start of the latest production request of any kind
+    touches: tuple[StoredTouch, ...] = ()  # oldest first; only for a PairKey with `history`
+
+    def last_touch(self) -> float | None:
+        """Start of the latest request, ping or production, that read or wrote the cache."""
+        found = [t for t in (self.last_refresh, self.last_production) if t]
+        return max(found) if found else None
+
+
+def _resume(
+    db: sqlite3.Connection, origin: str, pairs: list[PairKey], now: float,
+    ping_log: int = 32, touch_log: int = 2500,
+) -> dict[tuple[str, str], PairResume]:
+    wanted = {(p.expert, p.model): p for p in pairs}
+    out: dict[tuple[str, str], PairResume] = {}
+    for e, m, fp, lp, lr, lref, tokens, lprod, lreq in db.execute(
+        "SELECT expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens, last_production,"
+        " last_request FROM pair_state WHERE origin = ?", (origin,)):
+        pair = wanted.get((e, m))
+        if pair is None or pair.fingerprint != fp:
+            continue  # not configured here, or an older prefix: another cache
+        out[(e, m)] = PairResume(lp or None, lr, lref or None, tokens, lprod or None, lreq or None)
+    since = now - HISTORY_WINDOW
+    for pair in pairs:
+        key = (pair.expert, pair.model)
+        if not pair.history or key not in out:
+            continue
+        args = (pair.expert, pair.model, origin, pair.fingerprint, since)
+        touches: list[StoredTouch] = []
+        for at, result, read, w5, w1, inp in db.execute(
+            "SELECT time, result, cache_read, cache_write_5m, cache_write_1h, input FROM pings WHERE expert = ?"
+            " AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? ORDER BY time DESC LIMIT ?",
+            (*args, ping_log)):
+            touches.append((float(at), "ping", result, _ping_refresh(at, read, w5, w1, inp)[1] or 0))
+        for at, result, read, written, inp in db.execute(
+            "SELECT time, result, cache_read, cache_write_5m + cache_write_1h, input FROM observations WHERE"
+            " expert = ? AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? AND drift IS NULL"
+            " ORDER BY time DESC LIMIT ?", (*args, touch_log)):
+            touches.append((float(at), "production", result, (read + written) or inp))
+        touches.sort()
+        out[key] = replace(out[key], touches=tuple(touches))
+    return out
+
+
+# --- what each committed row moves in the summaries -----------------------------------------
+
+_PI = {name: i for i, name in enumerate(COLUMNS)}
+_OI = {name: i for i, name in enumerate(OBSERVATION_COLUMNS)}
+_PING_COSTS = [_PI[c] for c in COST_COLUMNS]
+_OBS_COSTS = [_OI[c] for c in COST_COLUMNS]
+
+
+def _ping_state_params(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    at = v[_PI["time"]]
+    refresh, tokens = _ping_refresh(at, v[_PI["cache_read"]], v[_PI["cache_write_5m"]], v[_PI["cache_write_1h"]], v[_PI["input"]])
+    return (v[_PI["origin"]], v[_PI["expert"]], v[_PI["model"]], v[_PI["fingerprint"]], at, v[_PI["result"]], refresh, tokens)
+
+
+def _ping_cost(v: tuple[Any, ...]) -> float:
+    return math.fsum(v[i] or 0.0 for i in _PING_COSTS)
+
+
+def _spend_params(v: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    cost = _ping_cost(v)
+    return (v[_PI["origin"]], int(v[_PI["time"]] // SPEND_BUCKET), cost) if cost else None
+
+
+def _ping_hour_params(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    unpriced = int(v[_PI["result"]] != "error" and any(v[i] is None for i in _PING_COSTS))
+    return (v[_PI["origin"]], "", "", int(v[_PI["time"]] // 3600), _ping_cost(v), unpriced)
+
+
+def _observation_state_params(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    return _observation_state(
+        v[_OI["origin"]], v[_OI["expert"]], v[_OI["model"]], v[_OI["fingerprint"]], v[_OI["time"]],
+        v[_OI["cache_read"]], v[_OI["cache_write_5m"]], v[_OI["cache_write_1h"]], v[_OI["drift"]],
+    )
+
+
+def _observation_hour_params(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (
+        v[_OI["origin"]], v[_OI["expert"]], v[_OI["model"]], int(v[_OI["time"]] // 3600), 1, v[_OI["cache_read"]],
+        v[_OI["cache_write_5m"]] + v[_OI["cache_write_1h"]], v[_OI["saved_usd"]] or 0.0, int(v[_OI["drift"]] is not None),
+    )
