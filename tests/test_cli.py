@@ -276,8 +276,8 @@ def test_run_with_the_builtin_emulator_as_the_readme_shows(
 def test_report_needs_a_ledger_and_once_records_into_it(tmp_path: Path, emulator: Emulator) -> None:
     doc = basic_doc(emulator.base_url)
     path = write_config(tmp_path, doc)
-    result = run("report", "--config", str(path))
-    assert result.returncode == 78 and "has no ledger.path" in result.stderr
+    result = run("report", "--config", str(path))  # no `ledger:` key: the default state path, still empty
+    assert result.returncode == 78 and "no daemon has kept state there yet" in result.stderr
     assert run("report").returncode in (2, 78)
     doc["ledger"] = {"path": "pings.sqlite", "retention_days": 30}
     path = write_config(tmp_path, doc)

@@ -170,8 +170,10 @@ def test_budget_stops_the_least_valuable_pairs_first() -> None:
     assert not budget.may_ping("low", 20.0, 0.1)
     budget.record(30.0, 0.1)  # at the cap: nobody
     assert not budget.may_ping("high", 40.0, 5.0)
-    assert budget.resume_at(40.0) == 10.0 + 86400.0
-    assert budget.may_ping("low", 10.0 + 86400.0, 0.1)  # the 0.9 rolled out of the window
+    # Spend rolls out in 10-second steps: the 0.9 of t=10 s counts until its step (10-20 s) has left.
+    assert budget.resume_at(40.0) == 20.0 + 86400.0
+    assert not budget.may_ping("low", 19.0 + 86400.0, 0.1)
+    assert budget.may_ping("low", 20.0 + 86400.0, 0.1)  # the 0.9 rolled out of the window
 
 
 def test_budgeted_policy_says_budget_and_waits_for_room() -> None:
@@ -180,7 +182,7 @@ def test_budgeted_policy_says_budget_and_waits_for_room() -> None:
     policy = BudgetedPolicy(FixedPolicy(240.0, 0.0), budget, "a/m", lambda _now: 1.0)
     policy.observe(_ping(100.0))
     assert policy.next_ping(200.0, 0.0) == Decision(340.0)  # not due yet: not judged yet
-    assert policy.next_ping(340.0, 0.0) == Decision(86400.0, "budget")
+    assert policy.next_ping(340.0, 0.0) == Decision(86410.0, "budget")  # its 10-second step has left the window
 
 
 def test_make_policy_builds_what_the_config_asks_for() -> None:

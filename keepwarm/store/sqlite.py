@@ -816,7 +816,8 @@ def _readonly(path: Path | str) -> Iterator[sqlite3.Connection]:
     """A read-only connection to an existing keepwarm ledger; every failure is a LedgerError."""
     where = str(path)
     if not Path(path).is_file():
-        raise LedgerError(f"ledger {where}: no such file (is ledger.path set, and has the daemon run?)")
+        raise LedgerError(f"ledger {where}: no such file: no daemon has kept state there yet"
+                          " (or ledger.path names another file)")
     try:
         # mode=ro: a report must never create, migrate or prune the daemon's file. Without a
         # -wal file (the daemon stopped cleanly) nothing can change it: immutable=1 also spares
