@@ -339,6 +339,9 @@ class Scheduler:
         self._policy_lock = threading.Lock()
         # Called with every finished ping (the observations' attribution listens here).
         self.on_ping: Callable[[PingOutcome], None] | None = None
+        # In a fleet: whether this member still owns a pair, checked before each ping, so a pair
+        # that moved since its job was armed is not pinged by two members (keepwarm.fleet).
+        self.owns: Callable[[str], bool] | None = None
         self.stopping = threading.Event()
         self._inflight = 0
         self._inflight_cv = threading.Condition()
@@ -951,6 +954,11 @@ class Scheduler:
         self.check_clock()
         if state.next_due and abs(state.next_due - scheduled_at) > CLOCK_JUMP_THRESHOLD:
             return  # superseded: a clock step re-anchored this pair, and its new run is pending
+        if self.owns is not None and not self.owns(key):
+            # Another member owns it now: the next reassignment removes it here. Ask again
+            # soon in case the pair comes back first (the other member left again).
+            self._schedule(state, self.clock() + state.pair.interval / 4)
+            return
         later = self._policy_wait(state)
         if later is not None:
             # A touch since this run was armed made the ping unnecessary (yet, or at all).

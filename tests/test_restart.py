@@ -166,8 +166,9 @@ def test_the_budget_s_spend_survives_a_restart(emulator: Emulator, tmp_path: Pat
         first, metrics = _setup(emulator, tmp_path, clock, ledger, budget=5.0)
         for _ in range(3):
             for key in list(first.states):
-                clock.now = max(clock.now, first.states[key].next_due)
-                first._run(key, clock.now)
+                due = first.states[key].next_due
+                clock.now = max(clock.now, due)
+                first._run(key, due)
         first.check_budget()
         before = metrics.registry.get_sample_value("keepwarm_budget_spent_usd")
         first._aps.shutdown(wait=False)

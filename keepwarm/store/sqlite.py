@@ -302,7 +302,15 @@ def _state_v3(db: sqlite3.Connection) -> None:
         )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _state_v3]
+def _members_v4(db: sqlite3.Connection) -> None:
+    """A fleet's members: a row each, with the expiry of a lease its holder renews (keepwarm.fleet)."""
+    db.execute(
+        "CREATE TABLE members (fleet TEXT NOT NULL, member TEXT NOT NULL, expires REAL NOT NULL,"
+        " joined REAL NOT NULL, PRIMARY KEY (fleet, member))"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _state_v3, _members_v4]
 
 
 def schema_version() -> int:
@@ -782,6 +790,35 @@ class Ledger:
                 (self.origin, int(since // SPEND_BUCKET)),
             )
             return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
+
+    def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
+        """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
+
+        Raises what SQLite raises: the fleet treats a failed renewal as an outage, not a crash.
+        """
+        with self._lock:
+            db = self._read()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO members (fleet, member, expires, joined) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (fleet, member) DO UPDATE SET expires = excluded.expires",
+                    (fleet, member, now + lease, now))
+                # Long-dead members are forgotten; a lapsed one is simply not live.
+                db.execute("DELETE FROM members WHERE fleet = ? AND expires < ?", (fleet, now - 86400.0))
+                live = [(str(m), float(e)) for m, e in db.execute(
+                    "SELECT member, expires FROM members WHERE fleet = ? AND expires > ? ORDER BY member", (fleet, now))]
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return live
+
+    def drop_lease(self, fleet: str, member: str) -> None:
+        """Give a member's lease up at once (a clean stop)."""
+        with self._lock:
+            self._read().execute("DELETE FROM members WHERE fleet = ? AND member = ?", (fleet, member))
 
     def close(self) -> None:
         """Write what is pending, checkpoint the WAL into the main file, and close."""

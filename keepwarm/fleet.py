@@ -1,0 +1,158 @@
+"""A fleet: daemons sharing one store divide the pairs among the live members.
+
+Membership is a row per member with an expiry that its holder renews (a lease), as job queues
+on PostgreSQL keep their workers: anyone can see a lapsed lease and act on it, and there is no
+consensus protocol of our own. Each member computes the same division from the same list of
+live members, by rendezvous hashing (`keepwarm.shard.owner`), so a join or a leave moves only
+the pairs it must (about 1/N), and a member that left is replaced within its lease plus one
+renewal.
+
+When the store cannot be reached a member keeps the last view it had and goes on pinging what
+it owned: a duplicate ping costs one cache read, a lapse a write. Once it reaches the store
+again it sees who is live and yields what moved. A pair that changes owner is resumed by its
+new owner from the shared store (its last touch, its cache's expiry): neither a cold start nor
+a duplicate ping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from keepwarm.logs import event
+from keepwarm.shard import owner
+
+log = logging.getLogger("keepwarm.fleet")
+
+# A member renews this many times per lease, so one lost renewal never costs it the lease.
+RENEWALS_PER_LEASE = 3
+
+
+class LeaseStore(Protocol):
+    """What a fleet needs of its store (keepwarm.store): leases, nothing else."""
+
+    def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
+        """Extend `member`'s lease to `now + lease`; return every member of `fleet` whose lease
+        is live at `now`, with its expiry (this member included)."""
+
+    def drop_lease(self, fleet: str, member: str) -> None:
+        """Give the lease up at once (a clean stop): the others take over without waiting for it."""
+
+
+@dataclass(frozen=True)
+class View:
+    """Who is in the fleet, as one member last saw it."""
+
+    members: tuple[str, ...]  # live members, sorted: every member divides the pairs the same way
+    epoch: int  # this member's count of membership changes: the pairs it owns changed with it
+
+
+def member_id() -> str:
+    """A name for this daemon, unique in its fleet: the host (the pod's name on Kubernetes) and a
+    random suffix, so a restarted process is a new member and never inherits a lapsed lease."""
+    host = os.environ.get("HOSTNAME") or socket.gethostname() or "keepwarm"
+    return f"{host[:48]}-{uuid.uuid4().hex[:8]}"
+
+
+K = TypeVar("K")
+
+
+class Membership:
+    """One daemon's membership: renews its lease, follows who is live, says which pairs it owns."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        fleet: str,
+        lease: float,
+        member: str | None = None,
+        clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.lease = lease
+        self.member = member or member_id()
+        self.clock = clock
+        self.mono = mono
+        self.view = View((self.member,), 0)
+        self.renewed_at: float | None = None  # monotonic time of the last successful renewal
+        self.failures = 0  # renewals that could not reach the store
+        self.handovers = 0  # membership changes seen (each moves pairs)
+        self._lock = threading.Lock()
+        self._failing = False
+
+    @property
+    def every(self) -> float:
+        """How often to renew."""
+        return self.lease / RENEWALS_PER_LEASE
+
+    def renew(self) -> bool:
+        """Renew the lease and take the fleet's current members; True when they changed.
+
+        Never raises: a store that cannot be reached keeps the last view (and the pairs it
+        gives), counted in `failures` and logged once per outage.
+        """
+        try:
+            live = self.store.renew_lease(self.fleet, self.member, self.clock(), self.lease)
+        except Exception as exc:  # noqa: BLE001 - an outage must not stop the pinging
+            with self._lock:
+                self.failures += 1
+                first = not self._failing
+                self._failing = True
+            if first:
+                event(log, logging.ERROR, "fleet: cannot renew the lease; pinging on what this member owned"
+                      " until the store is back", fleet=self.fleet, member=self.member, error=str(exc))
+            return False
+        members = tuple(sorted({name for name, _ in live} | {self.member}))
+        with self._lock:
+            self.renewed_at = self.mono()
+            if self._failing:
+                self._failing = False
+                event(log, logging.INFO, "fleet: the store is back; lease renewed", fleet=self.fleet,
+                      member=self.member, failures=self.failures)
+            if members == self.view.members:
+                return False
+            before = self.view.members
+            self.view = View(members, self.view.epoch + 1)
+            self.handovers += 1
+        event(log, logging.INFO, "fleet: members changed", fleet=self.fleet, member=self.member,
+              members=len(members), joined=",".join(sorted(set(members) - set(before))) or None,
+              left=",".join(sorted(set(before) - set(members))) or None)
+        return True
+
+    def holds_lease(self) -> bool:
+        """Whether the last renewal is recent enough that no other member can have taken over."""
+        with self._lock:
+            return self.renewed_at is not None and self.mono() - self.renewed_at < self.lease
+
+    def owns(self, key: str) -> bool:
+        """Whether this member pings the pair `key` (an `expert/model`) in its current view."""
+        return owner(key, self.view.members) == self.member
+
+    def owned(self, items: Iterable[K], key: Callable[[K], str]) -> list[K]:
+        """The items (pairs) this member owns, in their order."""
+        members = self.view.members
+        return [item for item in items if owner(key(item), members) == self.member]
+
+    def leave(self) -> None:
+        """Give the lease up (a clean stop), so the others take over at their next renewal."""
+        try:
+            self.store.drop_lease(self.fleet, self.member)
+        except Exception as exc:  # noqa: BLE001 - the lease lapses by itself anyway
+            event(log, logging.WARNING, "fleet: cannot give the lease up; it lapses by itself", error=str(exc))
+
+
+def divide(keys: Sequence[str], members: Sequence[str]) -> dict[str, list[str]]:
+    """Every member's pairs (what each member computes for itself), for reports and tests."""
+    out: dict[str, list[str]] = {m: [] for m in members}
+    for key in keys:
+        out[owner(key, members)].append(key)
+    return out

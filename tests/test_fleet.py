@@ -1,0 +1,161 @@
+"""A fleet's membership: leases in the shared store, pairs divided by rendezvous hashing, a
+handover resumed from the store, and an outage that keeps the pinging going.
+
+Members here share one SQLite ledger (the same store interface a PostgreSQL fleet uses) and a
+fake clock; the schedulers are real, their APScheduler paused, against the real emulator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import LONG_PROMPT
+
+from keepwarm.config import parse_config
+from keepwarm.daemon import store_resume
+from keepwarm.emulator import Emulator
+from keepwarm.fleet import Membership, divide
+from keepwarm.gate import Gate
+from keepwarm.metrics import Metrics
+from keepwarm.ping import make_client
+from keepwarm.runner import Runner
+from keepwarm.scheduler import Scheduler
+from keepwarm.store import Ledger
+
+T0 = 1_800_000_000.0
+LEASE = 20.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Broken:
+    """A store that cannot be reached."""
+
+    def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
+        raise OSError("connection refused")
+
+    def drop_lease(self, fleet: str, member: str) -> None:
+        raise OSError("connection refused")
+
+
+def test_members_see_each_other_and_divide_every_pair_exactly_once(tmp_path: Path) -> None:
+    clock = Clock()
+    with Ledger(tmp_path / "l.db") as store:
+        a, b, c = (Membership(store, "kw", LEASE, member=name, clock=clock, mono=clock) for name in "abc")
+        for m in (a, b, c, a, b):  # a and b saw the others only at their second renewal
+            m.renew()
+        assert a.view.members == b.view.members == c.view.members == ("a", "b", "c")
+        keys = [f"expert-{i}/claude-sonnet-4-6" for i in range(3000)]
+        owners = Counter(next(m.member for m in (a, b, c) if m.owns(k)) for k in keys)
+        assert sum(owners.values()) == len(keys) and all(800 < n < 1200 for n in owners.values()), owners
+        assert all(sum(m.owns(k) for m in (a, b, c)) == 1 for k in keys)
+
+        # c dies: after its lease the others own its pairs, and only those move.
+        before = {k: next(m.member for m in (a, b, c) if m.owns(k)) for k in keys}
+        clock.now += LEASE / 2
+        assert not a.renew() and not b.renew(), "c's lease still runs"
+        clock.now += LEASE / 2 + 0.1
+        assert a.renew() and b.renew()
+        assert a.view.members == ("a", "b") and a.view.epoch == 2
+        moved = [k for k in keys if before[k] != next(m.member for m in (a, b) if m.owns(k))]
+        assert set(moved) == {k for k in keys if before[k] == "c"}
+        # A clean stop gives the lease up at once: no waiting for it to lapse.
+        b.leave()
+        a.renew()
+        assert a.view.members == ("a",) and all(a.owns(k) for k in keys)
+    assert divide(keys, ["a", "b"]).keys() == {"a", "b"}
+
+
+def test_a_member_that_cannot_reach_the_store_keeps_what_it_owned(tmp_path: Path) -> None:
+    clock = Clock()
+    with Ledger(tmp_path / "l.db") as store:
+        a = Membership(store, "kw", LEASE, member="a", clock=clock, mono=clock)
+        b = Membership(store, "kw", LEASE, member="b", clock=clock, mono=clock)
+        a.renew(), b.renew(), a.renew()
+        view = a.view
+        a.store = Broken()
+        assert a.renew() is False and a.failures == 1
+        assert a.view == view, "availability: the last view, and its pairs, stay"
+        assert a.holds_lease()
+        for _ in range(2):  # b renews as usual meanwhile
+            clock.now += LEASE / 2
+            b.renew()
+        assert b.view.members == ("b",), "a's lease lapsed: b took its pairs over"
+        assert not a.holds_lease(), "a knows its lease may have passed to another"
+        a.store = store
+        assert a.renew() is False and a.holds_lease(), "back: it renews, and sees b as before"
+        assert b.renew() and b.view.members == ("a", "b"), "b yields a's pairs again at its next renewal"
+
+
+def _scheduler(emulator: Emulator, config_pairs: list, clock: Clock, ledger: Ledger) -> tuple[Scheduler, Metrics]:  # type: ignore[type-arg]
+    metrics = Metrics()
+    config = parse_config(_doc(emulator.base_url), Path("."))
+    runner = Runner(make_client(emulator.base_url, "sk-test-fleet", 5), config.prices, metrics, threading.Event(),
+                    clock=clock, ledger=ledger, gate=Gate(clock=clock))
+    scheduler = Scheduler(runner, metrics, clock=clock, draw=lambda: 0.0, mono=clock, prices=config.prices,
+                          resume=store_resume(ledger, clock))
+    scheduler._aps.start(paused=True)
+    return scheduler, metrics
+
+
+def _doc(base_url: str) -> dict:  # type: ignore[type-arg]
+    return {"api": {"base_url": base_url}, "defaults": {"models": ["claude-sonnet-4-6"], "jitter": "0s"},
+            "experts": [{"name": f"e{i}", "system": [{"text": f"Expert {i}. {LONG_PROMPT}"}]} for i in range(12)]}
+
+
+def test_a_handover_is_resumed_from_the_shared_store_not_a_cold_start(emulator: Emulator, tmp_path: Path) -> None:
+    """a keeps every pair warm; b joins: the pairs b wins move, b resumes each an interval after
+    a's last ping of it (no ping at once, no write), and a stops pinging and exporting them."""
+    clock = Clock()
+    pairs = list(parse_config(_doc(emulator.base_url), Path(".")).pairs)
+    with Ledger(tmp_path / "l.db", clock=clock) as ledger:
+        ma = Membership(ledger, "kw", LEASE, member="a", clock=clock, mono=clock)
+        ma.renew()
+        a, a_metrics = _scheduler(emulator, pairs, clock, ledger)
+        a.owns = ma.owns
+        a.apply(ma.owned(pairs, key=lambda p: p.key))
+        for key in list(a.states):  # every pair pinged once: written
+            due = a.states[key].next_due
+            clock.now = max(clock.now, due)
+            a._run(key, due)
+        assert all(s.last_start for s in a.states.values())
+        last = {key: a.states[key].last_start for key in a.states}
+        writes = len(emulator.log)
+
+        clock.now += 60
+        ma.renew()  # as it does every lease / 3
+        mb = Membership(ledger, "kw", LEASE, member="b", clock=clock, mono=clock)
+        assert mb.renew() and mb.view.members == ("a", "b")
+        assert ma.renew(), "a sees b at its next renewal"
+        b, b_metrics = _scheduler(emulator, pairs, clock, ledger)
+        b.owns = mb.owns
+        report = b.apply(mb.owned(pairs, key=lambda p: p.key))
+        a.apply(ma.owned(pairs, key=lambda p: p.key))
+        moved = set(report.added)
+        assert moved and moved.isdisjoint(a.states) and set(a.states) | moved == {p.key for p in pairs}
+        for key in moved:
+            job = b._aps.get_job(key)
+            assert job is not None
+            assert job.trigger.run_date.timestamp() == pytest.approx(last[key] + 240), "resumed, not re-pinged"
+            assert a_metrics.registry.get_sample_value(
+                "keepwarm_pair_state", {"expert": key.split("/")[0], "model": "claude-sonnet-4-6"}) is None, \
+                "a no longer exports a pair it does not own: sums over members count it once"
+        assert len(emulator.log) == writes, "no ping at the handover"
+        # A job a had armed before the reassignment is not sent by a once b owns the pair.
+        key = next(iter(moved))
+        ma.view = mb.view
+        a_only = Scheduler(a.runner, a_metrics, clock=clock, draw=lambda: 0.0, mono=clock, prices=a.prices)
+        a_only.owns = ma.owns
+        a_only._aps.start(paused=True)
+        a_only.apply([p for p in pairs if p.key == key])
+        a_only._run(key, clock.now)
+        assert len(emulator.log) == writes
