@@ -140,7 +140,7 @@ def measure_start(processes: Processes, config: Path, log: Path, env: dict[str, 
         rss, peak = memory_mb(process.pid)
     finally:
         code = processes.stop(process, 60)
-    stopped = [e for e in events(log) if e.get("event") == "catch-up at start: pinging the pairs that are due now"]
+    stopped = [e for e in events(log) if e.get("event") == "catch-up: pinging the pairs that are due now"]
     return {"seconds_to_started": round(seconds, 2), "peak_rss_mb_at_started": round(peak_at_start, 1),
             "rss_mb_after": round(rss, 1), "peak_rss_mb_after": round(peak, 1), "settle_s": settle,
             "catch_up": stopped[0] if stopped else None, "exit_code": code}
@@ -231,7 +231,7 @@ def catch_up_one(processes: Processes, pairs: int, rpm: int, scale: float, rng: 
         lost = [k for k in alive if k in firsts and firsts[k].result == "rewarmed"]
         unpinged = [k for k in alive if k not in firsts]
         starts = sorted(r.time for r in firsts.values())
-        catch = [e for e in events(work / "b.log") if e.get("event", "").startswith("catch-up at start")]
+        catch = [e for e in events(work / "b.log") if e.get("event", "").startswith("catch-up:")]
         # The arithmetic: pair i starts at i x spacing (at least), its cache lives until its expiry.
         spacing = 60.0 / rpm * scale if rpm else 0.0
         predicted = sum(1 for i, expiry in enumerate(sorted(alive.values(), reverse=True))

@@ -208,8 +208,9 @@ def catch_up_plan(
     TTL's margin) in, (key, time) out, in the order they will be sent.
 
     Known-alive caches first by expiry, then pairs without state at a stable phase within the
-    first CATCH_UP_SPREAD of their margin, then known-expired caches. With a `spacing` (the API's request rate) no two starts
-    are closer than it, in that order of priority; without one each pair starts when it wants.
+    first CATCH_UP_SPREAD of their margin, then known-expired caches. With a `spacing` (the
+    API's request rate) no two starts are closer than it, in that order of priority; without
+    one each pair starts when it wants.
     """
     alive = sorted((e, k) for k, e, _ in due if e is not None and e > now)
     unknown = sorted((now + phase(k, max(m, 0.0) * CATCH_UP_SPREAD), k) for k, e, m in due if e is None)
@@ -222,7 +223,7 @@ def catch_up_plan(
     return plan
 
 
-def _stored_touches(stored: PairResume, pair: Pair) -> list[Touch]:
+def _stored_touches(stored: PairResume) -> list[Touch]:
     """The touches a pair's policy is rebuilt from after a restart, oldest first.
 
     An adaptive pair has its history; for any other pair, its latest ping and the latest
@@ -578,7 +579,7 @@ class Scheduler:
         expiry: whatever cache it had may be alive, so it is pinged within the TTL's margin.
         """
         pair = state.pair
-        touches = _stored_touches(stored, pair) if stored is not None else []
+        touches = _stored_touches(stored) if stored is not None else []
         touches = [t for t in touches if t.at <= now]
         if not touches:
             self._new_policy(state)
@@ -641,7 +642,7 @@ class Scheduler:
         event(
             log,
             logging.INFO if margin is None or takes <= margin else logging.WARNING,
-            "catch-up at start: pinging the pairs that are due now" + (
+            "catch-up: pinging the pairs that are due now" + (
                 "" if margin is None or takes <= margin else
                 "; it takes longer than the TTL's margin, so caches alive at the restart may lapse:"
                 " raise api.requests_per_minute if the API allows it"),
