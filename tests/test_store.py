@@ -136,7 +136,7 @@ def test_a_ledger_of_the_previous_schema_gets_its_summaries_once(tmp_path: Path)
         expected_state = fresh.resume([KEY], T0 + 300)
         expected_spend = fresh.spend(0)
     with sqlite3.connect(path) as db:
-        for table in ("pair_state", "spend", "hours"):
+        for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
         for table in ("pings", "observations"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
@@ -182,3 +182,25 @@ def test_costs_in_the_summaries_match_the_rows_to_the_last_bit(tmp_path: Path) -
         total = math.fsum(c for r in ledger.rows() for c in (r.costs or {}).values())
         assert math.fsum(usd for _, usd in ledger.spend(0)) == pytest.approx(total, rel=1e-12)
     assert PRICES.cost(SONNET.model, WARM)
+
+
+def test_report_leaves_emulator_and_time_scaled_rows_out_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import json
+
+    from keepwarm.report import run_report
+
+    path = tmp_path / "l.db"
+    with Ledger(path, origin="emulator") as demo:
+        demo.record(outcome(SONNET, REWARM, T0))
+    with Ledger(path, origin="scaled") as scaled:
+        scaled.record(outcome(SONNET, WARM, T0 + 1))
+    with Ledger(path) as real:
+        real.record(outcome(SONNET, WARM, T0 + 2))
+    out = io.StringIO()
+    assert run_report(path, PRICES, None, "json", out, now=T0 + 10) == 0
+    assert json.loads(out.getvalue())["total"]["pings"] == 1, "only the real ping"
+    assert "left out 1 row(s) from emulator runs, 1 row(s) from scaled runs" in capsys.readouterr().err
+    out = io.StringIO()
+    assert run_report(path, PRICES, None, "json", out, now=T0 + 10, origins=None) == 0
+    assert json.loads(out.getvalue())["total"]["pings"] == 3
