@@ -25,6 +25,7 @@ from keepwarm import __version__, early_signals, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
+from keepwarm.fleet import Membership
 from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
@@ -137,7 +138,10 @@ def freeze_heap() -> None:
     release_free_memory()
 
 
-def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None) -> WebServer:
+def build_web(
+    config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None,
+    membership: Membership | None = None,
+) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
 
     def page_info() -> PageInfo:
@@ -154,7 +158,7 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
         config.metrics_port,
         metrics,
         states=lambda: list(scheduler.states.values()),
-        health=scheduler.healthy,
+        health=scheduler.healthy if membership is None else lambda: ready_in_fleet(scheduler, membership),
         page_info=page_info,
         observer=observer,
         live=scheduler.alive,
@@ -180,6 +184,39 @@ def open_ledger(config: Config, origin: str = "api", on_error: Callable[[], None
     return ledger
 
 
+def ready_in_fleet(scheduler: Scheduler, membership: Membership) -> tuple[bool, str]:
+    """Readiness of a fleet member: on time, and holding its lease (else another may own its pairs)."""
+    if not membership.holds_lease():
+        return False, f"fleet {membership.fleet}: lease not renewed within {membership.lease:g}s; still pinging what it owned"
+    return scheduler.healthy()
+
+
+def owned_pairs(config: Config, membership: Membership | None) -> tuple[Pair, ...]:
+    """The pairs this daemon keeps warm: all of the config's, or in a fleet those it owns."""
+    if membership is None:
+        return config.pairs
+    return tuple(membership.owned(config.pairs, key=lambda p: p.key))
+
+
+def join_fleet(config: Config, ledger: object, settle: Callable[[float], object] = time.sleep) -> Membership | None:
+    """This daemon's membership of its fleet, when the config names one and the store keeps leases.
+
+    Members started together must not race to the first ping (each would write the caches it
+    thinks it owns): a new member renews, waits one renewal period for the others to do the
+    same, and renews again before it takes any pair.
+    """
+    fleet = getattr(config, "fleet", None)
+    if fleet is None or not hasattr(ledger, "renew_lease"):
+        return None
+    membership = Membership(ledger, fleet.name, fleet.lease)  # type: ignore[arg-type]
+    membership.renew()
+    settle(min(membership.every, 5.0))
+    membership.renew()
+    event(log, logging.INFO, "fleet: joined", fleet=fleet.name, member=membership.member,
+          members=len(membership.view.members), lease_s=fleet.lease)
+    return membership
+
+
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -200,6 +237,7 @@ class Daemon:
         self.abandoned = 0  # pings still running at the stop deadline: the caller must not wait for them
         self.time_scale: float | None = None  # --time-scale for an emulator elsewhere, on loopback
         self.listen: tuple[str, int] | None = None  # --listen, over metrics.listen
+        self.membership: Membership | None = None  # in a fleet (ledger.url): this daemon's membership
 
     # --- config ----------------------------------------------------------------------------
 
@@ -293,6 +331,7 @@ class Daemon:
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
         # The built-in emulator starts with every cache empty: nothing stored is true of it.
         scheduler = build_scheduler(config, runner, metrics, resume=self.emulator is None)
+        membership = join_fleet(config, ledger) if ledger is not None else None
         try:
             observer = build_observer(config, metrics, scheduler, runner)
         except ConfigError as exc:
@@ -300,7 +339,7 @@ class Daemon:
                 event(log, logging.ERROR, "config error", source=str(self.config_path), problem=problem)
             return EX_CONFIG
         try:
-            web = build_web(config, metrics, scheduler, observer)
+            web = build_web(config, metrics, scheduler, observer, membership)
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
                   error=exc.strerror or str(exc), exit_code=EX_UNAVAILABLE)
@@ -315,7 +354,11 @@ class Daemon:
 
         # A SIGHUP queued during start-up was for a config older than (or the same as) the one
         # just loaded: the loop below applies it, which re-reads the file and is harmless.
-        scheduler.start(config.pairs)
+        self.membership = membership
+        if membership is not None:
+            scheduler.owns = membership.owns
+        scheduler.start(owned_pairs(config, membership))
+        self._fleet_metrics(metrics, scheduler)
         freeze_heap()
         event(
             log,
@@ -334,7 +377,14 @@ class Daemon:
         tick = min(HEARTBEAT_EVERY, watchdog / 2) if watchdog else HEARTBEAT_EVERY
         trimmed = time.monotonic()
         try:
+            renewed = time.monotonic()
             while not self.stop_event.wait(tick):
+                if membership is not None and time.monotonic() - renewed >= membership.every:
+                    renewed = time.monotonic()
+                    if membership.renew():
+                        # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
+                        scheduler.apply(owned_pairs(config, membership))
+                    self._fleet_metrics(metrics, scheduler)
                 scheduler.check_clock()
                 if time.monotonic() - trimmed >= TRIM_EVERY:
                     trimmed = time.monotonic()
@@ -354,12 +404,20 @@ class Daemon:
                 event(log, logging.WARNING, "pings still in flight at the shutdown deadline; abandoning them",
                       inflight=left)
                 self.abandoned = left
+            if membership is not None:
+                membership.leave()  # the others take over at their next renewal, not after the lease
             if runner.ledger is not None:
                 runner.ledger.close()
             web.stop()
             gc.unfreeze()  # a daemon run inside a longer process (the tests) leaves nothing pinned
         event(log, logging.INFO, "stopped")
         return EX_OK
+
+    def _fleet_metrics(self, metrics: Metrics, scheduler: Scheduler) -> None:
+        membership = self.membership
+        if membership is not None:
+            metrics.set_fleet(len(membership.view.members), len(scheduler.states), membership.handovers,
+                              membership.failures)
 
     @property
     def origin(self) -> str:
@@ -420,7 +478,7 @@ class Daemon:
             old, runner.ledger = runner.ledger, ledger
             if old is not None:
                 old.close()
-        report = scheduler.apply(new.pairs)
+        report = scheduler.apply(owned_pairs(new, self.membership))
         if observer is not None:
             observer.apply(new, token)
         scheduler.release_held()

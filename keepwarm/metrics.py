@@ -559,6 +559,8 @@ class Metrics:
         # of their own, which `exposition()` renders after the per-pair families.
         self._plain = CollectorRegistry()
         self._budget_gauges: tuple[Gauge, Gauge] | None = None  # created by set_budget
+        self._fleet: tuple[Gauge, Gauge, Counter, Counter] | None = None  # created by set_fleet
+        self._fleet_seen = [0, 0]  # the totals the fleet counters were last brought to
         self.lateness = Histogram(
             "keepwarm_ping_lateness_seconds",
             "How late each ping started against its scheduled time.",
@@ -593,6 +595,28 @@ class Metrics:
         self.reload_ok.set(1)
         for reason in REJECT_REASONS:  # five series in all, not per pair: there from the start
             self.observations_rejected.labels(reason)
+
+    def set_fleet(self, members: int, owned: int, handovers: int, lease_failures: int) -> None:
+        """Export a fleet member's view (only a daemon in a fleet has these): live members, the
+        pairs it owns, and its counts of membership changes and failed lease renewals."""
+        if self._fleet is None:
+            self._fleet = (
+                Gauge("keepwarm_fleet_members", "Live members of the fleet, as this member last saw them.", registry=None),
+                Gauge("keepwarm_fleet_owned_pairs", "Pairs this member keeps warm (and exports).", registry=None),
+                Counter("keepwarm_fleet_handovers", "Membership changes this member saw; each moves pairs.", registry=None),
+                Counter("keepwarm_fleet_lease_failures", "Lease renewals that could not reach the store.", registry=None),
+            )
+            for metric in self._fleet:
+                self.registry.register(metric)
+                self._plain.register(metric)
+        members_gauge, owned_gauge, handover_counter, failure_counter = self._fleet
+        members_gauge.set(members)
+        owned_gauge.set(owned)
+        # The counters follow the membership's own totals.
+        for i, (counter, total) in enumerate(((handover_counter, handovers), (failure_counter, lease_failures))):
+            if total > self._fleet_seen[i]:
+                counter.inc(total - self._fleet_seen[i])
+                self._fleet_seen[i] = total
 
     def set_budget(self, cap: float, spent: float) -> None:
         """Export `budget.usd_per_day` and the trailing-24 h spend; only a daemon with a budget has them."""
