@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from keepwarm.cachekey import Prefix, build_prefix
 from keepwarm.durations import format_duration, parse_duration
 from keepwarm.hours import ActiveHours, parse_active_hours
-from keepwarm.prefix import Prefix, build_prefix
 from keepwarm.pricing import PriceTable, load_price_table
 from keepwarm.shard import in_shard, parse_shard
 from keepwarm.store.paths import default_ledger_path

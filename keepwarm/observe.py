@@ -40,7 +40,7 @@ from typing import Any, cast, overload
 
 import anthropic
 
-from keepwarm.prefix import fingerprint as prefix_fingerprint
+from keepwarm.cachekey import fingerprint as prefix_fingerprint
 from keepwarm.shard import shard_of
 
 log = logging.getLogger("keepwarm.observe")

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from keepwarm.cachekey import fingerprint as prefix_fingerprint
 from keepwarm.emulator.errors import invalid
-from keepwarm.prefix import fingerprint as prefix_fingerprint
 
 MAX_BREAKPOINTS = 4
 TTLS = ("5m", "1h")
