@@ -294,17 +294,21 @@ def restarts_run(args: argparse.Namespace) -> dict[str, Any]:
                 proc = daemon(processes, config, log, env, "--time-scale", str(scale))
                 lives.append((time.time(), proc, log, how))
 
+            stops: list[float] = []
+
+            startups: list[float] = []
             start("first")
-            wait_for_line(lives[-1][1], lives[-1][2], STARTED, 300)
+            startups.append(wait_for_line(lives[-1][1], lives[-1][2], STARTED, 300))
             time.sleep(interval * 1.2)
             for cycle in range(args.cycles):
                 how = signal.SIGTERM if cycle % 2 == 0 else signal.SIGKILL
                 time.sleep(rng.uniform(0.2, 1.0) * interval)
                 proc = lives[-1][1]
+                stops.append(time.time())
                 proc.send_signal(how)
                 proc.wait(60)
                 start(how.name)
-                wait_for_line(lives[-1][1], lives[-1][2], STARTED, 300)
+                startups.append(wait_for_line(lives[-1][1], lives[-1][2], STARTED, 300))
             time.sleep(ttl * 1.5)
             processes.stop(lives[-1][1], 60)
             entries = [e for e in emu.log if e.path.endswith("/v1/messages") and e.fingerprint and e.usage]
@@ -317,10 +321,22 @@ def restarts_run(args: argparse.Namespace) -> dict[str, Any]:
             by_pair[e.fingerprint or ""].append((e.time, e.request_id))
             if (e.usage or {}).get("cache_creation_input_tokens"):
                 writes[e.fingerprint or ""] += 1
+        # Each re-write: how long after the pair's previous request, and after which restart.
+        rewrites = []
+        for pings in by_pair.values():
+            for (a, _), (b, b_id) in zip(pings, pings[1:]):
+                entry = next(e for e in entries if e.request_id == b_id)
+                if (entry.usage or {}).get("cache_creation_input_tokens"):
+                    since_stop = [b - t for t in stops if t <= b]
+                    rewrites.append({"gap_s": round(b - a, 2), "after_stop_s": round(min(since_stop), 2) if since_stop else None})
         duplicates = in_flight = 0
+        close = []
         for pings in by_pair.values():
             for (a, a_id), (b, _) in zip(pings, pings[1:]):
                 if b - a < interval - 0.05:
+                    since_stop = [b - t for t in stops if t <= b]
+                    close.append({"gap_s": round(b - a, 2), "first_recorded": a_id in recorded,
+                                  "after_stop_s": round(min(since_stop), 2) if since_stop else None})
                     if a_id in recorded:
                         duplicates += 1
                     else:
@@ -339,6 +355,11 @@ def restarts_run(args: argparse.Namespace) -> dict[str, Any]:
             "pinged_twice_within_an_interval": duplicates,
             "resent_after_a_sigkill_in_flight": in_flight,
             "budget": budget,
+            "startup_s": [round(wait, 2) for wait in startups],
+            "downtime_s": [round(lives[i + 1][0] - stops[i], 2) for i in range(len(stops))],
+            "rewrites": rewrites[:50],
+            "pings_closer_than_an_interval": close[:50],
+            "margin_s": round((300 - 240 - 10) * scale, 2),
         }
     finally:
         processes.stop_all()
