@@ -334,7 +334,7 @@ class PairAttribution:
 
 def saved_usd(prices: PriceTable, pair: Pair, usage: Usage) -> float | None:
     """What a saved request would have paid extra: cache_read x (write - read price) at the pair's TTL."""
-    return prices.miss_penalty(pair.model, usage.cache_read, pair.ttl)
+    return prices.miss_penalty(pair.price_key, usage.cache_read, pair.ttl)
 
 
 # --- in-memory windows for the status page -------------------------------------------------
@@ -692,7 +692,7 @@ class Observer:
         return [
             ObservationRecord(
                 obs,
-                prices.cost(obs.pair.model, obs.usage),
+                prices.cost(obs.pair.price_key, obs.usage),
                 saved_usd(prices, obs.pair, obs.usage) if verdict.saved else None,
                 verdict.saved,
                 verdict.drift,
@@ -747,7 +747,7 @@ class Observer:
         pair = total.pair
         usage = total.usage()
         # The very arithmetic of one observation (`PriceTable.cost`, `saved_usd`), on the sums.
-        cost = self.prices.cost(pair.model, usage) or {}
+        cost = self.prices.cost(pair.price_key, usage) or {}
         saved = 0.0
         if total.saved_read:
             saved = saved_usd(self.prices, pair, Usage(cache_read=total.saved_read)) or 0.0

@@ -12,9 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import anthropic
+from typing import Any, Protocol
 
 from keepwarm.classify import API_MISS_CAUSES, Result, Usage, classify
 from keepwarm.config import Pair
@@ -150,7 +148,7 @@ class Runner:
 
     def __init__(
         self,
-        client: anthropic.Anthropic,
+        client: Any,  # an SDK client, or keepwarm.providers.clients.Clients (one per account)
         prices: PriceTable,
         metrics: Metrics,
         stop: threading.Event,
@@ -306,7 +304,7 @@ class Runner:
             expires = final.started_wall + pair.ttl_seconds
         elif result is Result.UNCACHED:
             expires = 0.0
-        cost = None if usage is None else self.prices.cost(pair.model, usage)
+        cost = None if usage is None else self.prices.cost(pair.price_key, usage)
         cause = miss_cause(state, result, final.started_wall, final.miss_reason)
         return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at, cause)
 
@@ -390,7 +388,7 @@ class Runner:
         for kind, n in usage.by_kind().items():
             m.tokens.labels(*labels, kind).inc(n)
         m.prefix_tokens.labels(*labels).set(state.prefix_tokens)
-        penalty = self.prices.miss_penalty(pair.model, state.prefix_tokens, pair.ttl)
+        penalty = self.prices.miss_penalty(pair.price_key, state.prefix_tokens, pair.ttl)
         m.miss_penalty.labels(*labels).set(math.nan if penalty is None else penalty)
         if outcome.cost is None:
             m.unpriced.labels(*labels).inc()

@@ -205,17 +205,17 @@ class PairSetup:
     def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
         """Price a pair; a model without a price costs nothing here, and says so in the output."""
         out_tokens = max(pair.max_tokens, 1)
-        warm = prices.warm_ping_cost(pair.model, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
+        warm = prices.warm_ping_cost(pair.price_key, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
-        cold = prices.cost(pair.model, write)
-        penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl) or 0.0
+        cold = prices.cost(pair.price_key, write)
+        penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl) or 0.0
         return PairSetup(pair, prefix_tokens, warm, math.fsum(cold.values()) if cold else 0.0, penalty)
 
     def premium(self, prices: PriceTable, tokens: int | None) -> float:
         """The write premium of one missed production request of `tokens` (default: the pair's)."""
         if tokens is None or tokens == self.prefix_tokens:
             return self.miss_penalty
-        return prices.miss_penalty(self.pair.model, tokens, self.pair.ttl) or 0.0
+        return prices.miss_penalty(self.pair.price_key, tokens, self.pair.ttl) or 0.0
 
 
 @dataclass
