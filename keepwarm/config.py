@@ -738,7 +738,6 @@ def _resolve(
 ) -> Config:
     """Apply defaults, read files, check the rules that span keys, and build the frozen Config."""
     prices, price_problems = load_price_table(load.base / raw.pricing_file if raw.pricing_file else None)
-    load.problems += price_problems
     accounts = _accounts(raw, account_sections or [], load)
     names: set[str] = set()
     pairs: list[Pair] = []
@@ -750,6 +749,7 @@ def _resolve(
         names.add(expert.name)
         pairs += _expert_pairs(expert, i, raw.defaults, load, accounts, prices)
 
+    load.problems += price_problems
     prices = _with_provider_prices(prices, pairs, accounts)
     providers = {p.expert: p.provider for p in pairs}
     load.warnings += _unknown_model_warnings(experts, raw.defaults, prices, providers)
@@ -1002,7 +1002,7 @@ def resolve_api_key(config: Config, environ: dict[str, str] | None = None) -> tu
     a named file cannot be read; the message names the place, never the content.
     """
     env = os.environ if environ is None else environ
-    if config.accounts and not any(a.provider == "anthropic" and a.api_key_file is None for a in config.accounts):
+    if config.accounts and not any(a.provider == "anthropic" and (a.from_api or a.api_key_file is None) for a in config.accounts):
         # Every account names its own credentials (keepwarm.providers reads them): none is needed here.
         return ApiKey("", "the accounts' own credentials"), []
     if config.api.api_key_file is not None:

@@ -48,6 +48,8 @@ def sdk_for(client: Any, pair: Pair) -> Any:
 
 def _secret(account: Account, key: ApiKey, environ: Mapping[str, str]) -> str | None:
     """The account's own secret: its key file, else the api section's key for an Anthropic account."""
+    if account.from_api:
+        return key.value  # the api section's chain, as resolve_api_key found it
     if account.provider == "vertex":
         path = account.access_token_file
     else:
