@@ -63,7 +63,7 @@ PRODUCTION_RESULTS = ("warm", "rewarmed", "partial", "uncached")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 _SPLIT_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
-_ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id"}
+_ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id", "account", "provider"}
 _MAX_REQUEST_ID = 256
 # A batch is handled in chunks, giving the interpreter lock (and the observer's own) back in
 # between: pings must not wait behind a batch of 1,000 (docs/performance.md).
@@ -258,6 +258,16 @@ def _validate_in_full(
         if owner is not None:
             return reject("misdirected", f"{key} is kept warm by shard {owner}", owner)
         return reject("unknown_pair", f"{key} is not a configured pair")
+    # SPEC §12: a request sent to another workspace, account or provider cannot have read this
+    # pair's cache; counting it would call a cache warm that production never reads. The pair
+    # is (expert, model) in one place, so elsewhere it is an unknown pair (no new metric label).
+    account, provider = item.get("account"), item.get("provider", "anthropic")
+    if (account is not None and account != pair.account) or provider != pair.provider:
+        where = f"account {account!r}" if account is not None and account != pair.account else f"provider {provider!r}"
+        return reject(
+            "unknown_pair",
+            f"{key} is warmed in account {pair.account!r} ({pair.provider}); this request went to {where}",
+        )
     at = item.get("at", now)
     if isinstance(at, bool) or not isinstance(at, (int, float)):
         return reject("malformed", f"at: expected unix seconds, got {at!r}")
