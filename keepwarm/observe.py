@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import http.client
-import inspect
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import anthropic
+from anthropic.resources import AsyncMessages
 
 from keepwarm.prefix import fingerprint as prefix_fingerprint
 from keepwarm.shard import shard_of
@@ -738,8 +738,9 @@ class _Client(_Wrapper):
         place: tuple[str | None, str | None] = (None, None),
     ) -> None:
         super().__init__(inner, observer, expert, expert_for, place)
-        # AsyncAnthropicBedrock and AsyncAnthropicVertex are no AsyncAnthropic: ask the method itself.
-        asynchronous = isinstance(inner, anthropic.AsyncAnthropic) or inspect.iscoroutinefunction(inner.messages.create)
+        # AsyncAnthropicBedrock and AsyncAnthropicVertex are no AsyncAnthropic, but their messages
+        # are the same AsyncMessages resource.
+        asynchronous = isinstance(inner, anthropic.AsyncAnthropic) or isinstance(inner.messages, AsyncMessages)
         kind = _AsyncMessages if asynchronous else _Messages
         self.messages = kind(inner.messages, observer, expert, expert_for, place)
 
