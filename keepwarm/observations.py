@@ -206,6 +206,8 @@ def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observatio
         or type(usage) is not dict
         or (fingerprint is not None and (type(fingerprint) is not str or not _FINGERPRINT.fullmatch(fingerprint)))
         or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID))
+        or item.get("account", pair.account) != pair.account  # sent elsewhere: the long way rejects it
+        or item.get("provider", "anthropic") != pair.provider
     ):
         return None
     fresh = _plain_count(usage.get("input_tokens"))

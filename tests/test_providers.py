@@ -440,3 +440,22 @@ def test_observe_wraps_each_providers_client_sync_and_async_streamed_and_not(emu
     for item, usage in zip(receiver.items, sent):
         assert (item["expert"], item["model"], item["account"], item["provider"]) == ("analyst", model, "prod", provider)
         assert usage_from_api(item["usage"], "5m") == usage_from_api(usage, "5m")
+
+
+@pytest.mark.parametrize(
+    ("extra", "accepted"),
+    [({}, True), ({"account": "ws-a"}, True), ({"account": "ws-b"}, False), ({"provider": "bedrock"}, False),
+     ({"account": "ws-a", "provider": "anthropic"}, True)],
+)
+def test_an_observation_made_in_another_place_is_not_the_pairs(tmp_path: Path, extra: dict[str, str], accepted: bool) -> None:
+    from keepwarm.observations import Observation, validate
+
+    config = parse_config(_mixed_doc(tmp_path), tmp_path)
+    pairs = {p.key: p for p in config.pairs}
+    item = {"expert": "a", "model": "claude-sonnet-4-6", "at": 1000.0,
+            "usage": {"input_tokens": 1, "cache_read_input_tokens": 5000, "cache_creation_input_tokens": 0}, **extra}
+    checked = validate(item, 0, pairs, 2000.0)
+    assert isinstance(checked, Observation) == accepted
+    if not accepted:
+        assert checked.reason == "unknown_pair"  # type: ignore[union-attr]
+        assert "is warmed in account 'ws-a' (anthropic); this request went to" in checked.message  # type: ignore[union-attr]
