@@ -124,6 +124,7 @@ class AccountSection(_Strict):
     api_key_file: str | None = None  # anthropic, foundry; bedrock: a Bedrock API key instead of AWS credentials
     region: str | None = None  # bedrock, vertex (`global` too)
     aws_profile: str | None = None  # bedrock
+    bedrock_api: Literal["invoke", "mantle"] | None = None  # bedrock: InvokeModel (default) or the Messages endpoint
     project_id: str | None = None  # vertex
     access_token_file: str | None = None  # vertex: a token minted elsewhere, instead of ADC
     resource: str | None = None  # foundry
@@ -132,7 +133,7 @@ class AccountSection(_Strict):
 # Which keys each provider takes, beyond name, provider and base_url.
 ACCOUNT_KEYS = {
     "anthropic": ("api_key_file",),
-    "bedrock": ("region", "aws_profile", "api_key_file"),
+    "bedrock": ("region", "aws_profile", "api_key_file", "bedrock_api"),
     "vertex": ("region", "project_id", "access_token_file"),
     "foundry": ("resource", "api_key_file"),
 }
@@ -570,7 +571,7 @@ def _accounts(raw: FileSection, sections: list[AccountSection | None], load: _Lo
         names.add(section.name)
         provider = section.provider
         allowed = ACCOUNT_KEYS[provider]
-        for key in ("api_key_file", "region", "aws_profile", "project_id", "access_token_file", "resource"):
+        for key in ("api_key_file", "region", "aws_profile", "bedrock_api", "project_id", "access_token_file", "resource"):
             if getattr(section, key) is not None and key not in allowed:
                 takes = ", ".join(("base_url", *allowed))
                 load.problems.append(f"{where}.{key}: a {provider} account does not take {key} (it takes {takes})")
@@ -595,6 +596,7 @@ def _accounts(raw: FileSection, sections: list[AccountSection | None], load: _Lo
                 project_id=section.project_id,
                 resource=section.resource,
                 access_token_file=load.base / section.access_token_file if section.access_token_file else None,
+                bedrock_api=section.bedrock_api or "invoke",
             )
         )
     return accounts
@@ -615,9 +617,14 @@ def _expert_account(expert: ExpertSection, d: DefaultsSection, where: str, accou
 
 
 def _provider_checks(account: Account, model: str, ttl: str, where: str, load: _Load) -> None:
-    """What the pair's provider does not offer: a 1h TTL for this model."""
+    """What the pair's provider does not offer: a 1h TTL for this model, InvokeModel for a new model."""
     facts = provider_facts()[account.provider]
     canonical = canonical_model(account.provider, model)
+    if account.provider == "bedrock" and account.bedrock_api == "invoke" and canonical in facts.mantle_only:
+        load.problems.append(
+            f"{where}: bedrock serves {canonical} only through its Messages API endpoint, not InvokeModel:"
+            f" set bedrock_api: mantle on account {account.name!r} (or give that model an account of its own)"
+        )
     if ttl == "1h" and not facts.offers_1h(canonical):
         offered = ", ".join(sorted(facts.ttl_1h or ()))
         load.problems.append(

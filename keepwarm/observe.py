@@ -771,7 +771,8 @@ class _Client(_Wrapper):
 
 
 _PROVIDER_CLIENTS = (
-    ((anthropic.AnthropicBedrock, anthropic.AsyncAnthropicBedrock), "bedrock"),
+    ((anthropic.AnthropicBedrock, anthropic.AsyncAnthropicBedrock, anthropic.AnthropicBedrockMantle,
+      anthropic.AsyncAnthropicBedrockMantle), "bedrock"),
     ((anthropic.AnthropicVertex, anthropic.AsyncAnthropicVertex), "vertex"),
     ((anthropic.AnthropicFoundry, anthropic.AsyncAnthropicFoundry), "foundry"),
 )
@@ -779,6 +780,8 @@ _ProviderClient = TypeVar(
     "_ProviderClient",
     anthropic.AnthropicBedrock,
     anthropic.AsyncAnthropicBedrock,
+    anthropic.AnthropicBedrockMantle,
+    anthropic.AsyncAnthropicBedrockMantle,
     anthropic.AnthropicVertex,
     anthropic.AsyncAnthropicVertex,
 )

@@ -162,7 +162,7 @@ BAD = [
     ({"name": "v", "provider": "vertex", "region": "global"}, "accounts[0].project_id: a vertex account needs project_id"),
     ({"name": "b", "provider": "bedrock"}, "accounts[0].region: a bedrock account needs region"),
     ({"name": "b", "provider": "bedrock", "region": "us-east-1", "project_id": "p"},
-     "accounts[0].project_id: a bedrock account does not take project_id (it takes base_url, region, aws_profile, api_key_file)"),
+     "accounts[0].project_id: a bedrock account does not take project_id (it takes base_url, region, aws_profile, api_key_file, bedrock_api)"),
     ({"name": "f", "provider": "foundry"}, "accounts[0]: a foundry account needs resource (or base_url)"),
     ({"name": "x", "provider": "openai"}, "accounts[0].provider: Input should be 'anthropic', 'bedrock', 'vertex' or 'foundry', got 'openai'"),
 ]
@@ -459,3 +459,29 @@ def test_an_observation_made_in_another_place_is_not_the_pairs(tmp_path: Path, e
     if not accepted:
         assert checked.reason == "unknown_pair"  # type: ignore[union-attr]
         assert "is warmed in account 'ws-a' (anthropic); this request went to" in checked.message  # type: ignore[union-attr]
+
+
+def test_bedrocks_messages_endpoint_through_the_mantle_client(emulator: Emulator) -> None:
+    model = "global.anthropic.claude-opus-4-8"
+    client = anthropic.AnthropicBedrockMantle(aws_region="us-east-1", base_url=emulator.base_url + "/anthropic", max_retries=0, **AWS)
+    written, _ = reads(client, model)
+    assert written > 0 and reads(client, model) == (0, written)
+    with client.messages.stream(model=model, max_tokens=5, system=SYSTEM, messages=PING) as stream:
+        assert stream.get_final_message().usage.cache_read_input_tokens == written
+    assert {(e.provider, e.cache) for e in emulator.log} == {("bedrock", "bedrock-mantle:default:us-east-1")}
+
+
+def test_a_model_invoke_model_does_not_serve_needs_the_messages_endpoint(tmp_path: Path) -> None:
+    model = "global.anthropic.claude-opus-4-8"
+    assert "claude-opus-4-8" in provider_facts()["bedrock"].mantle_only
+    doc = {"accounts": [{"name": "aws", "provider": "bedrock", "region": "us-east-1"}],
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": [model]}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, tmp_path)
+    assert err.value.problems == [
+        "experts[0].models[0]: bedrock serves claude-opus-4-8 only through its Messages API endpoint, not InvokeModel:"
+        " set bedrock_api: mantle on account 'aws' (or give that model an account of its own)"
+    ]
+    doc["accounts"][0]["bedrock_api"] = "mantle"  # type: ignore[index]
+    (pair,) = parse_config(doc, tmp_path).pairs
+    assert pair.provider == "bedrock"

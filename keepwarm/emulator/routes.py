@@ -4,7 +4,8 @@ The Claude API: `/v1/messages` and `/v1/messages/count_tokens`. Microsoft Foundr
 `/anthropic`. Amazon Bedrock: `/model/{id}/invoke` and `/model/{id}/invoke-with-response-stream`,
 the model URL-quoted in the path and absent from the body. Google Vertex AI:
 `[/v1]/projects/{p}/locations/{r}/publishers/anthropic/models/{id}:rawPredict` (`:streamRawPredict`
-streams; `count-tokens:rawPredict` counts), the model absent from the body.
+streams; `count-tokens:rawPredict` counts), the model absent from the body. Bedrock's Messages API
+endpoint (bedrock-mantle) shares Foundry's path; the server tells them apart by the SigV4 signature.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Route:
     stream: bool | None = None  # from the path (Bedrock); None: from the body
     project: str | None = None
     region: str | None = None
+    mantle: bool = False  # Bedrock's Messages API endpoint: Foundry's path, signed with SigV4
 
 
 def route(path: str) -> Route | None:

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
@@ -420,6 +420,8 @@ class Emulator:
         request_id = "req_" + secrets.token_hex(12)
         path = handler.path.split("?", 1)[0]
         found = route(path)
+        if found is not None and found.provider == "foundry" and _sigv4(handler):
+            found = replace(found, provider="bedrock", mantle=True)
         try:
             if path.startswith(CONTROL_PREFIX):
                 self._control(handler, path, request_id)
@@ -448,7 +450,7 @@ class Emulator:
                 body = json.loads(raw)
             except ValueError:
                 body = None
-            if isinstance(body, dict) and found.provider in ("bedrock", "vertex"):
+            if isinstance(body, dict) and found.provider in ("bedrock", "vertex") and not found.mantle:
                 body = _provider_body(body, found)
                 # The same bytes name different models on different paths: memoise per path.
                 raw = handler.path.encode("utf-8") + b"\0" + raw
@@ -484,7 +486,8 @@ class Emulator:
             else:
                 raise _fault_error(fault, record.headers)
         except ApiError as error:
-            response = _error_response(error, request_id, record.headers, found.provider)
+            # Bedrock's Messages endpoint answers as the Messages API does (unconfirmed).
+            response = _error_response(error, request_id, record.headers, "anthropic" if found.mantle else found.provider)
             record.status = response.status
             record.error_type = error.type
         except OSError:
@@ -501,7 +504,8 @@ class Emulator:
         if hang is not None:
             self._stopping.wait(hang or None)
         if response is not None and response.events is not None:
-            content_type = eventstream.CONTENT_TYPE if found.provider == "bedrock" else SSE_CONTENT_TYPE
+            framed = found.provider == "bedrock" and not found.mantle
+            content_type = eventstream.CONTENT_TYPE if framed else SSE_CONTENT_TYPE
             self._send_stream(handler, response.events, request_id, response.headers, content_type)
         elif response is not None:
             self._send(handler, response.status, response.body, request_id, response.headers)
@@ -529,13 +533,15 @@ class Emulator:
         the cache is the path's project and region.
         """
         authorization = handler.headers.get("Authorization") or ""
-        if found.provider == "bedrock" and authorization.startswith("AWS4-HMAC-SHA256 "):
+        if found.provider == "bedrock" and _sigv4(handler):
             scope = re.search(r"Credential=([^/,\s]+)/\d{8}/([^/]+)/([^/]+)/aws4_request", authorization)
             if scope is None or "Signature=" not in authorization or not handler.headers.get("x-amz-date"):
                 raise ApiError(403, "The request signature we calculated does not match the signature you provided.")
             access_key, region = scope.group(1), scope.group(2)
             record.key_suffix = access_key[-4:]
-            record.cache = f"bedrock:{self._workspaces.get(access_key, 'default')}:{region}"
+            # The Messages endpoint is served apart from InvokeModel: its own caches (unconfirmed).
+            kind = "bedrock-mantle" if found.mantle else "bedrock"
+            record.cache = f"{kind}:{self._workspaces.get(access_key, 'default')}:{region}"
             return record.cache
         key = handler.headers.get("x-api-key") or ""
         if not key and authorization[:7].lower() == "bearer ":
@@ -574,7 +580,7 @@ class Emulator:
             payload = self._create_message(body, prompt, key, record)
             if body.get("stream") is True:
                 pieces = REPLY_TOKENS[: record.usage["output_tokens"] if record.usage else 0]
-                if record.provider == "bedrock":
+                if record.provider == "bedrock" and record.cache is not None and not record.cache.startswith("bedrock-mantle:"):
                     events = tuple(eventstream.chunks(message_event_objects(payload, pieces)))
                 else:
                     events = tuple(message_events(payload, pieces))
@@ -748,6 +754,11 @@ class Emulator:
             handler.wfile.write(_chunk(data))
             handler.wfile.flush()
         handler.wfile.write(b"0\r\n\r\n")
+
+
+def _sigv4(handler: _Handler) -> bool:
+    """Whether the request is signed with AWS Signature Version 4."""
+    return (handler.headers.get("Authorization") or "").startswith("AWS4-HMAC-SHA256 ")
 
 
 def _provider_body(body: dict[str, Any], found: Route) -> dict[str, Any]:

@@ -48,13 +48,15 @@ class Account:
     project_id: str | None = None
     resource: str | None = None
     access_token_file: Path | None = None
+    bedrock_api: str = "invoke"  # bedrock: `invoke` (InvokeModel) or `mantle` (its Messages API endpoint)
     from_api: bool = False  # the implicit account built from `api:` (its key: the api's chain)
 
     @property
     def place(self) -> str:
         """Where this account's caches are, for people: `bedrock us-east-1`, `vertex proj/global`."""
         if self.provider == "bedrock":
-            return f"bedrock {self.region}" + (f" profile {self.aws_profile}" if self.aws_profile else "")
+            api = " (messages endpoint)" if self.bedrock_api == "mantle" else ""
+            return f"bedrock {self.region}{api}" + (f" profile {self.aws_profile}" if self.aws_profile else "")
         if self.provider == "vertex":
             return f"vertex {self.project_id}/{self.region}"
         if self.provider == "foundry":
@@ -75,6 +77,7 @@ class ProviderFacts:
     min_cacheable_tokens: Mapping[str, int] = field(default_factory=dict)
     endpoints: Mapping[str, float] = field(default_factory=dict)
     flat_models: frozenset[str] = frozenset()
+    mantle_only: frozenset[str] = frozenset()  # bedrock: models InvokeModel does not serve
 
     def offers_1h(self, model: str) -> bool:
         """Whether the 1h TTL is offered for this (Claude API) model."""
@@ -93,6 +96,7 @@ def _facts(name: str, raw: Mapping[str, Any], verified: str) -> ProviderFacts:
         min_cacheable_tokens={str(k): int(v) for k, v in (raw.get("min_cacheable_tokens") or {}).items()},
         endpoints={str(k): float(v) for k, v in raw["endpoints"].items()},
         flat_models=frozenset(raw.get("flat_models") or ()),
+        mantle_only=frozenset(raw.get("mantle_only") or ()),
     )
 
 

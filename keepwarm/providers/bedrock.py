@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anthropic import AnthropicBedrock
+from anthropic import AnthropicBedrock, AnthropicBedrockMantle
 
 from keepwarm.providers.base import Account
 
@@ -30,7 +30,17 @@ ERROR_TYPES = {
 
 
 def make_client(account: Account, secret: str | None, timeout: float, base_url: str | None) -> Any:
-    """An `AnthropicBedrock` client for the account's region (and profile, or API key)."""
+    """An `AnthropicBedrock` client for the account's region (and profile, or API key); with
+    `bedrock_api: mantle`, an `AnthropicBedrockMantle` for Bedrock's Messages API endpoint."""
+    if account.bedrock_api == "mantle":
+        return AnthropicBedrockMantle(
+            aws_region=account.region,
+            aws_profile=account.aws_profile,
+            api_key=secret,
+            base_url=base_url or account.base_url,
+            timeout=timeout,
+            max_retries=0,
+        )
     return AnthropicBedrock(
         aws_region=account.region,
         aws_profile=account.aws_profile,
@@ -43,6 +53,15 @@ def make_client(account: Account, secret: str | None, timeout: float, base_url: 
 
 def emulator_client(account: Account, timeout: float, base_url: str) -> Any:
     """A client for an emulator: static test credentials, signed with SigV4 like real ones."""
+    if account.bedrock_api == "mantle":
+        return AnthropicBedrockMantle(
+            aws_region=account.region,
+            aws_access_key="AKIAKEEPWARMEMULATOR",
+            aws_secret_key="keepwarm-emulator-secret",
+            base_url=base_url.rstrip("/") + "/anthropic",
+            timeout=timeout,
+            max_retries=0,
+        )
     return AnthropicBedrock(
         aws_region=account.region,
         aws_access_key="AKIAKEEPWARMEMULATOR",
