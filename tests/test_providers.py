@@ -485,3 +485,14 @@ def test_a_model_invoke_model_does_not_serve_needs_the_messages_endpoint(tmp_pat
     doc["accounts"][0]["bedrock_api"] = "mantle"  # type: ignore[index]
     (pair,) = parse_config(doc, tmp_path).pairs
     assert pair.provider == "bedrock"
+
+
+def test_a_pricing_file_row_for_an_exact_provider_id_is_taken_as_it_is(tmp_path: Path) -> None:
+    arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/support"
+    (tmp_path / "prices.yaml").write_text(yaml.safe_dump({"models": {arn: {"input": 3.3, "output": 16.5, "read_multiplier": 0.1}}}))
+    doc = {"accounts": [{"name": "aws", "provider": "bedrock", "region": "us-east-1"}], "pricing_file": "prices.yaml",
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": [arn, BEDROCK_SONNET]}]}
+    config = parse_config(doc, tmp_path)
+    by_model = {p.model: config.prices.get(p.price_key) for p in config.pairs}
+    assert (by_model[arn].input, by_model[arn].output) == (3.3, 16.5)  # no multiplier on the user's own row
+    assert by_model[BEDROCK_SONNET].input != config.prices.get("claude-sonnet-4-6").input

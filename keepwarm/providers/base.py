@@ -153,7 +153,9 @@ def provider_price(facts: ProviderFacts, model: str, region: str | None, table: 
     if facts.name == "anthropic":
         return model, table.get(model)
     key = f"{facts.name}:{route}:{model}"
-    if model != canonical and model in table.models:
+    # A Bedrock id never collides with a Claude API name, so a row for it is the user's own; a
+    # plain Vertex id is the Claude API's name, whose row is the base the multiplier applies to.
+    if model in table.models and (model != canonical or facts.name == "bedrock"):
         return key, table.get(model)
     base = table.get(canonical)
     factor = 1.0 if canonical in facts.flat_models else facts.endpoints.get(route, 1.0)
