@@ -349,7 +349,7 @@ def once(config: Config, client: _Client) -> int:
     for state, o in zip(states, outcomes):
         if o is None:
             rows.append([state.pair.expert, state.pair.model, "deferred", "-", "-", "-", "-", "-",
-                         state.pair.fingerprint[:12], f"not sent: the API asked every pair to wait ({runner.gate.reason})"])
+                         state.pair.fingerprint[:12], f"not sent: the API asked every pair to wait ({runner.gate_for(state.pair).reason})"])
             continue
         u = o.usage
         rows.append(

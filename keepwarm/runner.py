@@ -172,6 +172,24 @@ class Runner:
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
         self.gate = gate if gate is not None else Gate()
+        # The gates of accounts other than `default` (SPEC §12), made from `gate` when first needed.
+        self._gates_of = self.gate
+        self._account_gates: dict[str, Gate] = {}
+
+    def gate_for(self, pair: Pair) -> Gate:
+        """The gate of the pair's account: a 429 or a dead key in one account holds only its own pairs.
+
+        The `default` account (every pair of a config without `accounts:`) uses `gate` itself.
+        """
+        if pair.account == "default":
+            return self.gate
+        if self._gates_of is not self.gate:  # a reload replaced the gate: every account's opens anew
+            self._gates_of, self._account_gates = self.gate, {}
+        gate = self._account_gates.get(pair.account)
+        if gate is None:
+            rpm = 60.0 / self.gate.spacing if self.gate.spacing else None
+            gate = self._account_gates.setdefault(pair.account, Gate(rpm, self.gate.clock))
+        return gate
 
     def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome | None:
         """Ping one pair (retrying within bounds) and record the outcome.
@@ -186,11 +204,12 @@ class Runner:
         deadline = state.expires_at if state.expires_at > started else started + pair.interval
         attempts: list[PingAttempt] = []
         t0 = self.mono()
-        latest = self.gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
+        gate = self.gate_for(pair)
+        latest = gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
         while True:
             # A first attempt facing a long hold gives its worker back and is re-armed for when
             # the gate opens; a retry already under way may wait up to its deadline.
-            turn = self.gate.reserve(latest, GATE_HOLD_MAX if not attempts else float("inf"))
+            turn = gate.reserve(latest, GATE_HOLD_MAX if not attempts else float("inf"))
             if turn is None or (turn > 0 and self.wait(turn)):
                 if not attempts:
                     return None
@@ -199,7 +218,7 @@ class Runner:
             attempt = send_ping(self.client, pair, state.max_tokens, previous, self.clock, self.mono)
             attempts.append(attempt)
             if attempt.error is None:
-                self.gate.succeeded()
+                gate.succeeded()
                 break
             err = attempt.error
             if not state.removed:
@@ -223,15 +242,16 @@ class Runner:
         Returns how long the gate is now held for, if this error held it. A 403 holds only its
         own pair: it is not retried, and its next ping comes an interval later as scheduled.
         """
+        gate = self.gate_for(pair)
         if err.spend_cap:
-            return self.gate.spend_cap_hit()
+            return gate.spend_cap_hit()
         if err.error_type in ("rate_limit", "overloaded") and err.retry_after:
-            self.gate.close_for(err.retry_after, err.error_type)
+            gate.close_for(err.retry_after, err.error_type)
             return err.retry_after
         if err.error_type in KEY_WIDE_ERRORS:
-            # Every pair shares the key: one refusal is enough to know. Back off up to the
-            # interval rather than have every pair hammer the API with a dead key.
-            self.gate.close_for(pair.interval, err.error_type)
+            # Every pair of the account shares the key: one refusal is enough to know. Back off up
+            # to the interval rather than have every pair hammer the API with a dead key.
+            gate.close_for(pair.interval, err.error_type)
             return pair.interval
         return None
 

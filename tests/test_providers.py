@@ -496,3 +496,23 @@ def test_a_pricing_file_row_for_an_exact_provider_id_is_taken_as_it_is(tmp_path:
     by_model = {p.model: config.prices.get(p.price_key) for p in config.pairs}
     assert (by_model[arn].input, by_model[arn].output) == (3.3, 16.5)  # no multiplier on the user's own row
     assert by_model[BEDROCK_SONNET].input != config.prices.get("claude-sonnet-4-6").input
+
+
+def test_a_dead_key_in_one_account_holds_only_that_accounts_pairs(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS["aws_access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS["aws_secret_key"])
+    (tmp_path / "key-a").write_text("sk-ws-a-1\n")
+    doc = {"accounts": [{"name": "ws-a", "api_key_file": "key-a", "base_url": emulator.base_url},
+                        {"name": "aws", "provider": "bedrock", "region": "us-east-1", "base_url": emulator.base_url}],
+           "experts": [{"name": "bed", "account": "aws", "system": [{"text": LONG_PROMPT * 3}], "models": [BEDROCK_SONNET]},
+                       {"name": "api", "account": "ws-a", "system": [{"text": LONG_PROMPT * 3}], "models": ["claude-sonnet-4-6"]}]}
+    config = parse_config(doc, tmp_path)
+    key, _ = resolve_api_key(config, environ={})
+    runner = Runner(make_clients(config, key, environ={}), config.prices, Metrics(), threading.Event(), key_source=key.source)
+    bed, api = (PairState(pair=p, max_tokens=1) for p in config.pairs)
+    emulator.inject(Fault(status=401, model=BEDROCK_SONNET, count=None))
+    failed = runner.ping(bed)
+    assert failed is not None and failed.error is not None and failed.error.error_type == "authentication"
+    assert runner.ping(bed) is None  # that account's gate is shut for its interval
+    outcome = runner.ping(api)  # the other account's pairs go on
+    assert outcome is not None and outcome.result is Result.REWARMED
