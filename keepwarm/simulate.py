@@ -659,6 +659,7 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
 
     from keepwarm.config import resolve_api_key
     from keepwarm.ping import make_client
+    from keepwarm.providers.base import canonical_model
 
     with contextlib.ExitStack() as stack:
         if emulator:
@@ -681,9 +682,11 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
         out = {}
         for pair in pairs:
             message: Any = [{"role": "user", "content": pair.ping_message}]
+            # A Bedrock or Vertex id serves a Claude model, whose tokenizer counts the same prefix.
+            model = canonical_model(pair.provider, pair.model)
             try:
-                total = client.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
-                tail = client.messages.count_tokens(model=pair.model, messages=message)
+                total = client.messages.count_tokens(model=model, messages=message, **pair.prefix.params())
+                tail = client.messages.count_tokens(model=model, messages=message)
             except anthropic.AnthropicError as exc:
                 raise ConfigError([f"{pair.key}: cannot count its prefix tokens: {type(exc).__name__}"]) from None
             out[pair.key] = total.input_tokens - tail.input_tokens

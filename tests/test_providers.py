@@ -516,3 +516,19 @@ def test_a_dead_key_in_one_account_holds_only_that_accounts_pairs(tmp_path: Path
     assert runner.ping(bed) is None  # that account's gate is shut for its interval
     outcome = runner.ping(api)  # the other account's pairs go on
     assert outcome is not None and outcome.result is Result.REWARMED
+
+
+def test_simulate_counts_a_bedrock_pairs_prefix_with_the_emulator(tmp_path: Path) -> None:
+    doc = {"accounts": [{"name": "aws", "provider": "bedrock", "region": "us-east-1"}],
+           "experts": [{"name": "e", "system": [{"text": LONG_PROMPT * 3}], "models": [BEDROCK_SONNET]}]}
+    (tmp_path / "keepwarm.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "trace.csv").write_text(
+        "at,expert,model\n" + "".join(f"2026-03-02T09:{m:02d}:00Z,e,{BEDROCK_SONNET}\n" for m in (0, 3, 20, 50))
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "keepwarm", "simulate", "--config", str(tmp_path / "keepwarm.yaml"),
+         "--trace", str(tmp_path / "trace.csv"), "--emulator", "--format", "json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert BEDROCK_SONNET in done.stdout
