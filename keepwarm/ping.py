@@ -200,8 +200,9 @@ def describe_error(exc: Exception, now: float | None = None, provider: str = "an
         message = str(detail.get("message") or exc.message)
         headers = exc.response.headers
         retry_after = _retry_after(headers, time.time() if now is None else now)
-        # The monthly spend cap does not clear for hours: it must not be retried like a 429.
-        spend_cap = is_spend_cap(status, detail, message, headers)
+        # The monthly spend cap does not clear for hours: it must not be retried like a 429. It is
+        # the Claude Console's; Foundry is billed by Azure, where a 429 is a rate limit.
+        spend_cap = provider == "anthropic" and is_spend_cap(status, detail, message, headers)
         if spend_cap:
             retry_after = None
         return PingError(_status_error_type(status), message, status, retry_after, spend_cap)

@@ -532,3 +532,11 @@ def test_simulate_counts_a_bedrock_pairs_prefix_with_the_emulator(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     assert BEDROCK_SONNET in done.stdout
+
+
+def test_a_foundry_429_is_a_rate_limit_not_the_consoles_spend_cap(emulator: Emulator) -> None:
+    emulator.inject(Fault(status=429))
+    with pytest.raises(anthropic.RateLimitError) as err:
+        reads(foundry(emulator), "claude-sonnet-4-6")
+    assert describe_error(err.value, provider="foundry").spend_cap is False
+    assert describe_error(err.value, provider="anthropic").spend_cap is True
