@@ -242,6 +242,10 @@ def _scalable(args: argparse.Namespace) -> bool:
         config = load_config(args.config, args.shard)
     except ConfigError:
         return True
+    if config.accounts and not config.accounts[0].from_api:
+        # With `accounts:`, every account must reach the emulator: a scaled TTL elsewhere would be wrong.
+        urls = [a.base_url for a in config.accounts]
+        return all(url and is_loopback(urllib.parse.urlsplit(url).hostname) for url in urls)
     url = config.api.base_url or os.environ.get("ANTHROPIC_BASE_URL")
     return bool(url) and is_loopback(urllib.parse.urlsplit(url or "").hostname)
 

@@ -540,3 +540,16 @@ def test_a_foundry_429_is_a_rate_limit_not_the_consoles_spend_cap(emulator: Emul
         reads(foundry(emulator), "claude-sonnet-4-6")
     assert describe_error(err.value, provider="foundry").spend_cap is False
     assert describe_error(err.value, provider="anthropic").spend_cap is True
+
+
+@pytest.mark.parametrize(("west_url", "code"), [("http://127.0.0.1:9", 3), ("https://bedrock-runtime.us-west-2.amazonaws.com", 2)])
+def test_time_scale_needs_every_account_on_loopback(tmp_path: Path, west_url: str, code: int) -> None:
+    doc = {"accounts": [{"name": "east", "provider": "bedrock", "region": "us-east-1", "base_url": "http://127.0.0.1:9"},
+                        {"name": "west", "provider": "bedrock", "region": "us-west-2", "base_url": west_url}],
+           "defaults": {"interval": "2s", "jitter": "0s"},  # a refused connection is retried for an interval at most
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": [BEDROCK_SONNET]}]}
+    (tmp_path / "keepwarm.yaml").write_text(yaml.safe_dump(doc))
+    env = {**__import__("os").environ, "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "test"}
+    done = subprocess.run([sys.executable, "-m", "keepwarm", "once", "--config", str(tmp_path / "keepwarm.yaml"), "--time-scale", "0.5"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == code, done.stderr
