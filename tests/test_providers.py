@@ -553,3 +553,17 @@ def test_time_scale_needs_every_account_on_loopback(tmp_path: Path, west_url: st
     done = subprocess.run([sys.executable, "-m", "keepwarm", "once", "--config", str(tmp_path / "keepwarm.yaml"), "--time-scale", "0.5"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == code, done.stderr
+
+
+def test_the_documented_config_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "providers.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "support.md").write_text(LONG_PROMPT)
+    (tmp_path / "keepwarm.yaml").write_text(block)
+    from keepwarm.config import load_config
+
+    config = load_config(tmp_path / "keepwarm.yaml")
+    assert {a.provider for a in config.accounts} == {"anthropic", "bedrock", "vertex", "foundry"}
+    assert all(p.price_key and config.prices.get(p.price_key).priced for p in config.pairs)
+    assert config.warnings == ()
