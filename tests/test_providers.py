@@ -567,3 +567,16 @@ def test_the_documented_config_loads(tmp_path: Path) -> None:
     assert {a.provider for a in config.accounts} == {"anthropic", "bedrock", "vertex", "foundry"}
     assert all(p.price_key and config.prices.get(p.price_key).priced for p in config.pairs)
     assert config.warnings == ()
+
+
+def test_missing_google_credentials_are_an_authentication_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server to ask offline
+    doc = {"accounts": [{"name": "gcp", "provider": "vertex", "region": "global", "project_id": "p", "base_url": "http://127.0.0.1:9/v1"}],
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": ["claude-sonnet-4-6"]}]}
+    config = parse_config(doc, tmp_path)
+    attempt = send_ping(make_clients(config, resolve_api_key(config, environ={})[0], environ={}), config.pairs[0], 1)
+    assert attempt.error is not None and attempt.error.error_type == "authentication"
+    assert "Google credentials" in attempt.error.message and "access_token_file" in attempt.error.message
