@@ -51,18 +51,6 @@ class Account:
     bedrock_api: str = "invoke"  # bedrock: `invoke` (InvokeModel) or `mantle` (its Messages API endpoint)
     from_api: bool = False  # the implicit account built from `api:` (its key: the api's chain)
 
-    @property
-    def place(self) -> str:
-        """Where this account's caches are, for people: `bedrock us-east-1`, `vertex proj/global`."""
-        if self.provider == "bedrock":
-            api = " (messages endpoint)" if self.bedrock_api == "mantle" else ""
-            return f"bedrock {self.region}{api}" + (f" profile {self.aws_profile}" if self.aws_profile else "")
-        if self.provider == "vertex":
-            return f"vertex {self.project_id}/{self.region}"
-        if self.provider == "foundry":
-            return f"foundry {self.resource or self.base_url}"
-        return f"anthropic {self.base_url or 'api.anthropic.com'}"
-
 
 @dataclass(frozen=True)
 class ProviderFacts:
