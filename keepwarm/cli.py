@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--port", type=_port, default=8080)
     emu.add_argument("--time-scale", type=_scale, default=1.0, help="multiply every cache TTL by this (above 0)")
     emu.add_argument("--api-key", action="append", default=None, help="accept only this key (repeatable)")
+    emu.add_argument("--workspace", action="append", default=None, type=_workspace, metavar="KEY=NAME",
+                     help="the key (or AWS access key id) belongs to workspace NAME (repeatable); caches are per"
+                     " workspace, and keys not named share one")
     return p
 
 
@@ -164,12 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_OK if args.command == "report" else EX_FAIL
 
 
+def _workspace(text: str) -> tuple[str, str]:
+    """`KEY=NAME` of `keepwarm emulator --workspace`."""
+    key, sep, name = text.partition("=")
+    if not sep or not key or not name:
+        raise argparse.ArgumentTypeError(f"expected KEY=NAME, got {text!r}")
+    return key, name
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.command == "emulator":
         from keepwarm.emulator import serve
 
         try:
-            return serve(args.port, args.time_scale, args.api_key)
+            return serve(args.port, args.time_scale, args.api_key, workspaces=dict(args.workspace or []))
         except OSError as exc:
             print(f"keepwarm emulator: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
             return EX_FAIL
@@ -238,6 +249,10 @@ def _scalable(args: argparse.Namespace) -> bool:
         config = load_config(args.config, args.shard)
     except ConfigError:
         return True
+    if config.accounts and not config.accounts[0].from_api:
+        # With `accounts:`, every account must reach the emulator: a scaled TTL elsewhere would be wrong.
+        urls = [a.base_url for a in config.accounts]
+        return all(url and is_loopback(urllib.parse.urlsplit(url).hostname) for url in urls)
     url = config.api.base_url or os.environ.get("ANTHROPIC_BASE_URL")
     return bool(url) and is_loopback(urllib.parse.urlsplit(url or "").hostname)
 
@@ -245,7 +260,7 @@ def _scalable(args: argparse.Namespace) -> bool:
 @contextlib.contextmanager
 def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
     """A validated config and an SDK client, against the emulator when asked."""
-    from keepwarm.ping import make_client
+    from keepwarm.providers.clients import make_clients
 
     config = load_config(args.config, args.shard)
     for warning in config.warnings:
@@ -259,7 +274,7 @@ def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
             event(log, logging.INFO, "time scaled for an emulator on loopback: every TTL, interval and jitter",
                   time_scale=scale, base_url=config.api.base_url)
             config = config.scaled(scale)
-        yield config, _Client(make_client(config.api.base_url, key.value, config.api.timeout), key)
+        yield config, _Client(make_clients(config, key), key)
         return
     from keepwarm.emulator import Emulator
 
@@ -267,7 +282,7 @@ def _session(args: argparse.Namespace) -> Iterator[tuple[Config, Any]]:
         config = config.scaled(scale)
     with Emulator(time_scale=scale or 1.0) as emu:
         key = ApiKey("emulator-key", "the built-in emulator")
-        yield config, _Client(make_client(emu.base_url, key.value, config.api.timeout), key)
+        yield config, _Client(make_clients(config, key, emulator_url=emu.base_url), key)
 
 
 class _Client:
@@ -345,7 +360,7 @@ def once(config: Config, client: _Client, origin: str = "api") -> int:
     for state, o in zip(states, outcomes):
         if o is None:
             rows.append([state.pair.expert, state.pair.model, "deferred", "-", "-", "-", "-", "-",
-                         state.pair.fingerprint[:12], f"not sent: the API asked every pair to wait ({runner.gate.reason})"])
+                         state.pair.fingerprint[:12], f"not sent: the API asked every pair to wait ({runner.gate_for(state.pair).reason})"])
             continue
         u = o.usage
         rows.append(
@@ -389,18 +404,25 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
 
     from keepwarm.advisor import ttl_advice
     from keepwarm.ping import describe_error
+    from keepwarm.providers.base import provider_facts
+    from keepwarm.providers.clients import sdk_for
 
     rows, below, errors = [], 0, []
     arithmetic: list[str] = []
     for pair in config.pairs:
-        price = config.prices.get(pair.model)
+        price = config.prices.get(pair.price_key)
         minimum = price.min_cacheable_tokens
+        if not provider_facts()[pair.provider].count_tokens:
+            rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
+                         "-", f"not counted: {pair.provider} has no count_tokens; the daemon's first ping measures it"])
+            continue
+        sdk = sdk_for(client.sdk, pair)
         try:
             message = [{"role": "user", "content": pair.ping_message}]
-            total = client.sdk.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
-            tail = client.sdk.messages.count_tokens(model=pair.model, messages=message)
+            total = sdk.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
+            tail = sdk.messages.count_tokens(model=pair.model, messages=message)
         except anthropic.AnthropicError as exc:
-            err = describe_error(exc)
+            err = describe_error(exc, provider=pair.provider)
             errors.append(f"{pair.key}: {err.error_type}: {err.message}")
             rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
                          "-", "error: not counted (see below)"])
@@ -415,7 +437,7 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
         # The pair's own timing for its TTL; the other TTL at its default interval, same jitter.
         advice = ttl_advice(
             config.prices,
-            pair.model,
+            pair.price_key,
             prefix_tokens,
             tail.input_tokens,
             interval_5m=(pair.interval if pair.ttl == "5m" else 240.0) + pair.jitter / 2,

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +29,7 @@ from keepwarm.cachekey import Prefix, build_prefix
 from keepwarm.durations import format_duration, parse_duration
 from keepwarm.hours import ActiveHours, parse_active_hours
 from keepwarm.pricing import PriceTable, load_price_table
+from keepwarm.providers.base import Account, canonical_model, missing_extra, provider_facts, provider_price
 from keepwarm.shard import in_shard, parse_shard
 from keepwarm.store.paths import default_ledger_path
 
@@ -102,6 +103,7 @@ class _Overridable(_Strict):
     ping_message: str | None = None
     policy: Literal["fixed", "adaptive"] | None = None  # SPEC §9
     active_hours: str | list[str] | None = None  # parsed by keepwarm.hours in _resolve
+    account: str | None = None  # SPEC §12: which `accounts` entry; default the first
 
 
 class DefaultsSection(_Overridable):
@@ -112,6 +114,31 @@ class ExpertSection(_Overridable):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
     system: Annotated[list[SystemBlock], Field(min_length=1)]
     tools_file: str | None = None
+
+
+class AccountSection(_Strict):
+    """One `accounts` entry (SPEC §12); which keys a provider takes is checked in _accounts."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    provider: Literal["anthropic", "bedrock", "vertex", "foundry"] = "anthropic"
+    base_url: Annotated[str | None, BeforeValidator(_url)] = None
+    api_key_file: str | None = None  # anthropic, foundry; bedrock: a Bedrock API key instead of AWS credentials
+    region: str | None = None  # bedrock, vertex (`global` too)
+    aws_profile: str | None = None  # bedrock
+    bedrock_api: Literal["invoke", "mantle"] | None = None  # bedrock: InvokeModel (default) or the Messages endpoint
+    project_id: str | None = None  # vertex
+    access_token_file: str | None = None  # vertex: a token minted elsewhere, instead of ADC
+    resource: str | None = None  # foundry
+
+
+# Which keys each provider takes, beyond name, provider and base_url.
+ACCOUNT_KEYS = {
+    "anthropic": ("api_key_file",),
+    "bedrock": ("region", "aws_profile", "api_key_file", "bedrock_api"),
+    "vertex": ("region", "project_id", "access_token_file"),
+    "foundry": ("resource", "api_key_file"),
+}
+ACCOUNT_REQUIRED = {"anthropic": (), "bedrock": ("region",), "vertex": ("region", "project_id"), "foundry": ()}
 
 
 class MetricsSection(_Strict):
@@ -154,6 +181,8 @@ class FileSection(_Strict):
     budget: BudgetSection = BudgetSection()
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
+    # Each account is validated on its own, as experts are (see parse_config).
+    accounts: Annotated[list[Any], Field(min_length=1)] | None = None
 
 
 # --- the resolved, frozen config the daemon uses ------------------------------------------
@@ -175,12 +204,19 @@ class Pair:
     fingerprint: str
     policy: str = "fixed"  # fixed | adaptive (keepwarm.policy.make_policy)
     active_hours: ActiveHours | None = None  # None: always
+    account: str = "default"  # the `accounts` entry whose cache this pair warms (SPEC §12)
+    provider: str = "anthropic"
+    # The price table row this pair is billed by: the model for the Claude API, else the
+    # provider's own row (`bedrock:geo:us.anthropic...`), priced with its endpoint multiplier.
+    price_key: str = ""
     # A stable identifier: `expert/model`. Computed once here, not in a property: the scheduler
     # and the observations look it up several times per production request.
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.expert}/{self.model}")
+        if not self.price_key:
+            object.__setattr__(self, "price_key", self.model)
 
     @property
     def adaptive(self) -> bool:
@@ -223,6 +259,12 @@ class Config:
     other_shard_pairs: frozenset[str] = frozenset()
     budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
     metrics_per_pair: Literal["standard", "full"] = "standard"
+    # Where the caches live (SPEC §12); without `accounts:`, one Anthropic account from `api:`.
+    accounts: tuple[Account, ...] = ()
+
+    def account(self, name: str) -> Account:
+        """The account of that name (a pair's `account`)."""
+        return next(a for a in self.accounts if a.name == name)
 
     def scaled(self, factor: float) -> Config:
         """The same config with every TTL, interval and jitter multiplied by `factor`.
@@ -516,10 +558,110 @@ def _system_blocks(expert: ExpertSection, where: str, load: _Load) -> list[str |
     return blocks
 
 
-def _expert_pairs(expert: ExpertSection, i: int, d: DefaultsSection, load: _Load) -> list[Pair]:
+def _accounts(raw: FileSection, sections: list[AccountSection | None], load: _Load) -> list[Account]:
+    """The configured accounts, each checked against what its provider takes and needs.
+
+    Without `accounts:`, one Anthropic account named `default` from `api:`, as before accounts
+    existed, so every older config means what it meant.
+    """
+    if raw.accounts is None and load.is_broken("accounts"):
+        return []  # reported already; a stand-in account would only add "no account named" noise
+    if raw.accounts is None:
+        api_key_file = load.base / raw.api.api_key_file if raw.api.api_key_file else None
+        return [Account("default", "anthropic", raw.api.base_url, api_key_file, from_api=True)]
+    accounts: list[Account] = []
+    names: set[str] = set()
+    for i, section in enumerate(sections):
+        if section is None:
+            continue  # its shape problems are already reported
+        where = f"accounts[{i}]"
+        if section.name in names:
+            load.problems.append(f"{where}.name: duplicate account name {section.name!r}")
+        names.add(section.name)
+        provider = section.provider
+        allowed = ACCOUNT_KEYS[provider]
+        for key in ("api_key_file", "region", "aws_profile", "bedrock_api", "project_id", "access_token_file", "resource"):
+            if getattr(section, key) is not None and key not in allowed:
+                takes = ", ".join(("base_url", *allowed))
+                load.problems.append(f"{where}.{key}: a {provider} account does not take {key} (it takes {takes})")
+        for key in ACCOUNT_REQUIRED[provider]:
+            if getattr(section, key) is None:
+                load.problems.append(f"{where}.{key}: a {provider} account needs {key}")
+        if provider == "foundry" and section.resource is None and section.base_url is None:
+            load.problems.append(f"{where}: a foundry account needs resource (or base_url)")
+        if provider == "bedrock" and section.aws_profile is not None and section.api_key_file is not None:
+            load.problems.append(f"{where}: give aws_profile or api_key_file, not both")
+        command = missing_extra(provider)
+        if command is not None:
+            load.problems.append(f"{where}.provider: {provider} needs an optional extra that is not installed: {command}")
+        accounts.append(
+            Account(
+                name=section.name,
+                provider=provider,
+                base_url=section.base_url,
+                api_key_file=load.base / section.api_key_file if section.api_key_file else None,
+                region=section.region,
+                aws_profile=section.aws_profile,
+                project_id=section.project_id,
+                resource=section.resource,
+                access_token_file=load.base / section.access_token_file if section.access_token_file else None,
+                bedrock_api=section.bedrock_api or "invoke",
+            )
+        )
+    return accounts
+
+
+def _expert_account(expert: ExpertSection, d: DefaultsSection, where: str, accounts: list[Account], load: _Load) -> Account | None:
+    """The expert's account: its own `account`, else defaults.account, else the first."""
+    name = expert.account if expert.account is not None else d.account
+    if name is None:
+        return accounts[0] if accounts else None
+    found = next((a for a in accounts if a.name == name), None)
+    if found is None and accounts:
+        at = f"{where}.account" if expert.account is not None else "defaults.account"
+        close = difflib.get_close_matches(name, [a.name for a in accounts], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; accounts: {', '.join(a.name for a in accounts)}"
+        load.problems.append(f"{at}: no account named {name!r}{hint}")
+    return found
+
+
+def _provider_checks(account: Account, model: str, ttl: str, where: str, load: _Load) -> None:
+    """What the pair's provider does not offer: a 1h TTL for this model, InvokeModel for a new model."""
+    facts = provider_facts()[account.provider]
+    canonical = canonical_model(account.provider, model)
+    if account.provider == "bedrock" and account.bedrock_api == "invoke" and canonical in facts.mantle_only:
+        load.problems.append(
+            f"{where}: bedrock serves {canonical} only through its Messages API endpoint, not InvokeModel:"
+            f" set bedrock_api: mantle on account {account.name!r} (or give that model an account of its own)"
+        )
+    if ttl == "1h" and not facts.offers_1h(canonical):
+        offered = ", ".join(sorted(facts.ttl_1h or ()))
+        load.problems.append(
+            f"{where}: {account.provider} (account {account.name!r}) offers the 1h TTL only for {offered};"
+            f" not for {model!r}: use ttl 5m"
+        )
+
+
+def _expert_pairs(
+    expert: ExpertSection,
+    i: int,
+    d: DefaultsSection,
+    load: _Load,
+    accounts: list[Account] | None = None,
+    prices: PriceTable | None = None,
+) -> list[Pair]:
     """The pairs of one expert (one per model), every per-expert rule checked."""
     where = f"experts[{i}]"
     timing = _expert_timing(expert, d, where, load)
+    account = _expert_account(expert, d, where, accounts or [], load)
+    facts = provider_facts()[account.provider] if account is not None else None
+    max_tokens = timing.max_tokens
+    if facts is not None and account is not None and max_tokens == 0 and not facts.max_tokens_zero:
+        # Pre-warming with 0 is documented on the Claude API only: 1 works everywhere.
+        load.warnings.append(
+            f"{where}: max_tokens 0 is not documented on {account.provider}; account {account.name!r} pings with 1"
+        )
+        max_tokens = 1
     blocks = _system_blocks(expert, where, load)
     tools = (
         _read_tools(load.base, expert.tools_file, f"{where}.tools_file", load.problems, load.seen)
@@ -534,6 +676,13 @@ def _expert_pairs(expert: ExpertSection, i: int, d: DefaultsSection, load: _Load
     at = {k: f"{where}.{k}" if v is not None else f"defaults.{k}" for k, v in own.items()}
     if interval > 0:
         _check_interval(ttl, interval, timing.jitter, at, load)
+    models = list(dict.fromkeys(timing.models))
+    price_keys = {m: m for m in models}
+    if account is not None and facts is not None:
+        for j, model in enumerate(models):
+            _provider_checks(account, model, ttl, f"{where}.models[{j}]", load)
+            if prices is not None:
+                price_keys[model] = provider_price(facts, model, account.region, prices)[0]
     return [
         Pair(
             expert=expert.name,
@@ -542,27 +691,37 @@ def _expert_pairs(expert: ExpertSection, i: int, d: DefaultsSection, load: _Load
             ttl_seconds=TTL_SECONDS[ttl],
             interval=interval,
             jitter=timing.jitter,
-            max_tokens=timing.max_tokens,
+            max_tokens=max_tokens,
             ping_message=timing.message,
             prefix=prefix,
             fingerprint=prefix.fingerprint(model),
             policy=timing.policy,
             active_hours=timing.active_hours,
+            account=account.name if account is not None else "default",
+            provider=account.provider if account is not None else "anthropic",
+            price_key=price_keys[model],
         )
-        for model in dict.fromkeys(timing.models)
+        for model in models
     ]
 
 
-def _unknown_model_warnings(experts: list[ExpertSection | None], d: DefaultsSection, prices: PriceTable) -> list[str]:
-    """A model in neither the price table nor the minimum table is likely a typo: say so at load."""
+def _unknown_model_warnings(
+    experts: list[ExpertSection | None], d: DefaultsSection, prices: PriceTable, providers: Mapping[str, str] | None = None
+) -> list[str]:
+    """A model in neither the price table nor the minimum table is likely a typo: say so at load.
+
+    `providers` maps an expert name to its account's provider: a Bedrock or Vertex id is known
+    when the Claude API model it serves is.
+    """
     known = sorted(prices.models)
     warnings = []
     for i, expert in enumerate(experts):
         if expert is None:
             continue
         own = expert.models is not None
+        provider = (providers or {}).get(expert.name, "anthropic")
         for j, model in enumerate((expert.models if expert.models is not None else d.models) or []):
-            if model in prices.models:
+            if model in prices.models or canonical_model(provider, model) in prices.models:
                 continue
             where = f"experts[{i}].models[{j}]" if own else f"defaults.models[{j}]"
             close = difflib.get_close_matches(model, known, n=1)
@@ -591,8 +750,11 @@ def _resolve(
     path: Path | None,
     shard: tuple[int, int] | None = None,
     all_shards: bool = False,
+    account_sections: list[AccountSection | None] | None = None,
 ) -> Config:
     """Apply defaults, read files, check the rules that span keys, and build the frozen Config."""
+    prices, price_problems = load_price_table(load.base / raw.pricing_file if raw.pricing_file else None)
+    accounts = _accounts(raw, account_sections or [], load)
     names: set[str] = set()
     pairs: list[Pair] = []
     for i, expert in enumerate(experts):
@@ -601,11 +763,12 @@ def _resolve(
         if expert.name in names:
             load.problems.append(f"experts[{i}].name: duplicate expert name {expert.name!r}")
         names.add(expert.name)
-        pairs += _expert_pairs(expert, i, raw.defaults, load)
+        pairs += _expert_pairs(expert, i, raw.defaults, load, accounts, prices)
 
-    prices, price_problems = load_price_table(load.base / raw.pricing_file if raw.pricing_file else None)
     load.problems += price_problems
-    load.warnings += _unknown_model_warnings(experts, raw.defaults, prices)
+    prices = _with_provider_prices(prices, pairs, accounts)
+    providers = {p.expert: p.provider for p in pairs}
+    load.warnings += _unknown_model_warnings(experts, raw.defaults, prices, providers)
     try:
         host, port = parse_listen(raw.metrics.listen)
     except ValueError as exc:
@@ -649,6 +812,7 @@ def _resolve(
         observe_allow_unauthenticated=raw.observe.allow_unauthenticated,
         other_shard_pairs=other_shard_pairs,
         budget_usd_per_day=raw.budget.usd_per_day,
+        accounts=tuple(accounts),
     )
 
 
@@ -659,6 +823,28 @@ def _ledger_path(section: LedgerSection | Literal[False], base: Path) -> Path | 
     if section.path is None:
         return default_ledger_path()
     return base / section.path
+
+
+def _with_provider_prices(prices: PriceTable, pairs: list[Pair], accounts: list[Account]) -> PriceTable:
+    """The table plus one row per provider price a pair is billed by (`Pair.price_key`).
+
+    A provider model id that names its endpoint by itself (every Bedrock id, a dated Vertex id)
+    is also added under the bare id, so what knows only a ledger row's model prices it right.
+    """
+    by_name = {a.name: a for a in accounts}
+    extra: dict[str, Any] = {}
+    bare: dict[str, Any] = {}
+    for pair in pairs:
+        account = by_name.get(pair.account)
+        if account is None or pair.price_key == pair.model:
+            continue
+        key, price = provider_price(provider_facts()[account.provider], pair.model, account.region, prices)
+        extra[key] = price
+        if account.provider == "bedrock" or canonical_model(account.provider, pair.model) != pair.model:
+            bare.setdefault(pair.model, price)
+    if not extra:
+        return prices
+    return replace(prices, models={**prices.models, **{k: v for k, v in bare.items() if k not in prices.models}, **extra})
 
 
 def _drop(doc: dict[str, Any], loc: tuple[Any, ...], broken: set[str]) -> None:
@@ -719,13 +905,21 @@ def parse_config(
         except ValidationError as exc:
             per_expert += _pydantic_problems(exc, ("experts", i))
             experts.append(None)
+    account_sections: list[AccountSection | None] = []
+    raw_accounts = data.get("accounts")
+    for i, item in enumerate(raw_accounts if isinstance(raw_accounts, list) else []):
+        try:
+            account_sections.append(AccountSection.model_validate(item))
+        except ValidationError as exc:
+            per_expert += _pydantic_problems(exc, ("accounts", i))
+            account_sections.append(None)
     top: list[str] = []
     try:
         raw, broken = _file_section(data, top)
     except ConfigError as exc:
         raise ConfigError([*problems, *exc.problems, *per_expert], str(path or "")) from None
     load = _Load(base=base, broken=broken, problems=[*problems, *top, *per_expert])
-    return _resolve(raw, experts, load, path, shard, all_shards)
+    return _resolve(raw, experts, load, path, shard, all_shards, account_sections)
 
 
 class _UniqueKeyLoader(_BaseLoader):
@@ -834,6 +1028,9 @@ def resolve_api_key(config: Config, environ: dict[str, str] | None = None) -> tu
     a named file cannot be read; the message names the place, never the content.
     """
     env = os.environ if environ is None else environ
+    if config.accounts and not any(a.provider == "anthropic" and (a.from_api or a.api_key_file is None) for a in config.accounts):
+        # Every account names its own credentials (keepwarm.providers reads them): none is needed here.
+        return ApiKey("", "the accounts' own credentials"), []
     if config.api.api_key_file is not None:
         return _key_from_file(config.api.api_key_file)
     creds = env.get("CREDENTIALS_DIRECTORY")

@@ -31,7 +31,7 @@ from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer, load_token
-from keepwarm.ping import make_client
+from keepwarm.providers.clients import make_clients
 from keepwarm.runner import LedgerLike, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import Ledger, LedgerError, PairKey, PairResume
@@ -327,7 +327,12 @@ class Daemon:
         if ledger is None and config.ledger_path is None:
             event(log, logging.WARNING, "ledger: off: no state is kept, so a restart starts without it"
                   " (every pair pinged within its TTL's margin) and the budget forgets its spend")
-        client = make_client(self._base_url(config), key.value, config.api.timeout)
+        try:
+            client = make_clients(config, key, emulator_url=self.emulator.base_url if self.emulator else None)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                event(log, logging.ERROR, "config error", source=str(self.config_path), problem=problem)
+            return EX_CONFIG
         runner = build_runner(config, client, metrics, self.stop_event, key.source, ledger)
         # The built-in emulator starts with every cache empty: nothing stored is true of it.
         scheduler = build_scheduler(config, runner, metrics, resume=self.emulator is None)
@@ -443,6 +448,7 @@ class Daemon:
         try:
             new, key, warnings = self._load()
             token = load_token(new)
+            clients = make_clients(new, key, emulator_url=self.emulator.base_url if self.emulator else None)
             ledger_changed = (new.ledger_path, new.ledger_retention_days) != (
                 config.ledger_path,
                 config.ledger_retention_days,
@@ -466,7 +472,7 @@ class Daemon:
             event(log, logging.WARNING, "metrics.listen and api.max_concurrency take effect only at restart")
         # Always a fresh client: the key file is re-read on every reload, so a rotated key
         # takes effect without a restart.
-        runner.client = make_client(self._base_url(new), key.value, new.api.timeout)
+        runner.client = clients
         runner.key_source = key.source
         runner.prices = new.prices
         scheduler.prices = new.prices  # priced policies follow at their next rebuild

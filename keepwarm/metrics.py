@@ -214,7 +214,7 @@ _STATE_HELP = (
     "What the pair's cache is now: 0 pending, 1 warm, 2 cold (expired unpinged), 3 failing (last ping failed),"
     " 4 uncached, 5 parked, 6 rewarmed (expired between pings)."
 )
-_INFO_HELP = "Configured pairs (=1)."
+_INFO_HELP = "Configured pairs (=1), with where each cache lives: account and provider."
 _MODEL_HELP = "Time from a ping's first attempt to its final answer, all pairs of a model together."
 
 
@@ -235,7 +235,7 @@ class _Series:
         self.expert = sys.intern(f'expert="{_escape(expert)}"')
         self.model = sys.intern(f'model="{_escape(model)}"')
         self.values = array("d", bytes(8 * width))  # _CORE_WIDTH, _OBSERVED_WIDTH or _WIDTH slots
-        self.info: tuple[str, str] | None = None  # (ttl, fingerprint)
+        self.info: tuple[str, str, str, str] | None = None  # (ttl, fingerprint, account, provider)
         self.configured = False
         self.observed = False  # a production observation arrived
         self.created = created
@@ -511,7 +511,8 @@ def _empty_family(family: _Family) -> CounterMetricFamily | GaugeMetricFamily | 
 
 
 def _empty_info() -> GaugeMetricFamily:
-    return GaugeMetricFamily("keepwarm_pair_info", _INFO_HELP, labels=[*_PAIR, "ttl", "fingerprint"])
+    # account and provider (SPEC §12): where the pair's cache lives; no other family carries them.
+    return GaugeMetricFamily("keepwarm_pair_info", _INFO_HELP, labels=[*_PAIR, "ttl", "fingerprint", "account", "provider"])
 
 
 def _empty_state() -> GaugeMetricFamily:
@@ -653,7 +654,7 @@ class Metrics:
         with self._store.lock:
             if len(series.values) > _INTERVAL.offset:  # exported (and given a slot) in full mode only
                 series.values[_INTERVAL.offset] = pair.interval
-            series.info = (pair.ttl, pair.fingerprint)
+            series.info = (pair.ttl, pair.fingerprint, pair.account, pair.provider)
             series.ttl_seconds = pair.ttl_seconds
             series.write_kind = _WRITE_KIND.get(pair.ttl)
             series.configured = True
@@ -767,8 +768,11 @@ _STATE_HEAD = f"# HELP keepwarm_pair_state {_STATE_HELP}\n# TYPE keepwarm_pair_s
 
 def _info_line(series: _Series, now: float) -> str:
     assert series.info is not None
-    ttl, fingerprint = series.info
-    labels = f'{series.expert},fingerprint="{_escape(fingerprint)}",{series.model},ttl="{_escape(ttl)}"'
+    ttl, fingerprint, account, provider = series.info
+    labels = (
+        f'account="{_escape(account)}",{series.expert},fingerprint="{_escape(fingerprint)}",{series.model},'
+        f'provider="{_escape(provider)}",ttl="{_escape(ttl)}"'
+    )
     return f"keepwarm_pair_info{{{labels}}} 1.0\n"
 
 

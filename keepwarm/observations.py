@@ -63,7 +63,7 @@ PRODUCTION_RESULTS = ("warm", "rewarmed", "partial", "uncached")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 _SPLIT_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
-_ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id"}
+_ITEM_KEYS = {"expert", "model", "at", "usage", "fingerprint", "request_id", "account", "provider"}
 _MAX_REQUEST_ID = 256
 # A batch is handled in chunks, giving the interpreter lock (and the observer's own) back in
 # between: pings must not wait behind a batch of 1,000 (docs/performance.md).
@@ -206,6 +206,8 @@ def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observatio
         or type(usage) is not dict
         or (fingerprint is not None and (type(fingerprint) is not str or not _FINGERPRINT.fullmatch(fingerprint)))
         or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID))
+        or item.get("account", pair.account) != pair.account  # sent elsewhere: the long way rejects it
+        or item.get("provider", "anthropic") != pair.provider
     ):
         return None
     fresh = _plain_count(usage.get("input_tokens"))
@@ -258,6 +260,16 @@ def _validate_in_full(
         if owner is not None:
             return reject("misdirected", f"{key} is kept warm by shard {owner}", owner)
         return reject("unknown_pair", f"{key} is not a configured pair")
+    # SPEC §12: a request sent to another workspace, account or provider cannot have read this
+    # pair's cache; counting it would call a cache warm that production never reads. The pair
+    # is (expert, model) in one place, so elsewhere it is an unknown pair (no new metric label).
+    account, provider = item.get("account"), item.get("provider", "anthropic")
+    if (account is not None and account != pair.account) or provider != pair.provider:
+        where = f"account {account!r}" if account is not None and account != pair.account else f"provider {provider!r}"
+        return reject(
+            "unknown_pair",
+            f"{key} is warmed in account {pair.account!r} ({pair.provider}); this request went to {where}",
+        )
     at = item.get("at", now)
     if isinstance(at, bool) or not isinstance(at, (int, float)):
         return reject("malformed", f"at: expected unix seconds, got {at!r}")
@@ -334,7 +346,7 @@ class PairAttribution:
 
 def saved_usd(prices: PriceTable, pair: Pair, usage: Usage) -> float | None:
     """What a saved request would have paid extra: cache_read x (write - read price) at the pair's TTL."""
-    return prices.miss_penalty(pair.model, usage.cache_read, pair.ttl)
+    return prices.miss_penalty(pair.price_key, usage.cache_read, pair.ttl)
 
 
 # --- in-memory windows for the status page -------------------------------------------------
@@ -696,7 +708,7 @@ class Observer:
         return [
             ObservationRecord(
                 obs,
-                prices.cost(obs.pair.model, obs.usage),
+                prices.cost(obs.pair.price_key, obs.usage),
                 saved_usd(prices, obs.pair, obs.usage) if verdict.saved else None,
                 verdict.saved,
                 verdict.drift,
@@ -751,7 +763,7 @@ class Observer:
         pair = total.pair
         usage = total.usage()
         # The very arithmetic of one observation (`PriceTable.cost`, `saved_usd`), on the sums.
-        cost = self.prices.cost(pair.model, usage) or {}
+        cost = self.prices.cost(pair.price_key, usage) or {}
         saved = 0.0
         if total.saved_read:
             saved = saved_usd(self.prices, pair, Usage(cache_read=total.saved_read)) or 0.0

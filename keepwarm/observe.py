@@ -36,9 +36,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast, overload
+from typing import Any, TypeVar, overload
 
 import anthropic
+from anthropic.resources import AsyncMessages
 
 from keepwarm.cachekey import fingerprint as prefix_fingerprint
 from keepwarm.shard import shard_of
@@ -84,6 +85,7 @@ class _Raw:
     tools: Any
     usage: Any  # an SDK usage object or a dict of ints
     request_id: str | None
+    place: tuple[str | None, str | None] = (None, None)  # (account, provider) to report, when known
 
 
 class Observer:
@@ -151,12 +153,17 @@ class Observer:
         tools: Any,
         usage: Any,
         request_id: str | None = None,
+        place: tuple[str | None, str | None] = (None, None),
     ) -> None:
-        """Hand over one response; returns at once (drops it, counted, when the buffer is full)."""
+        """Hand over one response; returns at once (drops it, counted, when the buffer is full).
+
+        `place` is (account, provider) of the client that sent it, reported so that the daemon
+        never credits a request made elsewhere to a pair's cache (SPEC §12).
+        """
         if len(self._intake) >= self._intake_size:
             self._drop("queue_full", 1)
             return
-        self._intake.append(_Raw(expert, model, at, system, tools, usage, request_id))
+        self._intake.append(_Raw(expert, model, at, system, tools, usage, request_id, place))
         self._counts["observed"] += 1  # a lost increment under a race only blurs a statistic
 
     def unattributed(self) -> None:
@@ -476,6 +483,11 @@ def _observation(raw: _Raw, fingerprints: _FingerprintMemo | None = None) -> dic
         pass  # a prefix that is not plain JSON (SDK objects): observed without a fingerprint
     if raw.request_id:
         observation["request_id"] = raw.request_id
+    account, provider = raw.place
+    if account:
+        observation["account"] = account
+    if provider and provider != "anthropic":  # absent means the Claude API, as before accounts
+        observation["provider"] = provider
     return observation
 
 
@@ -536,14 +548,19 @@ class _StreamUsage:
 class _Call:
     """What the production path knows about one call, to report it once its usage is known."""
 
-    __slots__ = ("observer", "expert", "kwargs", "at")
+    __slots__ = ("observer", "expert", "kwargs", "at", "place")
 
-    def __init__(self, observer: Observer, expert: str, kwargs: Mapping[str, Any], at: float) -> None:
-        self.observer, self.expert, self.kwargs, self.at = observer, expert, kwargs, at
+    def __init__(
+        self, observer: Observer, expert: str, kwargs: Mapping[str, Any], at: float,
+        place: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        self.observer, self.expert, self.kwargs, self.at, self.place = observer, expert, kwargs, at, place
 
     def report(self, usage: Any, request_id: str | None) -> None:
         kw = self.kwargs
-        self.observer.record(self.expert, str(kw.get("model")), self.at, kw.get("system"), kw.get("tools"), usage, request_id)
+        self.observer.record(
+            self.expert, str(kw.get("model")), self.at, kw.get("system"), kw.get("tools"), usage, request_id, self.place
+        )
 
     def _see(self, acc: _StreamUsage, event: Any, request_id: str | None) -> None:
         """Take one stream event; report the usage once, at `message_stop`."""
@@ -595,8 +612,12 @@ def _hook(stream: Any, call: _Call, asynchronous: bool) -> None:
 class _Wrapper:
     """Shared by the sync and async wrappers: expert resolution and attribute passthrough."""
 
-    def __init__(self, inner: Any, observer: Observer, expert: str | None, expert_for: ExpertFor | None) -> None:
+    def __init__(
+        self, inner: Any, observer: Observer, expert: str | None, expert_for: ExpertFor | None,
+        place: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         self._inner, self._observer, self._expert, self._expert_for = inner, observer, expert, expert_for
+        self._place = place
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -626,7 +647,7 @@ class _Wrapper:
         if not expert:
             self._observer.unattributed()
             return kwargs, None
-        return kwargs, _Call(self._observer, str(expert), kwargs, at)
+        return kwargs, _Call(self._observer, str(expert), kwargs, at, self._place)
 
 
 class _Messages(_Wrapper):
@@ -712,10 +733,16 @@ class _AsyncStreamManager:
 class _Client(_Wrapper):
     """An `Anthropic`/`AsyncAnthropic` whose `messages` are observed; all else passes through."""
 
-    def __init__(self, inner: Any, observer: Observer, expert: str | None, expert_for: ExpertFor | None) -> None:
-        super().__init__(inner, observer, expert, expert_for)
-        kind = _AsyncMessages if isinstance(inner, anthropic.AsyncAnthropic) else _Messages
-        self.messages = kind(inner.messages, observer, expert, expert_for)
+    def __init__(
+        self, inner: Any, observer: Observer, expert: str | None, expert_for: ExpertFor | None,
+        place: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        super().__init__(inner, observer, expert, expert_for, place)
+        # AsyncAnthropicBedrock and AsyncAnthropicVertex are no AsyncAnthropic, but their messages
+        # are the same AsyncMessages resource.
+        asynchronous = isinstance(inner, anthropic.AsyncAnthropic) or isinstance(inner.messages, AsyncMessages)
+        kind = _AsyncMessages if asynchronous else _Messages
+        self.messages = kind(inner.messages, observer, expert, expert_for, place)
 
     @property
     def observer(self) -> Observer:
@@ -724,7 +751,7 @@ class _Client(_Wrapper):
 
     def with_options(self, **options: Any) -> Any:
         """`client.with_options(...)`, still observed."""
-        return _Client(self._inner.with_options(**options), self._observer, self._expert, self._expert_for)
+        return _Client(self._inner.with_options(**options), self._observer, self._expert, self._expert_for, self._place)
 
     copy = with_options
 
@@ -743,6 +770,28 @@ class _Client(_Wrapper):
         await self._inner.__aexit__(exc_type, exc, tb)
 
 
+_PROVIDER_CLIENTS = (
+    ((anthropic.AnthropicBedrock, anthropic.AsyncAnthropicBedrock, anthropic.AnthropicBedrockMantle,
+      anthropic.AsyncAnthropicBedrockMantle), "bedrock"),
+    ((anthropic.AnthropicVertex, anthropic.AsyncAnthropicVertex), "vertex"),
+    ((anthropic.AnthropicFoundry, anthropic.AsyncAnthropicFoundry), "foundry"),
+)
+_ProviderClient = TypeVar(
+    "_ProviderClient",
+    anthropic.AnthropicBedrock,
+    anthropic.AsyncAnthropicBedrock,
+    anthropic.AnthropicBedrockMantle,
+    anthropic.AsyncAnthropicBedrockMantle,
+    anthropic.AnthropicVertex,
+    anthropic.AsyncAnthropicVertex,
+)
+
+
+def _provider_of(client: Any) -> str:
+    """Which provider a client sends to (its class says: `AnthropicBedrock` is Bedrock)."""
+    return next((name for kinds, name in _PROVIDER_CLIENTS if isinstance(client, kinds)), "anthropic")
+
+
 @overload
 def wrap(
     client: anthropic.Anthropic,
@@ -752,6 +801,7 @@ def wrap(
     expert: str | None = ...,
     expert_for: ExpertFor | None = ...,
     observer: Observer | None = ...,
+    account: str | None = ...,
     **options: Any,
 ) -> anthropic.Anthropic: ...
 @overload
@@ -763,23 +813,41 @@ def wrap(
     expert: str | None = ...,
     expert_for: ExpertFor | None = ...,
     observer: Observer | None = ...,
+    account: str | None = ...,
     **options: Any,
 ) -> anthropic.AsyncAnthropic: ...
+@overload
 def wrap(
-    client: anthropic.Anthropic | anthropic.AsyncAnthropic,
+    client: _ProviderClient,
+    *,
+    url: str | Sequence[str] | None = ...,
+    token: str | None = ...,
+    expert: str | None = ...,
+    expert_for: ExpertFor | None = ...,
+    observer: Observer | None = ...,
+    account: str | None = ...,
+    **options: Any,
+) -> _ProviderClient: ...
+def wrap(
+    client: Any,
     *,
     url: str | Sequence[str] | None = None,
     token: str | None = None,
     expert: str | None = None,
     expert_for: ExpertFor | None = None,
     observer: Observer | None = None,
+    account: str | None = None,
     **options: Any,
-) -> anthropic.Anthropic | anthropic.AsyncAnthropic:
+) -> Any:
     """The client, observed: used like the original, typed as the original.
 
-    `url`: the daemon's metrics listener (`http://host:9464`), or the list of shard URLs in shard
-    order; default `$KEEPWARM_OBSERVE_URL` (comma-separated for shards). `token`: the daemon's
-    observation token; default `$KEEPWARM_OBSERVE_TOKEN`. `options` go to `Observer`
+    `client` is an `Anthropic`, `AnthropicBedrock`, `AnthropicVertex` or `AnthropicFoundry` (or its
+    async twin). `url`: the daemon's metrics listener (`http://host:9464`), or the list of shard
+    URLs in shard order; default `$KEEPWARM_OBSERVE_URL` (comma-separated for shards). `token`: the
+    daemon's observation token; default `$KEEPWARM_OBSERVE_TOKEN`. `account`: the name of the
+    config's account this client sends to (default `$KEEPWARM_OBSERVE_ACCOUNT`); each observation
+    carries it, and the provider the client's class names, so the daemon never credits a request
+    made in another workspace, account or provider to a pair's cache. `options` go to `Observer`
     (queue_size, intake_size, batch_size, flush_interval, timeout). Pass `observer=` to share one
     Observer between clients.
     """
@@ -788,7 +856,8 @@ def wrap(
             env = os.environ.get("KEEPWARM_OBSERVE_URL", "")
             url = [u.strip() for u in env.split(",") if u.strip()]
         observer = Observer(url, token=token or os.environ.get("KEEPWARM_OBSERVE_TOKEN") or None, **options)
-    return cast("anthropic.Anthropic | anthropic.AsyncAnthropic", _Client(client, observer, expert, expert_for))
+    place = (account or os.environ.get("KEEPWARM_OBSERVE_ACCOUNT") or None, _provider_of(client))
+    return _Client(client, observer, expert, expert_for, place)
 
 
 def observer_of(client: Any) -> Observer:

@@ -17,6 +17,8 @@ import anthropic
 
 from keepwarm.classify import Usage, usage_from_api
 from keepwarm.config import Pair
+from keepwarm.providers.base import provider_facts
+from keepwarm.providers.clients import sdk_for
 
 # The error_type label values of keepwarm_ping_errors_total (SPEC §5).
 ERROR_TYPES = (
@@ -146,11 +148,47 @@ def _status_error_type(status: int) -> str:
     return "other"
 
 
-def describe_error(exc: Exception, now: float | None = None) -> PingError:
+def _provider_error(exc: Exception, provider: str) -> PingError | None:
+    """What Bedrock and Vertex say in their own terms: AWS error names, Google statuses, missing
+    credentials. Their 429s are throttling or quota, never the Claude Console's monthly spend cap."""
+    if provider == "bedrock":
+        from keepwarm.providers import bedrock as module
+    elif provider == "vertex":
+        from keepwarm.providers import vertex as module  # type: ignore[no-redef]
+    else:
+        return None
+    problem = module.credentials_problem(exc)
+    if problem is not None:
+        return PingError("authentication", problem)
+    if not isinstance(exc, anthropic.APIStatusError):
+        return None
+    kind = bedrock_kind = None
+    if provider == "bedrock":
+        kind = bedrock_kind = module.error_type(exc.response.headers)
+    else:
+        kind = module.error_type(exc.body)
+    body = exc.body if isinstance(exc.body, dict) else {}
+    detail = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = str(detail.get("message") or exc.message) if isinstance(detail, dict) else exc.message
+    name = (exc.response.headers.get("x-amzn-errortype") or "").partition(":")[0] if bedrock_kind else ""
+    return PingError(
+        kind or _status_error_type(exc.status_code),
+        f"{name}: {message}" if name else message,
+        exc.status_code,
+        _retry_after(exc.response.headers, time.time()),
+    )
+
+
+def describe_error(exc: Exception, now: float | None = None, provider: str = "anthropic") -> PingError:
     """Map an SDK exception to an error kind; the message never holds the key.
 
     `now` (wall time) turns an HTTP-date `retry-after` into seconds; default: the system clock.
+    `provider` reads Bedrock's and Vertex's own error names (SPEC §12).
     """
+    if provider != "anthropic":
+        mapped = _provider_error(exc, provider)
+        if mapped is not None:
+            return mapped
     if isinstance(exc, anthropic.APITimeoutError):  # before its parent, APIConnectionError
         return PingError("timeout", "the request timed out")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -162,8 +200,9 @@ def describe_error(exc: Exception, now: float | None = None) -> PingError:
         message = str(detail.get("message") or exc.message)
         headers = exc.response.headers
         retry_after = _retry_after(headers, time.time() if now is None else now)
-        # The monthly spend cap does not clear for hours: it must not be retried like a 429.
-        spend_cap = is_spend_cap(status, detail, message, headers)
+        # The monthly spend cap does not clear for hours: it must not be retried like a 429. It is
+        # the Claude Console's; Foundry is billed by Azure, where a 429 is a rate limit.
+        spend_cap = provider == "anthropic" and is_spend_cap(status, detail, message, headers)
         if spend_cap:
             retry_after = None
         return PingError(_status_error_type(status), message, status, retry_after, spend_cap)
@@ -175,14 +214,16 @@ def describe_error(exc: Exception, now: float | None = None) -> PingError:
 DIAGNOSTICS_BETA = "cache-diagnosis-2026-04-07"
 
 
-def count_tail(client: anthropic.Anthropic, pair: Pair) -> int | None:
+def count_tail(client: Any, pair: Pair) -> int | None:
     """Tokens of the ping's user message alone (free count_tokens), or None if it cannot be counted.
 
     An `uncached` ping's `input_tokens` is its prefix plus this tail; `keepwarm check` counts the
     prefix as the difference, and the daemon must report the same figure.
     """
+    if not provider_facts()[pair.provider].count_tokens:
+        return None  # Bedrock has no count_tokens: the prefix is read from the first ping instead
     try:
-        counted = client.messages.count_tokens(
+        counted = sdk_for(client, pair).messages.count_tokens(
             model=pair.model, messages=[{"role": "user", "content": pair.ping_message}]
         )
     except anthropic.AnthropicError:
@@ -191,7 +232,7 @@ def count_tail(client: anthropic.Anthropic, pair: Pair) -> int | None:
 
 
 def send_ping(
-    client: anthropic.Anthropic,
+    client: Any,
     pair: Pair,
     max_tokens: int,
     previous_message_id: str | None = None,
@@ -210,7 +251,7 @@ def send_ping(
     wall = clock()
     t0 = mono()
     try:
-        raw = client.messages.with_raw_response.create(**params)
+        raw = sdk_for(client, pair).messages.with_raw_response.create(**params)
         message = raw.parse()
         usage = usage_from_api(message.usage, pair.ttl)
         reason = getattr(getattr(message, "diagnostics", None), "cache_miss_reason", None)
@@ -218,7 +259,7 @@ def send_ping(
             wall,
             mono() - t0,
             usage,
-            raw.headers.get("request-id"),
+            raw.headers.get("request-id") or raw.headers.get("x-amzn-requestid"),
             None,
             max_tokens,
             message.id,
@@ -226,4 +267,5 @@ def send_ping(
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes data, the daemon lives on
         request_id = getattr(exc, "request_id", None)
-        return PingAttempt(wall, mono() - t0, None, request_id, describe_error(exc, clock()), max_tokens)
+        error = describe_error(exc, clock(), pair.provider)
+        return PingAttempt(wall, mono() - t0, None, request_id, error, max_tokens)

@@ -254,8 +254,8 @@ def make_policy(
     """
     from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy
 
-    ping_cost = prices.warm_ping_cost(pair.model, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
-    penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
+    ping_cost = prices.warm_ping_cost(pair.price_key, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
+    penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl)
     policy: PairPolicy
     value: Callable[[float], float]
     if pair.adaptive and ping_cost is not None and penalty is not None:

@@ -12,9 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import anthropic
+from typing import Any, Protocol
 
 from keepwarm.classify import API_MISS_CAUSES, Result, Usage, classify
 from keepwarm.config import Pair
@@ -150,7 +148,7 @@ class Runner:
 
     def __init__(
         self,
-        client: anthropic.Anthropic,
+        client: Any,  # an SDK client, or keepwarm.providers.clients.Clients (one per account)
         prices: PriceTable,
         metrics: Metrics,
         stop: threading.Event,
@@ -174,6 +172,24 @@ class Runner:
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
         self.gate = gate if gate is not None else Gate()
+        # The gates of accounts other than `default` (SPEC §12), made from `gate` when first needed.
+        self._gates_of = self.gate
+        self._account_gates: dict[str, Gate] = {}
+
+    def gate_for(self, pair: Pair) -> Gate:
+        """The gate of the pair's account: a 429 or a dead key in one account holds only its own pairs.
+
+        The `default` account (every pair of a config without `accounts:`) uses `gate` itself.
+        """
+        if pair.account == "default":
+            return self.gate
+        if self._gates_of is not self.gate:  # a reload replaced the gate: every account's opens anew
+            self._gates_of, self._account_gates = self.gate, {}
+        gate = self._account_gates.get(pair.account)
+        if gate is None:
+            rpm = 60.0 / self.gate.spacing if self.gate.spacing else None
+            gate = self._account_gates.setdefault(pair.account, Gate(rpm, self.gate.clock))
+        return gate
 
     def ping(self, state: PairState, scheduled_at: float | None = None) -> PingOutcome | None:
         """Ping one pair (retrying within bounds) and record the outcome.
@@ -188,11 +204,12 @@ class Runner:
         deadline = state.expires_at if state.expires_at > started else started + pair.interval
         attempts: list[PingAttempt] = []
         t0 = self.mono()
-        latest = self.gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
+        gate = self.gate_for(pair)
+        latest = gate.clock() + (deadline - started)  # the deadline on the gate's monotonic clock
         while True:
             # A first attempt facing a long hold gives its worker back and is re-armed for when
             # the gate opens; a retry already under way may wait up to its deadline.
-            turn = self.gate.reserve(latest, GATE_HOLD_MAX if not attempts else float("inf"))
+            turn = gate.reserve(latest, GATE_HOLD_MAX if not attempts else float("inf"))
             if turn is None or (turn > 0 and self.wait(turn)):
                 if not attempts:
                     return None
@@ -201,7 +218,7 @@ class Runner:
             attempt = send_ping(self.client, pair, state.max_tokens, previous, self.clock, self.mono)
             attempts.append(attempt)
             if attempt.error is None:
-                self.gate.succeeded()
+                gate.succeeded()
                 break
             err = attempt.error
             if not state.removed:
@@ -225,15 +242,16 @@ class Runner:
         Returns how long the gate is now held for, if this error held it. A 403 holds only its
         own pair: it is not retried, and its next ping comes an interval later as scheduled.
         """
+        gate = self.gate_for(pair)
         if err.spend_cap:
-            return self.gate.spend_cap_hit()
+            return gate.spend_cap_hit()
         if err.error_type in ("rate_limit", "overloaded") and err.retry_after:
-            self.gate.close_for(err.retry_after, err.error_type)
+            gate.close_for(err.retry_after, err.error_type)
             return err.retry_after
         if err.error_type in KEY_WIDE_ERRORS:
-            # Every pair shares the key: one refusal is enough to know. Back off up to the
-            # interval rather than have every pair hammer the API with a dead key.
-            self.gate.close_for(pair.interval, err.error_type)
+            # Every pair of the account shares the key: one refusal is enough to know. Back off up
+            # to the interval rather than have every pair hammer the API with a dead key.
+            gate.close_for(pair.interval, err.error_type)
             return pair.interval
         return None
 
@@ -306,7 +324,7 @@ class Runner:
             expires = final.started_wall + pair.ttl_seconds
         elif result is Result.UNCACHED:
             expires = 0.0
-        cost = None if usage is None else self.prices.cost(pair.model, usage)
+        cost = None if usage is None else self.prices.cost(pair.price_key, usage)
         cause = miss_cause(state, result, final.started_wall, final.miss_reason)
         return PingOutcome(pair, result, started, duration, tuple(attempts), usage, cost, expires, scheduled_at, cause)
 
@@ -390,7 +408,7 @@ class Runner:
         for kind, n in usage.by_kind().items():
             m.tokens.labels(*labels, kind).inc(n)
         m.prefix_tokens.labels(*labels).set(state.prefix_tokens)
-        penalty = self.prices.miss_penalty(pair.model, state.prefix_tokens, pair.ttl)
+        penalty = self.prices.miss_penalty(pair.price_key, state.prefix_tokens, pair.ttl)
         m.miss_penalty.labels(*labels).set(math.nan if penalty is None else penalty)
         if outcome.cost is None:
             m.unpriced.labels(*labels).inc()

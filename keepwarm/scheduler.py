@@ -1020,7 +1020,7 @@ class Scheduler:
                 elif deferred:
                     # Not sent: the API asked every pair to wait. Come back when the gate opens,
                     # spread over a few seconds so the pairs do not all return at once.
-                    reopen = now + self.runner.gate.open_in() + self.draw() * min(pair.interval, 10.0)
+                    reopen = now + self.runner.gate_for(pair).open_in() + self.draw() * min(pair.interval, 10.0)
                     at = max(at, reopen)
                     self._check_hold_past_expiry(state, at, now)
                     self._schedule(state, at)
@@ -1044,7 +1044,7 @@ class Scheduler:
             expires_at=_iso(state.expires_at),
             expires_in_s=round(state.expires_at - now, 1),
             next_ping_at=_iso(at),
-            reason=self.runner.gate.reason or None,
+            reason=self.runner.gate_for(state.pair).reason or None,
             times=state.holds_past_expiry,
         )
 

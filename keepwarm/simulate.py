@@ -205,17 +205,17 @@ class PairSetup:
     def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
         """Price a pair; a model without a price costs nothing here, and says so in the output."""
         out_tokens = max(pair.max_tokens, 1)
-        warm = prices.warm_ping_cost(pair.model, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
+        warm = prices.warm_ping_cost(pair.price_key, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
-        cold = prices.cost(pair.model, write)
-        penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl) or 0.0
+        cold = prices.cost(pair.price_key, write)
+        penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl) or 0.0
         return PairSetup(pair, prefix_tokens, warm, math.fsum(cold.values()) if cold else 0.0, penalty)
 
     def premium(self, prices: PriceTable, tokens: int | None) -> float:
         """The write premium of one missed production request of `tokens` (default: the pair's)."""
         if tokens is None or tokens == self.prefix_tokens:
             return self.miss_penalty
-        return prices.miss_penalty(self.pair.model, tokens, self.pair.ttl) or 0.0
+        return prices.miss_penalty(self.pair.price_key, tokens, self.pair.ttl) or 0.0
 
 
 @dataclass
@@ -659,6 +659,7 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
 
     from keepwarm.config import resolve_api_key
     from keepwarm.ping import make_client
+    from keepwarm.providers.base import canonical_model
 
     with contextlib.ExitStack() as stack:
         if emulator:
@@ -681,9 +682,11 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
         out = {}
         for pair in pairs:
             message: Any = [{"role": "user", "content": pair.ping_message}]
+            # A Bedrock or Vertex id serves a Claude model, whose tokenizer counts the same prefix.
+            model = canonical_model(pair.provider, pair.model)
             try:
-                total = client.messages.count_tokens(model=pair.model, messages=message, **pair.prefix.params())
-                tail = client.messages.count_tokens(model=pair.model, messages=message)
+                total = client.messages.count_tokens(model=model, messages=message, **pair.prefix.params())
+                tail = client.messages.count_tokens(model=model, messages=message)
             except anthropic.AnthropicError as exc:
                 raise ConfigError([f"{pair.key}: cannot count its prefix tokens: {type(exc).__name__}"]) from None
             out[pair.key] = total.input_tokens - tail.input_tokens

@@ -73,7 +73,7 @@ def _why(s: PairState, word: str, prices: PriceTable | None) -> str:
     if s.parked:
         return f"parked: {s.park_reason}"
     if word == "uncached":
-        minimum = prices.get(s.pair.model).min_cacheable_tokens if prices is not None else None
+        minimum = prices.get(s.pair.price_key).min_cacheable_tokens if prices is not None else None
         if minimum is not None and s.prefix_tokens < minimum:
             return f"{s.prefix_tokens:,} tokens < minimum {minimum:,}"
         return "caching did not activate (no breakpoint reached the model's minimum)"

@@ -216,11 +216,20 @@ def test_expire_all_forgets_every_entry(emulator: Emulator, client: anthropic.An
 # --- isolation ----------------------------------------------------------------------------
 
 
-def test_each_api_key_has_its_own_cache(emulator: Emulator, client: anthropic.Anthropic) -> None:
+def test_keys_of_one_workspace_share_its_cache(emulator: Emulator, client: anthropic.Anthropic) -> None:
+    # The API isolates caches per workspace, not per key: a second key of the same workspace
+    # reads what the first wrote (the emulator used to key caches by API key).
     usage_of(client, system=SYSTEM_2000)
     other = sdk(emulator, key="sk-test-beta")
-    assert counts(usage_of(other, system=SYSTEM_2000)) == (1, 2000, 0)
-    assert counts(usage_of(client, system=SYSTEM_2000)) == (1, 0, 2000)
+    assert counts(usage_of(other, system=SYSTEM_2000)) == (1, 0, 2000)
+
+
+def test_each_workspace_has_its_own_cache() -> None:
+    with Emulator(workspaces={"sk-a-1": "alpha", "sk-a-2": "alpha", "sk-b-1": "beta"}) as emu:
+        usage_of(sdk(emu, key="sk-a-1"), system=SYSTEM_2000)
+        assert counts(usage_of(sdk(emu, key="sk-b-1"), system=SYSTEM_2000)) == (1, 2000, 0)
+        assert counts(usage_of(sdk(emu, key="sk-a-2"), system=SYSTEM_2000)) == (1, 0, 2000)
+        assert [e.cache for e in emu.log] == ["workspace:alpha", "workspace:beta", "workspace:alpha"]
 
 
 def test_each_model_has_its_own_cache(client: anthropic.Anthropic) -> None:

@@ -84,7 +84,7 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
         ({"usage": {"cache_creation": {"ephemeral_1h_input_tokens": "x"}}}, "malformed",
          "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer >= 0, got 'x'"),
         ({"colour": "red"}, "malformed",
-         "unknown key(s) ['colour']; allowed: ['at', 'expert', 'fingerprint', 'model', 'request_id', 'usage']"),
+         "unknown key(s) ['colour']; allowed: ['account', 'at', 'expert', 'fingerprint', 'model', 'provider', 'request_id', 'usage']"),
     ],
 )
 def test_each_bad_item_is_rejected_with_its_reason(tmp_path: Path, change: dict[str, Any], reason: str,

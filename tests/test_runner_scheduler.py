@@ -129,7 +129,8 @@ def test_metrics_start_with_every_series_at_zero() -> None:
     ):
         assert _value(metrics, gauge, **labels) == 0
     assert _value(metrics, "keepwarm_ping_duration_seconds_count", **labels) == 0
-    assert _value(metrics, "keepwarm_pair_info", **labels, ttl="5m", fingerprint=pair.fingerprint) == 1
+    assert _value(metrics, "keepwarm_pair_info", **labels, ttl="5m", fingerprint=pair.fingerprint,
+                  account="default", provider="anthropic") == 1
     assert _value(metrics, "keepwarm_config_last_reload_successful") == 1
     metrics.remove_pair(pair)
     assert _value(metrics, "keepwarm_pings_total", **labels, result="warm") is None
@@ -304,9 +305,11 @@ def test_reload_is_a_diff(emulator: Emulator, tmp_path: Path) -> None:
     assert scheduler._aps.get_job("analyst/claude-opus-4-8") is None
     assert _value(metrics, "keepwarm_pings_total", expert="analyst", model="claude-opus-4-8", result="warm") is None
     new_fp = scheduler.states["analyst/claude-sonnet-4-6"].pair.fingerprint
-    assert _value(metrics, "keepwarm_pair_info", expert="analyst", model="claude-sonnet-4-6", ttl="5m", fingerprint=new_fp) == 1
+    assert _value(metrics, "keepwarm_pair_info", expert="analyst", model="claude-sonnet-4-6", ttl="5m", fingerprint=new_fp,
+                  account="default", provider="anthropic") == 1
     old_fp = old[0].fingerprint
-    assert _value(metrics, "keepwarm_pair_info", expert="analyst", model="claude-sonnet-4-6", ttl="5m", fingerprint=old_fp) is None
+    assert _value(metrics, "keepwarm_pair_info", expert="analyst", model="claude-sonnet-4-6", ttl="5m", fingerprint=old_fp,
+                  account="default", provider="anthropic") is None
 
 
 def test_a_parked_pair_is_not_rearmed(emulator: Emulator) -> None:

@@ -2,12 +2,13 @@
 
 A real HTTP server on loopback (`POST /v1/messages`, `POST /v1/messages/count_tokens`) that the
 `anthropic` SDK reaches through `base_url`. It generates no text; what it reproduces is the
-cache: breakpoints, the 20-block lookback, per-key and per-model isolation, 5m/1h TTLs counted
+cache: breakpoints, the 20-block lookback, per-workspace and per-model isolation, 5m/1h TTLs counted
 from the start of the request that last wrote or read an entry (scaled by `time_scale`), entries
 readable only once the writing response has begun, the model minimums, and the usage object.
 Faults (429 with or without `retry-after`, 5xx, 529, latency, hangs, dropped connections,
 malformed bodies) are scripted in-process with `Emulator.inject(Fault(...))` or over HTTP at
-`/_emulator/...`. docs/emulator.md has the full story.
+`/_emulator/...`. It also serves Bedrock, Vertex AI and Foundry paths and framing
+(`keepwarm.emulator.routes`), each with its own cache scope. docs/emulator.md has the full story.
 
 Approximations (deliberate, and the same everywhere):
 
@@ -15,7 +16,7 @@ Approximations (deliberate, and the same everywhere):
   text; a tool definition, or any non-text block, counts its canonical JSON (sorted keys,
   compact separators, `cache_control` removed) by the same rule. Blocks have no overhead, roles
   and message framing count nothing. A string `system` or message `content` is one text block.
-- Cache key: (API key, model, sha256 over the blocks' canonical JSON without `cache_control`,
+- Cache key: (workspace, model, sha256 over the blocks' canonical JSON without `cache_control`,
   each tagged with its section and message role). Moving a marker therefore keeps a prefix's
   key; changing a byte, a key order inside a tool, or a block's role changes it. `tool_choice`,
   `thinking` and `speed` are folded in after the tools, so they invalidate the system and

@@ -1,4 +1,4 @@
-"""The emulated prompt cache: entries keyed by (API key, model, prefix hash), their TTLs, and the
+"""The emulated prompt cache: entries keyed by (workspace or provider place, model, prefix hash), their TTLs, and the
 usage a request is billed when it reads and writes them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 # Expired entries are swept after this many writes, so a long run does not grow without bound.
 _SWEEP_EVERY = 1024
 
-Scope = tuple[str, str]  # (api key, model): each has a cache of its own
+Scope = tuple[str, str]  # (workspace or place, model): each has a cache of its own
 
 
 @dataclass(slots=True)

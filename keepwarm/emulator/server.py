@@ -6,6 +6,7 @@ import functools
 import http
 import ipaddress
 import json
+import re
 import secrets
 import signal
 import socket
@@ -16,12 +17,13 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self
 
+from keepwarm.emulator import eventstream
 from keepwarm.emulator.cache import PromptCache
 from keepwarm.emulator.diagnostics import Diagnoser, requested
 from keepwarm.emulator.errors import (
@@ -30,7 +32,7 @@ from keepwarm.emulator.errors import (
     ApiError,
     invalid,
 )
-from keepwarm.emulator.faults import COUNT_TOKENS_PATH, MESSAGES_PATH, Fault, FaultQueue
+from keepwarm.emulator.faults import MESSAGES_PATH, Fault, FaultQueue
 from keepwarm.emulator.prompt import (
     Prompt,
     fingerprint,
@@ -38,9 +40,11 @@ from keepwarm.emulator.prompt import (
     validate_common,
     validate_generation,
 )
+from keepwarm.emulator.routes import Route, route
 from keepwarm.emulator.sse import CONTENT_TYPE as SSE_CONTENT_TYPE
-from keepwarm.emulator.sse import message_events
+from keepwarm.emulator.sse import message_event_objects, message_events
 from keepwarm.pricing import builtin_table
+from keepwarm.providers.base import canonical_model, provider_facts
 
 CONTROL_PREFIX = "/_emulator/"
 # The canned reply, one "token" per piece: max_tokens cuts it short.
@@ -82,6 +86,8 @@ class LogEntry:
     body: Any  # the parsed JSON request body; None when it was not JSON
     path: str = MESSAGES_PATH
     key_suffix: str | None = None  # last 4 characters of the API key, never more
+    provider: str = "anthropic"  # whose path the request came by: anthropic, foundry, bedrock, vertex
+    cache: str | None = None  # whose cache it used: `workspace:NAME`, `bedrock:ACCOUNT:REGION`, `vertex:PROJECT:REGION`
 
     def to_json(self) -> dict[str, Any]:
         """The entry as `GET /_emulator/log` serves it."""
@@ -104,6 +110,8 @@ class _Record:
     key_suffix: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     beta: str | None = None  # the anthropic-beta request header
+    provider: str = "anthropic"
+    cache: str | None = None
 
     def entry(self) -> LogEntry:
         return LogEntry(
@@ -117,6 +125,8 @@ class _Record:
             body=self.body,
             path=self.path,
             key_suffix=self.key_suffix,
+            provider=self.provider,
+            cache=self.cache,
         )
 
 
@@ -147,10 +157,53 @@ class _Response:
     events: tuple[bytes, ...] | None = None  # a streamed answer: sent as chunks, in order
 
 
-def _error_response(error: ApiError, request_id: str, headers: Mapping[str, str]) -> _Response:
-    """The API's error body for `error`, with the request's headers plus the error's own."""
-    body = {"type": "error", "error": error.error_object(), "request_id": request_id}
-    return _Response(error.status, json.dumps(body).encode("utf-8"), {**headers, **error.headers})
+# How Bedrock names an error (header `x-amzn-ErrorType`), by status; it has no 529.
+_AWS_ERRORS = {
+    400: "ValidationException",
+    401: "UnrecognizedClientException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    413: "ValidationException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+    504: "ModelTimeoutException",
+}
+# Google's `error.status` on Vertex AI, by status.
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _error_response(error: ApiError, request_id: str, headers: Mapping[str, str], provider: str = "anthropic") -> _Response:
+    """The error body for `error` in the provider's own shape, with the request's headers plus the error's own.
+
+    Bedrock: `{"message"}` and the exception's name in `x-amzn-ErrorType` (a 529 is a 503
+    ServiceUnavailableException); Vertex AI: Google's `{"error": {"code", "message", "status"}}`;
+    the Claude API and Foundry: the Anthropic error object.
+    """
+    status = error.status
+    body: dict[str, Any]
+    extra: dict[str, str] = {}
+    if provider == "bedrock":
+        status = 503 if status == 529 else status
+        body = {"message": error.message}
+        extra["x-amzn-ErrorType"] = _AWS_ERRORS.get(status, "InternalServerException")
+    elif provider == "vertex":
+        status = 503 if status == 529 else status
+        body = {"error": {"code": status, "message": error.message, "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}}
+    else:
+        body = {"type": "error", "error": error.error_object(), "request_id": request_id}
+    return _Response(status, json.dumps(body).encode("utf-8"), {**headers, **error.headers, **extra})
 
 
 class _AnalysisMemo:
@@ -232,12 +285,16 @@ class Emulator:
         *,
         models: Mapping[str, int] | None = None,
         log_limit: int = 1000,
+        workspaces: Mapping[str, str] | None = None,
     ) -> None:
         self.time_scale = time_scale
         self.host = host
         self.port = port
         self._clock = clock or time.monotonic
         self._api_keys = None if api_keys is None else frozenset(api_keys)
+        # Key (or AWS access key id) -> workspace (or AWS account). Caches are per workspace, not
+        # per key: every key not named here shares the `default` one.
+        self._workspaces = dict(workspaces or {})
         self._models = dict(builtin_min_cacheable_tokens() if models is None else models)
         self._cache = PromptCache(time_scale)
         self._faults = FaultQueue()
@@ -362,11 +419,14 @@ class Emulator:
     def _handle(self, handler: _Handler) -> None:
         request_id = "req_" + secrets.token_hex(12)
         path = handler.path.split("?", 1)[0]
+        found = route(path)
+        if found is not None and found.provider == "foundry" and _sigv4(handler):
+            found = replace(found, provider="bedrock", mantle=True)
         try:
             if path.startswith(CONTROL_PREFIX):
                 self._control(handler, path, request_id)
-            elif path in (MESSAGES_PATH, COUNT_TOKENS_PATH):
-                self._api(handler, path, request_id)
+            elif found is not None:
+                self._api(handler, found, request_id)
             else:
                 self._read_body(handler)
                 raise ApiError(404, f"Not found: {handler.command} {path}")
@@ -376,19 +436,24 @@ class Emulator:
         except OSError:
             handler.close_connection = True  # the client went away mid-answer
 
-    def _api(self, handler: _Handler, path: str, request_id: str) -> None:
-        record = _Record(time=self._clock(), request_id=request_id, path=path)
+    def _api(self, handler: _Handler, found: Route, request_id: str) -> None:
+        path = found.endpoint
+        record = _Record(time=self._clock(), request_id=request_id, path=path, provider=found.provider)
         response: _Response | None = None
         hang: float | None = None
         try:
             if handler.command != "POST":
                 self._read_body(handler)
-                raise ApiError(405, f"Method Not Allowed: {handler.command} {path}")
+                raise ApiError(405, f"Method Not Allowed: {handler.command} {handler.path}")
             raw = self._read_body(handler)
             try:
                 body = json.loads(raw)
             except ValueError:
                 body = None
+            if isinstance(body, dict) and found.provider in ("bedrock", "vertex") and not found.mantle:
+                body = _provider_body(body, found)
+                # The same bytes name different models on different paths: memoise per path.
+                raw = handler.path.encode("utf-8") + b"\0" + raw
             record.body = body
             known = None
             if isinstance(body, dict):
@@ -396,8 +461,11 @@ class Emulator:
                 record.model = model if isinstance(model, str) else None
                 known = self._memo.get(raw)
                 record.fingerprint = known[0] if known else fingerprint(body)
-            key = self._authenticate(handler, record)
-            record.headers = self._ratelimit_headers(key)
+            key = self._authenticate(handler, record, found)
+            if found.provider in ("anthropic", "foundry"):
+                record.headers = self._ratelimit_headers(key)
+            elif found.provider == "bedrock":
+                record.headers = {"x-amzn-requestid": request_id}
             record.beta = handler.headers.get("anthropic-beta")
 
             fault = self._faults.take(path, record.model)
@@ -418,9 +486,10 @@ class Emulator:
             else:
                 raise _fault_error(fault, record.headers)
         except ApiError as error:
-            record.status = error.status
+            # Bedrock's Messages endpoint answers as the Messages API does (unconfirmed).
+            response = _error_response(error, request_id, record.headers, "anthropic" if found.mantle else found.provider)
+            record.status = response.status
             record.error_type = error.type
-            response = _error_response(error, request_id, record.headers)
         except OSError:
             raise  # the client went away while sending: nobody to answer
         except Exception:  # noqa: BLE001 - any bug must still get an API-shaped answer
@@ -428,14 +497,16 @@ class Emulator:
             traceback.print_exc(file=sys.stderr)
             bug = ApiError(500, "Internal server error (emulator bug).")
             record.status, record.error_type = 500, bug.type
-            response = _error_response(bug, request_id, {})
+            response = _error_response(bug, request_id, {}, found.provider)
         # Logged before answering, so whoever got the answer finds the request in the log.
         with self._log_lock:
             self._log.append(record.entry())
         if hang is not None:
             self._stopping.wait(hang or None)
         if response is not None and response.events is not None:
-            self._send_stream(handler, response.events, request_id, response.headers)
+            framed = found.provider == "bedrock" and not found.mantle
+            content_type = eventstream.CONTENT_TYPE if framed else SSE_CONTENT_TYPE
+            self._send_stream(handler, response.events, request_id, response.headers, content_type)
         elif response is not None:
             self._send(handler, response.status, response.body, request_id, response.headers)
 
@@ -453,18 +524,42 @@ class Emulator:
             raise ApiError(413)
         return handler.rfile.read(length) if length > 0 else b""
 
-    def _authenticate(self, handler: _Handler, record: _Record) -> str:
+    def _authenticate(self, handler: _Handler, record: _Record, found: Route) -> str:
+        """Check the request's credentials; return (and log) whose cache it uses.
+
+        The Claude API and Foundry: the key's workspace. Bedrock: a SigV4 signature from any
+        credentials (not verified: no AWS secret is known here) or a Bedrock API key; the cache is
+        the access key's account (`--workspace`) in the signed region. Vertex AI: any bearer token;
+        the cache is the path's project and region.
+        """
+        authorization = handler.headers.get("Authorization") or ""
+        if found.provider == "bedrock" and _sigv4(handler):
+            scope = re.search(r"Credential=([^/,\s]+)/\d{8}/([^/]+)/([^/]+)/aws4_request", authorization)
+            if scope is None or "Signature=" not in authorization or not handler.headers.get("x-amz-date"):
+                raise ApiError(403, "The request signature we calculated does not match the signature you provided.")
+            access_key, region = scope.group(1), scope.group(2)
+            record.key_suffix = access_key[-4:]
+            # The Messages endpoint is served apart from InvokeModel: its own caches (unconfirmed).
+            kind = "bedrock-mantle" if found.mantle else "bedrock"
+            record.cache = f"{kind}:{self._workspaces.get(access_key, 'default')}:{region}"
+            return record.cache
         key = handler.headers.get("x-api-key") or ""
-        if not key:
-            authorization = handler.headers.get("Authorization") or ""
-            if authorization[:7].lower() == "bearer ":
-                key = authorization[7:].strip()
+        if not key and authorization[:7].lower() == "bearer ":
+            key = authorization[7:].strip()
         if not key:
             raise ApiError(401, "x-api-key header is required")
         record.key_suffix = key[-4:]
+        if found.provider == "vertex":
+            record.cache = f"vertex:{found.project}:{found.region}"
+            return record.cache
         if self._api_keys is not None and key not in self._api_keys:
             raise ApiError(401, "invalid x-api-key")
-        return key
+        workspace = self._workspaces.get(key, "default")
+        # A Bedrock API key names no region in the request: its account's caches, region unknown.
+        record.cache = {"bedrock": f"bedrock:{workspace}:api-key", "foundry": f"foundry:{workspace}"}.get(
+            found.provider, f"workspace:{workspace}"
+        )
+        return record.cache
 
     def _answer(
         self,
@@ -480,12 +575,15 @@ class Emulator:
             raise invalid("There was an issue with your request body: it is not valid JSON.")
         if not isinstance(body, dict):
             raise invalid("body: Input should be a valid dictionary")
-        prompt = self._analyse(raw, body, record.fingerprint or "", known)
+        prompt = self._analyse(raw, body, record.fingerprint or "", known, record.provider)
         if path == MESSAGES_PATH:
             payload = self._create_message(body, prompt, key, record)
             if body.get("stream") is True:
                 pieces = REPLY_TOKENS[: record.usage["output_tokens"] if record.usage else 0]
-                events = tuple(message_events(payload, pieces))
+                if record.provider == "bedrock" and record.cache is not None and not record.cache.startswith("bedrock-mantle:"):
+                    events = tuple(eventstream.chunks(message_event_objects(payload, pieces)))
+                else:
+                    events = tuple(message_events(payload, pieces))
                 record.status = 200
                 return _Response(200, b"", record.headers, events)
         else:
@@ -494,10 +592,18 @@ class Emulator:
         record.status = 200
         return _Response(200, json.dumps(payload).encode("utf-8"), record.headers)
 
-    def _known_model(self, model: str) -> int:
-        min_tokens = self._models.get(model)
+    def _known_model(self, model: str, provider: str = "anthropic") -> int:
+        """The model's minimum cacheable prefix on this provider; 404 for a model nobody serves.
+
+        A Bedrock or Vertex id serves the Claude API model it names; Bedrock's minimums differ
+        for some models (keepwarm/data/providers.yaml).
+        """
+        canonical = canonical_model(provider, model)
+        min_tokens = self._models.get(canonical)
         if min_tokens is None:
             raise ApiError(404, f"model: {model}")
+        if provider in ("bedrock", "vertex"):
+            return provider_facts()[provider].min_cacheable_tokens.get(canonical, min_tokens)
         return min_tokens
 
     def _analyse(
@@ -506,10 +612,11 @@ class Emulator:
         body: dict[str, Any],
         fingerprint_: str,
         known: tuple[str, Prompt] | None,
+        provider: str = "anthropic",
     ) -> Prompt:
         """Validate what every endpoint needs and return the request's Prompt (memoised)."""
         model = validate_common(body)
-        self._known_model(model)
+        self._known_model(model, provider)
         if known is not None:
             return known[1]
         prompt = read_prompt(body, model)
@@ -520,7 +627,7 @@ class Emulator:
         self, body: dict[str, Any], prompt: Prompt, key: str, record: _Record
     ) -> dict[str, Any]:
         model = prompt.model
-        min_tokens = self._models[model]
+        min_tokens = self._known_model(model, record.provider)
         max_tokens = validate_generation(body)
         previous_id = requested(body, record.beta)
         usage = self._cache.settle(
@@ -627,12 +734,14 @@ class Emulator:
         events: Iterable[bytes],
         request_id: str,
         headers: Mapping[str, str],
+        content_type: str = SSE_CONTENT_TYPE,
     ) -> None:
-        """A 200 `text/event-stream` answer, one chunk per event, each flushed as it is written
-        (as the API sends them), so a client reads `message_start` before the stream ends."""
+        """A 200 streamed answer (server-sent events, or Bedrock's event-stream frames), one chunk
+        per event, each flushed as it is written (as the API sends them), so a client reads
+        `message_start` before the stream ends."""
         lines = [
             "HTTP/1.1 200 OK",
-            f"content-type: {SSE_CONTENT_TYPE}",
+            f"content-type: {content_type}",
             "cache-control: no-cache",
             "transfer-encoding: chunked",
             f"request-id: {request_id}",
@@ -647,12 +756,38 @@ class Emulator:
         handler.wfile.write(b"0\r\n\r\n")
 
 
+def _sigv4(handler: _Handler) -> bool:
+    """Whether the request is signed with AWS Signature Version 4."""
+    return (handler.headers.get("Authorization") or "").startswith("AWS4-HMAC-SHA256 ")
+
+
+def _provider_body(body: dict[str, Any], found: Route) -> dict[str, Any]:
+    """A Bedrock or Vertex body as the Claude API would take it: the path's model, no version field.
+
+    Bedrock streams by path (the SDK drops `stream` from the body); Vertex by the body's `stream`.
+    """
+    out = {k: v for k, v in body.items() if k not in ("anthropic_version", "anthropic_beta")}
+    if found.model is not None:
+        out["model"] = found.model
+    if found.provider == "bedrock":
+        out.pop("stream", None)
+        if found.stream:
+            out["stream"] = True
+    return out
+
+
 def _chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (Transfer-Encoding: chunked)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def serve(port: int, time_scale: float, api_keys: list[str] | None, host: str = "127.0.0.1") -> int:
+def serve(
+    port: int,
+    time_scale: float,
+    api_keys: list[str] | None,
+    host: str = "127.0.0.1",
+    workspaces: Mapping[str, str] | None = None,
+) -> int:
     """Serve the emulator until SIGTERM or SIGINT; prints `listening on URL` first; returns 0."""
     stop = threading.Event()
 
@@ -663,7 +798,7 @@ def serve(port: int, time_scale: float, api_keys: list[str] | None, host: str = 
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, on_signal)
     try:
-        with Emulator(time_scale=time_scale, api_keys=api_keys, host=host, port=port) as emulator:
+        with Emulator(time_scale=time_scale, api_keys=api_keys, host=host, port=port, workspaces=workspaces) as emulator:
             print(f"listening on {emulator.base_url}", flush=True)
             # A bounded wait, so the loop notices the signal even if a wakeup were lost.
             while not stop.wait(0.5):

@@ -29,8 +29,12 @@ def event(name: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def message_events(message: Mapping[str, Any], pieces: Sequence[str]) -> list[bytes]:
-    """The events streaming `message` (a complete Messages answer) with its text in `pieces`."""
+def message_event_objects(message: Mapping[str, Any], pieces: Sequence[str]) -> list[dict[str, Any]]:
+    """The events streaming `message` (a complete Messages answer), as objects, in order.
+
+    Each has its `type`, which is also its SSE event name; Bedrock wraps the same objects in
+    event-stream frames (keepwarm.emulator.eventstream).
+    """
     usage: dict[str, Any] = dict(message["usage"])
     # The API reports a token or so of output at the start and the true count at the end.
     start_usage = {**usage, "output_tokens": min(1, int(usage.get("output_tokens") or 0))}
@@ -41,30 +45,26 @@ def message_events(message: Mapping[str, Any], pieces: Sequence[str]) -> list[by
         "stop_sequence": None,
         "usage": start_usage,
     }
-    out = [event("message_start", {"type": "message_start", "message": start})]
+    out: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
     for index, block in enumerate(message["content"]):
-        out.append(
-            event(
-                "content_block_start",
-                {"type": "content_block_start", "index": index, "content_block": {**block, "text": ""}},
-            )
-        )
+        out.append({"type": "content_block_start", "index": index, "content_block": {**block, "text": ""}})
         if index == 0:
-            out.append(event("ping", {"type": "ping"}))
+            out.append({"type": "ping"})
         for piece in pieces:
-            delta = {"type": "text_delta", "text": piece}
-            out.append(event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
-        out.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
+            out.append({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
+        out.append({"type": "content_block_stop", "index": index})
     delta_usage = {name: usage.get(name, 0) for name in _DELTA_USAGE_FIELDS}
     out.append(
-        event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
-                "usage": delta_usage,
-            },
-        )
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+            "usage": delta_usage,
+        }
     )
-    out.append(event("message_stop", {"type": "message_stop"}))
+    out.append({"type": "message_stop"})
     return out
+
+
+def message_events(message: Mapping[str, Any], pieces: Sequence[str]) -> list[bytes]:
+    """The events streaming `message` (a complete Messages answer) with its text in `pieces`."""
+    return [event(str(item["type"]), item) for item in message_event_objects(message, pieces)]
