@@ -734,7 +734,8 @@ def main(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EX_CONFIG
     setups = [PairSetup.build(p, config.prices, tokens[p.key]) for p in config.pairs]
-    pings: list[tuple[float, str, str, str]] | None = [] if args.pings_out else None
+    html = getattr(args, "html", None)  # `--html FILE`, added by keepwarm.cli: keepwarm.simulate_html draws it
+    pings: list[tuple[float, str, str, str]] | None = [] if args.pings_out or html else None
     policies = tuple(dict.fromkeys(args.policy)) if args.policy else POLICIES
     if "optimum" not in policies:
         policies = (*policies, "optimum")  # ratios need it; it is not printed when not asked for
@@ -742,6 +743,10 @@ def main(args: argparse.Namespace) -> int:
     shown = set(args.policy or POLICIES)
     if args.pings_out is not None and pings is not None:
         write_pings(args.pings_out, [p for p in pings if p[3] in shown])
+    if html is not None and pings is not None:
+        from keepwarm.simulate_html import write_html
+
+        write_html(html, sim, requests, [p for p in pings if p[3] in shown], shown)
     if args.format == "json":
         data = to_json(sim)
         data["policies"] = {k: v for k, v in data["policies"].items() if k in shown}
