@@ -174,6 +174,18 @@ class Report:
     now: float
 
 
+def span_text(seconds: float) -> str:
+    """A stretch of time for people, to the minute above an hour: `45s`, `10m`, `5h23m`, `2d3h`."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m" + (f"{seconds % 60}s" if seconds % 60 and seconds < 600 else "")
+    if seconds < 86400:
+        return f"{seconds // 3600}h" + (f"{seconds % 3600 // 60}m" if seconds % 3600 >= 60 else "")
+    return f"{seconds // 86400}d" + (f"{seconds % 86400 // 3600}h" if seconds % 86400 >= 3600 else "")
+
+
 def hit_rate(cache_read: int, cache_write: int) -> float | None:
     """The seed's hit rate; None when nothing was read or written."""
     cached = cache_read + cache_write
@@ -465,7 +477,7 @@ def render_table(report: Report) -> str:
                 *(str(p.pings[r]) for r in RESULTS),
                 "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
                 _spend_text(p),
-                f"n/a ({format_duration(round(p.window_seconds))} covered)" if p.per_day_refused
+                f"n/a ({span_text(p.window_seconds)} covered)" if p.per_day_refused
                 else format_usd(p.spend_per_day, 4),
                 "-" if p is report.total else format_usd(p.miss_penalty, 6),
                 "-" if p is report.total else _break_even_text(p),
@@ -473,7 +485,7 @@ def render_table(report: Report) -> str:
         )
     lines = _columns(headers, rows)
     foot = ["break-even: production misses a day the keepalive must prevent to pay for itself (spend/day / miss penalty)"]
-    short = [f"{p.expert}/{p.model} ({format_duration(round(p.window_seconds))})"
+    short = [f"{p.expert}/{p.model} ({span_text(p.window_seconds)})"
              for p in report.pairs if p.per_day_refused]
     if short:
         # Scaled from minutes, one cold write reads as thousands of dollars a day: refuse, and say why.
