@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -30,10 +30,11 @@ from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import WINDOWS, Observer, load_token
+from keepwarm.observations import ALL, WINDOWS, Observer, load_token
+from keepwarm.page import History, daily_totals
 from keepwarm.ping import make_client
 from keepwarm.policy import Source, Touch
-from keepwarm.runner import LedgerLike, Runner
+from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import Ledger, LedgerError
 from keepwarm.web import PageInfo, WebServer
@@ -162,6 +163,25 @@ def freeze_heap() -> None:
 def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
 
+    # The status page's pictures: every ping and production touch also goes to the strips.
+    history = History()
+    on_ping = scheduler.on_ping
+
+    def record_ping(outcome: PingOutcome) -> None:
+        history.ping(outcome)
+        if on_ping is not None:
+            on_ping(outcome)
+
+    scheduler.on_ping = record_ping
+    if observer is not None and observer.touch_many is not None:
+        touch_many = observer.touch_many
+
+        def record_touches(touches: Sequence[tuple[str, Touch]]) -> None:
+            touch_many(touches)
+            history.touches(touches, scheduler.states)
+
+        observer.touch_many = record_touches
+
     def page_info() -> PageInfo:
         reload_ok = metrics.registry.get_sample_value("keepwarm_config_last_reload_successful")
         return PageInfo(
@@ -169,6 +189,8 @@ def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: 
             reload_ok=reload_ok != 0,
             prices=scheduler.runner.prices,
             policy=scheduler.describe,
+            history=history,
+            daily=None if observer is None else lambda now: daily_totals(observer.windows.buckets.get(ALL, {}), now),
         )
 
     return WebServer(
@@ -325,6 +347,7 @@ class Daemon:
             shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
             workers=config.api.max_concurrency,
             metrics=f"http://{host}:{port}/metrics",
+            status_page=f"http://{host}:{port}/",
             key=key.hint if self.emulator is None else None,
             key_source=key.source,
         )
