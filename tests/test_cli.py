@@ -638,3 +638,46 @@ def test_a_config_without_experts_has_no_pairs_and_exits_3_as_the_readme_says(tm
         assert "NO PAIRS: the config lists no experts; nothing to do" in result.stderr
     readme = (ROOT / "README.md").read_text()
     assert "3 any below minimum, or no pairs at all" in readme
+
+
+def test_verbose_is_keepwarms_debug_one_line_per_event(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from keepwarm.logs import setup_logging
+
+    try:
+        setup_logging("text", logging.DEBUG)
+        logging.getLogger("tzlocal").debug("/etc/timezone found, contents:\n Etc/UTC\n")
+        logging.getLogger("keepwarm.ping").debug("two\nlines")
+        logging.getLogger("tzlocal").warning("a library's warning still shows")
+    finally:
+        setup_logging("text", logging.INFO)
+        logging.getLogger("keepwarm").setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert "/etc/timezone" not in err, "a library's debug dump is not keepwarm's -v"
+    assert err.count("\n") == 2 and "DEBUG two\\nlines" in err and "a library's warning still shows" in err
+
+
+def test_an_uncacheable_pair_warns_once_with_its_reason_then_logs_quietly(
+    tmp_path: Path, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from keepwarm.config import load_config
+    from keepwarm.metrics import Metrics
+    from keepwarm.ping import make_client
+    from keepwarm.runner import PairState, Runner
+
+    config = load_config(write_config(tmp_path, basic_doc(emulator.base_url)))
+    terse = next(p for p in config.pairs if p.expert == "terse")
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, Metrics(), threading.Event())
+    state = PairState(pair=terse, max_tokens=1)
+    caplog.set_level(logging.INFO, logger="keepwarm.ping")
+    for _ in range(3):
+        runner.ping(state)
+    pings = [r for r in caplog.records if r.getMessage() == "ping"]
+    assert [r.levelname for r in pings] == ["WARNING", "INFO", "INFO"]
+    reason = pings[0].keepwarm_fields["reason"]  # type: ignore[attr-defined]
+    assert reason.startswith("cannot cache: ") and "below this model's minimum of 1,024" in reason
+    assert all(r.keepwarm_fields["reason"] == reason for r in pings)  # type: ignore[attr-defined]
