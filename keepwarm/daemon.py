@@ -160,6 +160,14 @@ def freeze_heap() -> None:
     release_free_memory()
 
 
+def _names(keys: tuple[str, ...], most: int = 20) -> str | None:
+    """Pairs for a log line: the first `most`, and how many more (a reload of 10,000 pairs stays one line)."""
+    if not keys:
+        return None
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ",".join(keys[:most]) + more
+
+
 def build_web(config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
 
@@ -449,6 +457,7 @@ class Daemon:
         scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),
-              changed=len(report.changed), unchanged=len(report.unchanged))
+              changed=len(report.changed), unchanged=len(report.unchanged), added_pairs=_names(report.added),
+              removed_pairs=_names(report.removed), changed_pairs=_names(report.changed))
         sdnotify.notify("READY=1")
         return new

@@ -240,6 +240,10 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
     assert report["total"]["pings"] == len(rows)
     events = [line for line in err.splitlines() if line.startswith("{")]
     assert any('"event": "reload rejected; the old config keeps running"' in e for e in events)
+    reloaded = next(json.loads(e) for e in events if '"event": "config reloaded"' in e)
+    assert reloaded["removed_pairs"] == "terse/claude-sonnet-4-6", "the reload names what it changed"
+    started = next(json.loads(e) for e in events if '"event": "keepwarm started"' in e)
+    assert started["status_page"] == f"http://127.0.0.1:{port}/"
     assert any('"event": "stopped"' in e for e in events)
     assert "sk-test-daemon" not in err
 
@@ -681,3 +685,31 @@ def test_an_uncacheable_pair_warns_once_with_its_reason_then_logs_quietly(
     reason = pings[0].keepwarm_fields["reason"]  # type: ignore[attr-defined]
     assert reason.startswith("cannot cache: ") and "below this model's minimum of 1,024" in reason
     assert all(r.keepwarm_fields["reason"] == reason for r in pings)  # type: ignore[attr-defined]
+
+
+def test_every_policy_decision_line_carries_a_reason(
+    tmp_path: Path, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from keepwarm.config import load_config
+    from keepwarm.metrics import Metrics
+    from keepwarm.ping import make_client
+    from keepwarm.runner import Runner
+    from keepwarm.scheduler import Scheduler
+
+    config = load_config(write_config(tmp_path, basic_doc(emulator.base_url, policy="adaptive")))
+    metrics = Metrics()
+    now = [1_800_000_000.0]
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics, threading.Event(),
+                    clock=lambda: now[0])
+    scheduler = Scheduler(runner, metrics, clock=lambda: now[0], draw=lambda: 0.5, mono=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="keepwarm.scheduler")
+    scheduler.apply(list(config.pairs))
+    pair = config.pairs[0]
+    due = scheduler.states[pair.key].next_due
+    now[0] = due
+    scheduler._run(pair.key, due)
+    decisions = [r.keepwarm_fields for r in caplog.records if r.getMessage() == "policy decision"]  # type: ignore[attr-defined]
+    assert decisions and all(d.get("reason") for d in decisions), decisions
