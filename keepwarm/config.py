@@ -44,10 +44,11 @@ CREDENTIAL_NAME = "anthropic_api_key"
 class ConfigError(Exception):
     """A config that cannot be used; `problems` lists every issue with its location."""
 
-    def __init__(self, problems: list[str], source: str = "") -> None:
+    def __init__(self, problems: list[str], source: str = "", heading: str = "invalid config") -> None:
         self.problems = problems
         self.source = source
-        head = f"invalid config {source}" if source else "invalid config"
+        # `heading`: what failed, for a valid config that still cannot be used for the task at hand.
+        head = f"{heading} {source}" if source else heading
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
 
 

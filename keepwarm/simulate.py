@@ -675,7 +675,7 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
                     [f"no prefix_tokens for {names}: add a prefix_tokens column to the trace, a ledger.path "
                      "with pings, or --emulator to count with the built-in emulator; counting with the API "
                      f"needs a key: {exc.problems[0]}"],
-                    exc.source,
+                    exc.source, heading="keepwarm simulate: the config is valid, but prefix sizes are missing",
                 ) from None
             client = make_client(config.api.base_url, key.value, config.api.timeout)
         out = {}

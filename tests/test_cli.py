@@ -713,3 +713,15 @@ def test_every_policy_decision_line_carries_a_reason(
     scheduler._run(pair.key, due)
     decisions = [r.keepwarm_fields for r in caplog.records if r.getMessage() == "policy decision"]  # type: ignore[attr-defined]
     assert decisions and all(d.get("reason") for d in decisions), decisions
+
+
+def test_simulate_without_prefix_sizes_does_not_call_a_valid_config_invalid(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("at,expert,model\n1772442000,chief-economist,claude-sonnet-4-6\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "CREDENTIALS_DIRECTORY")}
+    result = subprocess.run(keepwarm_cmd("simulate", "--config", str(SIM_DOC), "--trace", str(trace)),
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 78, result.stderr
+    assert "invalid config" not in result.stderr
+    assert "the config is valid, but prefix sizes are missing" in result.stderr
+    assert "add a prefix_tokens column to the trace" in result.stderr
