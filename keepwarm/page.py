@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,8 @@ def cache_state(state: PairState, now: float) -> str:
     return "error" if state.last_result.value == "error" else "cold"
 
 
+COLOURS = {"warm": "#2e9e44", "cold": "#d3d3d3", "rewritten": "#e08a00", "failing": "#c62828", "uncached": "#8d6e00",
+           "none": "#f3f3f3", "spent": "#d9822b", "saved": "#2e9e44"}
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}
@@ -50,11 +51,9 @@ tr.has-why td{border-bottom:none}td.why{white-space:normal;max-width:none;paddin
 code.fp{display:inline-block;max-width:7em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom;cursor:text}
 .banner{background:#fee;border:1px solid #b00;padding:.5em 1em}span[title]{border-bottom:1px dotted #999}
 svg text{font:11px system-ui,sans-serif;fill:#333}.key span{display:inline-block;width:.9em;height:.7em;margin:0 .3em 0 .9em}
-small{color:#555}
-"""
+small{color:#555}svg.strip{width:160px;height:14px;display:block}
+""" + "".join(f".s-{k}{{fill:{COLOURS[k]}}}" for k in ("warm", "cold", "rewritten", "failing", "uncached", "none"))
 STATES = ("warm", "cold", "uncached", "error", "parked", "pending")  # the order of the header's counts
-COLOURS = {"warm": "#2e9e44", "cold": "#d3d3d3", "rewritten": "#e08a00", "failing": "#c62828", "uncached": "#8d6e00",
-           "none": "#f3f3f3", "spent": "#d9822b", "saved": "#2e9e44"}
 
 
 class History:
@@ -71,31 +70,35 @@ class History:
         self.clock = clock
         self.since = clock()  # before this the strip has no data (the daemon was not running)
         self._lock = threading.Lock()
-        self._warm: dict[str, deque[list[float]]] = {}
-        self._marks: dict[str, deque[tuple[float, str]]] = {}
+        # Plain lists: a pair kept warm holds one span and a mark or two, and a deque's first
+        # block alone is some 600 bytes (14 MB at 10,000 pairs, where lists take about 3).
+        self._warm: dict[str, list[list[float]]] = {}
+        self._marks: dict[str, list[tuple[float, str]]] = {}
+        # Each strip as last drawn: one pixel is 9 minutes of a day, so redrawing 10,000 of them
+        # on every 5 s refresh (0.7 s of CPU) would change nothing visible; a new mark redraws.
+        self._drawn: dict[str, tuple[float, float, str]] = {}
 
     def warm(self, key: str, start: float, end: float) -> None:
         """The pair's cache was warm from `start` to `end`."""
         with self._lock:
-            spans = self._warm.setdefault(key, deque())
+            spans = self._warm.setdefault(key, [])
             if spans and start <= spans[-1][1] + 1.0 and start >= spans[-1][0]:
                 spans[-1][1] = max(spans[-1][1], end)
             else:
                 spans.append([start, end])
-            self._prune(spans, end)
+                if spans[0][1] < end - DAY:
+                    spans[:] = [s for s in spans if s[1] >= end - DAY]
 
     def mark(self, key: str, at: float, kind: str) -> None:
         """The pair's cache was `rewritten`, its ping `failing` or `uncached`, at `at`."""
         with self._lock:
-            marks = self._marks.setdefault(key, deque(maxlen=self.MARKS))
+            marks = self._marks.setdefault(key, [])
             marks.append((at, kind))
-            while marks and marks[0][0] < at - DAY:
-                marks.popleft()
-
-    @staticmethod
-    def _prune(spans: deque[list[float]], now: float) -> None:
-        while len(spans) > 1 and spans[0][1] < now - DAY:
-            spans.popleft()
+            self._drawn.pop(key, None)
+            if len(marks) > self.MARKS or marks[0][0] < at - DAY - 3600:  # an hour's slack: pruned now and then
+                # Trimmed in one go, a quarter at a time past the cap: appends stay cheap.
+                kept = [m for m in marks if m[0] >= at - DAY]
+                marks[:] = kept[-(self.MARKS * 3 // 4):] if len(kept) > self.MARKS else kept
 
     def ping(self, outcome: PingOutcome) -> None:
         """Record one finished ping."""
@@ -116,6 +119,17 @@ class History:
             self.warm(key, touch.at, touch.at + state.pair.ttl_seconds)
             if touch.result is Result.REWARMED:
                 self.mark(key, touch.at, "rewritten")
+
+    def drawn(self, key: str, now: float, span: float = DAY) -> str:
+        """The pair's strip as SVG, redrawn once a pixel's worth of time has passed or a mark came."""
+        with self._lock:
+            hit = self._drawn.get(key)
+        if hit is not None and hit[1] == span and 0 <= now - hit[0] < span / STRIP_W:
+            return hit[2]
+        svg = strip_svg(self, key, now, span)
+        with self._lock:
+            self._drawn[key] = (now, span, svg)
+        return svg
 
     def strip(self, key: str, now: float, span: float = DAY) -> tuple[list[tuple[float, float]], list[tuple[float, str]]]:
         """The pair's warm spans and moments over the last `span` seconds (at most 24 h are kept)."""
@@ -258,23 +272,24 @@ STRIP_W, STRIP_H = 160.0, 14.0
 
 
 def strip_svg(history: History, key: str, now: float, span: float = DAY) -> str:
-    """A pair's last 24 h (`span`) as one bar: green warm, grey cold, ticks where it was rewritten, failed or uncached."""
+    """A pair's last 24 h (`span`) as one bar: green warm, grey cold, ticks where it was rewritten, failed or uncached.
+
+    Colours come from the page's style sheet (classes `s-warm`, ...): a strip is drawn for every
+    pair on every refresh, so its markup is kept short.
+    """
     start = now - span
 
     def x(when: float) -> float:
         return round((when - start) / span * STRIP_W, 1)
 
     spans, marks = history.strip(key, now, span)
-    parts = [f'<svg width="{STRIP_W:.0f}" height="{STRIP_H:.0f}" viewBox="0 0 {STRIP_W:.0f} {STRIP_H:.0f}"'
-             f' role="img" aria-label="{html.escape(key)}: cache state over the last 24 hours">']
+    parts = [f'<svg class=strip viewBox="0 0 {STRIP_W:.0f} {STRIP_H:.0f}" role=img aria-label="last 24 h">']
     known = max(history.since, start)
     if known > start:
-        parts.append(f'<rect width="{x(known)}" height="{STRIP_H}" fill="{COLOURS["none"]}">'
-                     "<title>no data: the daemon was not running</title></rect>")
-    parts.append(f'<rect x="{x(known)}" width="{STRIP_W - x(known)}" height="{STRIP_H}" fill="{COLOURS["cold"]}">'
-                 "<title>cold</title></rect>")
+        parts.append(f'<rect class=s-none width="{x(known)}" height=14><title>no data: the daemon was not running</title></rect>')
+    parts.append(f'<rect class=s-cold x="{x(known)}" width="{round(STRIP_W - x(known), 1)}" height=14><title>cold</title></rect>')
     for a, b in spans:
-        parts.append(f'<rect x="{x(a)}" width="{max(x(b) - x(a), 0.5)}" height="{STRIP_H}" fill="{COLOURS["warm"]}">'
+        parts.append(f'<rect class=s-warm x="{x(a)}" width="{max(round(x(b) - x(a), 1), 0.5)}" height=14>'
                      f"<title>warm {_hm(a)}–{_hm(b)} UTC</title></rect>")
     drawn: set[tuple[float, str]] = set()
     for at, kind in marks:
@@ -282,7 +297,7 @@ def strip_svg(history: History, key: str, now: float, span: float = DAY) -> str:
         if spot in drawn:
             continue  # one tick per spot and kind: a day of failures is a few hundred, not thousands
         drawn.add(spot)
-        parts.append(f'<rect x="{max(spot[0] - 0.75, 0)}" width="1.5" height="{STRIP_H}" fill="{COLOURS[kind]}">'
+        parts.append(f'<rect class=s-{kind} x="{max(round(spot[0] - 0.75, 1), 0)}" width=1.5 height=14>'
                      f"<title>{kind} {_hm(at)} UTC</title></rect>")
     parts.append("</svg>")
     return "".join(parts)
@@ -352,7 +367,7 @@ def render_page(
         spend = "unknown" if s.spend_unknown else format_usd(s.spend, 6)
         nxt = _at(s.next_due, f"in {format_duration(max(round(s.next_due - now), 0))}") if s.next_due else "—"
         result = s.last_result.value if s.last_result else ("— (production keeps it warm)" if word == "warm" else "—")
-        strip = f"<td>{strip_svg(info.history, s.pair.key, now, span)}</td>" if info.history is not None else ""
+        strip = f"<td>{info.history.drawn(s.pair.key, now, span)}</td>" if info.history is not None else ""
         why = _why(s, word, info.prices)
         rows.append(
             f'<tr{" class=has-why" if why else ""}>'

@@ -181,7 +181,7 @@ def test_the_strip_draws_warm_spans_rewrites_failures_and_production_touches() -
     history.ping(_outcome(short, Usage(input=190, output=1), NOW - 600))
     svg = strip_svg(history, warm.pair.key, NOW)
     # One merged span for the two pings (a TTL each, overlapping), one for production's read.
-    spans = re.findall(r'fill="#2e9e44"><title>warm (\d\d:\d\d)–(\d\d:\d\d) UTC', svg)
+    spans = re.findall(r'class=s-warm [^>]*><title>warm (\d\d:\d\d)–(\d\d:\d\d) UTC', svg)
     assert spans == [("05:00", "05:09"), ("07:30", "07:35")], spans
     assert "<title>rewritten 05:00 UTC</title>" in svg and "<title>failing 07:00 UTC</title>" in svg
     assert "no data: the daemon was not running" in svg
@@ -379,3 +379,14 @@ def test_drift_is_logged_once_per_pair_with_both_fingerprints_and_the_fix_then_h
     assert len(lines) == 2 and lines[1].keepwarm_fields["requests"] == 5  # type: ignore[attr-defined]
 
 
+
+
+def test_a_strip_is_redrawn_when_a_pixel_of_time_passed_or_something_happened() -> None:
+    warm = _states()[0]
+    history = History(clock=lambda: NOW - DAY)
+    history.ping(_outcome(warm, Usage(input=9, cache_read=2000, output=1), NOW - 600))
+    first = history.drawn(warm.pair.key, NOW)
+    assert history.drawn(warm.pair.key, NOW + 60) is first, "a minute is a fraction of a pixel: the same drawing"
+    history.ping(_outcome(warm, None, NOW + 100))  # a failure is a mark: drawn at once
+    assert "<title>failing" in history.drawn(warm.pair.key, NOW + 120)
+    assert history.drawn(warm.pair.key, NOW + 120 + DAY / 160) != history.drawn(warm.pair.key, NOW + 120)
