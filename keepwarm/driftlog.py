@@ -20,7 +20,8 @@ FIX = "build production's prompt with keepwarm.prefix from the same config, or m
 
 
 class DriftLog:
-    """Per pair, when its drift was last logged and how many drifting requests came since."""
+    """Per pair, when its drift was last logged and how many drifting requests came since
+    (`drifting_requests` in the line: this one and those the rate limit kept quiet)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
@@ -45,7 +46,7 @@ class DriftLog:
             event(log, logging.WARNING, "prefix drift: production sends a prefix other than the one keepwarm warms",
                   expert=obs.pair.expert, model=obs.pair.model, cause=why, warmed=obs.pair.fingerprint,
                   production=obs.fingerprint or "not sent (send the fingerprint to see it here)",
-                  requests=self._since[key], fix=FIX,
+                  drifting_requests=self._since[key], fix=FIX,
                   next_log="at most hourly" if last is None else None)
             self._last[key] = now
             self._since[key] = 0

@@ -372,11 +372,11 @@ def test_drift_is_logged_once_per_pair_with_both_fingerprints_and_the_fix_then_h
     assert len(lines) == 1, "one WARNING, not one per request"
     fields = lines[0].keepwarm_fields  # type: ignore[attr-defined]
     assert fields["warmed"] == pair.fingerprint and fields["production"] == other
-    assert "keepwarm.prefix" in fields["fix"] and fields["expert"] == "a" and fields["requests"] == 1
+    assert "keepwarm.prefix" in fields["fix"] and fields["expert"] == "a" and fields["drifting_requests"] == 1
     clock[0] += 3601
     post(1)
     lines = [r for r in caplog.records if "prefix drift" in r.getMessage()]
-    assert len(lines) == 2 and lines[1].keepwarm_fields["requests"] == 5  # type: ignore[attr-defined]
+    assert len(lines) == 2 and lines[1].keepwarm_fields["drifting_requests"] == 5  # type: ignore[attr-defined]
 
 
 
