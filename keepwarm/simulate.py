@@ -205,6 +205,12 @@ class PairSetup:
     def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
         """Price a pair; a model without a price costs nothing here, and says so in the output."""
         out_tokens = max(pair.max_tokens, 1)
+        minimum = prices.get(pair.model).min_cacheable_tokens
+        if minimum is not None and prefix_tokens < minimum:
+            # It cannot cache: every ping is billed as plain input, and no ping saves production anything.
+            plain = prices.cost(pair.model, Usage(input=prefix_tokens + PING_MESSAGE_TOKENS, output=out_tokens))
+            each = math.fsum(plain.values()) if plain else 0.0
+            return PairSetup(pair, prefix_tokens, each, each, 0.0)
         warm = prices.warm_ping_cost(pair.model, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
         cold = prices.cost(pair.model, write)

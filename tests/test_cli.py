@@ -725,3 +725,24 @@ def test_simulate_without_prefix_sizes_does_not_call_a_valid_config_invalid(tmp_
     assert "invalid config" not in result.stderr
     assert "the config is valid, but prefix sizes are missing" in result.stderr
     assert "add a prefix_tokens column to the trace" in result.stderr
+
+
+def test_simulate_prices_an_uncacheable_pings_as_plain_input(tmp_path: Path) -> None:
+    from keepwarm.config import load_config
+    from keepwarm.pricing import MILLION
+    from keepwarm.simulate import PING_MESSAGE_TOKENS
+
+    path = write_config(tmp_path, {"defaults": {"models": ["claude-sonnet-4-6"]},
+                                   "experts": [{"name": "style-editor", "system": [{"text": "Be brief."}]}]})
+    trace = tmp_path / "t.csv"
+    trace.write_text("at,expert,model,prefix_tokens\n" + "".join(
+        f"{1772442000 + 900 * i},style-editor,claude-sonnet-4-6,184\n" for i in range(8)), encoding="utf-8")
+    result = run("simulate", "--config", str(path), "--trace", str(trace), "--format", "json", "--policy", "fixed")
+    assert result.returncode == 0, result.stderr
+    fixed = json.loads(result.stdout)["policies"]["fixed"]["pairs"]["style-editor/claude-sonnet-4-6"]
+    price = load_config(path).prices.get("claude-sonnet-4-6")
+    assert price.input is not None and price.output is not None
+    each = ((184 + PING_MESSAGE_TOKENS) * price.input + price.output) / MILLION
+    assert fixed["keepalive_pings"] > 0
+    assert fixed["keepalive_usd"] == pytest.approx(fixed["keepalive_pings"] * each)
+    assert fixed["write_premiums_usd"] == 0, "nothing to save: it cannot cache"
