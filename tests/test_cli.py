@@ -204,6 +204,17 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
             page = resp.read().decode()
         assert 'class="warm">warm<' in page and 'class="uncached">uncached<' in page
+        # The pictures: a strip per pair fed by the pings (and production's requests), the daily chart.
+        body = json.dumps({"expert": "analyst", "model": "claude-sonnet-4-6", "at": time.time(),
+                           "usage": {"input_tokens": 9, "cache_read_input_tokens": 3000, "output_tokens": 5}}).encode()
+        post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/observations", data=body,
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=5) as resp:
+            assert resp.status == 202
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            page = resp.read().decode()
+        assert page.count("<svg class=strip") == 3 and "class=s-warm" in page and "class=s-uncached" in page
+        assert "Spent against saved, per UTC day" in page
 
         # A bad config on SIGHUP is rejected and the old one keeps running.
         path.write_text("experts: [}\n")
