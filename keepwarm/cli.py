@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
 import logging
 import math
 import os
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from keepwarm import __version__
-from keepwarm.classify import Result
+from keepwarm.classify import Result, Usage
 from keepwarm.config import (
     ApiKey,
     Config,
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Keeps Anthropic prompt caches warm and shows, in dollars, whether that pays.",
     )
     p.add_argument("--version", action="version", version=f"keepwarm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, scaled: bool = False) -> None:
@@ -94,9 +97,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="K/N",
             help="warm only shard K of N (0-based) of the pairs; overrides the config's shard",
         )
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        verbose(sp)
         if sp.prog.endswith("check"):
             sp.add_argument("--explain", action="store_true", help="print the arithmetic behind each TTL advice")
+            sp.add_argument("--format", choices=("table", "json"), default="table",
+                            help="json: every figure at full precision, with each pair's full fingerprint")
         sp.add_argument(
             "--emulator",
             action="store_true",
@@ -131,10 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
     rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    verbose(rep)
     from keepwarm.simulate import add_parser as add_simulate
 
     add_simulate(sub)
+    sim = sub.choices["simulate"]
+    verbose(sim)
+    sim.add_argument("--html", type=Path, metavar="FILE",
+                     help="also draw, per pair, production's requests, each policy's pings and the lapses, as HTML")
     emu = sub.add_parser("emulator", help="serve the local Messages API emulator on 127.0.0.1")
+    verbose(emu)
     emu.add_argument("--port", type=_port, default=8080)
     emu.add_argument("--time-scale", type=_scale, default=1.0, help="multiply every cache TTL by this (above 0)")
     emu.add_argument("--api-key", action="append", default=None, help="accept only this key (repeatable)")
@@ -142,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="the key (or AWS access key id) belongs to workspace NAME (repeatable); caches are per"
                      " workspace, and keys not named share one")
     return p
+
+
+def verbose(sp: argparse.ArgumentParser) -> None:
+    """`-v` on a command; SUPPRESS keeps `keepwarm -v CMD` from being undone by the command's default."""
+    if not any("--verbose" in a.option_strings for a in sp._actions):
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
 
 def _shard_arg(text: str) -> tuple[int, int]:
@@ -176,21 +193,21 @@ def _workspace(text: str) -> tuple[str, str]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    setup_logging(getattr(args, "log_format", "text"), logging.DEBUG if args.verbose else logging.INFO)
     if args.command == "emulator":
         from keepwarm.emulator import serve
 
         try:
             return serve(args.port, args.time_scale, args.api_key, workspaces=dict(args.workspace or []))
         except OSError as exc:
-            print(f"keepwarm emulator: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-            return EX_FAIL
+            # A busy port is the caller's to fix (another --port): a usage error, as the README says.
+            print(f"keepwarm emulator: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}"
+                  " (choose another --port)", file=sys.stderr)
+            return EX_USAGE
     if args.command == "report":
         return report(args)
     if args.command == "simulate":
-        from keepwarm.simulate import main as simulate
-
         return simulate(args)
-    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.config is None:
         print("keepwarm: --config is required (or set KEEPWARM_CONFIG)", file=sys.stderr)
         return EX_USAGE
@@ -223,14 +240,15 @@ def _main(args: argparse.Namespace) -> int:
     try:
         with _session(args) as (config, client):
             if not config.pairs:
-                event(log, logging.WARNING, "NO PAIRS: this shard holds none of the config's pairs; nothing to do",
+                what = "this shard holds none of the config's pairs" if config.shard else "the config lists no experts"
+                event(log, logging.WARNING, f"NO PAIRS: {what}; nothing to do",
                       shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
                       exit_code=EX_NOT_ALL_WARM)
                 return EX_NOT_ALL_WARM
             if args.command == "once":
                 origin = "emulator" if args.emulator else "scaled" if config.time_scale != 1.0 else "api"
-                return once(config, client, origin)
-            return check(config, client, explain=args.explain)
+                return once(config, client, origin, quiet=not args.verbose and _same_terminal())
+            return check(config, client, explain=args.explain, fmt=args.format)
     except ConfigError as exc:
         for problem in exc.problems:
             event(log, logging.ERROR, "config error", source=exc.source or str(args.config), problem=problem)
@@ -301,6 +319,71 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 
+# --- simulate --------------------------------------------------------------------------------
+
+# A Unix time in seconds above this is past the year 5000: the trace was written in milliseconds
+# (1.7e12 today) or microseconds. Seconds and milliseconds cannot be told apart below it.
+MAX_SECONDS = 1e11
+
+SIMULATE_LEGEND = (
+    "REQUESTS: production requests replayed; MISSES: those that found the cache cold; PINGS: keepalive pings sent;\n"
+    "KEEPALIVE: what the pings cost; PREMIUMS: the write premiums the misses paid; EXTRA = KEEPALIVE + PREMIUMS,\n"
+    "what the policy costs above reading every request from cache; ×OPTIMUM: EXTRA over the hindsight optimum's\n"
+    "(none: no keepalive; fixed: a ping every interval; adaptive: pings only when production's gaps make them pay)"
+)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """`keepwarm simulate`, saying first what of the trace it matched and what it replayed."""
+    from keepwarm.report import span_text
+    from keepwarm.simulate import EX_DATAERR, TraceError, parse_trace
+    from keepwarm.simulate import main as replay
+
+    matched: list[Any] = []
+    config_path = args.config or (Path(os.environ["KEEPWARM_CONFIG"]) if os.environ.get("KEEPWARM_CONFIG") else None)
+    with contextlib.suppress(ConfigError):  # a bad config is the replay's to report, with its exit code
+        if config_path is not None and not load_config(config_path).pairs:
+            print(f"keepwarm simulate: {config_path} lists no pairs: nothing to replay", file=sys.stderr)
+            return EX_CONFIG
+    if args.trace is not None:
+        try:
+            config = load_config(config_path) if config_path is not None else None
+            with args.trace.open(encoding="utf-8", newline="") as stream:
+                requests = parse_trace(stream, str(args.trace))
+        except (ConfigError, TraceError, OSError, UnicodeDecodeError):
+            config = None  # the replay itself says what is wrong, with its exit code
+        if config is not None:
+            keys = {p.key for p in config.pairs}
+            matched = [r for r in requests if r.key in keys]
+            pairs = {r.key for r in matched}
+            big = [r for r in requests if r.at > MAX_SECONDS]
+            if big:
+                print(f"keepwarm simulate: warning: {len(big)} of {len(requests)} trace rows have an `at` that cannot be"
+                      f" seconds (first: {args.trace}:{big[0].line}, {big[0].at:.0f}); milliseconds? write Unix seconds"
+                      " or RFC 3339", file=sys.stderr)
+            print(f"keepwarm simulate: matched {len(matched)} of {len(requests)} trace rows to {len(pairs)} of"
+                  f" {len(keys)} configured pairs", file=sys.stderr)
+            if not matched:
+                seen = sorted({r.key for r in requests})
+                print(f"keepwarm simulate: no trace row names a configured pair; nothing to replay.\n"
+                      f"  the trace has: {', '.join(seen[:10]) or 'no rows'}{' …' if len(seen) > 10 else ''}\n"
+                      f"  the config has: {', '.join(sorted(keys)[:10])}{' …' if len(keys) > 10 else ''}",
+                      file=sys.stderr)
+                return EX_DATAERR
+    code = replay(args)
+    if code == EX_OK and args.format == "table" and matched:
+        until = matched[-1].at if args.until is None else None
+        start = matched[0].at
+        span = f"{_utc(start)} to {_utc(until)} ({span_text(until - start)})" if until is not None \
+            else f"from {_utc(start)} to --until {args.until}"
+        print(f"\nreplayed: {span}, {len(matched)} production requests\n{SIMULATE_LEGEND}")
+    return code
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(when))
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -340,8 +423,23 @@ def report(args: argparse.Namespace) -> int:
 # --- once ------------------------------------------------------------------------------------
 
 
-def once(config: Config, client: _Client, origin: str = "api") -> int:
-    """Ping every pair once; exit 0 only if every pair came back warm or rewarmed."""
+def _same_terminal() -> bool:
+    """Whether stdout and stderr both show on one terminal, where a person reads the table."""
+    try:
+        return os.isatty(1) and os.isatty(2) and os.ttyname(1) == os.ttyname(2)
+    except OSError:
+        return False
+
+
+def once(config: Config, client: _Client, origin: str = "api", quiet: bool = False) -> int:
+    """Ping every pair once; exit 0 only if every pair came back warm or rewarmed.
+
+    `quiet`: the table already shows each ping, so on a shared terminal the per-ping log line
+    would print it twice; it goes to debug there (`-v` brings it back). Piped or sent to a
+    log collector, every line stays.
+    """
+    if quiet:
+        logging.getLogger("keepwarm.ping").setLevel(logging.WARNING)
     from keepwarm.daemon import build_runner, open_ledger
     from keepwarm.metrics import Metrics
     from keepwarm.runner import PairState, PingOutcome
@@ -389,12 +487,21 @@ def once(config: Config, client: _Client, origin: str = "api") -> int:
 # --- check -----------------------------------------------------------------------------------
 
 
+def uncached_ping_cost(config: Config, pair: Pair, input_tokens: int) -> tuple[float | None, float | None]:
+    """A ping of a pair that cannot cache, and its day at the pair's interval: all of it plain input."""
+    cost = config.prices.cost(pair.model, Usage(input=input_tokens, output=max(pair.max_tokens, 1)))
+    if cost is None:
+        return None, None
+    each = math.fsum(cost.values())
+    return each, each * 86400 / mean_gap(pair)
+
+
 def mean_gap(pair: Pair) -> float:
     """The mean time between two pings of a pair: interval + jitter / 2 (jitter only delays)."""
     return pair.interval + pair.jitter / 2
 
 
-def check(config: Config, client: _Client, explain: bool = False) -> int:
+def check(config: Config, client: _Client, explain: bool = False, fmt: str = "table") -> int:
     """Count each prefix's tokens (free endpoint) against the model's minimum; send no ping.
 
     KEEPALIVE/DAY, MISS PENALTY and BREAK-EVEN are the advisor's figures for the pair's own
@@ -408,6 +515,7 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
     from keepwarm.providers.clients import sdk_for
 
     rows, below, errors = [], 0, []
+    docs: list[dict[str, Any]] = []
     arithmetic: list[str] = []
     for pair in config.pairs:
         price = config.prices.get(pair.price_key)
@@ -426,8 +534,12 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
             errors.append(f"{pair.key}: {err.error_type}: {err.message}")
             rows.append([pair.expert, pair.model, pair.fingerprint[:12], "?", str(minimum or "?"), "-", "-", "-", "-",
                          "-", "error: not counted (see below)"])
+            docs.append({"expert": pair.expert, "model": pair.model, "fingerprint": pair.fingerprint,
+                         "status": "error", "error": f"{err.error_type}: {err.message}"})
             continue
         prefix_tokens = total.input_tokens - tail.input_tokens
+        event(log, logging.DEBUG, "counted", expert=pair.expert, model=pair.model, prefix_tokens=prefix_tokens,
+              ping_tokens=tail.input_tokens, minimum=minimum, fingerprint=pair.fingerprint)
         status = "ok"
         if minimum is None:
             status = "minimum unknown"
@@ -447,9 +559,13 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
         )
         if advice.ping_cost is None:
             status += ", no price"
+        ping_cost = advice.ping_cost
         daily = advice.daily_1h if pair.ttl == "1h" else advice.daily_5m
         penalty = advice.miss_penalty_1h if pair.ttl == "1h" else advice.miss_penalty_5m
         if status.startswith("below-minimum"):
+            # Nothing caches: every ping pays the whole prefix as plain input, not a cache read.
+            ping_cost, daily = uncached_ping_cost(config, pair, total.input_tokens)
+            status += f" (cannot cache: {prefix_tokens:,} < {minimum:,} tokens)"
             breakeven = "-"  # it cannot cache: no keepalive pays for itself
         elif advice.break_even_cold_per_day is None:
             breakeven = "unknown"
@@ -463,7 +579,7 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
                 pair.fingerprint[:12],
                 str(prefix_tokens),
                 "?" if minimum is None else str(minimum),
-                format_usd(advice.ping_cost, 6),
+                format_usd(ping_cost, 6),
                 format_usd(daily, 4),
                 format_usd(penalty, 6),
                 breakeven,
@@ -471,6 +587,17 @@ def check(config: Config, client: _Client, explain: bool = False) -> int:
                 status,
             ]
         )
+        docs.append({
+            "expert": pair.expert, "model": pair.model, "ttl": pair.ttl, "fingerprint": pair.fingerprint,
+            "prefix_tokens": prefix_tokens, "ping_tokens": tail.input_tokens, "minimum_tokens": minimum,
+            "cacheable": not status.startswith("below"),
+            "ping_cost_usd": ping_cost, "keepalive_per_day_usd": daily, "miss_penalty_usd": penalty,
+            "break_even_misses_per_day": None if status.startswith("below") else advice.break_even_cold_per_day,
+            "ttl_advice": advice.recommended, "status": status,
+        })
+    if fmt == "json":
+        print(json.dumps({"pairs": docs, "errors": errors}, indent=2))
+        return EX_FAIL if errors else (EX_NOT_ALL_WARM if below else EX_OK)
     print(
         _table(
             ["EXPERT", "MODEL", "FINGERPRINT", "TOKENS", "MINIMUM", "PING COST", "KEEPALIVE/DAY", "MISS PENALTY",

@@ -46,10 +46,11 @@ CREDENTIAL_NAME = "anthropic_api_key"
 class ConfigError(Exception):
     """A config that cannot be used; `problems` lists every issue with its location."""
 
-    def __init__(self, problems: list[str], source: str = "") -> None:
+    def __init__(self, problems: list[str], source: str = "", heading: str = "invalid config") -> None:
         self.problems = problems
         self.source = source
-        head = f"invalid config {source}" if source else "invalid config"
+        # `heading`: what failed, for a valid config that still cannot be used for the task at hand.
+        head = f"{heading} {source}" if source else heading
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
 
 
@@ -173,7 +174,8 @@ class FileSection(_Strict):
     defaults: DefaultsSection = DefaultsSection()
     # Each expert is validated on its own (see parse_config), so one bad expert does not
     # hide the cross-key problems of the others.
-    experts: Annotated[list[Any], Field(min_length=1)]
+    # Empty is allowed: a config (or shard) with no pairs is "nothing to do" (exit 3), not a bad config.
+    experts: list[Any]
     pricing_file: str | None = None
     metrics: MetricsSection = MetricsSection()
     ledger: Annotated[LedgerSection | Literal[False], BeforeValidator(_ledger_off)] = LedgerSection()
@@ -292,19 +294,84 @@ def _loc(parts: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _pydantic_problems(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+_YAML_TYPES = {"str": "text", "int": "a number", "float": "a number", "bool": "true/false", "list": "a list",
+               "dict": "a mapping", "NoneType": "nothing"}
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in the words of YAML rather than Python's."""
+    return _YAML_TYPES.get(type(value).__name__, type(value).__name__)
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` (relative to `model`) may have; [] when unknown."""
+    target: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: its type was taken when the list's field was
+        fields = getattr(target, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        target = fields[part].annotation
+        # Unwrap `X | None`, `list[X]`, `Annotated[...]` down to a model class.
+        for _ in range(4):
+            args = [a for a in getattr(target, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if isinstance(target, type) and issubclass(target, BaseModel):
+                break
+            if not args:
+                inner = [a for a in getattr(target, "__args__", ()) if a is not type(None)]
+                if not inner:
+                    return []
+                target = inner[0]
+            else:
+                target = args[0]
+    fields = getattr(target, "model_fields", None)
+    return [] if fields is None else list(fields)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`; did you mean `interval`?` for a near miss, else the keys allowed there."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    # `apikey` for `api_key_file`, `base` for `base_url`: a key written short, or without its underscores.
+    squeezed = word.replace("_", "").lower()
+    close = close or [c for c in choices if len(squeezed) >= 3 and c.replace("_", "").startswith(squeezed)][:1]
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return f"; expected one of {', '.join(choices)}" if choices else ""
+
+
+def _pydantic_problems(
+    exc: ValidationError, prefix: tuple[Any, ...] = (), model: type[BaseModel] | None = None
+) -> list[str]:
     problems = []
     for err in exc.errors():
         # Pydantic reports the input's problem at a path; our own validators raise
         # ValueError whose text is already user-facing (drop pydantic's "Value error, ").
-        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = prefix + where
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] in ("literal_error", "string_pattern_mismatch"):
-            msg = f"{msg}, got {err.get('input')!r}"
-        elif err["type"].endswith("_type"):
-            msg = f"{msg}, got {type(err.get('input')).__name__} {err.get('input')!r}"
+        kind, value = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            msg = "unknown key" + (_did_you_mean(str(where[-1]), _keys_at(model, where[:-1])) if model and where else "")
+        elif kind == "missing":
+            msg = "required, but missing"
+        elif kind == "too_short":
+            msg = "must not be empty: list at least one"
+        elif kind == "literal_error":
+            expected = msg.removeprefix("Input should be ")
+            msg = f"expected {expected}, got {value!r}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            bound = msg.removeprefix("Input should be ").replace("greater than or equal to", "at least") \
+                .replace("greater than", "above").replace("less than or equal to", "at most").replace("less than", "below")
+            msg = f"must be {bound}, got {value!r}"
+        elif kind == "string_pattern_mismatch":
+            msg = f"{msg}, got {value!r}"
+        elif kind == "model_type" or kind == "dict_type":
+            msg = f"expected a mapping of settings, got {_kind(value)} {value!r}"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            wanted = {"int": "a whole number", "float": "a number", "bool": "true or false", "list": "a list",
+                      "string": "text", "dict": "a mapping"}.get(kind.split("_")[0], msg)
+            msg = f"expected {wanted}, got {_kind(value)} {value!r}"
         problems.append(f"{_loc(loc)}: {msg}")
     return problems
 
@@ -874,7 +941,7 @@ def _file_section(data: dict[str, Any], problems: list[str]) -> tuple[FileSectio
         try:
             return FileSection.model_validate(doc), frozenset(broken)
         except ValidationError as exc:
-            problems += _pydantic_problems(exc)
+            problems += _pydantic_problems(exc, model=FileSection)
             for err in exc.errors():
                 _drop(doc, tuple(err["loc"]), broken)
     raise ConfigError(list(dict.fromkeys(problems)))
@@ -903,7 +970,7 @@ def parse_config(
         try:
             experts.append(ExpertSection.model_validate(item))
         except ValidationError as exc:
-            per_expert += _pydantic_problems(exc, ("experts", i))
+            per_expert += _pydantic_problems(exc, ("experts", i), ExpertSection)
             experts.append(None)
     account_sections: list[AccountSection | None] = []
     raw_accounts = data.get("accounts")

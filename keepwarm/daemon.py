@@ -30,9 +30,11 @@ from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import Observer, load_token
+from keepwarm.observations import ALL, Observer, load_token
+from keepwarm.page import History, daily_totals
+from keepwarm.policy import Touch
 from keepwarm.providers.clients import make_clients
-from keepwarm.runner import LedgerLike, Runner
+from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import Ledger, LedgerError, PairKey, PairResume
 from keepwarm.store.paths import prepare
@@ -138,11 +140,38 @@ def freeze_heap() -> None:
     release_free_memory()
 
 
+def _names(keys: tuple[str, ...], most: int = 20) -> str | None:
+    """Pairs for a log line: the first `most`, and how many more (a reload of 10,000 pairs stays one line)."""
+    if not keys:
+        return None
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ",".join(keys[:most]) + more
+
+
 def build_web(
     config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None,
     membership: Membership | None = None,
 ) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
+
+    # The status page's pictures: every ping and production touch also goes to the strips.
+    history = History()
+    on_ping = scheduler.on_ping
+
+    def record_ping(outcome: PingOutcome) -> None:
+        history.ping(outcome)
+        if on_ping is not None:
+            on_ping(outcome)
+
+    scheduler.on_ping = record_ping
+    if observer is not None and observer.touch_many is not None:
+        touch_many = observer.touch_many
+
+        def record_touches(touches: Sequence[tuple[str, Touch]]) -> None:
+            touch_many(touches)
+            history.touches(touches, scheduler.states)
+
+        observer.touch_many = record_touches
 
     def page_info() -> PageInfo:
         reload_ok = metrics.registry.get_sample_value("keepwarm_config_last_reload_successful")
@@ -151,6 +180,8 @@ def build_web(
             reload_ok=reload_ok != 0,
             prices=scheduler.runner.prices,
             policy=scheduler.describe,
+            history=history,
+            daily=None if observer is None else lambda now: daily_totals(observer.windows.buckets.get(ALL, {}), now),
         )
 
     return WebServer(
@@ -374,6 +405,7 @@ class Daemon:
             shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
             workers=config.api.max_concurrency,
             metrics=f"http://{host}:{port}/metrics",
+            status_page=f"http://{host}:{port}/",
             key=key.hint if self.emulator is None else None,
             key_source=key.source,
         )
@@ -490,6 +522,7 @@ class Daemon:
         scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),
-              changed=len(report.changed), unchanged=len(report.unchanged))
+              changed=len(report.changed), unchanged=len(report.unchanged), added_pairs=_names(report.added),
+              removed_pairs=_names(report.removed), changed_pairs=_names(report.changed))
         sdnotify.notify("READY=1")
         return new

@@ -44,7 +44,9 @@ class TextFormatter(logging.Formatter):
     """`2026-11-26T15:40:00.123Z INFO ping expert=x model=y result=warm ...`"""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [timestamp(record.created), record.levelname, record.getMessage()]
+        # One event per line: a message with line breaks (a library's debug dump) keeps them escaped.
+        message = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
+        parts = [timestamp(record.created), record.levelname, message]
         fields = getattr(record, _FIELDS, {})
         parts += [f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None]
         if record.exc_info:
@@ -91,7 +93,9 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     handler.setFormatter(_formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    # `-v` is keepwarm's debug: other libraries (tzlocal, the SDK's HTTP stack) stay at INFO and above.
+    root.setLevel(max(level, logging.INFO))
+    logging.getLogger("keepwarm").setLevel(level)
     # The SDK's HTTP stack logs request details at debug; keep it quiet unless asked.
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from keepwarm.classify import Result, Usage, classify, usage_from_api
 from keepwarm.config import Config, ConfigError, Pair
+from keepwarm.driftlog import DriftLog
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics, ProductionSeries
 from keepwarm.policy import Source, Touch
@@ -564,6 +565,7 @@ class Observer:
         self.ledger = ledger
         self.clock = clock
         self.windows = Windows(since=clock())
+        self.drift_log = DriftLog(clock)  # a WARNING the first time a pair drifts, then hourly
         self._lock = threading.Lock()
         self._attribution: dict[str, PairAttribution] = {}
         self._series_of: dict[str, ProductionSeries] = {}  # pairs whose production series exist
@@ -739,6 +741,7 @@ class Observer:
             for key, total in sums.items():
                 if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
                     self._count(key, total)
+            self.drift_log.judged(judged)
         return judged
 
     def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums],

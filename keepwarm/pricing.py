@@ -107,7 +107,7 @@ def format_usd(value: float | None, places: int | None = None) -> str:
     if value is None or math.isnan(value):
         return "unknown"
     if places is not None:
-        return f"${value:,.{places}f}"
+        return f"{'-' if value < 0 else ''}${abs(value):,.{places}f}"  # -$0.0065, as the page writes it
     if value == 0:
         return "$0"
     sign, value = ("-" if value < 0 else ""), abs(value)

@@ -10,10 +10,14 @@ Definitions, per (expert, model) pair, over the rows in the window:
 - window: with `--since`, from `now - since` to `now`, but never starting before the pair's
   first row in the whole ledger: a pair added an hour ago is judged on that hour, not
   diluted over a day it did not exist. Without `--since`, the span of the pair's rows.
-- spend per day: `spend / window_seconds * 86400`; None when the window is empty.
+- spend per day: `spend / window_seconds * 86400`, only when the window covers at least an
+  hour (SHORT_WINDOW): scaled from minutes, one cold write reads as thousands of dollars a
+  day. Below that it is None and the table says how much time the figures cover.
 - miss penalty: what one production request pays extra when it finds the cache cold,
   from the price table, on the pair's latest prefix (cache_read + cache_write of its most
-  recent cached ping) at that ping's TTL.
+  recent cached ping) at that ping's TTL. A pair whose pings were all uncached has no cached
+  prefix: its penalty is priced on the input of its latest answered ping (what caching would
+  save a request once it caches), and it is flagged `cannot_cache`.
 - break-even: spend per day / miss penalty: how many production misses a day the
   keepalive must prevent to pay for itself.
 
@@ -32,11 +36,12 @@ The production view, from the observations production reported over the same win
   that read the cache although production's own previous request to the pair was a TTL or
   more before it, or there was none).
 - net: saved by the keepalive minus the keepalive's spend; the keepalive pays for itself
-  over the window when net >= 0 (unknown when its spend is).
+  over the window when net >= 0; unknown when its spend is, and unknown when it spent and
+  saved nothing (no evidence either way, as with an adaptive pair production kept warm).
 - drift: production requests whose prefix is not the one keepwarm warms.
 
-A pair with observations but no pings in the window is not listed (keepwarm pings every pair
-it knows); its observations still count in the total.
+A pair with observations but no pings in the window (an adaptive pair production kept warm)
+is listed with zero pings, so production's side of it shows.
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ class PairReport:
     miss_penalty: float | None
     break_even: float | None  # production misses a day the keepalive must prevent
     production: ProductionReport = ProductionReport()
+    cannot_cache: bool = False  # every answered ping was uncached: pings buy nothing
 
     @property
     def total_pings(self) -> int:
@@ -147,9 +153,16 @@ class PairReport:
 
     @property
     def pays_for_itself(self) -> bool | None:
-        """Whether what the keepalive saved covers what it cost over the window."""
+        """Whether what the keepalive saved covers what it cost; None without evidence either way."""
         net = self.net
-        return None if net is None else net >= 0
+        if net is None or (self.spend == 0 and self.production.saved_by_keepalive == 0):
+            return None
+        return net >= 0
+
+    @property
+    def per_day_refused(self) -> bool:
+        """The window is too short to scale its spend to a day."""
+        return self.spend_per_day is None and not self.spend_unknown and self.window_seconds < SHORT_WINDOW
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,18 @@ class Report:
     now: float
 
 
+def span_text(seconds: float) -> str:
+    """A stretch of time for people, to the minute above an hour: `45s`, `10m`, `5h23m`, `2d3h`."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m" + (f"{seconds % 60}s" if seconds % 60 and seconds < 600 else "")
+    if seconds < 86400:
+        return f"{seconds // 3600}h" + (f"{seconds % 3600 // 60}m" if seconds % 3600 >= 60 else "")
+    return f"{seconds // 86400}d" + (f"{seconds % 86400 // 3600}h" if seconds % 86400 >= 3600 else "")
+
+
 def hit_rate(cache_read: int, cache_write: int) -> float | None:
     """The seed's hit rate; None when nothing was read or written."""
     cached = cache_read + cache_write
@@ -169,8 +194,8 @@ def hit_rate(cache_read: int, cache_write: int) -> float | None:
 
 
 def spend_per_day(spend: float, window_seconds: float) -> float | None:
-    """Spend scaled to 24 hours; None for an empty window."""
-    return None if window_seconds <= 0 else spend / window_seconds * 86400.0
+    """Spend scaled to 24 hours; None for a window under SHORT_WINDOW (minutes say nothing of a day)."""
+    return None if window_seconds < SHORT_WINDOW else spend / window_seconds * 86400.0
 
 
 def _is_cached(row: LedgerRow) -> bool:
@@ -209,9 +234,15 @@ def pair_report(
     per_day = None if unknown else spend_per_day(spend, window)
     latest = next((r for r in reversed(rows) if _is_cached(r)), None)
     prefix = penalty = None
+    answered = [r for r in rows if r.result != Result.ERROR.value]
+    cannot_cache = bool(answered) and all(r.result == Result.UNCACHED.value for r in answered)
     if latest is not None:
         prefix = (latest.cache_read or 0) + (latest.cache_write_5m or 0) + (latest.cache_write_1h or 0)
         penalty = prices.miss_penalty(last.model, prefix, latest.ttl)
+    elif cannot_cache and answered[-1].input:
+        # Nothing was cached: the whole input went at the input price, prefix included.
+        prefix = answered[-1].input
+        penalty = prices.miss_penalty(last.model, prefix, answered[-1].ttl)
     return PairReport(
         expert=last.expert,
         model=last.model,
@@ -227,7 +258,25 @@ def pair_report(
         spend_per_day=per_day,
         prefix_tokens=prefix,
         miss_penalty=penalty,
-        break_even=break_even_misses_per_day(per_day, penalty),
+        break_even=None if cannot_cache else break_even_misses_per_day(per_day, penalty),
+        cannot_cache=cannot_cache,
+    )
+
+
+def production_only(key: tuple[str, str], observations: Sequence[ObservationRow], prices: PriceTable, now: float,
+                    since_seconds: float | None) -> PairReport:
+    """A pair with production requests but no pings in the window: the keepalive spent nothing."""
+    observations = sorted(observations, key=lambda o: (o.time, o.id))
+    first, last = observations[0], observations[-1]
+    window = last.time - first.time if since_seconds is None else now - max(now - since_seconds, first.time)
+    latest = next((o for o in reversed(observations) if o.cache_read + o.cache_write), None)
+    prefix = None if latest is None else latest.cache_read + latest.cache_write
+    penalty = None if latest is None or prefix is None else prices.miss_penalty(key[1], prefix, latest.ttl)
+    return PairReport(
+        expert=key[0], model=key[1], ttl=last.ttl, pings=dict.fromkeys(RESULTS, 0), cache_read=0, cache_write=0,
+        hit_rate=None, spend=0.0, spend_by_kind=dict.fromkeys(COST_KINDS, 0.0), spend_unknown=False,
+        window_seconds=window, spend_per_day=spend_per_day(0.0, window), prefix_tokens=prefix, miss_penalty=penalty,
+        break_even=None, production=production_report(observations, prices),
     )
 
 
@@ -286,7 +335,8 @@ def build_report(
     pairs = [
         replace(pair_report(groups[key], prices, now, since_seconds, starts[key]),
                 production=production_report(seen.get(key, []), prices))
-        for key in sorted(groups)
+        if key in groups else production_only(key, seen[key], prices, now, since_seconds)
+        for key in sorted(groups.keys() | seen.keys())
     ]
     kept = [row for key in sorted(groups) for row in groups[key]]
     total = replace(_total(pairs, kept), production=production_report([o for k in sorted(seen) for o in seen[k]], prices))
@@ -324,6 +374,7 @@ CSV_FIELDS = (
     "net_usd",
     "pays_for_itself",
     "prefix_drift",
+    "cannot_cache",
 )
 
 
@@ -363,6 +414,7 @@ def _machine(p: PairReport) -> dict[str, Any]:
         net_usd=p.net,
         pays_for_itself=p.pays_for_itself,
         prefix_drift=prod.drift,
+        cannot_cache=p.cannot_cache,
     )
     return out
 
@@ -413,7 +465,7 @@ def render_table(report: Report) -> str:
         start = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(report.now - report.since_seconds))
         head = f"window: last {format_duration(report.since_seconds)} (since {start})"
     if not report.pairs:
-        return head + "\nno pings in the window\n"
+        return head + "\nno pings and no production requests in the window\n"
     headers = ["EXPERT", "MODEL", "PINGS", *(r.upper() for r in RESULTS), "HIT RATE", "SPEND", "SPEND/DAY",
                "MISS PENALTY", "BREAK-EVEN"]
     rows = []
@@ -426,20 +478,36 @@ def render_table(report: Report) -> str:
                 *(str(p.pings[r]) for r in RESULTS),
                 "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
                 _spend_text(p),
-                format_usd(p.spend_per_day, 4),
+                f"n/a ({span_text(p.window_seconds)} covered)" if p.per_day_refused
+                else format_usd(p.spend_per_day, 4),
                 "-" if p is report.total else format_usd(p.miss_penalty, 6),
-                "-" if p is report.total else ("unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"),
+                "-" if p is report.total else _break_even_text(p),
             ]
         )
     lines = _columns(headers, rows)
     foot = ["break-even: production misses a day the keepalive must prevent to pay for itself (spend/day / miss penalty)"]
-    short = [f"{p.expert}/{p.model} ({format_duration(round(p.window_seconds, 1))})"
-             for p in report.pairs if p.window_seconds < SHORT_WINDOW]
+    short = [f"{p.expert}/{p.model} ({span_text(p.window_seconds)})"
+             for p in report.pairs if p.per_day_refused]
     if short:
-        # A first cold write scaled from minutes to a day looks alarming; say so next to it.
-        foot.append(f"note: per-day figures extrapolate from less than {format_duration(SHORT_WINDOW)} for "
-                    + ", ".join(short))
+        # Scaled from minutes, one cold write reads as thousands of dollars a day: refuse, and say why.
+        foot.append(f"no per-day figures below {format_duration(SHORT_WINDOW)} of history (a day scaled from minutes"
+                    " is mostly the first cache write): " + ", ".join(short))
+    uncacheable = [f"{p.expert}/{p.model}" for p in report.pairs if p.cannot_cache]
+    if uncacheable:
+        foot.append("cannot cache (every ping uncached, each billed as plain input): " + ", ".join(uncacheable)
+                    + "; its miss penalty is what caching would save a request once the prefix caches"
+                    " (`keepwarm check` says why it does not)")
     return "\n".join([head, *lines, "", *foot, *_production_table(report)]) + "\n"
+
+
+def _break_even_text(p: PairReport) -> str:
+    if p.cannot_cache:
+        return "never (cannot cache)"
+    if p.per_day_refused:
+        return "n/a"
+    if p.total_pings == 0:
+        return "- (no pings)"
+    return "unknown" if p.break_even is None else f"{p.break_even:.1f} misses/day"
 
 
 def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -475,7 +543,8 @@ def _production_table(report: Report) -> list[str]:
             str(prod.drift),
         ])
     foot = ["saved by the keepalive: the miss penalties of production requests that read the cache when production's",
-            "own previous request was a TTL or more earlier; net = that - keepalive spend"]
+            "own previous request was a TTL or more earlier; net = that - keepalive spend;",
+            "pays for itself: unknown when the keepalive spent and saved nothing (no evidence either way)"]
     if report.total.production.drift:
         foot.append("drift: production requests whose prefix is not the one keepwarm warms (fix the prompt build)")
     return ["", "production:", *_columns(headers, rows), "", *foot]

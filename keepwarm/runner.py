@@ -168,6 +168,7 @@ class Runner:
         self.ledger = ledger
         self.diagnostics = diagnostics
         self.clock = clock
+        self._said_uncached: set[str] = set()  # pairs whose uncached pings were already a WARNING
         self.mono = mono
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
@@ -419,6 +420,19 @@ class Runner:
     def _log_outcome(self, outcome: PingOutcome) -> None:
         pair, usage, final = outcome.pair, outcome.usage, outcome.final
         level = logging.WARNING if outcome.result in (Result.ERROR, Result.UNCACHED, Result.PARTIAL) else logging.INFO
+        reason = None
+        if outcome.result is Result.UNCACHED:
+            # A pair that cannot cache says so once, with why; every ping after is the same news.
+            minimum = self.prices.get(pair.model).min_cacheable_tokens
+            sent = 0 if usage is None else usage.input
+            reason = (f"cannot cache: {sent:,} input tokens, below this model's minimum of {minimum:,}; each ping is"
+                      " billed as plain input" if minimum is not None and sent < minimum else
+                      "cannot cache: no cache_control breakpoint reached the model's minimum")
+            if pair.key in self._said_uncached:
+                level = logging.INFO
+            self._said_uncached.add(pair.key)
+        else:
+            self._said_uncached.discard(pair.key)
         expires_in = outcome.expires_at - self.clock() if outcome.expires_at else None
         event(
             log,
@@ -437,6 +451,7 @@ class Runner:
             attempts=len(outcome.attempts) if len(outcome.attempts) > 1 else None,
             expires_in_s=None if expires_in is None else round(expires_in, 1),
             miss_cause=outcome.miss_cause,
+            reason=reason,
             error_type=None if final.error is None else final.error.error_type,
             fingerprint=pair.fingerprint[:12],
             request_id=final.request_id,

@@ -820,7 +820,9 @@ class Scheduler:
             "policy decision",
             pair=key,
             decision=decision,
-            reason=reason,
+            # None means no reason to differ from a plain schedule: say so rather than leave it blank.
+            reason=reason or ("on schedule: an interval after the last touch" if at is not None
+                              else "no ping planned until production comes back"),
             next_ping_at=None if at is None else _iso(at),
             idle_s=None if last is None else round(now - last, 1),
         )

@@ -205,6 +205,12 @@ class PairSetup:
     def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
         """Price a pair; a model without a price costs nothing here, and says so in the output."""
         out_tokens = max(pair.max_tokens, 1)
+        minimum = prices.get(pair.price_key).min_cacheable_tokens
+        if minimum is not None and prefix_tokens < minimum:
+            # It cannot cache: every ping is billed as plain input, and no ping saves production anything.
+            plain = prices.cost(pair.price_key, Usage(input=prefix_tokens + PING_MESSAGE_TOKENS, output=out_tokens))
+            each = math.fsum(plain.values()) if plain else 0.0
+            return PairSetup(pair, prefix_tokens, each, each, 0.0)
         warm = prices.warm_ping_cost(pair.price_key, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
         cold = prices.cost(pair.price_key, write)
@@ -676,7 +682,7 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
                     [f"no prefix_tokens for {names}: add a prefix_tokens column to the trace, a ledger.path "
                      "with pings, or --emulator to count with the built-in emulator; counting with the API "
                      f"needs a key: {exc.problems[0]}"],
-                    exc.source,
+                    exc.source, heading="keepwarm simulate: the config is valid, but prefix sizes are missing",
                 ) from None
             client = make_client(config.api.base_url, key.value, config.api.timeout)
         out = {}
@@ -737,7 +743,8 @@ def main(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EX_CONFIG
     setups = [PairSetup.build(p, config.prices, tokens[p.key]) for p in config.pairs]
-    pings: list[tuple[float, str, str, str]] | None = [] if args.pings_out else None
+    html = getattr(args, "html", None)  # `--html FILE`, added by keepwarm.cli: keepwarm.simulate_html draws it
+    pings: list[tuple[float, str, str, str]] | None = [] if args.pings_out or html else None
     policies = tuple(dict.fromkeys(args.policy)) if args.policy else POLICIES
     if "optimum" not in policies:
         policies = (*policies, "optimum")  # ratios need it; it is not printed when not asked for
@@ -745,6 +752,10 @@ def main(args: argparse.Namespace) -> int:
     shown = set(args.policy or POLICIES)
     if args.pings_out is not None and pings is not None:
         write_pings(args.pings_out, [p for p in pings if p[3] in shown])
+    if html is not None and pings is not None:
+        from keepwarm.simulate_html import write_html
+
+        write_html(html, sim, requests, [p for p in pings if p[3] in shown], shown)
     if args.format == "json":
         data = to_json(sim)
         data["policies"] = {k: v for k, v in data["policies"].items() if k in shown}

@@ -204,6 +204,17 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
             page = resp.read().decode()
         assert 'class="warm">warm<' in page and 'class="uncached">uncached<' in page
+        # The pictures: a strip per pair fed by the pings (and production's requests), the daily chart.
+        body = json.dumps({"expert": "analyst", "model": "claude-sonnet-4-6", "at": time.time(),
+                           "usage": {"input_tokens": 9, "cache_read_input_tokens": 3000, "output_tokens": 5}}).encode()
+        post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/observations", data=body,
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=5) as resp:
+            assert resp.status == 202
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            page = resp.read().decode()
+        assert page.count("<svg class=strip") == 3 and "class=s-warm" in page and "class=s-uncached" in page
+        assert "Spent against saved, per UTC day" in page
 
         # A bad config on SIGHUP is rejected and the old one keeps running.
         path.write_text("experts: [}\n")
@@ -240,6 +251,10 @@ def test_daemon_end_to_end_against_a_scaled_emulator(tmp_path: Path, spawn: Call
     assert report["total"]["pings"] == len(rows)
     events = [line for line in err.splitlines() if line.startswith("{")]
     assert any('"event": "reload rejected; the old config keeps running"' in e for e in events)
+    reloaded = next(json.loads(e) for e in events if '"event": "config reloaded"' in e)
+    assert reloaded["removed_pairs"] == "terse/claude-sonnet-4-6", "the reload names what it changed"
+    started = next(json.loads(e) for e in events if '"event": "keepwarm started"' in e)
+    assert started["status_page"] == f"http://127.0.0.1:{port}/"
     assert any('"event": "stopped"' in e for e in events)
     assert "sk-test-daemon" not in err
 
@@ -487,3 +502,258 @@ def test_verbose_means_debug_logging_and_explain_shows_the_arithmetic() -> None:
     assert re.search(r"--explain\s+print the arithmetic", help_text)
     readme = (ROOT / "README.md").read_text()
     assert "`-v` for the arithmetic" not in readme and "`--explain` for the arithmetic" in readme
+
+
+# --- issue 23: what a newcomer tripped over -------------------------------------------------
+
+
+def test_verbose_is_accepted_by_every_command_before_or_after_it(tmp_path: Path, emulator: Emulator) -> None:
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    env = {"ANTHROPIC_API_KEY": "sk-test-check"}
+    result = run("-v", "check", "--config", str(path), env=env)
+    assert result.returncode == 3 and " DEBUG " in result.stderr, result.stderr[-2000:]
+    result = run("check", "--config", str(path), env=env)
+    assert " DEBUG " not in result.stderr, "-v stays off unless asked"
+    for cmd in ("run", "once", "check", "report", "simulate", "emulator"):
+        assert re.search(r"-v, --verbose", run(cmd, "--help").stdout), cmd
+    result = run("report", "-v", "--ledger", str(tmp_path / "none.db"))
+    assert "unrecognized arguments" not in result.stderr and result.returncode == 78
+    result = run("simulate", "-v", "--config", str(path), "--trace", str(tmp_path / "none.csv"))
+    assert "unrecognized arguments" not in result.stderr and result.returncode == 65
+
+
+def test_the_emulator_on_a_busy_port_is_a_usage_error(tmp_path: Path, emulator: Emulator) -> None:
+    port = int(emulator.base_url.rsplit(":", 1)[1].strip("/"))
+    result = run("emulator", "-v", "--port", str(port), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "choose another --port" in result.stderr
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `keepwarm emulator"))
+    assert "2 bad port or scale, or the port is taken" in row, "the README says what it does"
+
+
+def test_check_json_gives_the_full_fingerprint_and_prices_an_uncacheable_ping_as_input(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    from keepwarm.config import load_config
+    from keepwarm.pricing import MILLION
+
+    path = write_config(tmp_path, basic_doc(emulator.base_url))
+    result = run("check", "--config", str(path), "--format", "json", env={"ANTHROPIC_API_KEY": "sk-test-check"})
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    pairs = {f"{p['expert']}/{p['model']}": p for p in doc["pairs"]}
+    config = load_config(path)
+    for pair in config.pairs:
+        assert pairs[pair.key]["fingerprint"] == pair.fingerprint and len(pair.fingerprint) == 64
+    terse = pairs["terse/claude-sonnet-4-6"]
+    assert not terse["cacheable"] and terse["break_even_misses_per_day"] is None
+    price = config.prices.get("claude-sonnet-4-6")
+    assert price.input is not None and price.output is not None
+    # The prefix and the ping message as plain input (no cache read), plus one output token.
+    table = run("check", "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test-check"}).stdout
+    row = next(line for line in table.splitlines() if line.startswith("terse"))
+    assert "cannot cache:" in row and f"{terse['prefix_tokens']:,} < {terse['minimum_tokens']:,} tokens" in row
+    sent = terse["prefix_tokens"] + terse["ping_tokens"]
+    assert terse["ping_cost_usd"] == pytest.approx((sent * price.input + price.output) / MILLION)
+    warm = config.prices.warm_ping_cost("claude-sonnet-4-6", terse["prefix_tokens"], terse["ping_tokens"], 1)
+    assert warm is not None and terse["ping_cost_usd"] > warm, "not priced as a warm read"
+    gap = config.pairs[0].interval + config.pairs[0].jitter / 2
+    assert terse["keepalive_per_day_usd"] == pytest.approx(terse["ping_cost_usd"] * 86400 / gap)
+
+
+SIM_DOC = ROOT / "docs" / "simulate-example.yaml"
+
+
+def test_simulate_says_what_it_matched_and_refuses_a_trace_that_names_no_pair(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("at,expert,model\n2026-03-02T09:00:00Z,chief-economits,claude-sonnet-4-6\n", encoding="utf-8")
+    result = run("simulate", "--config", str(SIM_DOC), "--trace", str(trace), timeout=30)
+    assert result.returncode == 65, result.stderr
+    assert "matched 0 of 1 trace rows to 0 of 2 configured pairs" in result.stderr
+    assert "the trace has: chief-economits/claude-sonnet-4-6" in result.stderr
+    trace.write_text("at,expert,model\n", encoding="utf-8")
+    result = run("simulate", "--config", str(SIM_DOC), "--trace", str(trace), timeout=30)
+    assert result.returncode == 65 and "the trace has: no rows" in result.stderr
+
+
+def test_simulate_warns_on_timestamps_that_cannot_be_seconds(tmp_path: Path) -> None:
+    trace = tmp_path / "ms.csv"
+    rows = [f"{1772442000000 + 60_000 * i},chief-economist,claude-sonnet-4-6,4200" for i in range(3)]
+    trace.write_text("at,expert,model,prefix_tokens\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    result = run("simulate", "--config", str(SIM_DOC), "--trace", str(trace), "--policy", "none", timeout=60)
+    assert "3 of 3 trace rows have an `at` that cannot be seconds" in result.stderr, result.stderr
+    assert f"{trace}:2" in result.stderr and "milliseconds?" in result.stderr
+
+
+def test_simulate_table_has_a_legend_and_the_window_it_replayed() -> None:
+    result = run("simulate", "--config", str(SIM_DOC), "--trace", str(ROOT / "docs" / "simulate-example.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "matched 53 of 53 trace rows to 2 of 2 configured pairs" in result.stderr
+    assert "replayed: 2026-03-02 09:00:00Z to 2026-03-02 14:23:11Z (5h23m), 53 production requests" in result.stdout
+    assert "MISSES: those that found the cache cold" in result.stdout and "×OPTIMUM:" in result.stdout
+    json_out = run("simulate", "--config", str(SIM_DOC), "--trace", str(ROOT / "docs" / "simulate-example.csv"),
+                   "--format", "json")
+    json.loads(json_out.stdout)  # nothing but the document on stdout
+
+
+def test_once_on_a_terminal_prints_each_ping_once(tmp_path: Path, emulator: Emulator) -> None:
+    import pty
+
+    doc = basic_doc(emulator.base_url)
+    doc["experts"] = doc["experts"][:1]
+    path = write_config(tmp_path, doc)
+
+    def on_a_terminal(*extra: str) -> str:
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(keepwarm_cmd("once", "--config", str(path), *extra), stdout=follower, stderr=follower,
+                                env={**os.environ, "ANTHROPIC_API_KEY": "sk-test-once"})
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=60)
+        os.close(leader)
+        return b"".join(chunks).decode()
+
+    screen = on_a_terminal()
+    assert re.search(r"analyst\s+claude-sonnet-4-6\s+(rewarmed|warm)", screen), screen
+    assert " ping expert=analyst" not in screen, "the table already shows each ping"
+    assert " ping expert=analyst" in on_a_terminal("-v")
+    piped = run("once", "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test-once"})
+    assert " ping expert=analyst" in piped.stderr, "a log collector still gets one line per ping"
+
+
+def test_config_errors_are_phrased_for_people_and_suggest_the_key_meant(tmp_path: Path) -> None:
+    doc = basic_doc("http://127.0.0.1:9")
+    doc["defaults"]["intervall"] = "3m"
+    doc["experts"].append({"name": "no-system"})
+    doc["experts"].append({"name": "empty", "system": []})
+    result = run("check", "--config", str(write_config(tmp_path, doc)))
+    assert result.returncode == 78, result.stderr
+    assert "defaults.intervall: unknown key; did you mean `interval`?" in result.stderr
+    assert "experts[2].system: required, but missing" in result.stderr
+    assert "experts[3].system: must not be empty: list at least one" in result.stderr
+    assert "Field required" not in result.stderr and "after validation" not in result.stderr
+
+
+def test_a_config_without_experts_has_no_pairs_and_exits_3_as_the_readme_says(tmp_path: Path, emulator: Emulator) -> None:
+    doc = basic_doc(emulator.base_url)
+    doc["experts"] = []
+    path = write_config(tmp_path, doc)
+    for cmd in ("check", "once"):
+        result = run(cmd, "--config", str(path), env={"ANTHROPIC_API_KEY": "sk-test"})
+        assert result.returncode == 3, (cmd, result.stderr)
+        assert "NO PAIRS: the config lists no experts; nothing to do" in result.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert "3 any below minimum, or no pairs at all" in readme
+
+
+def test_verbose_is_keepwarms_debug_one_line_per_event(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from keepwarm.logs import setup_logging
+
+    try:
+        setup_logging("text", logging.DEBUG)
+        logging.getLogger("tzlocal").debug("/etc/timezone found, contents:\n Etc/UTC\n")
+        logging.getLogger("keepwarm.ping").debug("two\nlines")
+        logging.getLogger("tzlocal").warning("a library's warning still shows")
+    finally:
+        setup_logging("text", logging.INFO)
+        logging.getLogger("keepwarm").setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert "/etc/timezone" not in err, "a library's debug dump is not keepwarm's -v"
+    assert err.count("\n") == 2 and "DEBUG two\\nlines" in err and "a library's warning still shows" in err
+
+
+def test_an_uncacheable_pair_warns_once_with_its_reason_then_logs_quietly(
+    tmp_path: Path, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from keepwarm.config import load_config
+    from keepwarm.metrics import Metrics
+    from keepwarm.ping import make_client
+    from keepwarm.runner import PairState, Runner
+
+    config = load_config(write_config(tmp_path, basic_doc(emulator.base_url)))
+    terse = next(p for p in config.pairs if p.expert == "terse")
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, Metrics(), threading.Event())
+    state = PairState(pair=terse, max_tokens=1)
+    caplog.set_level(logging.INFO, logger="keepwarm.ping")
+    for _ in range(3):
+        runner.ping(state)
+    pings = [r for r in caplog.records if r.getMessage() == "ping"]
+    assert [r.levelname for r in pings] == ["WARNING", "INFO", "INFO"]
+    reason = pings[0].keepwarm_fields["reason"]  # type: ignore[attr-defined]
+    assert reason.startswith("cannot cache: ") and "below this model's minimum of 1,024" in reason
+    assert all(r.keepwarm_fields["reason"] == reason for r in pings)  # type: ignore[attr-defined]
+
+
+def test_every_policy_decision_line_carries_a_reason(
+    tmp_path: Path, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from keepwarm.config import load_config
+    from keepwarm.metrics import Metrics
+    from keepwarm.ping import make_client
+    from keepwarm.runner import Runner
+    from keepwarm.scheduler import Scheduler
+
+    config = load_config(write_config(tmp_path, basic_doc(emulator.base_url, policy="adaptive")))
+    metrics = Metrics()
+    now = [1_800_000_000.0]
+    runner = Runner(make_client(emulator.base_url, "sk-test", 5), config.prices, metrics, threading.Event(),
+                    clock=lambda: now[0])
+    scheduler = Scheduler(runner, metrics, clock=lambda: now[0], draw=lambda: 0.5, mono=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="keepwarm.scheduler")
+    scheduler.apply(list(config.pairs))
+    pair = config.pairs[0]
+    due = scheduler.states[pair.key].next_due
+    now[0] = due
+    scheduler._run(pair.key, due)
+    decisions = [r.keepwarm_fields for r in caplog.records if r.getMessage() == "policy decision"]  # type: ignore[attr-defined]
+    assert decisions and all(d.get("reason") for d in decisions), decisions
+
+
+def test_simulate_without_prefix_sizes_does_not_call_a_valid_config_invalid(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("at,expert,model\n1772442000,chief-economist,claude-sonnet-4-6\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "CREDENTIALS_DIRECTORY")}
+    result = subprocess.run(keepwarm_cmd("simulate", "--config", str(SIM_DOC), "--trace", str(trace)),
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 78, result.stderr
+    assert "invalid config" not in result.stderr
+    assert "the config is valid, but prefix sizes are missing" in result.stderr
+    assert "add a prefix_tokens column to the trace" in result.stderr
+
+
+def test_simulate_prices_an_uncacheable_pings_as_plain_input(tmp_path: Path) -> None:
+    from keepwarm.config import load_config
+    from keepwarm.pricing import MILLION
+    from keepwarm.simulate import PING_MESSAGE_TOKENS
+
+    path = write_config(tmp_path, {"defaults": {"models": ["claude-sonnet-4-6"]},
+                                   "experts": [{"name": "style-editor", "system": [{"text": "Be brief."}]}]})
+    trace = tmp_path / "t.csv"
+    trace.write_text("at,expert,model,prefix_tokens\n" + "".join(
+        f"{1772442000 + 900 * i},style-editor,claude-sonnet-4-6,184\n" for i in range(8)), encoding="utf-8")
+    result = run("simulate", "--config", str(path), "--trace", str(trace), "--format", "json", "--policy", "fixed")
+    assert result.returncode == 0, result.stderr
+    fixed = json.loads(result.stdout)["policies"]["fixed"]["pairs"]["style-editor/claude-sonnet-4-6"]
+    price = load_config(path).prices.get("claude-sonnet-4-6")
+    assert price.input is not None and price.output is not None
+    each = ((184 + PING_MESSAGE_TOKENS) * price.input + price.output) / MILLION
+    assert fixed["keepalive_pings"] > 0
+    assert fixed["keepalive_usd"] == pytest.approx(fixed["keepalive_pings"] * each)
+    assert fixed["write_premiums_usd"] == 0, "nothing to save: it cannot cache"

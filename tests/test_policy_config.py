@@ -46,8 +46,8 @@ def test_bad_values_are_reported_at_their_location() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, Path("."))
     problems = info.value.problems
-    assert any(p.startswith("defaults.policy: Input should be 'fixed' or 'adaptive'") for p in problems), problems
-    assert any(p.startswith("budget.usd_per_day: Input should be greater than 0") for p in problems), problems
+    assert any(p.startswith("defaults.policy: expected 'fixed' or 'adaptive'") for p in problems), problems
+    assert any(p.startswith("budget.usd_per_day: must be above 0, got -1") for p in problems), problems
     del data["defaults"]["policy"], data["budget"]
     with pytest.raises(ConfigError) as info:
         parse_config(data, Path("."))

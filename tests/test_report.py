@@ -17,8 +17,8 @@ from keepwarm.advisor import prefix_cost_per_day, ttl_advice, usd
 from keepwarm.classify import Usage, classify
 from keepwarm.config import Pair, parse_config
 from keepwarm.ping import PingAttempt, PingError
-from keepwarm.pricing import MILLION, builtin_table
-from keepwarm.report import TOTAL, build_report, pair_report, render_table, run_report
+from keepwarm.pricing import MILLION, PriceTable, builtin_table
+from keepwarm.report import TOTAL, build_report, pair_report, render_json, render_table, run_report
 from keepwarm.runner import PingOutcome
 from keepwarm.store import Ledger, LedgerRow, read_ledger
 
@@ -130,7 +130,10 @@ def test_hit_rate_is_none_without_any_cached_token(tmp_path: Path) -> None:
     ])
     report = pair_report(rows, PRICES, now=T0 + 240)
     assert report.hit_rate is None
-    assert report.miss_penalty is None and report.break_even is None
+    # It cannot cache: the penalty is priced on what it sent (what caching would save a
+    # request once it caches), never a break-even, since no keepalive of it pays.
+    assert report.cannot_cache and report.break_even is None
+    assert report.miss_penalty == pytest.approx(PRICES.miss_penalty("claude-sonnet-4-6", 900, "5m"))
 
 
 def test_spend_per_day_over_the_since_window(day_ledger: Path) -> None:
@@ -158,9 +161,21 @@ def test_the_window_never_starts_before_the_pairs_first_row(tmp_path: Path) -> N
     report = pair_report(rows, PRICES, now=T0 + 3600, since_seconds=DAY)
     assert report.window_seconds == 3600
     assert report.spend_per_day == pytest.approx(report.spend * 24)
+
+
+def test_no_per_day_figure_is_scaled_from_minutes(tmp_path: Path) -> None:
+    # One `once`: a single cold write, ten minutes old. Scaled to a day it read $2,974.
+    rows = ledger_rows(tmp_path / "l.db", [outcome(ECON, Usage(input=9, cache_write_5m=200_000, output=1), T0)])
     young = build_report(rows, PRICES, since_seconds=DAY, now=T0 + 600)
-    assert "note: per-day figures extrapolate from less than 1h for economist/claude-sonnet-4-6 (10m)" \
-        in render_table(young)
+    econ = young.pairs[0]
+    assert econ.spend > 0 and econ.spend_per_day is None and econ.break_even is None and econ.per_day_refused
+    table = render_table(young)
+    row = next(line for line in table.splitlines() if line.startswith("economist"))
+    assert "n/a (10m covered)" in row and "misses/day" not in row
+    assert "no per-day figures below 1h of history" in table and "economist/claude-sonnet-4-6 (10m)" in table
+    doc = json.loads(render_json(young, PRICES))
+    assert doc["pairs"][0]["spend_per_day_usd"] is None and doc["pairs"][0]["window_seconds"] == 600
+    assert doc["total"]["spend_per_day_usd"] is None
 
 
 def test_a_pair_older_than_the_window_is_judged_on_the_whole_window(tmp_path: Path) -> None:
@@ -193,7 +208,7 @@ def test_break_even_uses_the_latest_prefix_and_the_miss_penalty(tmp_path: Path) 
 
 def test_failed_pings_cost_nothing_and_are_not_unknown(tmp_path: Path) -> None:
     rows = ledger_rows(tmp_path / "l.db", [outcome(ECON, None, T0), outcome(ECON, None, T0 + 240)])
-    report = pair_report(rows, PRICES, now=T0 + 240, since_seconds=240)
+    report = pair_report(rows, PRICES, now=T0 + 3600, since_seconds=3600)
     assert report.spend == 0 and not report.spend_unknown and report.spend_per_day == 0
 
 
@@ -258,7 +273,7 @@ def test_table_is_rounded_for_people(day_ledger: Path) -> None:
 
 
 def test_empty_window_reports_no_pings(day_ledger: Path) -> None:
-    assert "no pings in the window" in report_of(day_ledger, "table", since=60, now=T0 + 10 * DAY)
+    assert "no pings and no production requests in the window" in report_of(day_ledger, "table", since=60, now=T0 + 10 * DAY)
     doc = json.loads(report_of(day_ledger, "json", since=60, now=T0 + 10 * DAY))
     assert doc["pairs"] == [] and doc["total"]["spend_usd"] == 0
 
@@ -444,3 +459,57 @@ def test_report_into_a_closed_pipe_exits_quietly(day_ledger: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert err == "", err
+
+
+# --- production without pings (an adaptive pair production keeps warm) ----------------------
+
+
+def _production_only_ledger(tmp_path: Path) -> tuple[Path, PriceTable]:
+    from conftest import basic_doc
+
+    from keepwarm.metrics import Metrics
+    from keepwarm.observations import Observer
+
+    config = parse_config(basic_doc("http://127.0.0.1:9"), tmp_path)
+    pair = config.pairs[0]
+    path = tmp_path / "l.db"
+    ledger = Ledger(path, clock=lambda: T0 + 1000)
+    observer = Observer(config, Metrics(), ledger=lambda: ledger, clock=lambda: T0 + 1000)
+    # Production wrote the cache, then read it five times: no ping was needed.
+    items = [{"expert": pair.expert, "model": pair.model, "at": T0 + 30 * i,
+              "usage": {"input_tokens": 20, "cache_read_input_tokens": 0 if i == 0 else 1500,
+                        "cache_creation_input_tokens": 1500 if i == 0 else 0, "output_tokens": 100}}
+             for i in range(6)]
+    assert observer.accept(items)[0] == 202
+    ledger.close()
+    return path, observer.prices
+
+
+def test_production_without_pings_is_listed_and_proves_nothing_either_way(tmp_path: Path) -> None:
+    path, prices = _production_only_ledger(tmp_path)
+    out = io.StringIO()
+    assert run_report(path, prices, DAY, "json", out, now=T0 + 1000) == 0
+    (p,) = json.loads(out.getvalue())["pairs"]
+    assert p["pings"] == 0 and p["production_requests"] == 6
+    assert p["production_hit_rate"] == pytest.approx(5 / 6)
+    assert p["keepalive_spend_usd"] == 0 and p["saved_by_keepalive_usd"] == 0
+    assert p["pays_for_itself"] is None, "nothing spent and nothing saved is no evidence, not a yes"
+    out = io.StringIO()
+    assert run_report(path, prices, DAY, "table", out, now=T0 + 1000) == 0
+    text = out.getvalue()
+    assert "no pings" not in text.splitlines()[1], "production's requests are not hidden behind 'no pings'"
+    prod = next(line for line in text.split("production:")[1].splitlines() if line.startswith("analyst"))
+    assert "83.3%" in prod and prod.split()[-2] == "unknown"
+
+
+def test_negative_money_reads_minus_dollar_as_on_the_page() -> None:
+    from keepwarm.page import render_headline
+    from keepwarm.pricing import format_usd
+
+    assert format_usd(-0.0065, 4) == "-$0.0065"
+    assert format_usd(-1234.5, 2) == "-$1,234.50"
+    assert format_usd(0.5, 4) == "$0.5000"
+    from keepwarm.observations import Totals
+
+    page = render_headline({"since": T0, "windows": {"24h": Totals(keepalive_usd=0.0065)}, "pairs": {}}, now=T0 + 60)
+    assert "-$0.0065" in page and "$-" not in page
