@@ -101,6 +101,17 @@ def _time_axis(axis: _Axis, start: float, end: float, y: float) -> str:
     return "".join(parts)
 
 
+def _merged(spans: list[tuple[float, float]], gap: float = 0.5) -> list[tuple[float, float]]:
+    """Spans (in drawing units) closer than `gap` drawn as one: a month's thousands of lapses stay a few hundred shapes."""
+    out: list[tuple[float, float]] = []
+    for a, b in spans:
+        if out and a - out[-1][1] < gap:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def pair_svg(key: str, ttl: float, start: float, end: float, requests: Sequence[float],
              pings: dict[str, list[float]], policies: Sequence[str], tallies: dict[str, Any]) -> str:
     """One pair's timeline: production's requests, then a band per policy."""
@@ -117,13 +128,12 @@ def pair_svg(key: str, ttl: float, start: float, end: float, requests: Sequence[
         out.append(f'<text x="0" y="{y + ROW * 0.7}">{html.escape(label)}</text>')
         out.append(f'<rect x="{LABEL}" y="{y + 4}" width="{WIDTH - LABEL}" height="{ROW - 8}" fill="{COLOURS["warm"]}"/>')
         mine = pings.get(name, [])
-        for a, b in lapses([*requests, *mine], ttl, start, end):
-            x0, x1 = axis.x(a), axis.x(b)
+        for x0, x1 in _merged([(axis.x(a), axis.x(b)) for a, b in lapses([*requests, *mine], ttl, start, end)]):
             out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 0.5):.1f}" height="{ROW - 8}"'
                        f' fill="{COLOURS["lapsed"]}"/>')
         out.append(_ticks(axis, mine, y + 2, ROW - 4, COLOURS["ping"]))
-        for t in misses(requests, mine, ttl):
-            out.append(f'<circle cx="{axis.x(t):.1f}" cy="{y + ROW / 2}" r="3" fill="{COLOURS["miss"]}"/>')
+        for x in sorted({round(axis.x(t)) for t in misses(requests, mine, ttl)}):  # one dot per unit of width
+            out.append(f'<circle cx="{x}" cy="{y + ROW / 2}" r="3" fill="{COLOURS["miss"]}"/>')
     out.append(_time_axis(axis, start, end, rows * ROW + 4))
     out.append("</svg>")
     return "".join(out)

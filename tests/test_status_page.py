@@ -390,3 +390,15 @@ def test_a_strip_is_redrawn_when_a_pixel_of_time_passed_or_something_happened() 
     history.ping(_outcome(warm, None, NOW + 100))  # a failure is a mark: drawn at once
     assert "<title>failing" in history.drawn(warm.pair.key, NOW + 120)
     assert history.drawn(warm.pair.key, NOW + 120 + DAY / 160) != history.drawn(warm.pair.key, NOW + 120)
+
+
+def test_a_month_of_traffic_draws_in_bounded_markup() -> None:
+    from keepwarm.simulate_html import WIDTH, lapses, misses, pair_svg
+
+    ttl, start = 300.0, 1_772_442_000.0
+    requests = [start + 400 * i for i in range(30 * 86400 // 400)]  # every 400 s for a month: all lapse
+    assert len(lapses(requests, ttl, start, requests[-1])) == len(requests) - 1
+    assert len(misses(requests, [], ttl)) == len(requests)
+    svg = pair_svg("a/m", ttl, start, requests[-1] + ttl, requests, {"none": []}, ["none"], {})
+    assert svg.count("<circle") <= WIDTH and svg.count("<rect") <= WIDTH + 1
+    assert len(svg) < 200_000, len(svg)
