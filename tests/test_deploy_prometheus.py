@@ -258,8 +258,8 @@ def test_every_alert_has_a_firing_case_and_a_quiet_case() -> None:
 
 def test_the_job_is_named_only_where_the_settings_replace_it() -> None:
     # The kustomize settings replace the quoted job of the rules that
-    # deploy/kubernetes/base/kustomization.yaml lists (and every runbook_url's base, checked
-    # above): another rule naming the job would keep the old name.
+    # deploy/kubernetes/components/monitoring/kustomization.yaml lists (and every runbook_url's
+    # base, checked above): another rule naming the job would keep the old name.
     named = {r.get("alert") or r.get("record") for r in rules() if 'job="keepwarm"' in r["expr"]
              or r.get("labels", {}).get("job") == "keepwarm"}
     assert named == {"KeepwarmDown", "KeepwarmTargetMissing", "job:keepwarm_expected_targets:count"}
