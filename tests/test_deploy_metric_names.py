@@ -15,16 +15,10 @@ import urllib.request
 from pathlib import Path
 
 from conftest import ROOT, STARTUP_DEADLINE, free_port, keepwarm_cmd
-from deploy_metrics import metric_names_used
+from deploy_metrics import NOT_YET_EXPORTED, metric_names_used
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.config import load_config
-
-
-# The fleet's metrics (a fleet of daemons sharing a PostgreSQL ledger): the rules read
-# keepwarm_fleet_members already so that KeepwarmTargetMissing works for a fleet the day
-# daemons export it. Only this one, and only until the fleet exists: remove it then.
-NOT_YET_EXPORTED = {"keepwarm_fleet_members"}
 
 
 def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: Path) -> None:
