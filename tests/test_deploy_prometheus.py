@@ -277,3 +277,23 @@ def test_a_single_eviction_is_quiet_and_a_stuck_target_is_one_rollup() -> None:
     durations = {r["alert"]: r.get("for", "0s") for r in rules() if "alert" in r}
     minutes = {name: int(d[:-1]) * (60 if d.endswith("m") else 1) for name, d in durations.items()}
     assert minutes["KeepwarmTargetUnhealthy"] < minutes["KeepwarmPingsStale"]
+
+
+def test_the_documented_seds_set_the_job_and_the_runbook_base(tmp_path: Path) -> None:
+    # docs/deploy.md tells a plain-Prometheus operator to set both settings with sed: those very
+    # commands, run on a copy, leave rules that promtool accepts and that name nothing else.
+    seds = re.findall(r"`(sed -i '[^`]+' keepwarm-rules\.yml)`", (ROOT / "docs" / "deploy.md").read_text())
+    assert len(seds) == 2, seds
+    copy = tmp_path / "keepwarm-rules.yml"
+    copy.write_text(RULES.read_text())
+    for command in seds:
+        subprocess.run(["sh", "-c", command], check=True, cwd=tmp_path, timeout=30)
+    result = promtool("check", "rules", "--lint-fatal", str(copy))
+    assert result.returncode == 0, result.stdout + result.stderr
+    moved = [r for g in yaml.safe_load(copy.read_text())["groups"] for r in g["rules"]]
+    assert all(r["annotations"]["runbook_url"].startswith("https://wiki.example.org/keepwarm/runbook#")
+               for r in moved if "alert" in r)
+    named = {r.get("alert") or r.get("record") for r in moved
+             if 'job="YOURJOB"' in r["expr"] or r.get("labels", {}).get("job") == "YOURJOB"}
+    assert named == {"KeepwarmDown", "KeepwarmTargetMissing", "job:keepwarm_expected_targets:count"}
+    assert 'job="keepwarm"' not in copy.read_text()
