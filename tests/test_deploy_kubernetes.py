@@ -94,6 +94,8 @@ def test_overlay_builds_and_validates_strictly(overlay: str, tmp_path: Path) -> 
     assert WORKLOADS[overlay] in kinds and not (set(WORKLOADS.values()) - {WORKLOADS[overlay]}) & kinds
     # The example Secret is never applied: a placeholder must not overwrite the real key.
     assert "Secret" not in kinds
+    # The settings are kustomize's only (local-config): never applied.
+    assert "keepwarm-settings" not in {o["metadata"]["name"] for o in objects}
     # Everything in the overlay's namespace.
     assert {o["metadata"].get("namespace") for o in objects} == {"keepwarm"}
 
