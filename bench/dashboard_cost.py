@@ -12,6 +12,7 @@ for tables, stats and bar gauges, a range query over the dashboard's default 6 h
 15 s step for graphs. For each: the answer's status and warnings, how many series it
 returned, the peak samples Prometheus held for it (`stats=all`) against its default
 `--query.max-samples` of 50,000,000, and the wall time against the default 2-minute timeout.
+Also Prometheus' head series and each rule group's last evaluation time.
 
 Results go to bench/results/dashboard-cost.json; docs/deploy.md has the table. The test suite
 runs the same checks at 1,000 pairs (tests/test_deploy_grafana.py). Only 127.0.0.1 is used;
@@ -244,6 +245,8 @@ def main() -> int:
             results = [run_query(prometheus, q) for q in panel_queries()]
             with urllib.request.urlopen(f"{prometheus.url}/api/v1/status/tsdb", timeout=30) as resp:
                 head = json.loads(resp.read())["data"]["headStats"]["numSeries"]
+            # What each rule group took at its last evaluation: the rules' side of the cost.
+            groups = {g["name"]: round(g["evaluationTime"], 3) for g in prometheus.get("rules")["data"]["groups"]}
         finally:
             prometheus.stop()
             exporter.stop()
@@ -254,6 +257,7 @@ def main() -> int:
         "command": " ".join(["python3", "bench/dashboard_cost.py", *sys.argv[1:]]),
         "pairs": args.pairs, "warmup_s": args.warmup, "fill_s": round(fill_s, 1),
         "head_series": head,
+        "rule_group_seconds": groups,
         "queries": len(results),
         "all_success": all(r["status"] == "success" and not r["warnings"] for r in results),
         "max_series": max(r["series"] for r in results),
@@ -267,6 +271,7 @@ def main() -> int:
     for r in results:
         print(f"{r['status']:8} {r['series']:6} series {r['peak_samples'] or 0:>10} peak {r['seconds']:7.3f} s  "
               f"{'instant' if r['instant'] else 'range  '}  {r['panel']} {r['ref']}")
+    print(f"rule groups, last evaluation (s): {groups}")
     print(f"head series {report['head_series']}, max peak samples {report['max_peak_samples']} "
           f"({report['max_peak_samples_panel']}), max {report['max_seconds']} s -> {RESULTS}")
     return 0 if report["all_success"] else 1
