@@ -13,8 +13,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
-PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "components" / "monitoring" / "prometheusrule.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "keepwarm.json"
+
+# The fleet's metrics (daemons sharing a PostgreSQL ledger): the rules read keepwarm_fleet_members
+# already, so that KeepwarmTargetMissing works for a fleet the day daemons export it. Only this
+# one, and only until the fleet exists: remove it then.
+NOT_YET_EXPORTED = {"keepwarm_fleet_members"}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

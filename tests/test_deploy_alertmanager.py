@@ -1,5 +1,6 @@
-"""deploy/alertmanager: the example passes amtool's check, routes by severity, and inhibits
-the per-pair alerts while KeepwarmDown fires."""
+"""deploy/alertmanager: the example passes amtool's check, routes by severity, groups by alert and
+target, and inhibits the per-pair alerts while KeepwarmDown or the target rollup fires.
+(tests/test_deploy_alerting.py runs it on a real Alertmanager.)"""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def test_keepwarm_down_inhibits_every_per_pair_alert_of_its_target() -> None:
     assert len(per_pair) >= 8
     # KeepwarmDown itself carries no scope label, so it cannot inhibit itself.
     assert all("scope" not in r["labels"] for r in alerts() if r["alert"] == "KeepwarmDown")
+
+
+def test_notifications_are_grouped_by_alert_and_target_never_by_pair() -> None:
+    route = yaml.safe_load(CONFIG.read_text())["route"]
+    assert route["group_by"] == ["alertname", "namespace", "job", "instance"]
+    assert all("group_by" not in r for r in route.get("routes", []))
+
+
+def test_the_target_rollup_inhibits_the_per_pair_alerts_of_its_target_only() -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    rollup = [r for r in config["inhibit_rules"] if r["source_matchers"] == ['alertname="KeepwarmTargetUnhealthy"']]
+    assert rollup == [{"source_matchers": ['alertname="KeepwarmTargetUnhealthy"'], "target_matchers": ['scope="pair"'],
+                       "equal": ["namespace", "job", "instance"]}]
+    (rule,) = [r for r in alerts() if r["alert"] == "KeepwarmTargetUnhealthy"]
+    assert rule["labels"]["scope"] == "target"  # not "pair": it cannot inhibit itself

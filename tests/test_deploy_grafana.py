@@ -7,16 +7,21 @@ recording rules of a temporary rules file and checked that way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 from deploy_metrics import (
     DASHBOARD,
+    NOT_YET_EXPORTED,
     RULES,
     all_panels,
     dashboard_expressions,
@@ -26,6 +31,8 @@ from deploy_metrics import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.metrics import Metrics, PairStateValue
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def exported_families() -> set[str]:
@@ -88,7 +95,7 @@ def test_the_parse_check_catches_a_broken_query(tmp_path: Path) -> None:
 
 
 def test_only_exported_metrics_are_queried() -> None:
-    assert metric_names_used() <= exported_families(), metric_names_used() - exported_families()
+    assert metric_names_used() - NOT_YET_EXPORTED <= exported_families(), metric_names_used() - exported_families()
     # Histograms are read through their series, but named by their family.
     assert "keepwarm_ping_duration_seconds" in metric_names_used()
 
@@ -102,16 +109,33 @@ def test_every_recording_rule_the_dashboard_reads_exists() -> None:
 
 
 def test_panels_read_recording_rules_rather_than_per_pair_ranges() -> None:
-    # A range query over a raw per-pair family touches every pair's series at every refresh;
-    # the recording rules have done that work once. Instant queries, bounded topk/bottomk and
-    # the sparse error family (series only for what failed) are the exceptions.
+    # A range query over a raw per-pair family reads every pair's series at every step of
+    # every refresh (a topk too: it ranks all of them at each step); the recording rules have
+    # done that work once, per job or per target. Only instant queries read raw per-pair series.
     for panel in panels():
         for target in panel["targets"]:
-            expr = target["expr"]
-            if target.get("instant") or re.match(r"\s*(topk|bottomk)\(", expr):
+            if target.get("instant"):
                 continue
-            raw = {n for n in metric_names(expr) if n not in UNLABELLED} - {"keepwarm_ping_errors_total"}
+            raw = {n for n in metric_names(target["expr"]) if n not in UNLABELLED}
             assert not raw, f"{panel['title']}: range query on raw per-pair {sorted(raw)}"
+
+
+PER_PAIR_ROWS = re.compile(r"\s*(topk|bottomk)\((10|20),")
+
+
+def test_no_panel_shows_a_row_per_pair() -> None:
+    # At 10,000 pairs a table with a row per pair is unreadable and heavy: an instant query that
+    # keeps the expert and model labels is a top 10 or 20; the others sum or count them away.
+    for panel in panels():
+        for target in panel["targets"]:
+            expr = " ".join(target["expr"].split())
+            per_pair = metric_names(expr) - UNLABELLED or "pair:" in expr
+            if not per_pair or PER_PAIR_ROWS.match(expr):
+                continue
+            assert re.match(r"(sum|count) (by|without) \(", expr) or "instance:" in expr or "job:" in expr or \
+                " and on (namespace, job, expert, model) topk(20, " in expr, f"{panel['title']}: {expr}"
+            if re.match(r"(sum|count) without \(", expr):
+                assert "expert" in expr.split(")")[0] or "instance:" in expr, f"{panel['title']}: {expr}"
 
 
 def test_every_query_follows_the_variables() -> None:
@@ -188,3 +212,48 @@ def test_layout_fits_the_grid_without_overlaps() -> None:
                  for y in range(grid["y"], grid["y"] + grid["h"])}
         assert not cells & taken, f"{panel['title']} overlaps another panel"
         taken |= cells
+
+
+def bench_module() -> ModuleType:
+    """bench/dashboard_cost.py: the same checks, at 10,000 pairs, as a benchmark."""
+    spec = importlib.util.spec_from_file_location("bench_dashboard_cost", ROOT / "bench" / "dashboard_cost.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PAIRS = 1_000
+
+
+def test_every_panel_query_answers_on_a_real_prometheus_within_its_default_limits(tmp_path: Path) -> None:
+    # Debian's prometheus scrapes keepwarm's own /metrics for 1,000 pairs (2% of them cold, 1%
+    # re-written) with the shipped rules, and every panel's query runs as Grafana sends it:
+    # instant for tables and stats, over the dashboard's 6 hours for graphs. Each answers
+    # without error or warning, within a tenth of the default sample limit even at ten times
+    # the pairs, and with at most 20 series: no table or graph has a line per pair.
+    bench = bench_module()
+    exporter = bench.Exporter(bench.fill(PAIRS), bench.free_port())
+    rules = bench.rules_for_minutes(tmp_path, tile="4s", every_group_at_once=True)
+    prometheus = bench.Prometheus(tmp_path, [exporter.target], "2s", rules)
+    try:
+        bench.ready(prometheus, 60)
+        time.sleep(4)  # the tiles: a second 4 s round
+        results = [bench.run_query(prometheus, query) for query in bench.panel_queries()]
+    finally:
+        prometheus.stop()
+        exporter.stop()
+    assert len(results) == sum(len(p["targets"]) for p in panels())
+    for result in results:
+        where = f"{result['panel']} {result['ref']}: {result['expr']}"
+        assert result["status"] == "success" and not result["warnings"], (where, result["error"], result["warnings"])
+        assert result["series"] <= 20, where
+        assert result["peak_samples"] is not None and result["peak_samples"] * 10_000 / PAIRS < bench.MAX_SAMPLES / 10, where
+        assert result["seconds"] < bench.TIMEOUT / 10, where
+    # The top-20 tables found what the exporter put there: the check reads real answers.
+    answered = {(r["panel"], r["ref"]): r["series"] for r in results}
+    assert answered[("Pairs not warm (worst 20, state now)", "A")] == 20
+    assert answered[("Coldest caches: expired longest ago (20 pairs)", "A")] == 20
+    assert answered[("Most expensive pairs: spend, miss cost and break-even (top 20)", "B")] == 20
+    assert answered[("Unhealthy pairs per target", "A")] == 1

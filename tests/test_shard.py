@@ -16,7 +16,7 @@ from keepwarm.scheduler import phase
 from keepwarm.shard import in_shard, owner, parse_shard, shard_of, weight
 
 ROOT = Path(__file__).resolve().parent.parent
-STATEFULSET = ROOT / "deploy" / "kubernetes" / "statefulset-sharded.yaml"
+STATEFULSET = ROOT / "deploy" / "kubernetes" / "overlays" / "shards" / "statefulset.yaml"
 MODELS = ("claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6")
 KEYS = [f"expert-{i:05d}/{model}" for i in range(3000) for model in MODELS]  # 9,000 pairs
 
