@@ -56,9 +56,15 @@ log = logging.getLogger("keepwarm.observations")
 PATH = "/v1/observations"
 MAX_ITEMS = 1000
 MAX_BYTES = 1024 * 1024
-# How far ahead of the daemon's clock an `at` may lie: clocks of two machines disagree a little.
-MAX_FUTURE_SKEW = 300.0
+# How far ahead of the daemon's clock an `at` may lie, in real seconds (scaled with --time-scale):
+# two machines' clocks disagree by milliseconds under NTP; more is a fabricated or broken report,
+# and taken as a touch it would push the next ping past the real expiry.
+MAX_FUTURE_SKEW = 5.0
+# The largest count accepted: what a float (the counters) holds exactly, far below SQLite's 2^63.
+MAX_COUNT = 2**53
 REJECT_REASONS = ("malformed", "unknown_pair", "unauthorized", "too_large", "misdirected")
+# Per-item reasons of the answer beyond the metric's label values, and the label they count under.
+_REASON_LABEL = {"future": "malformed"}
 PRODUCTION_RESULTS = ("warm", "rewarmed", "partial", "uncached")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
@@ -126,6 +132,8 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, "malformed", f"the body is not JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no observation is that deep
+        raise BadRequest(400, "malformed", "the body is not JSON of the expected shape: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(400, "malformed", "expected a JSON object: one observation or {\"observations\": [...]}")
     if "observations" not in doc:
@@ -144,8 +152,9 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
 def _count(value: Any, where: str) -> int:
     if value is None:
         return 0  # missing or null counts as 0, as in an API response
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: expected an integer >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a larger integer"
+        raise ValueError(f"{where}: expected an integer from 0 to 2^53, got {shown}")
     return value
 
 
@@ -167,27 +176,31 @@ def validate(
     pairs: Mapping[str, Pair],
     now: float,
     other_shards: Callable[[str], int | None] = lambda key: None,
+    skew: float = MAX_FUTURE_SKEW,
 ) -> Observation | Rejection:
-    """Check one observation against the configured pairs; never raises."""
+    """Check one observation against the configured pairs; never raises.
+
+    `skew`: how many seconds past `now` an `at` may lie (MAX_FUTURE_SKEW scaled by --time-scale).
+    """
     # Nearly every item is well formed and for a configured pair: `_well_formed` takes those
     # with a few exact type checks and builds no message (checking every item the long way was
     # a good part of a batch's cost). It only ever accepts, and only what the full check would,
     # with the same result; everything else, or anything it is unsure of, goes the long way,
     # which finds what is wrong and says so (tests/test_observations.py fuzzes one against the other).
-    observation = _well_formed(item, pairs, now)
+    observation = _well_formed(item, pairs, now, skew)
     if observation is not None:
         return observation
-    return _validate_in_full(item, index, pairs, now, other_shards)
+    return _validate_in_full(item, index, pairs, now, other_shards, skew)
 
 
 def _plain_count(value: Any) -> int:
     """A usage count as the fast path takes it: None is 0, an int >= 0 itself; -1 for anything else."""
     if value is None:
         return 0
-    return value if type(value) is int and value >= 0 else -1  # exact type: a bool is no count
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else -1  # exact type: a bool is no count
 
 
-def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observation | None:
+def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float, skew: float = MAX_FUTURE_SKEW) -> Observation | None:
     """The observation of a plainly valid item (what JSON gives: exact types), else None."""
     if type(item) is not dict or not _ITEM_KEYS.issuperset(item):
         return None
@@ -202,10 +215,11 @@ def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observatio
     if (
         pair is None
         or (type(at) is not float and type(at) is not int)
-        or not 0 < at <= now + MAX_FUTURE_SKEW  # False for NaN and both infinities too
+        or not 0 < at <= now + skew  # False for NaN and both infinities too
         or type(usage) is not dict
         or (fingerprint is not None and (type(fingerprint) is not str or not _FINGERPRINT.fullmatch(fingerprint)))
-        or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID))
+        or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID
+                                        or not request_id.isascii()))  # anything else: the full check
     ):
         return None
     fresh = _plain_count(usage.get("input_tokens"))
@@ -237,6 +251,7 @@ def _validate_in_full(
     pairs: Mapping[str, Pair],
     now: float,
     other_shards: Callable[[str], int | None],
+    skew: float = MAX_FUTURE_SKEW,
 ) -> Observation | Rejection:
     """Every check in order, with the message of the first that fails."""
 
@@ -251,6 +266,8 @@ def _validate_in_full(
     expert, model = item.get("expert"), item.get("model")
     if not isinstance(expert, str) or not isinstance(model, str):
         return reject("malformed", "expert and model: expected strings")
+    if not _utf8(expert) or not _utf8(model):
+        return reject("malformed", "expert and model: expected text that encodes as UTF-8 (no lone surrogates)")
     key = f"{expert}/{model}"
     pair = pairs.get(key)
     if pair is None:
@@ -265,20 +282,31 @@ def _validate_in_full(
         return reject("malformed", "at: expected unix seconds, got an integer out of range")
     if not math.isfinite(at) or at <= 0:
         return reject("malformed", f"at: expected unix seconds, got {at!r}")
-    if at > now + MAX_FUTURE_SKEW:
-        return reject("malformed", f"at: {at} is {at - now:.0f}s in the future")
+    if at > now + skew:
+        return reject("future", f"at: {at} is {at - now:.3f}s ahead of this daemon's clock; at most {skew:g}s is allowed")
     fingerprint = item.get("fingerprint")
     if fingerprint is not None and (not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint)):
         return reject("malformed", "fingerprint: expected 64 lower-case hex digits (sha256)")
     request_id = item.get("request_id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > _MAX_REQUEST_ID):
         return reject("malformed", f"request_id: expected a string of at most {_MAX_REQUEST_ID} characters")
+    if request_id is not None and not _utf8(request_id):
+        return reject("malformed", "request_id: expected text that encodes as UTF-8 (no lone surrogates)")
     try:
         raw = _check_usage(item.get("usage"))
     except ValueError as exc:
         return reject("malformed", str(exc))
     usage = usage_from_api(raw, pair.ttl)
     return Observation(pair, float(at), usage, classify(usage), fingerprint, request_id)
+
+
+def _utf8(text: str) -> bool:
+    """Whether a string can be stored as UTF-8 text (JSON lets through lone surrogates, SQLite not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- attribution: pure, per pair, fed in time order ---------------------------------------
@@ -577,6 +605,7 @@ class Observer:
             self.open = token is None and (is_loopback(config.metrics_host) or config.observe_allow_unauthenticated)
             self.shards = config.shard
             self.other_shard_pairs = config.other_shard_pairs
+            self.skew = MAX_FUTURE_SKEW * config.time_scale
 
     # --- what pings tell us ------------------------------------------------------------
 
@@ -644,13 +673,13 @@ class Observer:
             pairs = self.pairs
         checked: list[Observation | Rejection] = []
         for i, item in enumerate(items):
-            checked.append(validate(item, i, pairs, now, self._owner))
+            checked.append(validate(item, i, pairs, now, self._owner, self.skew))
             if i % CHUNK == CHUNK - 1:
                 _yield()
         good = [c for c in checked if isinstance(c, Observation)]
         bad = [c for c in checked if isinstance(c, Rejection)]
         for rejection in bad:
-            self.metrics.observations_rejected.labels(rejection.reason).inc()
+            self.metrics.observations_rejected.labels(_REASON_LABEL.get(rejection.reason, rejection.reason)).inc()
         shards = {r.shard for r in bad}
         if bad and not good and len(shards) == 1 and None not in shards:
             return 421, {"shard": bad[0].shard, "rejected": [r.to_json() for r in bad]}

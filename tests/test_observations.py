@@ -72,17 +72,25 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
         ({"model": "claude-haiku-4-5"}, "unknown_pair", "analyst/claude-haiku-4-5 is not a configured pair"),
         ({"expert": 3}, "malformed", "expert and model: expected strings"),
         ({"at": "yesterday"}, "malformed", "at: expected unix seconds, got 'yesterday'"),
-        ({"at": T0 + 3600}, "malformed", "at: 1800003600.0 is 3600s in the future"),
+        ({"at": T0 + 3600}, "future", "at: 1800003600.0 is 3600.000s ahead of this daemon's clock; at most 5s is allowed"),
+        ({"at": T0 + 5.5}, "future", "at: 1800000005.5 is 5.500s ahead of this daemon's clock; at most 5s is allowed"),
+        # What the ledger and the counters can hold: a float's exact integers, UTF-8 text.
+        ({"usage": {"input_tokens": 2**63}}, "malformed",
+         "usage.input_tokens: expected an integer from 0 to 2^53, got 9223372036854775808"),
+        ({"usage": {"output_tokens": 2**53 + 1}}, "malformed",
+         "usage.output_tokens: expected an integer from 0 to 2^53, got 9007199254740993"),
+        ({"request_id": "req_\ud800"}, "malformed", "request_id: expected text that encodes as UTF-8 (no lone surrogates)"),
+        ({"expert": "\udfff"}, "malformed", "expert and model: expected text that encodes as UTF-8 (no lone surrogates)"),
         ({"at": True}, "malformed", "at: expected unix seconds, got True"),
         # JSON's integers are unbounded: one past a float's range is refused, not an OverflowError.
         ({"at": 10**400}, "malformed", "at: expected unix seconds, got an integer out of range"),
         ({"fingerprint": "ABC"}, "malformed", "fingerprint: expected 64 lower-case hex digits (sha256)"),
         ({"usage": None}, "malformed", "usage: expected an object with the response's usage"),
-        ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer >= 0, got -1"),
+        ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer from 0 to 2^53, got -1"),
         ({"usage": {"cache_read_input_tokens": 1.5}}, "malformed",
-         "usage.cache_read_input_tokens: expected an integer >= 0, got 1.5"),
+         "usage.cache_read_input_tokens: expected an integer from 0 to 2^53, got 1.5"),
         ({"usage": {"cache_creation": {"ephemeral_1h_input_tokens": "x"}}}, "malformed",
-         "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer >= 0, got 'x'"),
+         "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer from 0 to 2^53, got 'x'"),
         ({"colour": "red"}, "malformed",
          "unknown key(s) ['colour']; allowed: ['at', 'expert', 'fingerprint', 'model', 'request_id', 'usage']"),
     ],
@@ -387,6 +395,7 @@ def test_a_restart_with_a_ledger_keeps_attribution_and_the_page_s_sums(tmp_path:
 
     after = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)  # the daemon restarted
     after.restore(ledger.recent(T0 - 7 * 86400, T0 - 300), now=clock.now)
+    clock.now = T0 + 110  # the second request, reported 10 s after it started
     records = after.record([o for o in [validate(_obs(at=T0 + 100, read=1500), 0, after.pairs, clock.now)]
                             if not isinstance(o, Rejection)])
     assert not records[0].saved, "production's own request 100 s earlier kept the cache warm"
@@ -447,7 +456,7 @@ def test_a_body_without_content_length_is_refused(served: Served) -> None:
 
 def _mutant(rng: random.Random, pairs: list[str]) -> Any:
     """An item near a valid one: each field often right, sometimes missing, of a wrong type or out of range."""
-    odd: list[Any] = [None, True, False, -1, 0, 1.5, float("nan"), float("inf"), "x", [], {}, 10**30]
+    odd: list[Any] = [None, True, False, -1, 0, 1.5, float("nan"), float("inf"), "x", [], {}, 10**30, 2**53 + 1, 2**63]
 
     def maybe(good: Any) -> Any:
         return good if rng.random() < 0.8 else rng.choice(odd)
@@ -456,7 +465,7 @@ def _mutant(rng: random.Random, pairs: list[str]) -> Any:
     usage: dict[str, Any] = {}
     for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"):
         if rng.random() < 0.9:
-            usage[name] = maybe(rng.choice([0, 1, 1500, 2**40]))
+            usage[name] = maybe(rng.choice([0, 1, 1500, 2**40, 2**53]))
     if rng.random() < 0.3:
         split = {n: maybe(rng.randrange(3000)) for n in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
                  if rng.random() < 0.8}
@@ -465,11 +474,11 @@ def _mutant(rng: random.Random, pairs: list[str]) -> Any:
         usage["server_tool_use"] = {"web_search_requests": 0}  # a key the API may add: ignored
     item: dict[Any, Any] = {"expert": maybe(expert), "model": maybe(model), "usage": maybe(usage)}
     if rng.random() < 0.9:
-        item["at"] = maybe(rng.choice([T0 - 600, T0, T0 + 299.5, T0 + 301, int(T0), -5.0]))
+        item["at"] = maybe(rng.choice([T0 - 600, T0, T0 + 4.5, T0 + 5, T0 + 5.01, int(T0), -5.0]))
     if rng.random() < 0.3:
         item["fingerprint"] = maybe(rng.choice(["a" * 64, "A" * 64, "a" * 63]))
     if rng.random() < 0.3:
-        item["request_id"] = maybe(rng.choice(["req_1", "r" * 256, "r" * 257]))
+        item["request_id"] = maybe(rng.choice(["req_1", "r" * 256, "r" * 257, "req_\ud800", "req_é"]))
     if rng.random() < 0.05:
         item[rng.choice(["colour", 3])] = 1
     if rng.random() < 0.05:

@@ -142,7 +142,17 @@ def _observations_v2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX observations_pair_time ON observations (expert, model, time)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2]
+def _unique_request_id_v3(db: sqlite3.Connection) -> None:
+    # The same observation sent twice (a client's retry) counts once: a request_id is the API's
+    # own unique id. Copies an older keepwarm stored go first, the earliest row kept.
+    db.execute(
+        "DELETE FROM observations WHERE request_id IS NOT NULL AND id NOT IN"
+        " (SELECT MIN(id) FROM observations WHERE request_id IS NOT NULL GROUP BY request_id)"
+    )
+    db.execute("CREATE UNIQUE INDEX observations_request_id ON observations (request_id) WHERE request_id IS NOT NULL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _unique_request_id_v3]
 
 
 def schema_version() -> int:
@@ -354,7 +364,8 @@ def _observation_values(record: ObservationRecord, received: float) -> tuple[Any
 
 
 _INSERT_OBSERVATION = (
-    f"INSERT INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
+    # OR IGNORE: a copy of an observation already stored (same request_id) is no new row.
+    f"INSERT OR IGNORE INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
 )
 _SELECT_OBSERVATIONS = f"SELECT id, {', '.join(OBSERVATION_COLUMNS)} FROM observations"
 
@@ -401,6 +412,7 @@ class Ledger:
         self.retention_days = retention_days
         self.write_errors = 0
         self.dropped = 0  # rows lost for good because the backlog overflowed
+        self.unwritable = 0  # rows dropped because the database cannot store their values
         self._clock = clock
         self._lock = threading.Lock()
         # Rows that failed to commit (locked or full file) wait here and go in with the next
@@ -487,17 +499,44 @@ class Ledger:
         return True
 
     def _flush(self) -> None:
-        """Commit every pending row in one transaction (the caller holds the lock)."""
+        """Commit every pending row in one transaction (the caller holds the lock).
+
+        A row the database cannot take (a value out of SQLite's range, text that is not UTF-8:
+        validation should have stopped it) must not hold back the others, which would then wait
+        in memory until they are lost: the batch is retried row by row, and such rows alone are
+        dropped, logged and counted. A file that cannot be written (locked, full) keeps them all.
+        """
         if self._db is None:
             raise LedgerError(f"ledger {self.path} is closed")
         if not self._pending and not self._pending_observations:
             return
+        try:
+            self._commit(batch=True)
+        except sqlite3.OperationalError:
+            raise  # the file, not a row: everything waits for the next try
+        except Exception:  # noqa: BLE001 - some row is unwritable: find it
+            self._commit(batch=False)
+
+    def _commit(self, batch: bool) -> None:
+        """Insert what is pending in one transaction, all at once or row by row (isolating bad rows)."""
+        assert self._db is not None
+        bad: list[tuple[str, BaseException]] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._pending:
-                self._db.executemany(_INSERT, self._pending)
-            if self._pending_observations:
-                self._db.executemany(_INSERT_OBSERVATION, self._pending_observations)
+            for statement, pending in ((_INSERT, self._pending), (_INSERT_OBSERVATION, self._pending_observations)):
+                if not pending:
+                    continue
+                if batch:
+                    self._db.executemany(statement, pending)
+                    continue
+                for values in pending:
+                    try:
+                        self._db.execute(statement, values)
+                    except sqlite3.OperationalError:
+                        raise
+                    except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+                        # A failed INSERT undoes only itself; the transaction and the other rows stay.
+                        bad.append(("ping" if statement is _INSERT else "observation", exc))
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -505,6 +544,11 @@ class Ledger:
             raise
         self._pending.clear()
         self._pending_observations.clear()
+        if bad:
+            self.unwritable += len(bad)
+            kinds = collections.Counter(kind for kind, _ in bad)
+            self._failed(f"{len(bad)} ledger row(s) the database cannot store were dropped; the others were written",
+                         bad[0][1], lost=len(bad), kinds=dict(kinds))
 
     def _sweep(self) -> None:
         """Delete rows older than the retention (the caller holds the lock)."""
@@ -520,12 +564,17 @@ class Ledger:
             event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
                   deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException, **fields: Any) -> None:
         self.write_errors += 1
         if self._on_error is not None:
             self._on_error()
         event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
-              write_errors=self.write_errors, pending=len(self._pending), dropped=self.dropped or None)
+              write_errors=self.write_errors, pending=self.pending, dropped=self.dropped or None, **fields)
+
+    @property
+    def pending(self) -> int:
+        """Rows, pings and observations, waiting in memory for the file to take them."""
+        return len(self._pending) + len(self._pending_observations)
 
     def rows(self, since: float | None = None) -> list[LedgerRow]:
         """Every committed row with `time >= since` (all when None), oldest first."""
@@ -557,7 +606,8 @@ class Ledger:
             try:
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
-                self._failed(f"cannot write {len(self._pending)} pending ledger row(s) at close; they are lost", exc)
+                lost = self.pending
+                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc, lost=lost)
             try:
                 # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,135 @@
+"""The review's attacks on the observations endpoint and the ledger, each a regression test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from test_observations import T0, FakeClock, Served, _config, _obs, _value
+
+from keepwarm.classify import Usage
+from keepwarm.metrics import Metrics
+from keepwarm.observations import Observation, Observer, Rejection, validate
+from keepwarm.store import Ledger, read_observations
+
+PAIR = "analyst/claude-sonnet-4-6"
+
+
+def test_counts_a_ledger_cannot_hold_are_refused_per_item_and_the_rest_is_kept(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db", clock=FakeClock(T0))
+    served = Served(_config(tmp_path), clock=FakeClock(T0))
+    served.observer.ledger = lambda: ledger
+    try:
+        huge = _obs(read=1500)
+        huge["usage"]["input_tokens"] = 2**63
+        status, doc = served.post({"observations": [
+            huge, _obs(read=1500, request_id="req_\ud800"), _obs(read=1500, request_id="req_ok")]})
+        assert status == 202 and doc["accepted"] == 1
+        assert [(r["index"], r["reason"]) for r in doc["rejected"]] == [(0, "malformed"), (1, "malformed")]
+        assert [r.request_id for r in read_observations(ledger.path)] == ["req_ok"]
+        cost = _value(served.metrics, "keepwarm_production_cost_usd_total", expert="analyst",
+                      model="claude-sonnet-4-6", kind="input")
+        assert cost is not None and cost < 1, "only the sane observation was priced"
+    finally:
+        served.close()
+        ledger.close()
+
+
+def _bad_record(observer: Observer, **usage: int) -> Any:
+    """An observation past validation with values no SQLite row can hold (as a bug would make)."""
+    good = validate(_obs(read=1500), 0, observer.pairs, T0)
+    assert not isinstance(good, Rejection)
+    bad = dataclasses.replace(good, usage=Usage(input=2**63, cache_read=1500))
+    return observer.record([bad])
+
+
+def test_a_row_the_ledger_cannot_store_is_isolated_and_the_others_are_written(tmp_path: Path, caplog: Any) -> None:
+    clock = FakeClock(T0)
+    errors: list[int] = []
+    ledger = Ledger(tmp_path / "l.db", clock=clock, on_error=lambda: errors.append(1))
+    observer = Observer(_config(tmp_path), Metrics(), clock=clock)
+    good = validate(_obs(read=1500, request_id="req_good"), 0, observer.pairs, T0)
+    assert isinstance(good, Observation)
+    ledger.record_observations(_bad_record(observer) + observer.record([good]))
+    assert [r.request_id for r in ledger.observations()] == ["req_good"], "the good row did not wait behind the bad"
+    assert (ledger.unwritable, ledger.pending, len(errors)) == (1, 0, 1)
+    assert "1 ledger row(s) the database cannot store were dropped" in caplog.text
+    assert caplog.records[-1].keepwarm_fields["lost"] == 1
+    # Nothing is left behind to block the next writes.
+    later = validate(_obs(at=T0 + 1, read=1500, request_id="req_later"), 0, observer.pairs, T0 + 1)
+    assert isinstance(later, Observation)
+    ledger.record_observations(observer.record([later]))
+    assert [r.request_id for r in ledger.observations()] == ["req_good", "req_later"]
+    ledger.close()
+    assert [r.request_id for r in read_observations(tmp_path / "l.db")] == ["req_good", "req_later"]
+
+
+def test_a_locked_file_keeps_every_row_pending_and_logs_the_true_count(tmp_path: Path, caplog: Any) -> None:
+    clock = FakeClock(T0)
+    path = tmp_path / "l.db"
+    ledger = Ledger(path, clock=clock, busy_timeout=0.05)
+    observer = Observer(_config(tmp_path), Metrics(), clock=clock)
+    items = [validate(_obs(at=T0 - i, read=1500, request_id=f"req_{i}"), 0, observer.pairs, T0) for i in range(3)]
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    ledger.record_observations(observer.record([i for i in items if isinstance(i, Observation)]))
+    assert ledger.pending == 3 and ledger.unwritable == 0, "a busy file is no reason to drop a row"
+    assert caplog.records[-1].keepwarm_fields["pending"] == 3
+    other.execute("ROLLBACK")
+    other.close()
+    ledger.close()
+    assert len(read_observations(path)) == 3
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(tmp_path: Path) -> None:
+    served = Served(_config(tmp_path))
+    try:
+        status, doc = served.post(b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "nested too deeply" in doc["error"]
+        status, doc = served.post(b'{"observations": [' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"]}")
+        assert status == 400
+        big = json.dumps(_obs()).replace('"output_tokens": 5', '"output_tokens": ' + "9" * 5000).encode()
+        assert served.post(big)[0] == 400, "an integer too long to parse is a malformed body"
+        float_count = json.dumps(_obs()).replace('"output_tokens": 5', '"output_tokens": 1e400').encode()
+        status, doc = served.post(float_count)
+        assert status == 202 and doc["rejected"][0]["reason"] == "malformed"
+    finally:
+        served.close()
+
+
+def test_a_future_at_is_rejected_with_an_allowance_scaled_by_the_time_scale(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    touches: list[Any] = []
+    config = _config(tmp_path)
+    observer = Observer(config, Metrics(), clock=clock, touch=lambda k, t: touches.append(t))
+    status, doc = observer.accept([_obs(at=T0 + 60, read=1500)])
+    assert (status, doc["accepted"], doc["rejected"][0]["reason"]) == (202, 0, "future")
+    assert touches == [], "a report from the future is never taken as a touch"
+    assert _value(observer.metrics, "keepwarm_observations_rejected_total", reason="malformed") == 1
+    assert observer.accept([_obs(at=T0 + 4, read=1500)])[1]["accepted"] == 1, "clock skew of seconds is fine"
+    scaled = Observer(config.scaled(0.05), Metrics(), clock=clock)
+    # At x0.05 a 5-minute TTL lasts 15 s: 4 s ahead is 80 real seconds.
+    assert scaled.accept([_obs(at=T0 + 4, read=1500)])[1]["rejected"][0]["reason"] == "future"
+    assert scaled.accept([_obs(at=T0 + 0.2, read=1500)])[1]["accepted"] == 1
+
+
+def test_a_v2_ledger_with_copies_migrates_to_one_row_per_request_id(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    clock = FakeClock(T0)
+    observer = Observer(_config(tmp_path), Metrics(), clock=clock)
+    one = validate(_obs(read=1500, request_id="req_1"), 0, observer.pairs, T0)
+    assert isinstance(one, Observation)
+    records = observer.record([one])
+    with Ledger(path, clock=clock) as ledger:  # made into what the previous keepwarm wrote: no unique key
+        assert ledger._db is not None
+        ledger._db.execute("DROP INDEX observations_request_id")
+        ledger._db.execute("PRAGMA user_version = 2")
+        ledger.record_observations(records + records)  # a client's retry, stored twice
+        assert len(ledger.observations()) == 2
+    with Ledger(path, clock=clock) as ledger:
+        assert [r.request_id for r in ledger.observations()] == ["req_1"]
+        ledger.record_observations(records)  # a copy beyond the observer's window: no new row, no error
+        assert [r.request_id for r in ledger.observations()] == ["req_1"] and ledger.write_errors == 0
