@@ -7,11 +7,16 @@ ledger, fed to the pair's policy as a touch, and attributed:
 
 - **saved**: a production request that read the cache although production's own previous
   request to that pair started a TTL or more earlier (or there was none) would, without the
-  keepalive, have written the prefix instead: it adds `cache_read x (write price - read price)`
-  at the pair's TTL to `keepwarm_saved_usd_total`.
-- **drift**: a request whose fingerprint differs from the pair's, or that wrote the cache
-  while keepwarm held it warm (the last ping that read or wrote it started less than a TTL
-  earlier): production is sending a prefix nobody keeps warm.
+  keepalive, have written the prefix instead: it adds `min(cache_read, the pair's prefix tokens)
+  x (write price - read price)` at the pair's TTL to `keepwarm_saved_usd_total`. Only the warmed
+  prefix counts: the rest of a read is production's own conversation, which it kept warm itself.
+- **drift**: a request whose fingerprint differs from the pair's, or that read less than the
+  warmed prefix while keepwarm held it warm (the last ping that read or wrote it started less
+  than a TTL earlier): production is sending a prefix nobody keeps warm. A request that read the
+  whole prefix is no drift, whatever it wrote after it.
+- **duplicates**: an observation whose `request_id` was seen before (a client's retry) is
+  answered as accepted and counts nowhere a second time (a bounded window here, a unique key in
+  the ledger).
 
 Order. Attribution is a pure per-pair component (`PairAttribution`) fed in time order. A batch
 is sorted by `at` before it is attributed. An observation that arrives older than the latest
@@ -77,6 +82,11 @@ CHUNK = 64
 _AT = operator.attrgetter("at")
 # Recent pings kept per pair: enough to find the one before a late observation.
 _PING_HISTORY = 16
+# request_ids remembered to count a retried observation once (~100 bytes each); the ledger's
+# unique key catches a copy that comes later than this many others.
+DEDUP_WINDOW = 100_000
+# Seconds a client is asked to wait when the ledger cannot keep what it would accept.
+RETRY_AFTER = 5
 
 
 def _yield() -> None:
@@ -317,14 +327,15 @@ class Verdict:
     """What one production request says about the keepalive."""
 
     saved: bool  # the keepalive spared this request a write
-    drift: str | None  # "fingerprint" or "write_while_warm", or None
+    drift: str | None  # "fingerprint" or "short_read", or None
     late: bool  # older than the latest production request already attributed
+    saved_tokens: int = 0  # what the saving is counted on: the read, at most the warmed prefix
 
 
 class PairAttribution:
     """Saved and drift for one pair; fed pings and production requests (see module docstring)."""
 
-    __slots__ = ("fingerprint", "last_production", "pings", "ttl")
+    __slots__ = ("fingerprint", "last_production", "pings", "prefix_tokens", "ttl")
 
     def __init__(self, fingerprint: str, ttl: float) -> None:
         self.fingerprint = fingerprint
@@ -332,37 +343,50 @@ class PairAttribution:
         self.last_production = 0.0  # start of the latest production request attributed (0: none)
         # The latest _PING_HISTORY pings' starts: an array, as a deque is ~760 bytes a pair.
         self.pings = array("d")
+        self.prefix_tokens = 0  # the warmed prefix, as the last ping that read or wrote it measured (0: unknown)
 
-    def ping(self, at: float, refreshed: bool) -> None:
+    def ping(self, at: float, refreshed: bool, prefix_tokens: int = 0) -> None:
         """A keepalive ping that started at `at`; only one that read or wrote the cache counts."""
         if refreshed:
             self.pings.append(at)
             if len(self.pings) > _PING_HISTORY:
                 del self.pings[0]
+            if prefix_tokens:
+                self.prefix_tokens = prefix_tokens
 
     def held_warm(self, at: float) -> bool:
         """Whether a ping that read or wrote the cache started within a TTL before `at`."""
         return any(at - self.ttl < p <= at for p in self.pings)
 
     def production(self, at: float, usage: Usage, fingerprint: str | None) -> Verdict:
-        """Attribute one production request that started at `at`."""
+        """Attribute one production request that started at `at`.
+
+        Production often caches its own conversation behind the warmed prefix: a request that
+        read the whole prefix and wrote its history after it is a hit on what keepwarm keeps, not
+        drift, and only the prefix's part of its read is the keepalive's saving.
+        """
         drift = None
+        prefix = self.prefix_tokens
         if fingerprint is not None and fingerprint != self.fingerprint:
             drift = "fingerprint"
-        elif usage.cache_write > 0 and self.held_warm(at):
-            drift = "write_while_warm"
+        elif (usage.cache_read < prefix if prefix else usage.cache_read == 0 and usage.cache_write > 0) \
+                and self.held_warm(at):
+            # Less than the warmed prefix read while keepwarm held it warm (prefix not measured
+            # yet, since a restart: nothing read and something written).
+            drift = "short_read"
         late = at < self.last_production
         saved = False
         if not late:
             previous = self.last_production
             saved = usage.cache_read > 0 and (not previous or at - previous >= self.ttl)
             self.last_production = at
-        return Verdict(saved, drift, late)
+        tokens = (min(usage.cache_read, prefix) if prefix else usage.cache_read) if saved else 0
+        return Verdict(saved, drift, late, tokens)
 
 
-def saved_usd(prices: PriceTable, pair: Pair, usage: Usage) -> float | None:
-    """What a saved request would have paid extra: cache_read x (write - read price) at the pair's TTL."""
-    return prices.miss_penalty(pair.model, usage.cache_read, pair.ttl)
+def saved_usd(prices: PriceTable, pair: Pair, tokens: int) -> float | None:
+    """What a saved request would have paid extra: `tokens` x (write - read price) at the pair's TTL."""
+    return prices.miss_penalty(pair.model, tokens, pair.ttl)
 
 
 # --- in-memory windows for the status page -------------------------------------------------
@@ -432,9 +456,15 @@ class Windows:
     def _bucket(self, key: str, hour: int, keep: float) -> Totals:
         per = self.buckets.setdefault(key, {})
         found = per.get(hour)
-        if found is None:
-            found = per[hour] = Totals()
-            for old in [h for h in per if h < hour - keep / BUCKET]:
+        if found is not None:
+            return found
+        span = int(keep // BUCKET)
+        newest = max(per, default=hour)  # at most span + 1 hours: pruning below keeps it so
+        if hour < newest - span:
+            return Totals()  # older than any window shows (a report days late): counted nowhere here
+        found = per[hour] = Totals()
+        if hour > newest:
+            for old in [h for h in per if h < hour - span]:
                 del per[old]
         return found
 
@@ -459,6 +489,8 @@ class ObservationLedger(Protocol):
     """What the observer needs of a ledger."""
 
     def record_observations(self, rows: list[ObservationRecord]) -> None: ...
+
+    def can_keep(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,8 +575,8 @@ class _Sums:
         window.cache_read += usage.cache_read
         window.cache_write += usage.cache_write_5m + usage.cache_write_1h
         if verdict.saved:
-            self.saved_read += usage.cache_read
-            window.saved_read += usage.cache_read
+            self.saved_read += verdict.saved_tokens
+            window.saved_read += verdict.saved_tokens
         if verdict.drift is not None:
             self.drift += 1
             window.drift += 1
@@ -579,6 +611,7 @@ class Observer:
         self._lock = threading.Lock()
         self._attribution: dict[str, PairAttribution] = {}
         self._series_of: dict[str, ProductionSeries] = {}  # pairs whose production series exist
+        self._seen: dict[str, None] = {}  # recent request_ids, oldest first (a dict keeps insertion order)
         self._unauth_warned = False
         self.pairs: dict[str, Pair] = {}
         self.apply(config, token)
@@ -609,13 +642,14 @@ class Observer:
 
     # --- what pings tell us ------------------------------------------------------------
 
-    def ping(self, pair: Pair, started: float, result: Result, cost: float | None) -> None:
-        """A finished keepalive ping (from the scheduler): for drift and the page's spend."""
+    def ping(self, pair: Pair, started: float, result: Result, cost: float | None, usage: Usage | None = None) -> None:
+        """A finished keepalive ping (from the scheduler): for drift, saved and the page's spend."""
         with self._lock:
             if self.pairs.get(pair.key) != pair:
                 return  # removed or changed meanwhile
             attribution = self._attribution[pair.key]
-            attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL))
+            tokens = usage.cache_read + usage.cache_write if usage is not None else 0
+            attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL), tokens)
             if cost is None:
                 self.windows.add(None, started, Totals(keepalive_unknown=result is not Result.ERROR))
             else:
@@ -683,19 +717,44 @@ class Observer:
         shards = {r.shard for r in bad}
         if bad and not good and len(shards) == 1 and None not in shards:
             return 421, {"shard": bad[0].shard, "rejected": [r.to_json() for r in bad]}
-        judged = self._judge(good)
+        ledger = self.ledger() if good else None
+        if ledger is not None and not ledger.can_keep():
+            # The ledger holds rows it could not write: a 202 now would be a promise kept in
+            # memory only. Nothing of the request is counted; the client retries.
+            return 503, {"error": "the ledger cannot be written; nothing was accepted, retry later",
+                         "retry_after": RETRY_AFTER}
+        fresh = self._first_copies(good)
+        judged = self._judge(fresh)
         if judged:
-            ledger = self.ledger()
             if ledger is not None:
                 ledger.record_observations(self._ledger_rows(judged))
-            self._touch(judged)
-        return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
+            self._touch(judged, now)
+        answer: dict[str, Any] = {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
+        if len(fresh) < len(good):
+            answer["duplicates"] = len(good) - len(fresh)
+        return 202, answer
+
+    def _first_copies(self, observations: list[Observation]) -> list[Observation]:
+        """The observations whose request_id was not seen before (one without counts as new)."""
+        fresh = []
+        with self._lock:
+            seen = self._seen
+            for obs in observations:
+                rid = obs.request_id
+                if rid is not None:
+                    if rid in seen:
+                        continue
+                    seen[rid] = None
+                    if len(seen) > DEDUP_WINDOW:
+                        del seen[next(iter(seen))]
+                fresh.append(obs)
+        return fresh
 
     def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
         """Attribute observations in time order and count them; return what was decided."""
         return self._ledger_rows(self._judge(observations))
 
-    def _touch(self, judged: list[tuple[Observation, Verdict]]) -> None:
+    def _touch(self, judged: list[tuple[Observation, Verdict]], now: float) -> None:
         """Feed the pairs' policies a touch per observation, in time order, a chunk at a time."""
         touches = []
         production = Source.PRODUCTION  # looked up once: an enum member's lookup is not free
@@ -705,7 +764,8 @@ class Observer:
             if verdict.drift is None:
                 usage = obs.usage
                 tokens = usage.cache_read + usage.cache_write_5m + usage.cache_write_1h
-                touches.append((obs.pair.key, Touch(obs.at, production, obs.result, tokens or usage.input)))
+                # Never later than now: a clock a little ahead must not push the next ping past the expiry.
+                touches.append((obs.pair.key, Touch(min(obs.at, now), production, obs.result, tokens or usage.input)))
         if self.touch_many is not None:
             for start in range(0, len(touches), CHUNK):
                 if start:
@@ -722,7 +782,7 @@ class Observer:
             ObservationRecord(
                 obs,
                 prices.cost(obs.pair.model, obs.usage),
-                saved_usd(prices, obs.pair, obs.usage) if verdict.saved else None,
+                saved_usd(prices, obs.pair, verdict.saved_tokens) if verdict.saved else None,
                 verdict.saved,
                 verdict.drift,
                 verdict.late,
@@ -779,13 +839,13 @@ class Observer:
         cost = self.prices.cost(pair.model, usage) or {}
         saved = 0.0
         if total.saved_read:
-            saved = saved_usd(self.prices, pair, Usage(cache_read=total.saved_read)) or 0.0
+            saved = saved_usd(self.prices, pair, total.saved_read) or 0.0
         requests = {result.value: n for result, n in total.requests.items()}
         self._series(pair).add(requests, usage.by_kind(), cost, saved, total.drift)
         for hour, sums in total.hours.items():
             hour_saved = 0.0
             if sums.saved_read:
-                hour_saved = saved_usd(self.prices, pair, Usage(cache_read=sums.saved_read)) or 0.0
+                hour_saved = saved_usd(self.prices, pair, sums.saved_read) or 0.0
             self.windows.add(key, hour * BUCKET, Totals(
                 requests=sums.requests, cache_read=sums.cache_read, cache_write=sums.cache_write,
                 saved_usd=hour_saved, drift=sums.drift,

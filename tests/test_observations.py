@@ -142,11 +142,40 @@ def test_drift_by_fingerprint_and_by_a_write_while_keepwarm_held_the_cache() -> 
     assert a.production(T0, Usage(cache_read=9), "b" * 64).drift == "fingerprint"
     assert a.production(T0, Usage(cache_read=9), "a" * 64).drift is None
     assert a.production(T0 + 10, write, None).drift is None, "no ping yet: a cold write is no drift"
-    a.ping(T0 + 20, refreshed=True)
-    assert a.production(T0 + 30, write, None).drift == "write_while_warm"
+    a.ping(T0 + 20, refreshed=True)  # a ping whose tokens are unknown (read back after a restart)
+    assert a.production(T0 + 30, write, None).drift == "short_read", "nothing of the warm prefix read"
     assert a.production(T0 + 320, write, None).drift is None, "the ping's entry had expired"
     a.ping(T0 + 330, refreshed=False)
     assert a.production(T0 + 340, write, None).drift is None, "a failed ping held nothing warm"
+
+
+def test_a_conversation_that_reads_the_whole_prefix_and_writes_its_history_is_no_drift() -> None:
+    a = PairAttribution("a" * 64, ttl=300)
+    a.ping(T0, refreshed=True, prefix_tokens=2048)
+    turn = Usage(input=50, cache_read=2048 + 9000, cache_write_5m=700)  # prefix + history read, new turn written
+    verdict = a.production(T0 + 10, turn, None)
+    assert verdict.drift is None, "the whole warmed prefix was read: a hit, whatever came after"
+    assert (verdict.saved, verdict.saved_tokens) == (True, 2048), "only the warmed prefix is the keepalive's saving"
+    # Less than the prefix read while warm: production sends another prefix.
+    assert a.production(T0 + 20, Usage(cache_read=1024, cache_write_5m=1024), None).drift == "short_read"
+    assert a.production(T0 + 30, Usage(cache_write_5m=2048), None).drift == "short_read"
+    assert a.production(T0 + 400, Usage(cache_write_5m=2048), None).drift is None, "not held warm any more"
+    small = PairAttribution("a" * 64, ttl=300)
+    small.ping(T0, refreshed=True, prefix_tokens=4096)
+    assert small.production(T0 + 1, Usage(cache_read=1500), None).saved_tokens == 1500, "a read below the prefix"
+
+
+def test_the_saved_counter_counts_only_the_warmed_prefix(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    metrics = Metrics()
+    observer = Observer(config, metrics, clock=FakeClock(T0 + 10))
+    pair = config.pairs[0]
+    observer.ping(pair, T0, Result.WARM, 0.001, Usage(input=3, cache_read=2048))
+    status, doc = observer.accept([_obs(pair.key, at=T0 + 5, read=12_048, write=700)])
+    assert status == 202 and doc["accepted"] == 1
+    labels = {"expert": pair.expert, "model": pair.model}
+    assert _value(metrics, "keepwarm_saved_usd_total", **labels) == config.prices.miss_penalty(pair.model, 2048, pair.ttl)
+    assert not _value(metrics, "keepwarm_prefix_drift_total", **labels), "no drift series moved"
 
 
 # --- the endpoint over HTTP ---------------------------------------------------------------------
@@ -561,6 +590,9 @@ class _Rows:
     def record_observations(self, rows: list[Any]) -> None:
         self.rows.extend(rows)
 
+    def can_keep(self) -> bool:
+        return True
+
 
 def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
     import math
@@ -590,7 +622,7 @@ def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Pat
             each = math.fsum(r.cost[kind] for r in mine)
             got = _value(metrics, "keepwarm_production_cost_usd_total", **labels, kind=kind) or 0.0
             assert got == pytest.approx(each, rel=1e-12, abs=0.0), (pair.key, kind)
-        saved = [saved_usd(config.prices, pair, r.observation.usage) for r in mine if r.saved]
+        saved = [saved_usd(config.prices, pair, r.observation.usage.cache_read) for r in mine if r.saved]
         assert saved, "some requests were credited"
         assert [r.saved_usd for r in mine if r.saved] == saved, "ledger rows are priced one by one"
         got = _value(metrics, "keepwarm_saved_usd_total", **labels) or 0.0

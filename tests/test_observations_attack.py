@@ -133,3 +133,86 @@ def test_a_v2_ledger_with_copies_migrates_to_one_row_per_request_id(tmp_path: Pa
         assert [r.request_id for r in ledger.observations()] == ["req_1"]
         ledger.record_observations(records)  # a copy beyond the observer's window: no new row, no error
         assert [r.request_id for r in ledger.observations()] == ["req_1"] and ledger.write_errors == 0
+
+
+def test_the_same_observation_sent_twice_counts_once(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    touches: list[Any] = []
+    observer = Observer(_config(tmp_path), Metrics(), clock=clock, ledger=lambda: ledger,
+                        touch=lambda k, t: touches.append(t))
+    first = _obs(read=1500, write=10, request_id="req_a", fingerprint="b" * 64)
+    assert observer.accept([first, _obs(at=T0 - 1, read=1500)]) == (202, {"accepted": 2, "rejected": []})
+    # A client's retry of the whole batch, and a copy within one batch.
+    assert observer.accept([first, first, _obs(at=T0 - 1, read=1500)]) == (
+        202, {"accepted": 3, "rejected": [], "duplicates": 2})
+    labels = {"expert": "analyst", "model": "claude-sonnet-4-6"}
+    requests = sum(_value(observer.metrics, "keepwarm_production_requests_total", **labels, result=r) or 0
+                   for r in ("warm", "rewarmed", "partial", "uncached"))
+    assert requests == 3, "the copies were not counted; one without a request_id always is"
+    assert _value(observer.metrics, "keepwarm_prefix_drift_total", **labels) == 1
+    assert [r.request_id for r in ledger.observations()].count("req_a") == 1
+    ledger.close()
+
+
+def test_the_window_of_request_ids_is_bounded(tmp_path: Path, monkeypatch: Any) -> None:
+    import keepwarm.observations as module
+
+    monkeypatch.setattr(module, "DEDUP_WINDOW", 3)
+    observer = Observer(_config(tmp_path), Metrics(), clock=FakeClock(T0))
+    for i in range(5):
+        observer.accept([_obs(read=1500, request_id=f"req_{i}")])
+    assert list(observer._seen) == ["req_2", "req_3", "req_4"]
+    assert "duplicates" not in observer.accept([_obs(read=1500, request_id="req_0")])[1], "forgotten: new again"
+
+
+def test_a_ledger_that_cannot_keep_them_gets_503_and_nothing_changes(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    path = tmp_path / "l.db"
+    ledger = Ledger(path, clock=clock, busy_timeout=0.05)
+    served = Served(_config(tmp_path), clock=clock)
+    served.observer.ledger = lambda: ledger
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the disk is full, or another process holds the file
+        assert served.post(_obs(at=T0 - 2, read=1500, request_id="req_1"))[0] == 202, "the failure is not known yet"
+        assert ledger.pending == 1
+        before = b"".join(served.metrics.exposition())
+        conn = __import__("http.client").client.HTTPConnection(*served.web.address, timeout=10)
+        body = json.dumps(_obs(at=T0 - 1, read=1500, request_id="req_2"))
+        conn.request("POST", "/v1/observations", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Retry-After")) == (503, "5")
+        assert "retry" in json.loads(resp.read())["error"]
+        conn.close()
+        after = b"".join(served.metrics.exposition())
+        strip = [line for line in before.splitlines() if not line.startswith(b"process_")]
+        assert strip == [line for line in after.splitlines() if not line.startswith(b"process_")], "a refused batch changes nothing"
+        assert served.touches and len(served.touches) == 1
+        other.execute("ROLLBACK")
+        status, doc = served.post(body.encode())  # the client's retry, once the file is writable
+        assert (status, doc.get("duplicates")) == (202, None)
+        assert [r.request_id for r in ledger.observations()] == ["req_1", "req_2"]
+    finally:
+        other.close()
+        served.close()
+        ledger.close()
+
+
+def test_old_reports_do_not_grow_the_page_s_hours(tmp_path: Path) -> None:
+    from keepwarm.observations import Totals, Windows
+
+    windows = Windows(since=T0)
+    for hour in range(24 * 7 + 50):  # a week and more of hours, newest first then a report days late
+        windows.add("k", T0 - hour * 3600, Totals(requests=1))
+    assert len(windows.buckets["all pairs"]) <= 7 * 24 + 1 and len(windows.buckets["k"]) <= 25
+    windows.add("k", T0 - 30 * 86400, Totals(requests=1))
+    assert len(windows.buckets["all pairs"]) <= 7 * 24 + 1
+    assert windows.total(None, 7 * 86400, T0).requests == 7 * 24, "the week's hours are all there"
+
+
+def test_a_touch_is_never_later_than_now(tmp_path: Path) -> None:
+    touches: list[Any] = []
+    observer = Observer(_config(tmp_path), Metrics(), clock=FakeClock(T0), touch=lambda k, t: touches.append(t))
+    assert observer.accept([_obs(at=T0 + 3, read=1500)])[1]["accepted"] == 1
+    assert [t.at for t in touches] == [T0]

@@ -484,6 +484,20 @@ class Ledger:
             self._queue(self._pending_observations, values,
                         "cannot write observations to the ledger; kept in memory and retried")
 
+    def can_keep(self) -> bool:
+        """Whether observations accepted now would be written: nothing waits in memory, or what
+        waits goes in now (the endpoint answers 503 otherwise)."""
+        with self._lock:
+            if self._db is None:
+                return False
+            if not self._pending and not self._pending_observations:
+                return True
+            try:
+                self._flush()
+            except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
+                return False
+            return True
+
     def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
         """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
         pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
