@@ -335,11 +335,14 @@ class Verdict:
 class PairAttribution:
     """Saved and drift for one pair; fed pings and production requests (see module docstring)."""
 
-    __slots__ = ("fingerprint", "last_production", "pings", "prefix_tokens", "ttl")
+    __slots__ = ("fingerprint", "known_since", "last_production", "pings", "prefix_tokens", "ttl")
 
-    def __init__(self, fingerprint: str, ttl: float) -> None:
+    def __init__(self, fingerprint: str, ttl: float, known_since: float = 0.0) -> None:
         self.fingerprint = fingerprint
         self.ttl = ttl
+        # Every ping that refreshed the cache since this time is in `pings`: before it, whether
+        # keepwarm held the cache warm is for the ledger to say.
+        self.known_since = known_since
         self.last_production = 0.0  # start of the latest production request attributed (0: none)
         # The latest _PING_HISTORY pings' starts: an array, as a deque is ~760 bytes a pair.
         self.pings = array("d")
@@ -350,15 +353,24 @@ class PairAttribution:
         if refreshed:
             self.pings.append(at)
             if len(self.pings) > _PING_HISTORY:
+                self.known_since = max(self.known_since, self.pings[0])
                 del self.pings[0]
             if prefix_tokens:
                 self.prefix_tokens = prefix_tokens
 
-    def held_warm(self, at: float) -> bool:
-        """Whether a ping that read or wrote the cache started within a TTL before `at`."""
-        return any(at - self.ttl < p <= at for p in self.pings)
+    def held_warm(self, at: float) -> bool | None:
+        """Whether a ping that read or wrote the cache started within a TTL before `at`; None
+        when that lies before what the kept pings cover (a report an hour late: ask the ledger)."""
+        if any(at - self.ttl < p <= at for p in self.pings):
+            return True
+        return False if at - self.ttl >= self.known_since else None
 
-    def production(self, at: float, usage: Usage, fingerprint: str | None) -> Verdict:
+    def short_read(self, usage: Usage) -> bool:
+        """Whether a request read less than the warmed prefix (prefix unknown: read nothing and wrote)."""
+        prefix = self.prefix_tokens
+        return usage.cache_read < prefix if prefix else usage.cache_read == 0 and usage.cache_write > 0
+
+    def production(self, at: float, usage: Usage, fingerprint: str | None, warm: bool | None = None) -> Verdict:
         """Attribute one production request that started at `at`.
 
         Production often caches its own conversation behind the warmed prefix: a request that
@@ -369,10 +381,10 @@ class PairAttribution:
         prefix = self.prefix_tokens
         if fingerprint is not None and fingerprint != self.fingerprint:
             drift = "fingerprint"
-        elif (usage.cache_read < prefix if prefix else usage.cache_read == 0 and usage.cache_write > 0) \
-                and self.held_warm(at):
+        elif self.short_read(usage) and (warm if warm is not None else self.held_warm(at)):
             # Less than the warmed prefix read while keepwarm held it warm (prefix not measured
-            # yet, since a restart: nothing read and something written).
+            # yet, since a restart: nothing read and something written). `warm`: the ledger's
+            # answer for a request older than the pings kept here.
             drift = "short_read"
         late = at < self.last_production
         saved = False
@@ -491,6 +503,8 @@ class ObservationLedger(Protocol):
     def record_observations(self, rows: list[ObservationRecord]) -> None: ...
 
     def can_keep(self) -> bool: ...
+
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,7 +645,7 @@ class Observer:
                     self.windows.drop(key)
             for key, pair in pairs.items():
                 if key not in self._attribution:
-                    self._attribution[key] = PairAttribution(pair.fingerprint, pair.ttl_seconds)
+                    self._attribution[key] = PairAttribution(pair.fingerprint, pair.ttl_seconds, self.clock())
             self.pairs = pairs
             self.prices = config.prices
             self.token = token
@@ -804,18 +818,41 @@ class Observer:
         # few hundred counter updates instead of eleven thousand, and a few hundred prices.
         sums: dict[str, _Sums] = {}
         ordered = sorted(observations, key=_AT)
+        warm = self._warm_from_ledger(ordered)
         for start in range(0, len(ordered), CHUNK):
             if start:
                 _yield()
-            self._attribute(ordered[start:start + CHUNK], sums, judged)
+            self._attribute(ordered[start:start + CHUNK], sums, judged, warm)
         with self._lock:
             for key, total in sums.items():
                 if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
                     self._count(key, total)
         return judged
 
+    def _warm_from_ledger(self, observations: list[Observation]) -> dict[int, bool]:
+        """Whether keepwarm held the cache warm, by id(observation), for the requests whose drift
+        depends on pings older than those kept in memory: asked of the ledger, outside the lock."""
+        unknown = []
+        with self._lock:
+            for obs in observations:
+                a = self._attribution.get(obs.pair.key)
+                if (a is not None and (obs.fingerprint is None or obs.fingerprint == a.fingerprint)
+                        and a.short_read(obs.usage) and a.held_warm(obs.at) is None):
+                    unknown.append((obs, a.ttl))
+        ledger = self.ledger() if unknown else None
+        found: dict[int, bool] = {}
+        if ledger is None:
+            return found
+        for obs, ttl in unknown:
+            try:
+                found[id(obs)] = ledger.refreshed_between(obs.pair.expert, obs.pair.model, obs.at - ttl, obs.at)
+            except Exception as exc:  # noqa: BLE001 - unreadable: not judged, as without a ledger
+                event(log, logging.WARNING, "cannot read pings back from the ledger to judge drift", error=str(exc))
+                break
+        return found
+
     def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums],
-                   out: list[tuple[Observation, Verdict]]) -> None:
+                   out: list[tuple[Observation, Verdict]], warm: dict[int, bool]) -> None:
         """Attribute one chunk of a request's observations under the lock."""
         with self._lock:
             for obs in chunk:
@@ -824,7 +861,7 @@ class Observer:
                 attribution = self._attribution.get(key)
                 if attribution is None or self.pairs.get(key) is not pair:
                     continue  # a reload removed it between validation and here
-                verdict = attribution.production(obs.at, obs.usage, obs.fingerprint)
+                verdict = attribution.production(obs.at, obs.usage, obs.fingerprint, warm.get(id(obs)))
                 total = sums.get(key)
                 if total is None:
                     total = sums[key] = _Sums(pair)

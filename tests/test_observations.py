@@ -593,6 +593,9 @@ class _Rows:
     def can_keep(self) -> bool:
         return True
 
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        return False
+
 
 def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
     import math

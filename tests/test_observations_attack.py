@@ -216,3 +216,33 @@ def test_a_touch_is_never_later_than_now(tmp_path: Path) -> None:
     observer = Observer(_config(tmp_path), Metrics(), clock=FakeClock(T0), touch=lambda k, t: touches.append(t))
     assert observer.accept([_obs(at=T0 + 3, read=1500)])[1]["accepted"] == 1
     assert [t.at for t in touches] == [T0]
+
+
+def test_a_write_while_warm_reported_hours_late_is_judged_from_the_ledger(tmp_path: Path) -> None:
+    from keepwarm.classify import Result
+
+    path = tmp_path / "l.db"
+    clock = FakeClock(T0)
+    ledger = Ledger(path, clock=clock)
+    config = _config(tmp_path)
+    observer = Observer(config, Metrics(), clock=clock, ledger=lambda: ledger)
+    pair = config.pairs[0]
+    # 30 pings four minutes apart, each reading the prefix: the ledger has them all, memory the last 16.
+    with sqlite3.connect(path) as db:
+        for i in range(30):
+            db.execute("INSERT INTO pings (time, expert, model, ttl, fingerprint, result, input, cache_read,"
+                       " cache_write_5m, cache_write_1h, output, attempts) VALUES (?, ?, ?, ?, ?, 'warm', 3, 2048, 0, 0, 1, 1)",
+                       (T0 + 240 * i, pair.expert, pair.model, pair.ttl, pair.fingerprint))
+    for i in range(30):
+        observer.ping(pair, T0 + 240 * i, Result.WARM, 0.001, Usage(input=3, cache_read=2048))
+    clock.now = T0 + 240 * 30
+    early = _obs(pair.key, at=T0 + 240 * 2 + 10, write=2048)  # held warm by ping 2, two hours ago
+    assert observer.accept([early])[0] == 202
+    labels = {"expert": pair.expert, "model": pair.model}
+    assert _value(observer.metrics, "keepwarm_prefix_drift_total", **labels) == 1, "the ledger's ping 2 decided it"
+    kept = observer._attribution[pair.key]
+    assert kept.held_warm(T0 + 240 * 2 + 10) is None, "older than the pings kept in memory"
+    cold = Observer(config, Metrics(), clock=clock, ledger=lambda: ledger)  # no ping within a TTL before
+    assert cold.accept([_obs(pair.key, at=T0 - 400, write=2048)])[0] == 202
+    assert not _value(cold.metrics, "keepwarm_prefix_drift_total", **labels)
+    ledger.close()

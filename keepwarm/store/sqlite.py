@@ -484,6 +484,19 @@ class Ledger:
             self._queue(self._pending_observations, values,
                         "cannot write observations to the ledger; kept in memory and retried")
 
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
+        keepwarm held it warm for a production request reported later than the observer remembers."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"ledger {self.path} is closed")
+            row = self._db.execute(
+                "SELECT 1 FROM pings WHERE expert = ? AND model = ? AND time > ? AND time <= ?"
+                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
+                (expert, model, start, end),
+            ).fetchone()
+            return row is not None
+
     def can_keep(self) -> bool:
         """Whether observations accepted now would be written: nothing waits in memory, or what
         waits goes in now (the endpoint answers 503 otherwise)."""
