@@ -401,7 +401,7 @@ def main() -> int:
         return 0
     results: dict[str, Any] = {
         "command": " ".join(["python3", "bench/http_server.py", *sys.argv[1:]]),
-        "pairs": args.pairs, "seconds": args.seconds, "idle": IDLE, "slow": SLOW,
+        "pairs": args.pairs, "seconds": args.seconds, "warmup": args.warmup, "idle": IDLE, "slow": SLOW,
         "observations_per_second_offered": OBS_PER_SECOND, "workers": WORKERS,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "candidates": {},
