@@ -25,6 +25,7 @@ from typing import Any
 import waitress.server
 from prometheus_client import CONTENT_TYPE_LATEST
 from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
 from keepwarm import __version__
 from keepwarm.durations import format_duration
@@ -380,7 +381,13 @@ class WebServer:
         _quiet_waitress()
         _raise_open_files(max_connections + 256)  # the pings' own sockets and the ledger need some too
         self.server = _serve(App(self), host, port, workers, max_connections, idle_timeout, request_timeout)
+        self.server.on_refused = self._refused
         self._thread = threading.Thread(target=self.server.run, name="keepwarm-http", daemon=True)
+
+    def _refused(self, path: str, status: int) -> None:
+        """Count an observations request that waitress refused before the observer saw it."""
+        if self.observer is not None and path == OBSERVATIONS_PATH:
+            self.metrics.observations_rejected.labels("too_large" if status == 413 else "malformed").inc()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -407,8 +414,23 @@ class WebServer:
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
 
 
+class _ErrorTask(ErrorTask):  # type: ignore[misc]
+    """waitress's answer to a request it refused itself (too large, bad header): counted first."""
+
+    def execute(self) -> None:
+        on_refused = self.channel.server.on_refused
+        if on_refused is not None:
+            try:
+                on_refused(str(getattr(self.request, "path", "") or ""), int(getattr(self.request.error, "code", 400)))
+            except Exception:  # noqa: BLE001 - counting must not stop the answer
+                log.debug("cannot count a refused request", exc_info=True)
+        super().execute()
+
+
 class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress is untyped
     """A connection whose request must arrive within a deadline, however slowly it trickles."""
+
+    error_task_class = _ErrorTask
 
     started = 0.0  # when the request now being read began arriving (0: none)
     _tracked: object = None  # the request `started` belongs to
@@ -428,6 +450,7 @@ class _Server(waitress.server.TcpWSGIServer):  # type: ignore[misc]
     channel_class = _Channel
     request_timeout = REQUEST_TIMEOUT
     stop_requested = False
+    on_refused: Callable[[str, int], None] | None = None  # (path, status) of what waitress refused itself
 
     def readable(self) -> bool:
         """Asked by the event loop on every turn: where a stop is carried out, on the loop's thread."""

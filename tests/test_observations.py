@@ -262,6 +262,7 @@ def test_content_length_over_the_limit_is_refused_before_reading(served: Served)
     resp = conn.getresponse()
     assert resp.status == 413
     conn.close()
+    assert _value(served.metrics, "keepwarm_observations_rejected_total", reason="too_large") == 1
 
 
 def test_the_token_is_required_and_compared(tmp_path: Path) -> None:
