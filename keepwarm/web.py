@@ -225,6 +225,9 @@ MAX_CONNECTIONS = 2000
 IDLE_TIMEOUT = 60  # seconds a kept-alive connection may sit silent (Prometheus scrapes every 15-60 s)
 REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last: header and body alike
 MAX_HEADER_BYTES = 64 * 1024
+# Bytes of a response waiting for a slow reader before its worker waits too (beyond 1 MB they
+# wait in a temporary file, not in memory).
+OUTBUF_HIGH = 16 * 1024 * 1024
 _STATUS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
            500: "Internal Server Error", 503: "Service Unavailable"}
@@ -463,7 +466,8 @@ class _Server(waitress.server.TcpWSGIServer):  # type: ignore[misc]
         """Close every connection, the trigger and the listening socket: the loop's map empties and it returns."""
         for channel in list(self._map.values()):
             if channel is not self and channel is not self.trigger:
-                channel.close()
+                # handle_close, not close: it also wakes a worker waiting for the client to read.
+                channel.handle_close()
         self.close()
 
     def maintenance(self, now: float) -> None:
@@ -476,7 +480,13 @@ class _Server(waitress.server.TcpWSGIServer):  # type: ignore[misc]
         for channel in list(self.active_channels.values()):
             if not isinstance(channel, _Channel):
                 continue
-            if (channel.started and channel.started < overdue) or (channel.requests and channel.last_activity < stalled):
+            # Stuck: an answer begun (bytes waiting to go out) and none taken for a while. A request
+            # still waiting in the queue for a worker has no output yet and is left alone.
+            if channel.requests and channel.total_outbufs_len and channel.last_activity < stalled:
+                # will_close waits for the socket to be writable, which it never is here: close it
+                # outright (on the loop's next turn), which also wakes the worker waiting on it.
+                self.trigger.pull_trigger(channel.handle_close)
+            elif channel.started and channel.started < overdue:
                 channel.will_close = True
 
 
@@ -496,6 +506,7 @@ def _serve(app: App, host: str, port: int, workers: int, max_connections: int, i
         # observer answers (and counts) 413 after checking the token.
         max_request_body_size=OBSERVATIONS_MAX_BYTES + 1,
         asyncore_use_poll=True,  # select() stops at 1,024 descriptors
+        outbuf_high_watermark=OUTBUF_HIGH,
         log_socket_errors=False,
         expose_tracebacks=False,
         ident="keepwarm",

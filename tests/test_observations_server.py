@@ -121,3 +121,25 @@ def test_a_bad_request_line_or_header_is_a_4xx(web: WebServer) -> None:
             answer = s.recv(100)
             assert answer.startswith(b"HTTP/1.") and answer.split()[1][:1] == b"4", answer
     assert _get(web, "/healthz")[0] == 200
+
+
+def test_a_scraper_that_reads_nothing_frees_its_worker(tmp_path: Path, monkeypatch: Any) -> None:
+    import keepwarm.web as web_module
+
+    monkeypatch.setattr(web_module, "OUTBUF_HIGH", 64 * 1024)  # the worker waits once 64 kB are unread
+    metrics = Metrics(per_pair="full")
+    for i in range(3000):
+        metrics.pings.labels(f"expert-{i}", "claude-sonnet-4-6", "warm").inc()
+    server = WebServer("127.0.0.1", 0, metrics, states=lambda: [], health=lambda: (True, "ok"), workers=1,
+                       request_timeout=0.3)
+    server.start()
+    try:
+        with socket.create_connection(server.address) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads the answer
+            time.sleep(0.3)
+            start = time.monotonic()
+            assert _get(server, "/healthz", timeout=10) == (200, b"ok\n"), "the only worker came back"
+            assert time.monotonic() - start < 5
+    finally:
+        server.stop()
