@@ -13,7 +13,7 @@ from test_observations import T0, FakeClock, Served, _config, _obs, _value
 from keepwarm.classify import Usage
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observation, Observer, Rejection, validate
-from keepwarm.store import Ledger, read_observations
+from keepwarm.store import Ledger, read_observations, schema_version
 
 PAIR = "analyst/claude-sonnet-4-6"
 
@@ -126,7 +126,7 @@ def test_a_v2_ledger_with_copies_migrates_to_one_row_per_request_id(tmp_path: Pa
     with Ledger(path, clock=clock) as ledger:  # made into what the previous keepwarm wrote: no unique key
         assert ledger._db is not None
         ledger._db.execute("DROP INDEX observations_request_id")
-        ledger._db.execute("PRAGMA user_version = 2")
+        ledger._db.execute(f"PRAGMA user_version = {schema_version() - 1}")  # the version before the unique key
         ledger.record_observations(records + records)  # a client's retry, stored twice
         assert len(ledger.observations()) == 2
     with Ledger(path, clock=clock) as ledger:

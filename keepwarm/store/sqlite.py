@@ -149,7 +149,7 @@ def _unique_request_id_v3(db: sqlite3.Connection) -> None:
         "DELETE FROM observations WHERE request_id IS NOT NULL AND id NOT IN"
         " (SELECT MIN(id) FROM observations WHERE request_id IS NOT NULL GROUP BY request_id)"
     )
-    db.execute("CREATE UNIQUE INDEX observations_request_id ON observations (request_id) WHERE request_id IS NOT NULL")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS observations_request_id ON observations (request_id) WHERE request_id IS NOT NULL")
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _unique_request_id_v3]
