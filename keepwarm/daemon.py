@@ -109,7 +109,7 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         touch_many=scheduler.touch_many,
         ledger=lambda: runner.ledger if isinstance(runner.ledger, Ledger) else None,
     )
-    scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost)
+    scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost, o.usage)
     if isinstance(runner.ledger, Ledger):
         now = time.time()
         longest_ttl = max((p.ttl_seconds for p in config.pairs), default=0.0)

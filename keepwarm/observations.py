@@ -7,11 +7,16 @@ ledger, fed to the pair's policy as a touch, and attributed:
 
 - **saved**: a production request that read the cache although production's own previous
   request to that pair started a TTL or more earlier (or there was none) would, without the
-  keepalive, have written the prefix instead: it adds `cache_read x (write price - read price)`
-  at the pair's TTL to `keepwarm_saved_usd_total`.
-- **drift**: a request whose fingerprint differs from the pair's, or that wrote the cache
-  while keepwarm held it warm (the last ping that read or wrote it started less than a TTL
-  earlier): production is sending a prefix nobody keeps warm.
+  keepalive, have written the prefix instead: it adds `min(cache_read, the pair's prefix tokens)
+  x (write price - read price)` at the pair's TTL to `keepwarm_saved_usd_total`. Only the warmed
+  prefix counts: the rest of a read is production's own conversation, which it kept warm itself.
+- **drift**: a request whose fingerprint differs from the pair's, or that read less than the
+  warmed prefix while keepwarm held it warm (the last ping that read or wrote it started less
+  than a TTL earlier): production is sending a prefix nobody keeps warm. A request that read the
+  whole prefix is no drift, whatever it wrote after it.
+- **duplicates**: an observation whose `request_id` was seen before (a client's retry) is
+  answered as accepted and counts nowhere a second time (a bounded window here, a unique key in
+  the ledger).
 
 Order. Attribution is a pure per-pair component (`PairAttribution`) fed in time order. A batch
 is sorted by `at` before it is attributed. An observation that arrives older than the latest
@@ -57,9 +62,15 @@ log = logging.getLogger("keepwarm.observations")
 PATH = "/v1/observations"
 MAX_ITEMS = 1000
 MAX_BYTES = 1024 * 1024
-# How far ahead of the daemon's clock an `at` may lie: clocks of two machines disagree a little.
-MAX_FUTURE_SKEW = 300.0
+# How far ahead of the daemon's clock an `at` may lie, in real seconds (scaled with --time-scale):
+# two machines' clocks disagree by milliseconds under NTP; more is a fabricated or broken report,
+# and taken as a touch it would push the next ping past the real expiry.
+MAX_FUTURE_SKEW = 5.0
+# The largest count accepted: what a float (the counters) holds exactly, far below SQLite's 2^63.
+MAX_COUNT = 2**53
 REJECT_REASONS = ("malformed", "unknown_pair", "unauthorized", "too_large", "misdirected")
+# Per-item reasons of the answer beyond the metric's label values, and the label they count under.
+_REASON_LABEL = {"future": "malformed"}
 PRODUCTION_RESULTS = ("warm", "rewarmed", "partial", "uncached")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
@@ -72,6 +83,11 @@ CHUNK = 64
 _AT = operator.attrgetter("at")
 # Recent pings kept per pair: enough to find the one before a late observation.
 _PING_HISTORY = 16
+# request_ids remembered to count a retried observation once (~100 bytes each); the ledger's
+# unique key catches a copy that comes later than this many others.
+DEDUP_WINDOW = 100_000
+# Seconds a client is asked to wait when the ledger cannot keep what it would accept.
+RETRY_AFTER = 5
 
 
 def _yield() -> None:
@@ -127,6 +143,8 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, "malformed", f"the body is not JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no observation is that deep
+        raise BadRequest(400, "malformed", "the body is not JSON of the expected shape: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(400, "malformed", "expected a JSON object: one observation or {\"observations\": [...]}")
     if "observations" not in doc:
@@ -145,8 +163,9 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
 def _count(value: Any, where: str) -> int:
     if value is None:
         return 0  # missing or null counts as 0, as in an API response
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: expected an integer >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a larger integer"
+        raise ValueError(f"{where}: expected an integer from 0 to 2^53, got {shown}")
     return value
 
 
@@ -168,27 +187,31 @@ def validate(
     pairs: Mapping[str, Pair],
     now: float,
     other_shards: Callable[[str], int | None] = lambda key: None,
+    skew: float = MAX_FUTURE_SKEW,
 ) -> Observation | Rejection:
-    """Check one observation against the configured pairs; never raises."""
+    """Check one observation against the configured pairs; never raises.
+
+    `skew`: how many seconds past `now` an `at` may lie (MAX_FUTURE_SKEW scaled by --time-scale).
+    """
     # Nearly every item is well formed and for a configured pair: `_well_formed` takes those
     # with a few exact type checks and builds no message (checking every item the long way was
     # a good part of a batch's cost). It only ever accepts, and only what the full check would,
     # with the same result; everything else, or anything it is unsure of, goes the long way,
     # which finds what is wrong and says so (tests/test_observations.py fuzzes one against the other).
-    observation = _well_formed(item, pairs, now)
+    observation = _well_formed(item, pairs, now, skew)
     if observation is not None:
         return observation
-    return _validate_in_full(item, index, pairs, now, other_shards)
+    return _validate_in_full(item, index, pairs, now, other_shards, skew)
 
 
 def _plain_count(value: Any) -> int:
     """A usage count as the fast path takes it: None is 0, an int >= 0 itself; -1 for anything else."""
     if value is None:
         return 0
-    return value if type(value) is int and value >= 0 else -1  # exact type: a bool is no count
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else -1  # exact type: a bool is no count
 
 
-def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observation | None:
+def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float, skew: float = MAX_FUTURE_SKEW) -> Observation | None:
     """The observation of a plainly valid item (what JSON gives: exact types), else None."""
     if type(item) is not dict or not _ITEM_KEYS.issuperset(item):
         return None
@@ -203,10 +226,11 @@ def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float) -> Observatio
     if (
         pair is None
         or (type(at) is not float and type(at) is not int)
-        or not 0 < at <= now + MAX_FUTURE_SKEW  # False for NaN and both infinities too
+        or not 0 < at <= now + skew  # False for NaN and both infinities too
         or type(usage) is not dict
         or (fingerprint is not None and (type(fingerprint) is not str or not _FINGERPRINT.fullmatch(fingerprint)))
-        or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID))
+        or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID
+                                        or not request_id.isascii()))  # anything else: the full check
         or item.get("account", pair.account) != pair.account  # sent elsewhere: the long way rejects it
         or item.get("provider", "anthropic") != pair.provider
     ):
@@ -240,6 +264,7 @@ def _validate_in_full(
     pairs: Mapping[str, Pair],
     now: float,
     other_shards: Callable[[str], int | None],
+    skew: float = MAX_FUTURE_SKEW,
 ) -> Observation | Rejection:
     """Every check in order, with the message of the first that fails."""
 
@@ -254,6 +279,8 @@ def _validate_in_full(
     expert, model = item.get("expert"), item.get("model")
     if not isinstance(expert, str) or not isinstance(model, str):
         return reject("malformed", "expert and model: expected strings")
+    if not _utf8(expert) or not _utf8(model):
+        return reject("malformed", "expert and model: expected text that encodes as UTF-8 (no lone surrogates)")
     key = f"{expert}/{model}"
     pair = pairs.get(key)
     if pair is None:
@@ -278,20 +305,31 @@ def _validate_in_full(
         return reject("malformed", "at: expected unix seconds, got an integer out of range")
     if not math.isfinite(at) or at <= 0:
         return reject("malformed", f"at: expected unix seconds, got {at!r}")
-    if at > now + MAX_FUTURE_SKEW:
-        return reject("malformed", f"at: {at} is {at - now:.0f}s in the future")
+    if at > now + skew:
+        return reject("future", f"at: {at} is {at - now:.3f}s ahead of this daemon's clock; at most {skew:g}s is allowed")
     fingerprint = item.get("fingerprint")
     if fingerprint is not None and (not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint)):
         return reject("malformed", "fingerprint: expected 64 lower-case hex digits (sha256)")
     request_id = item.get("request_id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > _MAX_REQUEST_ID):
         return reject("malformed", f"request_id: expected a string of at most {_MAX_REQUEST_ID} characters")
+    if request_id is not None and not _utf8(request_id):
+        return reject("malformed", "request_id: expected text that encodes as UTF-8 (no lone surrogates)")
     try:
         raw = _check_usage(item.get("usage"))
     except ValueError as exc:
         return reject("malformed", str(exc))
     usage = usage_from_api(raw, pair.ttl)
     return Observation(pair, float(at), usage, classify(usage), fingerprint, request_id)
+
+
+def _utf8(text: str) -> bool:
+    """Whether a string can be stored as UTF-8 text (JSON lets through lone surrogates, SQLite not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- attribution: pure, per pair, fed in time order ---------------------------------------
@@ -302,52 +340,78 @@ class Verdict:
     """What one production request says about the keepalive."""
 
     saved: bool  # the keepalive spared this request a write
-    drift: str | None  # "fingerprint" or "write_while_warm", or None
+    drift: str | None  # "fingerprint" or "short_read", or None
     late: bool  # older than the latest production request already attributed
+    saved_tokens: int = 0  # what the saving is counted on: the read, at most the warmed prefix
 
 
 class PairAttribution:
     """Saved and drift for one pair; fed pings and production requests (see module docstring)."""
 
-    __slots__ = ("fingerprint", "last_production", "pings", "ttl")
+    __slots__ = ("fingerprint", "known_since", "last_production", "pings", "prefix_tokens", "ttl")
 
-    def __init__(self, fingerprint: str, ttl: float) -> None:
+    def __init__(self, fingerprint: str, ttl: float, known_since: float = 0.0) -> None:
         self.fingerprint = fingerprint
         self.ttl = ttl
+        # Every ping that refreshed the cache since this time is in `pings`: before it, whether
+        # keepwarm held the cache warm is for the ledger to say.
+        self.known_since = known_since
         self.last_production = 0.0  # start of the latest production request attributed (0: none)
         # The latest _PING_HISTORY pings' starts: an array, as a deque is ~760 bytes a pair.
         self.pings = array("d")
+        self.prefix_tokens = 0  # the warmed prefix, as the last ping that read or wrote it measured (0: unknown)
 
-    def ping(self, at: float, refreshed: bool) -> None:
+    def ping(self, at: float, refreshed: bool, prefix_tokens: int = 0) -> None:
         """A keepalive ping that started at `at`; only one that read or wrote the cache counts."""
         if refreshed:
             self.pings.append(at)
             if len(self.pings) > _PING_HISTORY:
+                self.known_since = max(self.known_since, self.pings[0])
                 del self.pings[0]
+            if prefix_tokens:
+                self.prefix_tokens = prefix_tokens
 
-    def held_warm(self, at: float) -> bool:
-        """Whether a ping that read or wrote the cache started within a TTL before `at`."""
-        return any(at - self.ttl < p <= at for p in self.pings)
+    def held_warm(self, at: float) -> bool | None:
+        """Whether a ping that read or wrote the cache started within a TTL before `at`; None
+        when that lies before what the kept pings cover (a report an hour late: ask the ledger)."""
+        if any(at - self.ttl < p <= at for p in self.pings):
+            return True
+        return False if at - self.ttl >= self.known_since else None
 
-    def production(self, at: float, usage: Usage, fingerprint: str | None) -> Verdict:
-        """Attribute one production request that started at `at`."""
+    def short_read(self, usage: Usage) -> bool:
+        """Whether a request read less than the warmed prefix (prefix unknown: read nothing and wrote)."""
+        prefix = self.prefix_tokens
+        return usage.cache_read < prefix if prefix else usage.cache_read == 0 and usage.cache_write > 0
+
+    def production(self, at: float, usage: Usage, fingerprint: str | None, warm: bool | None = None) -> Verdict:
+        """Attribute one production request that started at `at`.
+
+        Production often caches its own conversation behind the warmed prefix: a request that
+        read the whole prefix and wrote its history after it is a hit on what keepwarm keeps, not
+        drift, and only the prefix's part of its read is the keepalive's saving.
+        """
         drift = None
+        prefix = self.prefix_tokens
         if fingerprint is not None and fingerprint != self.fingerprint:
             drift = "fingerprint"
-        elif usage.cache_write > 0 and self.held_warm(at):
-            drift = "write_while_warm"
+        elif self.short_read(usage) and (warm if warm is not None else self.held_warm(at)):
+            # Less than the warmed prefix read while keepwarm held it warm (prefix not measured
+            # yet, since a restart: nothing read and something written). `warm`: the ledger's
+            # answer for a request older than the pings kept here.
+            drift = "short_read"
         late = at < self.last_production
         saved = False
         if not late:
             previous = self.last_production
             saved = usage.cache_read > 0 and (not previous or at - previous >= self.ttl)
             self.last_production = at
-        return Verdict(saved, drift, late)
+        tokens = (min(usage.cache_read, prefix) if prefix else usage.cache_read) if saved else 0
+        return Verdict(saved, drift, late, tokens)
 
 
-def saved_usd(prices: PriceTable, pair: Pair, usage: Usage) -> float | None:
-    """What a saved request would have paid extra: cache_read x (write - read price) at the pair's TTL."""
-    return prices.miss_penalty(pair.price_key, usage.cache_read, pair.ttl)
+def saved_usd(prices: PriceTable, pair: Pair, tokens: int) -> float | None:
+    """What a saved request would have paid extra: `tokens` x (write - read price) at the pair's TTL."""
+    return prices.miss_penalty(pair.price_key, tokens, pair.ttl)
 
 
 # --- in-memory windows for the status page -------------------------------------------------
@@ -421,9 +485,15 @@ class Windows:
     def _bucket(self, key: str, hour: int, keep: float) -> Totals:
         per = self.buckets.setdefault(key, {})
         found = per.get(hour)
-        if found is None:
-            found = per[hour] = Totals()
-            for old in [h for h in per if h < hour - keep / BUCKET]:
+        if found is not None:
+            return found
+        span = int(keep // BUCKET)
+        newest = max(per, default=hour)  # at most span + 1 hours: pruning below keeps it so
+        if hour < newest - span:
+            return Totals()  # older than any window shows (a report days late): counted nowhere here
+        found = per[hour] = Totals()
+        if hour > newest:
+            for old in [h for h in per if h < hour - span]:
                 del per[old]
         return found
 
@@ -448,6 +518,10 @@ class ObservationLedger(Protocol):
     """What the observer needs of a ledger."""
 
     def record_observations(self, rows: list[ObservationRecord]) -> None: ...
+
+    def can_keep(self) -> bool: ...
+
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,8 +606,8 @@ class _Sums:
         window.cache_read += usage.cache_read
         window.cache_write += usage.cache_write_5m + usage.cache_write_1h
         if verdict.saved:
-            self.saved_read += usage.cache_read
-            window.saved_read += usage.cache_read
+            self.saved_read += verdict.saved_tokens
+            window.saved_read += verdict.saved_tokens
         if verdict.drift is not None:
             self.drift += 1
             window.drift += 1
@@ -569,6 +643,7 @@ class Observer:
         self._lock = threading.Lock()
         self._attribution: dict[str, PairAttribution] = {}
         self._series_of: dict[str, ProductionSeries] = {}  # pairs whose production series exist
+        self._seen: dict[str, None] = {}  # recent request_ids, oldest first (a dict keeps insertion order)
         self._unauth_warned = False
         self.pairs: dict[str, Pair] = {}
         self.apply(config, token)
@@ -588,23 +663,25 @@ class Observer:
                     self.windows.drop(key)
             for key, pair in pairs.items():
                 if key not in self._attribution:
-                    self._attribution[key] = PairAttribution(pair.fingerprint, pair.ttl_seconds)
+                    self._attribution[key] = PairAttribution(pair.fingerprint, pair.ttl_seconds, self.clock())
             self.pairs = pairs
             self.prices = config.prices
             self.token = token
             self.open = token is None and (is_loopback(config.metrics_host) or config.observe_allow_unauthenticated)
             self.shards = config.shard
             self.other_shard_pairs = config.other_shard_pairs
+            self.skew = MAX_FUTURE_SKEW * config.time_scale
 
     # --- what pings tell us ------------------------------------------------------------
 
-    def ping(self, pair: Pair, started: float, result: Result, cost: float | None) -> None:
-        """A finished keepalive ping (from the scheduler): for drift and the page's spend."""
+    def ping(self, pair: Pair, started: float, result: Result, cost: float | None, usage: Usage | None = None) -> None:
+        """A finished keepalive ping (from the scheduler): for drift, saved and the page's spend."""
         with self._lock:
             if self.pairs.get(pair.key) != pair:
                 return  # removed or changed meanwhile
             attribution = self._attribution[pair.key]
-            attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL))
+            tokens = usage.cache_read + usage.cache_write if usage is not None else 0
+            attribution.ping(started, result in (Result.WARM, Result.REWARMED, Result.PARTIAL), tokens)
             if cost is None:
                 self.windows.add(None, started, Totals(keepalive_unknown=result is not Result.ERROR))
             else:
@@ -662,29 +739,54 @@ class Observer:
             pairs = self.pairs
         checked: list[Observation | Rejection] = []
         for i, item in enumerate(items):
-            checked.append(validate(item, i, pairs, now, self._owner))
+            checked.append(validate(item, i, pairs, now, self._owner, self.skew))
             if i % CHUNK == CHUNK - 1:
                 _yield()
         good = [c for c in checked if isinstance(c, Observation)]
         bad = [c for c in checked if isinstance(c, Rejection)]
         for rejection in bad:
-            self.metrics.observations_rejected.labels(rejection.reason).inc()
+            self.metrics.observations_rejected.labels(_REASON_LABEL.get(rejection.reason, rejection.reason)).inc()
         shards = {r.shard for r in bad}
         if bad and not good and len(shards) == 1 and None not in shards:
             return 421, {"shard": bad[0].shard, "rejected": [r.to_json() for r in bad]}
-        judged = self._judge(good)
+        ledger = self.ledger() if good else None
+        if ledger is not None and not ledger.can_keep():
+            # The ledger holds rows it could not write: a 202 now would be a promise kept in
+            # memory only. Nothing of the request is counted; the client retries.
+            return 503, {"error": "the ledger cannot be written; nothing was accepted, retry later",
+                         "retry_after": RETRY_AFTER}
+        fresh = self._first_copies(good)
+        judged = self._judge(fresh)
         if judged:
-            ledger = self.ledger()
             if ledger is not None:
                 ledger.record_observations(self._ledger_rows(judged))
-            self._touch(judged)
-        return 202, {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
+            self._touch(judged, now)
+        answer: dict[str, Any] = {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
+        if len(fresh) < len(good):
+            answer["duplicates"] = len(good) - len(fresh)
+        return 202, answer
+
+    def _first_copies(self, observations: list[Observation]) -> list[Observation]:
+        """The observations whose request_id was not seen before (one without counts as new)."""
+        fresh = []
+        with self._lock:
+            seen = self._seen
+            for obs in observations:
+                rid = obs.request_id
+                if rid is not None:
+                    if rid in seen:
+                        continue
+                    seen[rid] = None
+                    if len(seen) > DEDUP_WINDOW:
+                        del seen[next(iter(seen))]
+                fresh.append(obs)
+        return fresh
 
     def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
         """Attribute observations in time order and count them; return what was decided."""
         return self._ledger_rows(self._judge(observations))
 
-    def _touch(self, judged: list[tuple[Observation, Verdict]]) -> None:
+    def _touch(self, judged: list[tuple[Observation, Verdict]], now: float) -> None:
         """Feed the pairs' policies a touch per observation, in time order, a chunk at a time."""
         touches = []
         production = Source.PRODUCTION  # looked up once: an enum member's lookup is not free
@@ -694,7 +796,8 @@ class Observer:
             if verdict.drift is None:
                 usage = obs.usage
                 tokens = usage.cache_read + usage.cache_write_5m + usage.cache_write_1h
-                touches.append((obs.pair.key, Touch(obs.at, production, obs.result, tokens or usage.input)))
+                # Never later than now: a clock a little ahead must not push the next ping past the expiry.
+                touches.append((obs.pair.key, Touch(min(obs.at, now), production, obs.result, tokens or usage.input)))
         if self.touch_many is not None:
             for start in range(0, len(touches), CHUNK):
                 if start:
@@ -711,7 +814,7 @@ class Observer:
             ObservationRecord(
                 obs,
                 prices.cost(obs.pair.price_key, obs.usage),
-                saved_usd(prices, obs.pair, obs.usage) if verdict.saved else None,
+                saved_usd(prices, obs.pair, verdict.saved_tokens) if verdict.saved else None,
                 verdict.saved,
                 verdict.drift,
                 verdict.late,
@@ -733,10 +836,11 @@ class Observer:
         # few hundred counter updates instead of eleven thousand, and a few hundred prices.
         sums: dict[str, _Sums] = {}
         ordered = sorted(observations, key=_AT)
+        warm = self._warm_from_ledger(ordered)
         for start in range(0, len(ordered), CHUNK):
             if start:
                 _yield()
-            self._attribute(ordered[start:start + CHUNK], sums, judged)
+            self._attribute(ordered[start:start + CHUNK], sums, judged, warm)
         with self._lock:
             for key, total in sums.items():
                 if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
@@ -744,8 +848,30 @@ class Observer:
             self.drift_log.judged(judged)
         return judged
 
+    def _warm_from_ledger(self, observations: list[Observation]) -> dict[int, bool]:
+        """Whether keepwarm held the cache warm, by id(observation), for the requests whose drift
+        depends on pings older than those kept in memory: asked of the ledger, outside the lock."""
+        unknown = []
+        with self._lock:
+            for obs in observations:
+                a = self._attribution.get(obs.pair.key)
+                if (a is not None and (obs.fingerprint is None or obs.fingerprint == a.fingerprint)
+                        and a.short_read(obs.usage) and a.held_warm(obs.at) is None):
+                    unknown.append((obs, a.ttl))
+        ledger = self.ledger() if unknown else None
+        found: dict[int, bool] = {}
+        if ledger is None:
+            return found
+        for obs, ttl in unknown:
+            try:
+                found[id(obs)] = ledger.refreshed_between(obs.pair.expert, obs.pair.model, obs.at - ttl, obs.at)
+            except Exception as exc:  # noqa: BLE001 - unreadable: not judged, as without a ledger
+                event(log, logging.WARNING, "cannot read pings back from the ledger to judge drift", error=str(exc))
+                break
+        return found
+
     def _attribute(self, chunk: list[Observation], sums: dict[str, _Sums],
-                   out: list[tuple[Observation, Verdict]]) -> None:
+                   out: list[tuple[Observation, Verdict]], warm: dict[int, bool]) -> None:
         """Attribute one chunk of a request's observations under the lock."""
         with self._lock:
             for obs in chunk:
@@ -754,7 +880,7 @@ class Observer:
                 attribution = self._attribution.get(key)
                 if attribution is None or self.pairs.get(key) is not pair:
                     continue  # a reload removed it between validation and here
-                verdict = attribution.production(obs.at, obs.usage, obs.fingerprint)
+                verdict = attribution.production(obs.at, obs.usage, obs.fingerprint, warm.get(id(obs)))
                 total = sums.get(key)
                 if total is None:
                     total = sums[key] = _Sums(pair)
@@ -769,13 +895,13 @@ class Observer:
         cost = self.prices.cost(pair.price_key, usage) or {}
         saved = 0.0
         if total.saved_read:
-            saved = saved_usd(self.prices, pair, Usage(cache_read=total.saved_read)) or 0.0
+            saved = saved_usd(self.prices, pair, total.saved_read) or 0.0
         requests = {result.value: n for result, n in total.requests.items()}
         self._series(pair).add(requests, usage.by_kind(), cost, saved, total.drift)
         for hour, sums in total.hours.items():
             hour_saved = 0.0
             if sums.saved_read:
-                hour_saved = saved_usd(self.prices, pair, Usage(cache_read=sums.saved_read)) or 0.0
+                hour_saved = saved_usd(self.prices, pair, sums.saved_read) or 0.0
             self.windows.add(key, hour * BUCKET, Totals(
                 requests=sums.requests, cache_read=sums.cache_read, cache_write=sums.cache_write,
                 saved_usd=hour_saved, drift=sums.drift,

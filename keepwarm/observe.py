@@ -11,10 +11,16 @@
 The wrapped client is used exactly like the original. Every `messages.create` (streamed or not)
 and `messages.stream` that names an expert hands the response's usage, the prefix fingerprint and
 the request's start time to a background `Observer`, which posts them to the daemon's
-`POST /v1/observations` in batches. Nothing on the production path waits for the daemon or can
-raise because of it: the hand-over is an append to a bounded buffer, and whatever cannot be
-delivered (buffer full, daemon down, slow or refusing) is dropped, counted in `Observer.stats()`
-and logged once per cause.
+`POST /v1/observations` in batches. Clients wrapped with the same URL, token and options share
+one Observer, so a process has one pair of background threads however many clients it wraps;
+they start with the first observation and are started again in a child after `fork()` (a
+gunicorn `--preload` or uWSGI worker), which starts with empty buffers of its own.
+
+Nothing on the production path waits for the daemon or can raise because of it: the hand-over
+is an append to a bounded buffer, and whatever cannot be delivered (buffer full, daemon down,
+slow or refusing) is dropped, counted in `Observer.stats()` and logged once per cause. A 503
+(the daemon's ledger cannot keep them yet) is no refusal: the batch goes back into the buffer
+and is sent again after the answer's Retry-After.
 
 The expert comes from, in order: the per-call header `X-Keepwarm-Expert` in `extra_headers` (or
 the `keepwarm_expert=` keyword), both removed before the request is sent; `expert_for(kwargs)`;
@@ -32,11 +38,12 @@ import os
 import threading
 import time
 import urllib.parse
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import anthropic
 from anthropic.resources import AsyncMessages
@@ -54,6 +61,8 @@ _USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_inpu
 _SPLIT_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
 # How often the background thread looks for new observations when nobody asks it to hurry.
 _POLL_SECONDS = 0.05
+# The longest a 503's Retry-After holds the sender back (the daemon's ledger cannot keep them yet).
+_MAX_RETRY_AFTER = 30.0
 
 ExpertFor = Callable[[Mapping[str, Any]], str | None]
 
@@ -125,22 +134,47 @@ class Observer:
         self._outbox: deque[dict[str, Any]] = deque()
         self._routes: dict[str, int] = {}  # pair key -> shard, learnt from 421 answers
         self._fingerprints = _FingerprintMemo()  # used by the converter thread only
-        self._lock = threading.Lock()  # counters and warnings; on the production path only to count a drop
         self._counts = {"observed": 0, "unattributed": 0, "accepted": 0, "rejected": 0}
         self._dropped: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._closing = False
+        self._fresh_state()
+        _LIVE.add(self)
+        atexit.register(self.close, 1.0)
+
+    def _fresh_state(self) -> None:
+        """Locks, events and threads made new: at start, and in a child after fork() (where a
+        lock another thread of the parent held stays locked for ever, and no thread runs)."""
+        self._lock = threading.Lock()  # counters and warnings; on the production path only to count a drop
+        self._start_lock = threading.Lock()
         # Set while an item is between two buffers, so flush() knows when all is settled.
         self._converting = self._sending = False
         self._hurry_convert = threading.Event()
         self._hurry_send = threading.Event()
-        self._closing = False
-        self._threads = [
-            threading.Thread(target=self._convert_loop, name="keepwarm-observe-convert", daemon=True),
-            threading.Thread(target=self._send_loop, name="keepwarm-observe-send", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        atexit.register(self.close, 1.0)
+        self._retry_at = 0.0  # monotonic time before which a 503 asked not to send
+        self._started = False
+        self._threads: list[threading.Thread] = []
+
+    def _after_fork(self) -> None:
+        """In the child: what the parent had buffered is the parent's to send; start afresh."""
+        self._fresh_state()
+        self._intake.clear()
+        self._outbox.clear()
+        for target in self._targets:
+            target.forget()
+
+    def _start(self) -> None:
+        """Start the two background threads, once (lazily: a wrapped client that never calls costs none)."""
+        with self._start_lock:
+            if self._started or self._closing:
+                return
+            self._threads = [
+                threading.Thread(target=self._convert_loop, name="keepwarm-observe-convert", daemon=True),
+                threading.Thread(target=self._send_loop, name="keepwarm-observe-send", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
+            self._started = True
 
     # -- the production path: cheap, never raises --------------------------------------------
 
@@ -160,6 +194,8 @@ class Observer:
         `place` is (account, provider) of the client that sent it, reported so that the daemon
         never credits a request made elsewhere to a pair's cache (SPEC §12).
         """
+        if not self._started:
+            self._start()
         if len(self._intake) >= self._intake_size:
             self._drop("queue_full", 1)
             return
@@ -189,8 +225,10 @@ class Observer:
     def flush(self, timeout: float = 5.0) -> bool:
         """Send what is buffered now; True once it was all delivered or dropped within `timeout`."""
         deadline = time.monotonic() + timeout
+        if (self._intake or self._outbox) and not self._started:
+            self._start()
         while self._intake or self._outbox or self._converting or self._sending:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or not self._started:
                 return False
             self._hurry_convert.set()
             self._hurry_send.set()
@@ -210,6 +248,11 @@ class Observer:
         for target in self._targets:
             target.close()
         atexit.unregister(self.close)
+        _LIVE.discard(self)
+        with _SHARED_LOCK:
+            for key, shared in list(_SHARED.items()):
+                if shared is self:
+                    del _SHARED[key]
 
     # -- background ---------------------------------------------------------------------------
 
@@ -249,13 +292,14 @@ class Observer:
             now = time.monotonic()
             if first_waiting is None:
                 first_waiting = now
-            # Batches: up to batch_size at once, or whatever waited flush_interval.
+            # Batches: up to batch_size at once, or whatever waited flush_interval; none while a
+            # 503 asked to wait, unless the process is exiting.
             due = (
                 len(self._outbox) >= self._batch_size
                 or self._hurry_send.is_set()
                 or self._closing
                 or now - first_waiting >= self._flush_interval
-            )
+            ) and (now >= self._retry_at or self._closing)
             if not due:
                 self._hurry_send.wait(min(_POLL_SECONDS, self._flush_interval - (now - first_waiting)))
                 continue
@@ -307,6 +351,9 @@ class Observer:
         if status == 421 and isinstance(answer, dict) and isinstance(answer.get("shard"), int):
             self._misdirected(shard, int(answer["shard"]), items, hops)
             return
+        if status == 503 and not self._closing:
+            self._retry_later(items, answer)
+            return
         self._drop(f"http_{status}", len(items))
         self._warn_once(f"http_{status}", f"observe: {target.url} answered {status} ({_excerpt(answer)}); dropping observations")
 
@@ -350,6 +397,19 @@ class Observer:
             return
         self._routes[pairs[0]] = owner
         self._post(owner, items, hops - 1)
+
+    def _retry_later(self, items: list[dict[str, Any]], answer: Any) -> None:
+        """503: the daemon cannot keep observations now. Put them back in front (what does not fit
+        the buffer is dropped, counted) and hold the sender back for its Retry-After."""
+        wait = answer.get("retry_after") if isinstance(answer, dict) else None
+        wait = min(float(wait), _MAX_RETRY_AFTER) if isinstance(wait, (int, float)) and wait > 0 else 5.0
+        self._retry_at = time.monotonic() + wait
+        room = max(self._queue_size - len(self._outbox), 0)
+        kept = items[:room]
+        self._outbox.extendleft(reversed(kept))
+        if len(items) > len(kept):
+            self._drop("http_503", len(items) - len(kept))
+        self._warn_once("http_503", "observe: the daemon cannot keep observations now (503); holding them and retrying")
 
     def _drop(self, cause: str, n: int) -> None:
         with self._lock:
@@ -412,6 +472,29 @@ class _Target:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+    def forget(self) -> None:
+        """After fork(): the parent's connection is the parent's; the child opens its own."""
+        if self._connection is not None:
+            self._connection.close()  # the child's copy of the descriptor only: the parent's stays open
+            self._connection = None
+
+
+# Every live Observer, to start afresh in a child after fork(); and the Observers shared by
+# wrap() calls with the same destination and options.
+_LIVE: weakref.WeakSet[Observer] = weakref.WeakSet()
+_SHARED: dict[tuple[Any, ...], Observer] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()
+    for observer in list(_LIVE):
+        observer._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -855,9 +938,15 @@ def wrap(
         if url is None:
             env = os.environ.get("KEEPWARM_OBSERVE_URL", "")
             url = [u.strip() for u in env.split(",") if u.strip()]
-        observer = Observer(url, token=token or os.environ.get("KEEPWARM_OBSERVE_TOKEN") or None, **options)
+        token = token or os.environ.get("KEEPWARM_OBSERVE_TOKEN") or None
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        key = (urls, token, tuple(sorted(options.items())))
+        with _SHARED_LOCK:
+            observer = _SHARED.get(key)
+            if observer is None or observer._closing:
+                observer = _SHARED[key] = Observer(url, token=token, **options)
     place = (account or os.environ.get("KEEPWARM_OBSERVE_ACCOUNT") or None, _provider_of(client))
-    return _Client(client, observer, expert, expert_for, place)
+    return cast("anthropic.Anthropic | anthropic.AsyncAnthropic", _Client(client, observer, expert, expert_for, place))
 
 
 def observer_of(client: Any) -> Observer:

@@ -311,7 +311,7 @@ def test_a_scraper_that_gives_up_mid_page_is_no_error(capfd: pytest.CaptureFixtu
     try:
         with socket.create_connection(web.address, timeout=5) as conn:
             conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert conn.recv(1024).startswith(b"HTTP/1.0 200")
+            assert conn.recv(1024).startswith(b"HTTP/1.1 200")
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a timeout does
         # The server notices at its next write; then it still serves the next scrape.
         assert _get(f"http://127.0.0.1:{web.address[1]}/metrics")[0] == 200

@@ -72,17 +72,25 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
         ({"model": "claude-haiku-4-5"}, "unknown_pair", "analyst/claude-haiku-4-5 is not a configured pair"),
         ({"expert": 3}, "malformed", "expert and model: expected strings"),
         ({"at": "yesterday"}, "malformed", "at: expected unix seconds, got 'yesterday'"),
-        ({"at": T0 + 3600}, "malformed", "at: 1800003600.0 is 3600s in the future"),
+        ({"at": T0 + 3600}, "future", "at: 1800003600.0 is 3600.000s ahead of this daemon's clock; at most 5s is allowed"),
+        ({"at": T0 + 5.5}, "future", "at: 1800000005.5 is 5.500s ahead of this daemon's clock; at most 5s is allowed"),
+        # What the ledger and the counters can hold: a float's exact integers, UTF-8 text.
+        ({"usage": {"input_tokens": 2**63}}, "malformed",
+         "usage.input_tokens: expected an integer from 0 to 2^53, got 9223372036854775808"),
+        ({"usage": {"output_tokens": 2**53 + 1}}, "malformed",
+         "usage.output_tokens: expected an integer from 0 to 2^53, got 9007199254740993"),
+        ({"request_id": "req_\ud800"}, "malformed", "request_id: expected text that encodes as UTF-8 (no lone surrogates)"),
+        ({"expert": "\udfff"}, "malformed", "expert and model: expected text that encodes as UTF-8 (no lone surrogates)"),
         ({"at": True}, "malformed", "at: expected unix seconds, got True"),
         # JSON's integers are unbounded: one past a float's range is refused, not an OverflowError.
         ({"at": 10**400}, "malformed", "at: expected unix seconds, got an integer out of range"),
         ({"fingerprint": "ABC"}, "malformed", "fingerprint: expected 64 lower-case hex digits (sha256)"),
         ({"usage": None}, "malformed", "usage: expected an object with the response's usage"),
-        ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer >= 0, got -1"),
+        ({"usage": {"input_tokens": -1}}, "malformed", "usage.input_tokens: expected an integer from 0 to 2^53, got -1"),
         ({"usage": {"cache_read_input_tokens": 1.5}}, "malformed",
-         "usage.cache_read_input_tokens: expected an integer >= 0, got 1.5"),
+         "usage.cache_read_input_tokens: expected an integer from 0 to 2^53, got 1.5"),
         ({"usage": {"cache_creation": {"ephemeral_1h_input_tokens": "x"}}}, "malformed",
-         "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer >= 0, got 'x'"),
+         "usage.cache_creation.ephemeral_1h_input_tokens: expected an integer from 0 to 2^53, got 'x'"),
         ({"colour": "red"}, "malformed",
          "unknown key(s) ['colour']; allowed: ['account', 'at', 'expert', 'fingerprint', 'model', 'provider', 'request_id', 'usage']"),
     ],
@@ -134,11 +142,40 @@ def test_drift_by_fingerprint_and_by_a_write_while_keepwarm_held_the_cache() -> 
     assert a.production(T0, Usage(cache_read=9), "b" * 64).drift == "fingerprint"
     assert a.production(T0, Usage(cache_read=9), "a" * 64).drift is None
     assert a.production(T0 + 10, write, None).drift is None, "no ping yet: a cold write is no drift"
-    a.ping(T0 + 20, refreshed=True)
-    assert a.production(T0 + 30, write, None).drift == "write_while_warm"
+    a.ping(T0 + 20, refreshed=True)  # a ping whose tokens are unknown (read back after a restart)
+    assert a.production(T0 + 30, write, None).drift == "short_read", "nothing of the warm prefix read"
     assert a.production(T0 + 320, write, None).drift is None, "the ping's entry had expired"
     a.ping(T0 + 330, refreshed=False)
     assert a.production(T0 + 340, write, None).drift is None, "a failed ping held nothing warm"
+
+
+def test_a_conversation_that_reads_the_whole_prefix_and_writes_its_history_is_no_drift() -> None:
+    a = PairAttribution("a" * 64, ttl=300)
+    a.ping(T0, refreshed=True, prefix_tokens=2048)
+    turn = Usage(input=50, cache_read=2048 + 9000, cache_write_5m=700)  # prefix + history read, new turn written
+    verdict = a.production(T0 + 10, turn, None)
+    assert verdict.drift is None, "the whole warmed prefix was read: a hit, whatever came after"
+    assert (verdict.saved, verdict.saved_tokens) == (True, 2048), "only the warmed prefix is the keepalive's saving"
+    # Less than the prefix read while warm: production sends another prefix.
+    assert a.production(T0 + 20, Usage(cache_read=1024, cache_write_5m=1024), None).drift == "short_read"
+    assert a.production(T0 + 30, Usage(cache_write_5m=2048), None).drift == "short_read"
+    assert a.production(T0 + 400, Usage(cache_write_5m=2048), None).drift is None, "not held warm any more"
+    small = PairAttribution("a" * 64, ttl=300)
+    small.ping(T0, refreshed=True, prefix_tokens=4096)
+    assert small.production(T0 + 1, Usage(cache_read=1500), None).saved_tokens == 1500, "a read below the prefix"
+
+
+def test_the_saved_counter_counts_only_the_warmed_prefix(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    metrics = Metrics()
+    observer = Observer(config, metrics, clock=FakeClock(T0 + 10))
+    pair = config.pairs[0]
+    observer.ping(pair, T0, Result.WARM, 0.001, Usage(input=3, cache_read=2048))
+    status, doc = observer.accept([_obs(pair.key, at=T0 + 5, read=12_048, write=700)])
+    assert status == 202 and doc["accepted"] == 1
+    labels = {"expert": pair.expert, "model": pair.model}
+    assert _value(metrics, "keepwarm_saved_usd_total", **labels) == config.prices.miss_penalty(pair.model, 2048, pair.ttl)
+    assert not _value(metrics, "keepwarm_prefix_drift_total", **labels), "no drift series moved"
 
 
 # --- the endpoint over HTTP ---------------------------------------------------------------------
@@ -225,6 +262,7 @@ def test_content_length_over_the_limit_is_refused_before_reading(served: Served)
     resp = conn.getresponse()
     assert resp.status == 413
     conn.close()
+    assert _value(served.metrics, "keepwarm_observations_rejected_total", reason="too_large") == 1
 
 
 def test_the_token_is_required_and_compared(tmp_path: Path) -> None:
@@ -387,6 +425,7 @@ def test_a_restart_with_a_ledger_keeps_attribution_and_the_page_s_sums(tmp_path:
 
     after = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)  # the daemon restarted
     after.restore(ledger.recent(clock.now, T0 - 300), now=clock.now)
+    clock.now = T0 + 110  # the second request, reported 10 s after it started
     records = after.record([o for o in [validate(_obs(at=T0 + 100, read=1500), 0, after.pairs, clock.now)]
                             if not isinstance(o, Rejection)])
     assert not records[0].saved, "production's own request 100 s earlier kept the cache warm"
@@ -447,7 +486,7 @@ def test_a_body_without_content_length_is_refused(served: Served) -> None:
 
 def _mutant(rng: random.Random, pairs: list[str]) -> Any:
     """An item near a valid one: each field often right, sometimes missing, of a wrong type or out of range."""
-    odd: list[Any] = [None, True, False, -1, 0, 1.5, float("nan"), float("inf"), "x", [], {}, 10**30]
+    odd: list[Any] = [None, True, False, -1, 0, 1.5, float("nan"), float("inf"), "x", [], {}, 10**30, 2**53 + 1, 2**63]
 
     def maybe(good: Any) -> Any:
         return good if rng.random() < 0.8 else rng.choice(odd)
@@ -456,7 +495,7 @@ def _mutant(rng: random.Random, pairs: list[str]) -> Any:
     usage: dict[str, Any] = {}
     for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"):
         if rng.random() < 0.9:
-            usage[name] = maybe(rng.choice([0, 1, 1500, 2**40]))
+            usage[name] = maybe(rng.choice([0, 1, 1500, 2**40, 2**53]))
     if rng.random() < 0.3:
         split = {n: maybe(rng.randrange(3000)) for n in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
                  if rng.random() < 0.8}
@@ -465,11 +504,11 @@ def _mutant(rng: random.Random, pairs: list[str]) -> Any:
         usage["server_tool_use"] = {"web_search_requests": 0}  # a key the API may add: ignored
     item: dict[Any, Any] = {"expert": maybe(expert), "model": maybe(model), "usage": maybe(usage)}
     if rng.random() < 0.9:
-        item["at"] = maybe(rng.choice([T0 - 600, T0, T0 + 299.5, T0 + 301, int(T0), -5.0]))
+        item["at"] = maybe(rng.choice([T0 - 600, T0, T0 + 4.5, T0 + 5, T0 + 5.01, int(T0), -5.0]))
     if rng.random() < 0.3:
         item["fingerprint"] = maybe(rng.choice(["a" * 64, "A" * 64, "a" * 63]))
     if rng.random() < 0.3:
-        item["request_id"] = maybe(rng.choice(["req_1", "r" * 256, "r" * 257]))
+        item["request_id"] = maybe(rng.choice(["req_1", "r" * 256, "r" * 257, "req_\ud800", "req_é"]))
     if rng.random() < 0.05:
         item[rng.choice(["colour", 3])] = 1
     if rng.random() < 0.05:
@@ -552,6 +591,12 @@ class _Rows:
     def record_observations(self, rows: list[Any]) -> None:
         self.rows.extend(rows)
 
+    def can_keep(self) -> bool:
+        return True
+
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        return False
+
 
 def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
     import math
@@ -581,7 +626,7 @@ def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Pat
             each = math.fsum(r.cost[kind] for r in mine)
             got = _value(metrics, "keepwarm_production_cost_usd_total", **labels, kind=kind) or 0.0
             assert got == pytest.approx(each, rel=1e-12, abs=0.0), (pair.key, kind)
-        saved = [saved_usd(config.prices, pair, r.observation.usage) for r in mine if r.saved]
+        saved = [saved_usd(config.prices, pair, r.observation.usage.cache_read) for r in mine if r.saved]
         assert saved, "some requests were credited"
         assert [r.saved_usd for r in mine if r.saved] == saved, "ledger rows are priced one by one"
         got = _value(metrics, "keepwarm_saved_usd_total", **labels) or 0.0

@@ -415,7 +415,7 @@ def test_daemon_down_production_unaffected_drops_counted_and_logged_once(
     assert len(warnings) == 1 and "cannot reach" in warnings[0]
 
 
-@pytest.mark.parametrize("status", [400, 401, 413, 500, 503])
+@pytest.mark.parametrize("status", [400, 401, 413, 500])
 def test_daemon_refusing_drops_and_logs_once(
     emulator: Emulator, receiver: Receiver, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -207,7 +207,17 @@ def _observations_v2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX observations_pair_time ON observations (expert, model, time)")
 
 
-def _state_v3(db: sqlite3.Connection) -> None:
+def _unique_request_id_v3(db: sqlite3.Connection) -> None:
+    # The same observation sent twice (a client's retry) counts once: a request_id is the API's
+    # own unique id. Copies an older keepwarm stored go first, the earliest row kept.
+    db.execute(
+        "DELETE FROM observations WHERE request_id IS NOT NULL AND id NOT IN"
+        " (SELECT MIN(id) FROM observations WHERE request_id IS NOT NULL GROUP BY request_id)"
+    )
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS observations_request_id ON observations (request_id) WHERE request_id IS NOT NULL")
+
+
+def _state_v4(db: sqlite3.Connection) -> None:
     """What a restart resumes from, kept up to date with every row so that reading it back
     costs O(pairs), never O(rows): each pair's latest touches, the spend of the last 24 h in
     10-second buckets (the budget), and hourly sums (the status page). Rows also say where they
@@ -302,7 +312,7 @@ def _state_v3(db: sqlite3.Connection) -> None:
         )
 
 
-def _members_v4(db: sqlite3.Connection) -> None:
+def _members_v5(db: sqlite3.Connection) -> None:
     """A fleet's members: a row each, with the expiry of a lease its holder renews (keepwarm.fleet)."""
     db.execute(
         "CREATE TABLE members (fleet TEXT NOT NULL, member TEXT NOT NULL, expires REAL NOT NULL,"
@@ -310,7 +320,9 @@ def _members_v4(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _observations_v2, _state_v3, _members_v4]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _create_v1, _observations_v2, _unique_request_id_v3, _state_v4, _members_v5,
+]
 
 
 def schema_version() -> int:
@@ -527,7 +539,8 @@ def _observation_values(record: ObservationRecord, received: float, origin: str 
 
 
 _INSERT_OBSERVATION = (
-    f"INSERT INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
+    # OR IGNORE: a copy of an observation already stored (same request_id) is no new row.
+    f"INSERT OR IGNORE INTO observations ({', '.join(OBSERVATION_COLUMNS)}) VALUES ({', '.join('?' * len(OBSERVATION_COLUMNS))})"
 )
 _INSERT = f"INSERT INTO pings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -580,6 +593,27 @@ def _select(db: sqlite3.Connection, since: float | None, origins: Sequence[str] 
 # --- the writer ----------------------------------------------------------------------------
 
 
+class _CopyAlreadyStored(Exception):
+    """A batch held an observation whose request_id is stored already: redo it row by row."""
+
+
+def _ping_summaries(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    """What newly stored pings move: each pair's latest touches, the spend, every pair's hours."""
+    rows = list(rows)
+    db.executemany(_UPSERT_PING_STATE, map(_ping_state_params, rows))
+    db.executemany(_UPSERT_SPEND, [p for p in map(_spend_params, rows) if p is not None])
+    db.executemany(_UPSERT_PING_HOUR, map(_ping_hour_params, rows))
+
+
+def _observation_summaries(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    """What newly stored observations move: each pair's latest production touch, and the hours."""
+    rows = list(rows)
+    db.executemany(_UPSERT_OBSERVATION_STATE, map(_observation_state_params, rows))
+    for params in map(_observation_hour_params, rows):
+        db.execute(_UPSERT_OBSERVATION_HOUR, params)
+        db.execute(_UPSERT_OBSERVATION_HOUR, (params[0], "", "", *params[3:]))
+
+
 class Ledger:
     """The daemon's ledger file; `record()` may be called from any thread.
 
@@ -606,6 +640,7 @@ class Ledger:
         self.retention_days = retention_days
         self.write_errors = 0
         self.dropped = 0  # rows lost for good because the backlog overflowed
+        self.unwritable = 0  # rows dropped because the database cannot store their values
         self._clock = clock
         self._lock = threading.Lock()
         # Rows that failed to commit (locked or full file) wait here and go in with the next
@@ -677,6 +712,33 @@ class Ledger:
             self._queue(self._pending_observations, values,
                         "cannot write observations to the ledger; kept in memory and retried")
 
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
+        keepwarm held it warm for a production request reported later than the observer remembers."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"ledger {self.path} is closed")
+            row = self._db.execute(
+                "SELECT 1 FROM pings WHERE expert = ? AND model = ? AND time > ? AND time <= ?"
+                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
+                (expert, model, start, end),
+            ).fetchone()
+            return row is not None
+
+    def can_keep(self) -> bool:
+        """Whether observations accepted now would be written: nothing waits in memory, or what
+        waits goes in now (the endpoint answers 503 otherwise)."""
+        with self._lock:
+            if self._db is None:
+                return False
+            if not self._pending and not self._pending_observations:
+                return True
+            try:
+                self._flush()
+            except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
+                return False
+            return True
+
     def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
         """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
         pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
@@ -692,25 +754,58 @@ class Ledger:
         return True
 
     def _flush(self) -> None:
-        """Commit every pending row, and the summaries they move, in one transaction (the caller holds the lock)."""
+        """Commit every pending row, and the summaries it moves, in one transaction (the caller holds the lock).
+
+        A row the database cannot take (a value out of SQLite's range, text that is not UTF-8:
+        validation should have stopped it) must not hold back the others, which would then wait
+        in memory until they are lost: the batch is retried row by row, and such rows alone are
+        dropped, logged and counted. So is a batch holding a copy of an observation already
+        stored (same request_id), which must move no summary. A file that cannot be written
+        (locked, full) keeps them all.
+        """
         if self._db is None:
             raise LedgerError(f"ledger {self.path} is closed")
         if not self._pending and not self._pending_observations:
             return
+        try:
+            self._commit(batch=True)
+        except sqlite3.OperationalError:
+            raise  # the file, not a row: everything waits for the next try
+        except Exception:  # noqa: BLE001 - some row is unwritable: find it
+            self._commit(batch=False)
+
+    def _commit(self, batch: bool) -> None:
+        """Insert what is pending, and move the summaries, in one transaction: all at once, or
+        row by row (isolating bad rows, and copies already stored, which move nothing)."""
+        assert self._db is not None
         db = self._db
+        bad: list[tuple[str, BaseException]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            if self._pending:
-                db.executemany(_INSERT, self._pending)
-                db.executemany(_UPSERT_PING_STATE, map(_ping_state_params, self._pending))
-                db.executemany(_UPSERT_SPEND, [p for p in map(_spend_params, self._pending) if p is not None])
-                db.executemany(_UPSERT_PING_HOUR, map(_ping_hour_params, self._pending))
-            if self._pending_observations:
-                db.executemany(_INSERT_OBSERVATION, self._pending_observations)
-                db.executemany(_UPSERT_OBSERVATION_STATE, map(_observation_state_params, self._pending_observations))
-                for params in map(_observation_hour_params, self._pending_observations):
-                    db.execute(_UPSERT_OBSERVATION_HOUR, params)
-                    db.execute(_UPSERT_OBSERVATION_HOUR, (params[0], "", "", *params[3:]))
+            for kind, statement, pending, summarize in (
+                ("ping", _INSERT, self._pending, _ping_summaries),
+                ("observation", _INSERT_OBSERVATION, self._pending_observations, _observation_summaries),
+            ):
+                if not pending:
+                    continue
+                if batch:
+                    before = db.total_changes
+                    db.executemany(statement, pending)
+                    if db.total_changes - before != len(pending):
+                        raise _CopyAlreadyStored  # row by row, so only new rows move the summaries
+                    summarize(db, pending)
+                    continue
+                for values in pending:
+                    try:
+                        inserted = db.execute(statement, values).rowcount == 1
+                    except sqlite3.OperationalError:
+                        raise
+                    except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+                        # A failed INSERT undoes only itself; the transaction and the other rows stay.
+                        bad.append((kind, exc))
+                        continue
+                    if inserted:
+                        summarize(db, [values])
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -718,6 +813,11 @@ class Ledger:
             raise
         self._pending.clear()
         self._pending_observations.clear()
+        if bad:
+            self.unwritable += len(bad)
+            kinds = collections.Counter(kind for kind, _ in bad)
+            self._failed(f"{len(bad)} ledger row(s) the database cannot store were dropped; the others were written",
+                         bad[0][1], lost=len(bad), kinds=dict(kinds))
 
     def _sweep(self) -> None:
         """Delete rows older than the retention (the caller holds the lock)."""
@@ -745,13 +845,17 @@ class Ledger:
             event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
                   deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException, **fields: Any) -> None:
         self.write_errors += 1
         if self._on_error is not None:
             self._on_error()
         event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
-              write_errors=self.write_errors, pending=len(self._pending) + len(self._pending_observations),
-              dropped=self.dropped or None)
+              write_errors=self.write_errors, pending=self.pending, dropped=self.dropped or None, **fields)
+
+    @property
+    def pending(self) -> int:
+        """Rows, pings and observations, waiting in memory for the file to take them."""
+        return len(self._pending) + len(self._pending_observations)
 
     def _read(self) -> sqlite3.Connection:
         if self._db is None:
@@ -828,8 +932,8 @@ class Ledger:
             try:
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
-                lost = len(self._pending) + len(self._pending_observations)
-                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc)
+                lost = self.pending
+                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc, lost=lost)
             try:
                 # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
