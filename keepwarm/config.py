@@ -588,11 +588,14 @@ def _accounts(raw: FileSection, sections: list[AccountSection | None], load: _Lo
         command = missing_extra(provider)
         if command is not None:
             load.problems.append(f"{where}.provider: {provider} needs an optional extra that is not installed: {command}")
+        # `api:` stays the Claude API's defaults: an Anthropic account without a base_url of its own
+        # uses api.base_url (and, without a key file, the api key chain).
+        base_url = section.base_url or (raw.api.base_url if provider == "anthropic" else None)
         accounts.append(
             Account(
                 name=section.name,
                 provider=provider,
-                base_url=section.base_url,
+                base_url=base_url,
                 api_key_file=load.base / section.api_key_file if section.api_key_file else None,
                 region=section.region,
                 aws_profile=section.aws_profile,

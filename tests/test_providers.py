@@ -581,3 +581,15 @@ def test_missing_google_credentials_are_an_authentication_error(monkeypatch: pyt
     attempt = send_ping(make_clients(config, resolve_api_key(config, environ={})[0], environ={}), config.pairs[0], 1)
     assert attempt.error is not None and attempt.error.error_type == "authentication"
     assert "Google credentials" in attempt.error.message and "access_token_file" in attempt.error.message
+
+
+def test_api_stays_the_defaults_of_anthropic_accounts(tmp_path: Path) -> None:
+    doc = {"api": {"base_url": "http://127.0.0.1:7", "timeout": "5s"},
+           "accounts": [{"name": "a"}, {"name": "b", "base_url": "http://127.0.0.1:8"},
+                        {"name": "aws", "provider": "bedrock", "region": "us-east-1"}],
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": ["claude-sonnet-4-6"]}]}
+    config = parse_config(doc, tmp_path)
+    assert [a.base_url for a in config.accounts] == ["http://127.0.0.1:7", "http://127.0.0.1:8", None]
+    clients = make_clients(config, resolve_api_key(config, environ={"ANTHROPIC_API_KEY": "sk-x"})[0], environ={})
+    assert [str(clients.by_account[n].base_url) for n in ("a", "b")] == ["http://127.0.0.1:7", "http://127.0.0.1:8"]
+    assert clients.by_account["a"].timeout == 5.0
