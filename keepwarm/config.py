@@ -208,17 +208,20 @@ class Pair:
     active_hours: ActiveHours | None = None  # None: always
     account: str = "default"  # the `accounts` entry whose cache this pair warms (SPEC §12)
     provider: str = "anthropic"
-    # The price table row this pair is billed by: the model for the Claude API, else the
-    # provider's own row (`bedrock:geo:us.anthropic...`), priced with its endpoint multiplier.
-    price_key: str = ""
+    # The price table row of a provider's pair (`bedrock:geo:us.anthropic...`, priced with its
+    # endpoint multiplier); empty for the Claude API, whose row is the model's (see price_key).
+    price_row: str = ""
     # A stable identifier: `expert/model`. Computed once here, not in a property: the scheduler
     # and the observations look it up several times per production request.
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.expert}/{self.model}")
-        if not self.price_key:
-            object.__setattr__(self, "price_key", self.model)
+
+    @property
+    def price_key(self) -> str:
+        """The price table row this pair is billed by: its provider's, else its model's."""
+        return self.price_row or self.model
 
     @property
     def adaptive(self) -> bool:
@@ -661,11 +664,14 @@ def _accounts(raw: FileSection, sections: list[AccountSection | None], load: _Lo
         command = missing_extra(provider)
         if command is not None:
             load.problems.append(f"{where}.provider: {provider} needs an optional extra that is not installed: {command}")
+        # `api:` stays the Claude API's defaults: an Anthropic account without a base_url of its own
+        # uses api.base_url (and, without a key file, the api key chain).
+        base_url = section.base_url or (raw.api.base_url if provider == "anthropic" else None)
         accounts.append(
             Account(
                 name=section.name,
                 provider=provider,
-                base_url=section.base_url,
+                base_url=base_url,
                 api_key_file=load.base / section.api_key_file if section.api_key_file else None,
                 region=section.region,
                 aws_profile=section.aws_profile,
@@ -766,7 +772,7 @@ def _expert_pairs(
             active_hours=timing.active_hours,
             account=account.name if account is not None else "default",
             provider=account.provider if account is not None else "anthropic",
-            price_key=price_keys[model],
+            price_row="" if price_keys[model] == model else price_keys[model],
         )
         for model in models
     ]

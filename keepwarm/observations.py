@@ -232,7 +232,7 @@ def _well_formed(item: Any, pairs: Mapping[str, Pair], now: float, skew: float =
         or (request_id is not None and (type(request_id) is not str or len(request_id) > _MAX_REQUEST_ID
                                         or not request_id.isascii()))  # anything else: the full check
         or item.get("account", pair.account) != pair.account  # sent elsewhere: the long way rejects it
-        or item.get("provider", "anthropic") != pair.provider
+        or item.get("provider", pair.provider) != pair.provider
     ):
         return None
     fresh = _plain_count(usage.get("input_tokens"))
@@ -291,8 +291,9 @@ def _validate_in_full(
     # SPEC §12: a request sent to another workspace, account or provider cannot have read this
     # pair's cache; counting it would call a cache warm that production never reads. The pair
     # is (expert, model) in one place, so elsewhere it is an unknown pair (no new metric label).
-    account, provider = item.get("account"), item.get("provider", "anthropic")
-    if (account is not None and account != pair.account) or provider != pair.provider:
+    # Either is optional (an observation in the shape of §8 has neither): only what is said is checked.
+    account, provider = item.get("account"), item.get("provider")
+    if (account is not None and account != pair.account) or (provider is not None and provider != pair.provider):
         where = f"account {account!r}" if account is not None and account != pair.account else f"provider {provider!r}"
         return reject(
             "unknown_pair",

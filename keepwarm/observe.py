@@ -569,7 +569,9 @@ def _observation(raw: _Raw, fingerprints: _FingerprintMemo | None = None) -> dic
     account, provider = raw.place
     if account:
         observation["account"] = account
-    if provider and provider != "anthropic":  # absent means the Claude API, as before accounts
+    # Said for every other provider's client, and with an account; a plain Anthropic client's
+    # observation keeps the shape a daemon from before accounts accepts.
+    if provider and (provider != "anthropic" or account):
         observation["provider"] = provider
     return observation
 

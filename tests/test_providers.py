@@ -445,7 +445,8 @@ def test_observe_wraps_each_providers_client_sync_and_async_streamed_and_not(emu
 @pytest.mark.parametrize(
     ("extra", "accepted"),
     [({}, True), ({"account": "ws-a"}, True), ({"account": "ws-b"}, False), ({"provider": "bedrock"}, False),
-     ({"account": "ws-a", "provider": "anthropic"}, True)],
+     ({"account": "ws-a", "provider": "anthropic"}, True), ({"expert": "east", "model": BEDROCK_SONNET}, True),
+     ({"expert": "east", "model": BEDROCK_SONNET, "provider": "anthropic"}, False)],
 )
 def test_an_observation_made_in_another_place_is_not_the_pairs(tmp_path: Path, extra: dict[str, str], accepted: bool) -> None:
     from keepwarm.observations import Observation, validate
@@ -458,7 +459,7 @@ def test_an_observation_made_in_another_place_is_not_the_pairs(tmp_path: Path, e
     assert isinstance(checked, Observation) == accepted
     if not accepted:
         assert checked.reason == "unknown_pair"  # type: ignore[union-attr]
-        assert "is warmed in account 'ws-a' (anthropic); this request went to" in checked.message  # type: ignore[union-attr]
+        assert "; this request went to" in checked.message  # type: ignore[union-attr]
 
 
 def test_bedrocks_messages_endpoint_through_the_mantle_client(emulator: Emulator) -> None:
@@ -580,3 +581,15 @@ def test_missing_google_credentials_are_an_authentication_error(monkeypatch: pyt
     attempt = send_ping(make_clients(config, resolve_api_key(config, environ={})[0], environ={}), config.pairs[0], 1)
     assert attempt.error is not None and attempt.error.error_type == "authentication"
     assert "Google credentials" in attempt.error.message and "access_token_file" in attempt.error.message
+
+
+def test_api_stays_the_defaults_of_anthropic_accounts(tmp_path: Path) -> None:
+    doc = {"api": {"base_url": "http://127.0.0.1:7", "timeout": "5s"},
+           "accounts": [{"name": "a"}, {"name": "b", "base_url": "http://127.0.0.1:8"},
+                        {"name": "aws", "provider": "bedrock", "region": "us-east-1"}],
+           "experts": [{"name": "e", "system": [{"text": "x"}], "models": ["claude-sonnet-4-6"]}]}
+    config = parse_config(doc, tmp_path)
+    assert [a.base_url for a in config.accounts] == ["http://127.0.0.1:7", "http://127.0.0.1:8", None]
+    clients = make_clients(config, resolve_api_key(config, environ={"ANTHROPIC_API_KEY": "sk-x"})[0], environ={})
+    assert [str(clients.by_account[n].base_url) for n in ("a", "b")] == ["http://127.0.0.1:7", "http://127.0.0.1:8"]
+    assert clients.by_account["a"].timeout == 5.0
