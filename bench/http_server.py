@@ -9,7 +9,8 @@ threads, 10 s to send a request, 60 s of idle keep-alive, at most 2,000 connecti
 
 - waitress: what `keepwarm.web.WebServer` ships (an event loop reads requests; only complete
   ones reach the pool).
-- cheroot: `cheroot.wsgi.Server` with numthreads=8 and a 10 s socket timeout.
+- cheroot: `cheroot.wsgi.Server` with numthreads=8 and a 10 s socket timeout (not a dependency
+  of keepwarm: `pip install cheroot` to measure it).
 - http.server: the standard library's server hardened by hand, as an alternative to a new
   dependency: `wsgiref`'s handler on a bounded pool of 8 threads, a 10 s socket timeout per
   connection, connections beyond the cap closed at once.

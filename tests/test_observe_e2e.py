@@ -227,9 +227,10 @@ def test_answers_of_the_endpoint_are_the_documented_ones(stack: Stack) -> None:
     assert post_raw(stack.url, [good])[0] == 400
     assert post_raw(stack.url, good, token=None)[0] == 401
     assert post_raw(stack.url, {"observations": [good] * 1001})[0] == 413
-    # The documented statuses are exactly these (plus 421, tested for shards in tests/test_observe.py).
+    # The documented statuses are exactly these (plus 421, tested for shards in tests/test_observe.py,
+    # and 503, for a ledger that cannot be written, in tests/test_observations_attack.py).
     documented = set(re.findall(r"^\| `(\d{3})` \|", DOCS.read_text(), re.MULTILINE))
-    assert documented == {"202", "400", "401", "411", "413", "421"}
+    assert documented == {"202", "400", "401", "411", "413", "421", "503"}
 
 
 # --- the JavaScript snippet of docs/observations.md, run with node -----------------------------
