@@ -28,8 +28,8 @@ import io
 import json
 import math
 import random
+import re
 import sqlite3
-import statistics
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -42,7 +42,7 @@ from keepwarm.adaptive import SharedPrior
 from keepwarm.budget import Budget
 from keepwarm.classify import Result, Usage
 from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
-from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, make_policy
+from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, cache_alive, make_policy
 from keepwarm.pricing import PriceTable
 
 EX_DATAERR = 65
@@ -77,6 +77,16 @@ class Request:
 # --- reading traces ------------------------------------------------------------------------
 
 
+# Unix seconds past this (the year 5138) are milliseconds (or worse) written as seconds: one such
+# row made a trace span millennia, and the replay ping through them.
+LATEST_TIME = 1e11
+# The longest stretch one replay covers: a fixed pair pings every few minutes, so a trace that
+# spans decades by a typo would run for hours. Two years of traffic is more than any ledger holds.
+MAX_SPAN = 2 * 366 * 86400.0
+# The seconds of an RFC 3339 time: `60` is a leap second.
+_LEAP = re.compile(r"^(?P<head>\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:)60(?P<tail>(?:\.\d+)?(?:[Zz]|[+-]\d{2}:?\d{2}))$")
+
+
 def parse_time(text: str) -> float:
     """Unix seconds, or an RFC 3339 timestamp with an offset (`Z` for UTC); raise ValueError."""
     text = text.strip()
@@ -86,10 +96,17 @@ def parse_time(text: str) -> float:
         return _rfc3339(text)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{text!r} is not a time")
+    if value >= LATEST_TIME:
+        raise ValueError(f"{text!r} is after the year 5000: milliseconds? give unix seconds (divide by 1000)")
     return value
 
 
 def _rfc3339(text: str) -> float:
+    leap = _LEAP.match(text)
+    if leap:
+        # A leap second (23:59:60Z): unix time has none, and counts it as the next second,
+        # as POSIX clocks do.
+        return _rfc3339(f"{leap['head']}59{leap['tail']}") + 1.0
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -108,6 +125,8 @@ def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
         raise TraceError(f"{name}: empty; expected a header line with at,expert,model") from None
     except csv.Error as exc:
         raise TraceError(f"{name}:1: not CSV: {exc}") from None
+    if header and header[0].startswith("\ufeff"):
+        header[0] = header[0][1:]  # a UTF-8 byte order mark, as spreadsheets write one
     columns = {c.strip().lower(): i for i, c in enumerate(header)}
     missing = [c for c in ("at", "expert", "model") if c not in columns]
     if missing:
@@ -192,30 +211,60 @@ def ledger_prefix_tokens(path: Path) -> dict[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class PairSetup:
-    """A pair with the figures its replay needs."""
+class Costs:
+    """What a pair's requests cost at one prefix size."""
 
-    pair: Pair
-    prefix_tokens: int
-    ping_cost: float  # a ping that finds the cache warm
-    cold_ping_cost: float  # a ping that finds it cold and writes it
-    miss_penalty: float
+    ping: float  # a ping that finds the cache warm
+    cold_ping: float  # a ping that finds it cold and writes it
+    penalty: float  # the write premium of a production request that misses
 
     @staticmethod
-    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
-        """Price a pair; a model without a price costs nothing here, and says so in the output."""
+    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> Costs:
+        """Price one prefix size; a model without a price costs nothing here (the output says so)."""
         out_tokens = max(pair.max_tokens, 1)
         warm = prices.warm_ping_cost(pair.model, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
         cold = prices.cost(pair.model, write)
         penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl) or 0.0
-        return PairSetup(pair, prefix_tokens, warm, math.fsum(cold.values()) if cold else 0.0, penalty)
+        return Costs(warm, math.fsum(cold.values()) if cold else 0.0, penalty)
+
+
+@dataclass(frozen=True, slots=True)
+class PairSetup:
+    """A pair with the figures its replay needs.
+
+    `prefix_tokens` is the size the pair starts with (and its policy is priced with, as the
+    daemon prices a policy from the first size it learns). A trace row with `prefix_tokens`
+    changes the pair's size from that row on: the cache holds what the latest request wrote, so
+    later pings are priced at that size, and a miss at its own row's size. Online: a price at t
+    depends only on the rows before t.
+    """
+
+    pair: Pair
+    prefix_tokens: int
+    ping_cost: float  # a ping that finds the cache warm, at `prefix_tokens`
+    cold_ping_cost: float  # a ping that finds it cold and writes it
+    miss_penalty: float
+    prices: PriceTable | None = field(default=None, compare=False, repr=False)
+    _by_size: dict[int, Costs] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
+        """Price a pair; a model without a price costs nothing here, and says so in the output."""
+        c = Costs.build(pair, prices, prefix_tokens)
+        return PairSetup(pair, prefix_tokens, c.ping, c.cold_ping, c.penalty, prices, {prefix_tokens: c})
+
+    def costs(self, tokens: int) -> Costs:
+        """The pair's costs at prefix size `tokens` (computed once per size)."""
+        found = self._by_size.get(tokens)
+        if found is None:
+            assert self.prices is not None, "PairSetup.build prices every size"
+            found = self._by_size[tokens] = Costs.build(self.pair, self.prices, tokens)
+        return found
 
     def premium(self, prices: PriceTable, tokens: int | None) -> float:
         """The write premium of one missed production request of `tokens` (default: the pair's)."""
-        if tokens is None or tokens == self.prefix_tokens:
-            return self.miss_penalty
-        return prices.miss_penalty(self.pair.model, tokens, self.pair.ttl) or 0.0
+        return self.costs(self.prefix_tokens if tokens is None else tokens).penalty
 
 
 @dataclass
@@ -285,18 +334,19 @@ def replay(
     """
     tallies = {s.pair.key: Tally() for s in setups}
     by_key = {s.pair.key: s for s in setups}
+    # Per pair: when its cache was last read or written (None: never), and its prefix size now.
+    refreshed: dict[str, float | None] = dict.fromkeys(by_key)
+    size = {key: s.prefix_tokens for key, s in by_key.items()}
     if policy_name == "none":
-        alive: dict[str, float] = {}
         for r in requests:
             if r.at <= until and r.key in by_key:
-                _production(tallies[r.key], by_key[r.key], prices, r, None, alive, r.key)
+                _production(tallies[r.key], by_key[r.key], r, None, refreshed, size)
         return tallies
     prior = SharedPrior()
     budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
     policies = {s.pair.key: _policy_for(policy_name, s, prices, prior, budget) for s in setups}
     rngs = {key: random.Random(f"{seed}:{key}") for key in policies}
     draws = {key: rngs[key].random() for key in policies}
-    expires: dict[str, float] = {key: -math.inf for key in policies}
     armed: dict[str, float | None] = {}
     heap: list[tuple[float, int, str]] = []
     seq = 0
@@ -327,7 +377,7 @@ def replay(
             i += 1
             if r.key not in by_key:
                 continue
-            _production(tallies[r.key], by_key[r.key], prices, r, policies[r.key], expires, r.key)
+            _production(tallies[r.key], by_key[r.key], r, policies[r.key], refreshed, size)
             draws[r.key] = rngs[r.key].random()
             if armed.get(r.key) is None:
                 arm(r.key, r.at)
@@ -346,13 +396,14 @@ def replay(
                 heapq.heappush(heap, (decision.at, seq, key))
             continue
         setup, tally = by_key[key], tallies[key]
-        warm = at < expires[key]
-        cost = setup.ping_cost if warm else setup.cold_ping_cost
+        warm = cache_alive(refreshed[key], setup.pair.ttl_seconds, at)
+        costs = setup.costs(size[key])
+        cost = costs.ping if warm else costs.cold_ping
         tally.pings += 1
         tally.keepalive_usd += cost
         if budget is not None:
             budget.record(at, cost)
-        expires[key] = at + setup.pair.ttl_seconds
+        refreshed[key] = at
         policies[key].observe(Touch(at, Source.PING, Result.WARM if warm else Result.REWARMED))
         if pings is not None:
             pings.append((at, setup.pair.expert, setup.pair.model, policy_name))
@@ -364,18 +415,20 @@ def replay(
 def _production(
     tally: Tally,
     setup: PairSetup,
-    prices: PriceTable,
     r: Request,
     policy: PairPolicy | None,
-    expires: dict[str, float],
-    key: str,
+    refreshed: dict[str, float | None],
+    size: dict[str, int],
 ) -> None:
+    key = r.key
+    if r.prefix_tokens is not None:
+        size[key] = r.prefix_tokens  # the cache now holds this request's prefix
     tally.requests += 1
-    warm = r.at < expires.get(key, -math.inf)
+    warm = cache_alive(refreshed[key], setup.pair.ttl_seconds, r.at)
     if not warm:
         tally.misses += 1
-        tally.premiums_usd += setup.premium(prices, r.prefix_tokens)
-    expires[key] = r.at + setup.pair.ttl_seconds
+        tally.premiums_usd += setup.costs(size[key]).penalty
+    refreshed[key] = r.at
     if policy is not None:
         policy.observe(Touch(r.at, Source.PRODUCTION, Result.WARM if warm else Result.REWARMED))
 
@@ -386,21 +439,33 @@ def optimum(
     prices: PriceTable,
     pings: list[tuple[float, str, str, str]] | None = None,
 ) -> Tally:
-    """The hindsight optimum of one pair: per idle gap, pings at the TTL or one miss, the cheaper."""
+    """The hindsight optimum of one pair: per idle gap, pings at the TTL or one miss, the cheaper.
+
+    Priced as the replay prices: a ping at the size of the request before it (what the cache
+    holds), a miss at its own request's size. Within a gap the size cannot change, so any
+    keepalive pays at least this for the gap: a true lower bound. A gap of g seconds needs
+    floor(g / ttl) pings to keep the cache alive at its end (`cache_alive`: a request at expiry
+    is a miss), each a hair before the expiry it prevents; the pings written out are placed at
+    the expiries themselves, the limit of that hair.
+    """
     tally = Tally()
     ttl = setup.pair.ttl_seconds
     previous: float | None = None
+    tokens = setup.prefix_tokens
     for r in requests:
         tally.requests += 1
-        premium = setup.premium(prices, r.prefix_tokens)
+        ping = setup.costs(tokens).ping  # the size in effect across the gap
+        if r.prefix_tokens is not None:
+            tokens = r.prefix_tokens
+        premium = setup.costs(tokens).penalty
         if previous is None:
             tally.misses += 1  # the first request writes, whoever makes the write
             tally.premiums_usd += premium
-        elif r.at - previous >= ttl:
+        elif not cache_alive(previous, ttl, r.at):
             needed = math.floor((r.at - previous) / ttl)  # a ping every TTL until the request
-            if needed * setup.ping_cost < premium:
+            if needed * ping < premium:
                 tally.pings += needed
-                tally.keepalive_usd += needed * setup.ping_cost
+                tally.keepalive_usd += needed * ping
                 if pings is not None:
                     pings += [(previous + j * ttl, setup.pair.expert, setup.pair.model, "optimum") for j in range(1, needed + 1)]
             else:
@@ -618,6 +683,33 @@ def write_pings(path: Path, pings: Iterable[tuple[float, str, str, str]]) -> Non
 # --- the command ---------------------------------------------------------------------------
 
 
+def check_replayable(pairs: Sequence[Pair], requests: Sequence[Request], until: float | None, name: str) -> str | None:
+    """Why these requests cannot be replayed for these pairs (None: they can).
+
+    Nothing to replay (a trace for another config, a ledger before any observation, `--until`
+    before the first request) and a span no replay should take (a typo's decades) are refused
+    with a message, never replayed into a hang.
+    """
+    keys = {p.key for p in pairs}
+    mine = [r for r in requests if r.key in keys]
+    if not mine:
+        others = sorted({r.key for r in requests})
+        if not others:
+            return f"{name}: no requests to replay"
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return f"{name}: no request for the config's pairs ({', '.join(sorted(keys))}); it has {shown}"
+    first = mine[0]
+    if until is not None and until < first.at:
+        return f"{name}: --until {until:.0f} is before the first request of the config's pairs (line {first.line}, {first.at:.0f})"
+    last_at = until if until is not None else mine[-1].at
+    if last_at - first.at > MAX_SPAN:
+        days = (last_at - first.at) / 86400.0
+        where = "--until" if until is not None else f"line {mine[-1].line}"
+        return (f"{name}: spans {days:,.0f} days (line {first.line} to {where}); simulate replays at most "
+                f"{MAX_SPAN / 86400.0:.0f} days: check those times, or cut the trace")
+    return None
+
+
 def add_parser(sub: Any) -> None:
     """Add `keepwarm simulate` to the CLI's subcommands."""
     sp = sub.add_parser("simulate", help="replay a production trace under each keepalive policy; sends no ping")
@@ -636,12 +728,16 @@ def add_parser(sub: Any) -> None:
 
 
 def _prefix_tokens(config: Config, requests: Sequence[Request], emulator: bool) -> dict[str, int]:
-    """Per pair: the trace's prefix_tokens (median), else the ledger's pings, else count_tokens."""
-    seen: dict[str, list[int]] = defaultdict(list)
+    """Per pair: the first prefix_tokens of the trace, else the ledger's pings, else count_tokens.
+
+    The first, not a statistic of the whole trace: a price must not depend on rows after the
+    time it is used at (a cut trace would ping differently before the cut). Later rows' sizes
+    price what follows them (`PairSetup`).
+    """
+    out: dict[str, int] = {}
     for r in requests:
         if r.prefix_tokens is not None:
-            seen[r.key].append(r.prefix_tokens)
-    out = {k: int(statistics.median(v)) for k, v in seen.items()}
+            out.setdefault(r.key, r.prefix_tokens)
     if config.ledger_path is not None and any(p.key not in out for p in config.pairs):
         for key, tokens in ledger_prefix_tokens(config.ledger_path).items():
             out.setdefault(key, tokens)
@@ -721,12 +817,16 @@ def main(args: argparse.Namespace) -> int:
             requests = read_observations(config.ledger_path)
         else:
             try:
-                with args.trace.open(encoding="utf-8", newline="") as stream:
+                with args.trace.open(encoding="utf-8-sig", newline="") as stream:
                     requests = parse_trace(stream, str(args.trace))
             except (OSError, UnicodeDecodeError) as exc:
                 raise TraceError(f"{args.trace}: cannot read it: {exc}") from None
     except TraceError as exc:
         print(f"keepwarm simulate: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    problem = check_replayable(config.pairs, requests, until, "the ledger's observations" if args.from_ledger else str(args.trace))
+    if problem is not None:
+        print(f"keepwarm simulate: {problem}", file=sys.stderr)
         return EX_DATAERR
     try:
         tokens = _prefix_tokens(config, requests, args.emulator)
