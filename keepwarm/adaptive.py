@@ -181,6 +181,9 @@ class AdaptivePolicy:
         self.by_hour: dict[int, SortedWindow] = {}
         self.latencies: deque[float] = deque(maxlen=200)
         self._memo: tuple[tuple[float, float, float, int, int, float], tuple[bool, float]] | None = None
+        # The hour-of-week and hour-of-day levels of `_distribution`, merged into one sorted list
+        # each: their gaps weigh the same, so one list answers as all of them do, in one bisect.
+        self._levels: tuple[tuple[int, int], list[float], list[float]] | None = None
         # The prior counts this pair's idle period in progress until the policy is dropped.
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, self._prior, id(self))
 
@@ -282,13 +285,10 @@ class AdaptivePolicy:
         """
         if self.idle_since is None or (not self.gaps and not self._prior):
             return None
-        how = self._hour_of_week(self.idle_since)
-        week = [w.values for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS))]
-        day = [w.values for day in range(7) for d in (-1, 0, 1)
-               if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day))]
+        week, day = self._hour_levels(self._hour_of_week(self.idle_since))
         # Other pairs idle at least as long (their idle periods began no later than this one).
         censored = max(0, self._prior.open_since(self.idle_since) - (self.last_production is not None))
-        levels = [(week, K_HOUR, 0), (day, K_DAY, 0), ([self.gaps.values], K_PAIR, 0), ([self._prior.values], 0.0, censored)]
+        levels = [([week], K_HOUR, 0), ([day], K_DAY, 0), ([self.gaps.values], K_PAIR, 0), ([self._prior.values], 0.0, censored)]
         parts: list[tuple[list[float], float]] = []
         never = 0.0
         mass = 1.0  # of the distribution still to hand out to the more general levels
@@ -304,6 +304,18 @@ class AdaptivePolicy:
             parts = [(v, w / (1.0 - mass)) for v, w in parts]
             never /= 1.0 - mass
         return _Mixture(parts, never)
+
+    def _hour_levels(self, how: int) -> tuple[list[float], list[float]]:
+        """The gaps that started in hour of week `how` or the hours beside it, and those that
+        started at the same hours of any day, each as one sorted list (kept until a gap is added)."""
+        key = (how, self.gaps.added)
+        if self._levels is not None and self._levels[0] == key:
+            return self._levels[1], self._levels[2]
+        week = sorted(v for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS)) for v in w.values)
+        day = sorted(v for day in range(7) for d in (-1, 0, 1)
+                     if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day)) for v in w.values)
+        self._levels = (key, week, day)
+        return week, day
 
     def _worth_it(self, at: float) -> tuple[bool, float]:
         """Whether a ping at `at` is expected to pay, and its expected net saving in USD."""
@@ -364,7 +376,7 @@ class AdaptivePolicy:
         if self.last_refresh is None or self.idle_since is None:
             return "waiting for production's first request (never pre-warms)"
         idle = human_duration(now - self.idle_since)
-        if self.next_ping(now, 0.0).at is None:
+        if self._decide(now, 0.0, provisional=False).at is None:
             return f"letting lapse: idle {idle}"
         dist = self._distribution(now - self.idle_since)
         expected = None if dist is None else dist.mean_above(now - self.idle_since)
@@ -373,14 +385,34 @@ class AdaptivePolicy:
         return f"keeping warm, idle {idle} of an expected {human_duration(expected)}"
 
     def next_ping(self, now: float, draw: float) -> Decision:
-        """The next ping, or None with reason `idle` when the cache should lapse."""
+        """The next ping, or None with reason `idle` when the cache should lapse.
+
+        A ping not yet due is an appointment, not a promise: whether it pays is weighed when it
+        comes due (the scheduler asks again then, as it always does), with everything learnt by
+        then. Weighing it at every production touch instead was most of what a busy pair cost.
+        """
+        return self._decide(now, draw, provisional=True)
+
+    def _decide(self, now: float, draw: float, provisional: bool) -> Decision:
         if self.last_refresh is None:
             return Decision(None)  # never warmed: a ping now would be a pre-warm
         at = self._next_at(draw)
-        if not cache_alive(self.last_refresh, self.ttl, max(at, now)):
-            return Decision(None, "idle")  # already cold (a failed ping, a late wake): never pre-warm
+        if not cache_alive(self.last_refresh, self.ttl, max(at, now)) or not self.pings_left:
+            # Already cold (a failed ping, a late wake): never pre-warm. Or the cap is reached.
+            return Decision(None, "idle")
+        by_production = self.last_ping is None or self.last_refresh > self.last_ping
+        if provisional and at > now:
+            return Decision(at, "production_touch" if by_production else None)
         worth, _ = self._worth_it(at)
         if not worth:
             return Decision(None, "idle")
-        by_production = self.last_ping is None or self.last_refresh > self.last_ping
         return Decision(at, "production_touch" if by_production else None)
+
+
+class SkiRentalPolicy(AdaptivePolicy):
+    """Ski rental alone, learning nothing: ping an idle cache until the pings of the idle period
+    would cost one miss penalty, then let it lapse. A reference row of `keepwarm simulate`
+    (`--policy ski-rental`): what the adaptive policy's learning adds over its fallback."""
+
+    def _distribution(self, age: float) -> _Mixture | None:
+        return None

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy, SharedPrior
+from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy, SharedPrior, SkiRentalPolicy
 from keepwarm.touch import SKIP_REASONS, Decision, PairPolicy, Source, Touch, cache_alive, human_duration
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ def make_policy(
     budget: Budget | None = None,
     time_scale: float = 1.0,
     message_tokens: int = PING_MESSAGE_TOKENS,
+    ski_rental: bool = False,
 ) -> PairPolicy:
     """The policy the pair's config asks for, wrapped in its active hours and the shared budget.
 
@@ -188,14 +189,15 @@ def make_policy(
     pairs), replays the ledger's touches into it (`replay`, when offered), feeds every touch
     (`observe`), every ping attempt's latency (`observe_latency`, when offered) and every ping's
     cost (`budget.record`), and asks `next_ping`. A model without a price cannot weigh a ping
-    against a miss: an adaptive pair then runs as `fixed`.
+    against a miss: an adaptive pair then runs as `fixed`. `ski_rental` makes an adaptive pair
+    learn nothing (`SkiRentalPolicy`, a reference for `keepwarm simulate`).
     """
     ping_cost = prices.warm_ping_cost(pair.model, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
     penalty = prices.miss_penalty(pair.model, prefix_tokens, pair.ttl)
     policy: PairPolicy
     value: Callable[[float], float]
     if pair.adaptive and ping_cost is not None and penalty is not None:
-        adaptive = AdaptivePolicy(
+        adaptive = (SkiRentalPolicy if ski_rental else AdaptivePolicy)(
             pair.ttl_seconds,
             pair.interval,
             pair.jitter,

@@ -50,8 +50,9 @@ EX_CONFIG = 78
 EX_USAGE = 2
 ONLINE_POLICIES = ("none", "fixed", "adaptive")
 POLICIES = (*ONLINE_POLICIES, "optimum")
-# Not in the default set: the mission's keepalive that ignores production, a reference row.
-EXTRA_POLICIES = ("fixed-plain",)
+# Not in the default set, reference rows: the mission's keepalive that ignores production, and
+# ski rental alone (the adaptive policy's fallback, learning nothing).
+EXTRA_POLICIES = ("fixed-plain", "ski-rental")
 
 
 class TraceError(Exception):
@@ -313,6 +314,9 @@ class _PlainFixed:
 def _policy_for(name: str, setup: PairSetup, prices: PriceTable, prior: SharedPrior, budget: Budget | None) -> PairPolicy:
     if name == "fixed-plain":
         return _PlainFixed(setup.pair)
+    if name == "ski-rental":
+        pair = replace(setup.pair, policy="adaptive")
+        return make_policy(pair, prices, setup.prefix_tokens, prior=prior, budget=budget, ski_rental=True)
     pair = replace(setup.pair, policy=name)
     return make_policy(pair, prices, setup.prefix_tokens, prior=prior, budget=budget)
 
