@@ -6,12 +6,14 @@ Each shape is a few pairs with their own traffic over `--days` days, priced with
 table. The replay is `keepwarm.simulate.run`, the code behind `keepwarm simulate`, so it drives
 the daemon's own policy objects. The table gives each policy's extra caching cost (write premiums
 plus pings) as a multiple of the hindsight optimum, per shape and over all shapes, and the
-targets are checked: adaptive <= 1.3 x the optimum in total and <= 1.6 x on every shape, never
-above 1.05 x "no keepalive" on any shape, and `fixed` (which skips pings production made
-unnecessary) never above `fixed-plain` (a ping every interval whatever production does).
+targets are checked: adaptive <= 1.25 x the optimum in total and <= 1.6 x on every trace (one
+shape, one seed), never above 1.05 x "no keepalive" on any trace, and `fixed` (which skips pings
+production made unnecessary) never above `fixed-plain` (a ping every interval whatever
+production does).
 
 The policy was tuned on seeds 1-3 (`--seeds 1 2 3`); the published table uses the held-out seeds
-101-103, which it never saw while being tuned.
+4242-4244, never run while it was tuned. The newer shapes draw their very parameters from the
+seed (`new_shapes`), so a held-out seed is also a shape never seen.
 """
 
 from __future__ import annotations
@@ -316,12 +318,13 @@ def table(seeds: list[int], days: float) -> tuple[str, list[str]]:
     for name in shapes(days):
         extra = dict.fromkeys(POLICIES, 0.0)
         for seed in seeds:
-            for p, v in replay_shape(shapes(days, seed)[name], seed, days).items():
+            trace = replay_shape(shapes(days, seed)[name], seed, days)
+            _check(f"{name} (seed {seed})", trace, failures, per_shape=True)
+            for p, v in trace.items():
                 extra[p] += v
         for p in POLICIES:
             totals[p] += extra[p]
         rows.append((name, extra))
-        _check(name, extra, failures, per_shape=True)
     rows.append(("**total**", totals))
     _check("total", totals, failures, per_shape=False)
     head = "| shape | " + " | ".join(POLICIES) + " | optimum, USD |"
@@ -336,7 +339,7 @@ def table(seeds: list[int], days: float) -> tuple[str, list[str]]:
 def _check(name: str, extra: dict[str, float], failures: list[str], per_shape: bool) -> None:
     best = extra["optimum"]
     ratio = extra["adaptive"] / best if best > 0 else 1.0
-    limit = 1.6 if per_shape else 1.3
+    limit = 1.6 if per_shape else 1.25
     if ratio > limit:
         failures.append(f"{name}: adaptive {ratio:.2f} x optimum > {limit}")
     if per_shape and extra["adaptive"] > 1.05 * extra["none"]:
@@ -358,7 +361,7 @@ def _write_docs(text: str, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print (and with --write-docs, publish) the table; exit 1 when a target is missed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[4242, 4243, 4244])
     ap.add_argument("--days", type=float, default=21.0)
     ap.add_argument("--shape", action="append", help="only this shape (repeatable)")
     ap.add_argument("--write-docs", action="store_true", help="replace the table in docs/policy.md")

@@ -7,8 +7,10 @@ stretch (and after the cache would have expired without it) the pings saved one 
 each ping is paid only if production has not come back before it. So with the idle-gap
 distribution G of this pair, conditioned on the gap being longer than `a`:
 
-    saving(k) = miss_penalty * P(expiry_without_ping < G <= a + (k - 1) * spacing + ttl | G > a)
-    cost(k)   = ping_cost * sum(P(G > a + i * spacing | G > a) for i in 0 .. k - 1)
+    saving(k) = miss_penalty * P(expiry_without_ping <= G < a + (k - 1) * spacing + ttl | G >= a)
+    cost(k)   = ping_cost * sum(P(G >= a + i * spacing | G >= a) for i in 0 .. k - 1)
+
+(a request exactly at expiry misses: `keepwarm.touch.cache_alive`)
 
 and the next ping is sent when some k makes saving(k) > cost(k). With k = 1 this is "the
 expected saving of the next ping exceeds its cost"; looking further ahead keeps a cache warm
@@ -26,6 +28,14 @@ Pings are spaced as close to the TTL as a safety margin allows: twice the p99 pi
 first attempt that fails slowly, then its retry) plus the runner's backoff and a little
 scheduling slack; until latencies are measured, a default margin. Never closer together than
 `interval`, which the config has already checked against the TTL.
+
+Whatever the estimate says, the pings of one idle period never cost more than ROBUSTNESS miss
+penalties (learning-augmented ski rental: follow the prediction, with a robustness cap), so an
+idle period costs at most one penalty in pings plus the miss if production comes back after
+that; docs/policy.md states the bound. The estimate is censored: the shared prior also counts the
+other pairs' idle periods still in progress, so prefixes that went quiet for good teach the thin
+pairs how long a prefix lives. A ping is weighed when it comes due: before that, `next_ping`
+answers with the time it would go, an appointment the scheduler keeps by asking again.
 
 It never pre-warms: with no touch that refreshed the cache, or once the cache has expired, it
 answers None and waits for the next production request (which writes the cache whoever makes it).
