@@ -370,3 +370,23 @@ def test_the_optimum_stays_below_fixed_when_a_pair_starts_late_with_a_large_pref
         best = policies["optimum"]["pairs"][key]["extra_usd"]
         for name in ("none", "fixed", "adaptive"):
             assert best <= policies[name]["pairs"][key]["extra_usd"] + 1e-12, (key, name)
+
+
+def test_simulate_finishes_with_a_clear_exit_on_random_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Garbage in, a clear exit out: 0 or 65 with a message, never a traceback or a hang."""
+    rng = random.Random(20)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SIM_CONFIG.replace("jitter: 0s", "jitter: 0s, active_hours: 'mon-fri 08:00-19:00 Europe/Berlin'"))
+    stamps = ["0", "1", "-5", "nan", "1e10", "1772442000", "1772442000.5", "1772442000123", "2026-03-29T01:59:60Z",
+              "2026-03-29T02:30:00+01:00", "2026-03-02T09:00:00", "", "x", "99999999999"]
+    for k in range(40):
+        rows = ["at,expert,model,prefix_tokens"]
+        for _ in range(rng.randint(0, 6)):
+            at = rng.choice(stamps) if rng.random() < 0.5 else f"{T0 + rng.uniform(-1e6, 1e6):.3f}"
+            rows.append(f"{at},{rng.choice(['a', 'b', ''])},claude-sonnet-4-6,{rng.choice(['4000', '', '0', '-1'])}")
+        trace = tmp_path / f"t{k}.csv"
+        trace.write_text("\n".join(rows) + "\n")
+        code = main(["simulate", "--config", str(cfg), "--trace", str(trace), "--policy", "adaptive", "--format", "json"])
+        err = capsys.readouterr().err
+        assert code in (0, 65), (rows, code, err)
+        assert code == 0 or err.startswith("keepwarm simulate: "), err
