@@ -81,13 +81,16 @@ class SortedWindow:
         self.values: list[float] = []
         self.added = 0  # values ever added: tells a cached answer it is stale
 
-    def add(self, value: float) -> None:
-        """Add a value, forgetting the oldest when full."""
+    def add(self, value: float) -> float | None:
+        """Add a value, forgetting the oldest when full; return the value forgotten (None: none)."""
+        forgotten = None
         if len(self.order) == self.order.maxlen:
-            del self.values[bisect.bisect_left(self.values, self.order[0])]
+            forgotten = self.order[0]
+            del self.values[bisect.bisect_left(self.values, forgotten)]
         self.order.append(value)
         bisect.insort(self.values, value)
         self.added += 1
+        return forgotten
 
     def __len__(self) -> int:
         return len(self.values)
@@ -110,10 +113,10 @@ class SharedPrior(SortedWindow):
         self._open_of: dict[int, float] = {}
         self.version = 0  # bumped on every change: tells a cached answer it is stale
 
-    def add(self, value: float) -> None:
+    def add(self, value: float) -> float | None:
         """Add a complete idle gap."""
-        super().add(value)
         self.version += 1
+        return super().add(value)
 
     def open_period(self, owner: int, start: float) -> None:
         """Pair `owner`'s idle period in progress now started at `start` (replacing its last)."""
@@ -193,7 +196,7 @@ class AdaptivePolicy:
         self._memo: tuple[tuple[float, float, float, int, int, float], tuple[bool, float]] | None = None
         # The hour-of-week and hour-of-day levels of `_distribution`, merged into one sorted list
         # each: their gaps weigh the same, so one list answers as all of them do, in one bisect.
-        self._levels: tuple[tuple[int, int], list[float], list[float]] | None = None
+        self._levels: tuple[int, list[float], list[float]] | None = None
         # The prior counts this pair's idle period in progress until the policy is dropped.
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, self._prior, id(self))
 
@@ -251,8 +254,18 @@ class AdaptivePolicy:
 
     def _add_gap(self, gap: float, started: float) -> None:
         self.gaps.add(gap)
-        self.by_hour.setdefault(self._hour_of_week(started), SortedWindow(HOUR_GAPS)).add(gap)
+        how = self._hour_of_week(started)
+        forgotten = self.by_hour.setdefault(how, SortedWindow(HOUR_GAPS)).add(gap)
         self._prior.add(gap)
+        if self._levels is not None:
+            # Keep the merged levels in step with their windows, rather than merging them anew
+            # (a sort of up to a thousand gaps) at the next decision.
+            cached, week, day = self._levels
+            for merged, near in ((week, (how - cached) % WEEK_HOURS), (day, (how - cached) % 24)):
+                if near in (0, 1, WEEK_HOURS - 1 if merged is week else 23):
+                    bisect.insort(merged, gap)
+                    if forgotten is not None:
+                        del merged[bisect.bisect_left(merged, forgotten)]
 
     def _hour_of_week(self, t: float) -> int:
         return int(t // self.hour) % WEEK_HOURS
@@ -317,14 +330,13 @@ class AdaptivePolicy:
 
     def _hour_levels(self, how: int) -> tuple[list[float], list[float]]:
         """The gaps that started in hour of week `how` or the hours beside it, and those that
-        started at the same hours of any day, each as one sorted list (kept until a gap is added)."""
-        key = (how, self.gaps.added)
-        if self._levels is not None and self._levels[0] == key:
+        started at the same hours of any day, each as one sorted list (kept in step by `_add_gap`)."""
+        if self._levels is not None and self._levels[0] == how:
             return self._levels[1], self._levels[2]
         week = sorted(v for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS)) for v in w.values)
         day = sorted(v for day in range(7) for d in (-1, 0, 1)
                      if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day)) for v in w.values)
-        self._levels = (key, week, day)
+        self._levels = (how, week, day)
         return week, day
 
     def _worth_it(self, at: float) -> tuple[bool, float]:
