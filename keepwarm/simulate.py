@@ -68,11 +68,11 @@ class Request:
     model: str
     prefix_tokens: int | None = None
     line: int = 0
+    # The pair, `expert/model`: built once, not at each of the replays' dozen lookups a row.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """The pair, `expert/model`."""
-        return f"{self.expert}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.expert}/{self.model}")
 
 
 # --- reading traces ------------------------------------------------------------------------
