@@ -27,16 +27,18 @@ import heapq
 import io
 import json
 import math
+import multiprocessing
+import os
 import random
 import re
 import sqlite3
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from keepwarm.adaptive import SharedPrior
 from keepwarm.budget import Budget
@@ -522,6 +524,16 @@ def run(
     by_pair: dict[str, list[Request]] = defaultdict(list)
     for r in requests:
         by_pair[r.key].append(r)
+    other: Callable[[], dict[str, dict[str, Tally]]] | None = None
+    if alternative_ttl and setups:
+        other_setups = _other_ttl_setups(setups, prices)
+
+        def other_ttl() -> dict[str, dict[str, Tally]]:
+            return run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget_usd_per_day,
+                       alternative_ttl=False).results
+
+        # The other TTL's replays need nothing of these: on a large trace they run beside them.
+        other = _beside(other_ttl) if len(requests) >= PARALLEL_ROWS else other_ttl
     results: dict[str, dict[str, Tally]] = {}
     for name in policies:
         if name == "optimum":
@@ -529,9 +541,61 @@ def run(
         else:
             results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings)
     sim = Simulation(end, start, list(setups), results, ignored=ignored)
-    if alternative_ttl and setups:
-        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, start, end, seed, budget_usd_per_day)
+    if other is not None:
+        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other())
     return sim
+
+
+# Rows from which the other TTL's replays run in a child process, beside this one's: a million
+# rows took 38 s in one process. Below it a fork costs more than it saves.
+PARALLEL_ROWS = 100_000
+
+_T = TypeVar("_T")
+
+
+def _beside(work: Callable[[], _T]) -> Callable[[], _T]:
+    """Start `work` in a forked child now; the function returned waits for its answer.
+
+    Without fork, or when the child fails (killed, out of memory), the work runs here instead:
+    the answer is the same either way, only later.
+    """
+    if not hasattr(os, "fork"):
+        return work
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(work())
+        finally:
+            send.close()
+
+    proc = ctx.Process(target=child, daemon=True)
+    proc.start()
+    send.close()
+
+    def wait() -> _T:
+        try:
+            answer: _T = receive.recv()
+        except (EOFError, OSError):
+            proc.join()
+            return work()
+        proc.join()
+        return answer
+
+    return wait
+
+
+def _other_ttl_setups(setups: Sequence[PairSetup], prices: PriceTable) -> list[PairSetup]:
+    """The pairs with the other TTL (5m <-> 1h) and that TTL's default interval."""
+    out = []
+    for s in setups:
+        ttl = "5m" if s.pair.ttl == "1h" else "1h"
+        pair = replace(s.pair, ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
+        if pair.interval + pair.jitter >= pair.ttl_seconds:
+            pair = replace(pair, jitter=0.0)
+        out.append(PairSetup.build(pair, prices, s.prefix_tokens))
+    return out
 
 
 def _other_ttl(
@@ -539,20 +603,12 @@ def _other_ttl(
     setups: Sequence[PairSetup],
     requests: Sequence[Request],
     prices: PriceTable,
-    start: float,
     end: float,
     seed: int,
     budget: float | None,
+    other_results: dict[str, dict[str, Tally]],
 ) -> dict[str, dict[str, Any]]:
     """Per pair: the best online policy's extra cost at the pair's TTL and at the other one."""
-    other_setups = []
-    for s in setups:
-        ttl = "5m" if s.pair.ttl == "1h" else "1h"
-        pair = replace(s.pair, ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
-        if pair.interval + pair.jitter >= pair.ttl_seconds:
-            pair = replace(pair, jitter=0.0)
-        other_setups.append(PairSetup.build(pair, prices, s.prefix_tokens))
-    other = run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget, alternative_ttl=False)
     # The best of every online policy on both sides, whichever policies the output shows.
     missing = [p for p in ONLINE_POLICIES if p not in sim.results]
     current = dict(sim.results)
@@ -562,7 +618,7 @@ def _other_ttl(
     for s in setups:
         key = s.pair.key
         here = {p: current[p][key].extra_usd for p in ONLINE_POLICIES}
-        there = {p: other.results[p][key].extra_usd for p in ONLINE_POLICIES}
+        there = {p: other_results[p][key].extra_usd for p in ONLINE_POLICIES}
         best_here, best_there = min(here, key=here.__getitem__), min(there, key=there.__getitem__)
         out[key] = {
             "ttl": s.pair.ttl,
@@ -792,7 +848,6 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
 
 def main(args: argparse.Namespace) -> int:
     """`keepwarm simulate`: exit 0, 65 for a bad trace, 78 for a bad config, 2 for bad usage."""
-    import os
 
     config_path = args.config or (Path(os.environ["KEEPWARM_CONFIG"]) if os.environ.get("KEEPWARM_CONFIG") else None)
     if config_path is None:

@@ -5,6 +5,8 @@ import io
 import json
 import random
 import sqlite3
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -238,11 +240,8 @@ def test_from_ledger_replays_the_observations_table(tmp_path: Path, capsys: pyte
 SIM_CONFIG = "defaults: {models: [claude-sonnet-4-6], jitter: 0s}\nexperts: [{name: a, system: [{text: x}]}]\n"
 
 
-def _simulate(tmp_path: Path, trace_text: str | bytes, *extra: str, config: str = SIM_CONFIG) -> "subprocess.CompletedProcess[str]":
+def _simulate(tmp_path: Path, trace_text: str | bytes, *extra: str, config: str = SIM_CONFIG) -> subprocess.CompletedProcess[str]:
     """`keepwarm simulate` in a child process with a deadline: a hang fails the test, not the suite."""
-    import subprocess
-    import sys
-
     cfg, trace = tmp_path / "c.yaml", tmp_path / "t.csv"
     cfg.write_text(config)
     if isinstance(trace_text, bytes):
@@ -283,7 +282,8 @@ def test_a_trace_spanning_decades_is_refused_not_replayed_for_hours(tmp_path: Pa
 
 
 def test_a_utf8_bom_and_a_leap_second_are_read(tmp_path: Path) -> None:
-    rows = "at,expert,model,prefix_tokens\r\n2016-12-31T23:59:59Z,a,claude-sonnet-4-6,4000\r\n2016-12-31T23:59:60Z,a,claude-sonnet-4-6,4000\r\n"
+    rows = ("at,expert,model,prefix_tokens\r\n2016-12-31T23:59:59Z,a,claude-sonnet-4-6,4000\r\n"
+            "2016-12-31T23:59:60Z,a,claude-sonnet-4-6,4000\r\n")
     parsed = parse_trace(io.StringIO("\ufeff" + rows))
     assert [r.at for r in parsed] == [1483228799.0, 1483228800.0]  # the leap second counts as the next second
     done = _simulate(tmp_path, b"\xef\xbb\xbf" + rows.encode(), "--format", "json")
@@ -292,9 +292,6 @@ def test_a_utf8_bom_and_a_leap_second_are_read(tmp_path: Path) -> None:
 
 
 def test_from_ledger_before_any_observation_exits_65(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     ledger_path = tmp_path / "ledger.db"
     Ledger(ledger_path).close()
     with sqlite3.connect(ledger_path) as db:
@@ -360,7 +357,8 @@ def test_cutting_the_trace_changes_no_price_or_ping_before_the_cut(tmp_path: Pat
 def test_the_optimum_stays_below_fixed_when_a_pair_starts_late_with_a_large_prefix(tmp_path: Path) -> None:
     """`fixed` pings every pair from the trace's start; its first (cold) ping must be priced at the
     size the pair's cache will hold, not at a size from later rows, or it "saves" a large write cheaply."""
-    config = "defaults: {models: [claude-sonnet-4-6], jitter: 0s}\nexperts: [{name: a, system: [{text: x}]}, {name: b, system: [{text: y}]}]\n"
+    config = ("defaults: {models: [claude-sonnet-4-6], jitter: 0s}\n"
+              "experts: [{name: a, system: [{text: x}]}, {name: b, system: [{text: y}]}]\n")
     rows = ["at,expert,model,prefix_tokens", f"{T0:.0f},a,claude-sonnet-4-6,2000", f"{T0 + 600:.0f},b,claude-sonnet-4-6,150000"]
     rows += [f"{T0 + 600 + 60 * k:.0f},b,claude-sonnet-4-6,1100" for k in range(1, 9)]
     done = _simulate(tmp_path, "\n".join(rows) + "\n", "--format", "json", config=config)
@@ -390,3 +388,24 @@ def test_simulate_finishes_with_a_clear_exit_on_random_traces(tmp_path: Path, ca
         err = capsys.readouterr().err
         assert code in (0, 65), (rows, code, err)
         assert code == 0 or err.startswith("keepwarm simulate: "), err
+
+
+def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import keepwarm.simulate as simulate
+
+    rng = random.Random(8)
+    setups = [_setup("a", policy="adaptive"), _setup("b")]
+    requests = sorted((Request(T0 + rng.uniform(0, 86400.0), name, "claude-sonnet-4-6") for name in "ab" for _ in range(300)),
+                      key=lambda r: r.at)
+    here = run(setups, requests, PRICES, seed=2).ttl_alternative
+    monkeypatch.setattr(simulate, "PARALLEL_ROWS", 1)
+    forked: list[int] = []
+    real = simulate._beside
+
+    def counting(work: Any) -> Any:
+        forked.append(1)
+        return real(work)
+
+    monkeypatch.setattr(simulate, "_beside", counting)
+    assert run(setups, requests, PRICES, seed=2).ttl_alternative == here
+    assert forked == [1]
