@@ -6,12 +6,14 @@ Each shape is a few pairs with their own traffic over `--days` days, priced with
 table. The replay is `keepwarm.simulate.run`, the code behind `keepwarm simulate`, so it drives
 the daemon's own policy objects. The table gives each policy's extra caching cost (write premiums
 plus pings) as a multiple of the hindsight optimum, per shape and over all shapes, and the
-targets are checked: adaptive <= 1.3 x the optimum in total and <= 1.6 x on every shape, never
-above 1.05 x "no keepalive" on any shape, and `fixed` (which skips pings production made
-unnecessary) never above `fixed-plain` (a ping every interval whatever production does).
+targets are checked: adaptive <= 1.25 x the optimum in total and <= 1.6 x on every trace (one
+shape, one seed), never above 1.05 x "no keepalive" on any trace, and `fixed` (which skips pings
+production made unnecessary) never above `fixed-plain` (a ping every interval whatever
+production does).
 
 The policy was tuned on seeds 1-3 (`--seeds 1 2 3`); the published table uses the held-out seeds
-101-103, which it never saw while being tuned.
+4242-4244, never run while it was tuned. The newer shapes draw their very parameters from the
+seed (`new_shapes`), so a held-out seed is also a shape never seen.
 """
 
 from __future__ import annotations
@@ -36,20 +38,24 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "policy.md"
 START = datetime(2026, 3, 2, tzinfo=ZoneInfo("UTC"))  # a Monday; the 29th brings a DST switch in Europe
 DAY = 86400.0
-POLICIES = ("none", "fixed-plain", "fixed", "adaptive", "optimum")
+POLICIES = ("none", "fixed-plain", "fixed", "ski-rental", "adaptive", "optimum")
 
 Gen = Callable[[random.Random, float, float], list[float]]  # (rng, start, end) -> request times
 
 
 @dataclass(frozen=True)
 class PairSpec:
-    """One pair of a shape: its model, prefix size, TTL and traffic."""
+    """One pair of a shape: its model, prefix size, TTL and traffic.
+
+    `growth`: tokens each request adds to the prefix (a conversation re-sends what came before).
+    """
 
     name: str
     model: str
     tokens: int
     traffic: Gen
     ttl: str = "5m"
+    growth: int = 0
 
 
 # --- traffic building blocks ---------------------------------------------------------------
@@ -142,8 +148,98 @@ def regime(days: float) -> Gen:
     return gen
 
 
-def shapes(days: float) -> dict[str, list[PairSpec]]:
-    """The shapes of traffic: name -> its pairs."""
+def every(period: float, wobble: float = 0.0) -> Gen:
+    """A request every `period` seconds exactly (give or take `wobble`), from a random phase."""
+
+    def gen(rng: random.Random, start: float, end: float) -> list[float]:
+        out, t = [], start + rng.uniform(0, period)
+        while t < end:
+            out.append(t + (rng.uniform(-wobble, wobble) if wobble else 0.0))
+            t += period
+        return sorted(x for x in out if start <= x < end)
+
+    return gen
+
+
+def conversation(rng: random.Random, start: float, end: float) -> list[float]:
+    """One prefix of a conversation: a handful of requests within minutes, then never again.
+
+    A person reads and types between turns (a minute or so, now and then a pause past the TTL);
+    the conversation starts at a random moment of the trace and is then abandoned for good.
+    """
+    t = rng.uniform(start, start + (end - start) * 0.9)
+    out = [t]
+    for _ in range(rng.randint(1, 7)):
+        t += rng.expovariate(1 / 50.0) + 5.0 if rng.random() < 0.85 else rng.uniform(300.0, 1200.0)
+        out.append(t)
+    return [x for x in out if x < end]
+
+
+def pareto_gaps(alpha: float, scale: float) -> Gen:
+    """Requests separated by Pareto gaps: mostly short, a heavy tail of long ones."""
+
+    def gen(rng: random.Random, start: float, end: float) -> list[float]:
+        out, t = [], start
+        while True:
+            t += scale * rng.paretovariate(alpha)
+            if t >= end:
+                return out
+            out.append(t)
+
+    return gen
+
+
+def new_shapes(seed: int) -> dict[str, list[PairSpec]]:
+    """Shapes whose very parameters come from `seed`: a held-out seed is a shape never seen.
+
+    Conversation-like prefixes, requests exactly every TTL and just past it, periodic jobs whose
+    period straddles the TTL, heavy-tailed gaps, and many thin pairs beside a few busy ones.
+    """
+    rng = random.Random(f"shapes:{seed}")
+    sonnet, haiku, opus = "claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6"
+    models = (sonnet, sonnet, haiku, opus)
+    conversations = [
+        PairSpec(f"conv{k}", rng.choice(models), rng.choice((2048, 3000, 6000, 12000)), conversation,
+                 growth=rng.choice((150, 400, 800)))
+        for k in range(rng.randint(120, 200))
+    ]
+    at_ttl = [
+        PairSpec("every-5m", sonnet, 4000, every(300.0)),
+        PairSpec("every-5m+1s", sonnet, 4000, every(301.0)),
+        PairSpec(f"every-5m+{(late := rng.randint(5, 60))}s", haiku, 6000, every(300.0 + late)),
+        PairSpec("every-1h", sonnet, 6000, every(3600.0), ttl="1h"),
+        PairSpec("every-1h+1s", sonnet, 6000, every(3601.0), ttl="1h"),
+    ]
+    straddle = []
+    for k, (ttl, base) in enumerate([("5m", 300.0)] * 4 + [("1h", 3600.0)] * 2):
+        factor = rng.choice((0.9, 0.97, 1.03, 1.1, 1.9, 2.05, 3.1))
+        straddle.append(PairSpec(f"job{k}-{factor}ttl", rng.choice(models), rng.choice((3000, 8000)),
+                                 every(base * factor, wobble=rng.uniform(0, 15)), ttl=ttl))
+    heavy = [
+        PairSpec(f"pareto{k}", rng.choice(models), rng.choice((3000, 8000, 20000)),
+                 pareto_gaps(rng.uniform(1.05, 1.8), rng.uniform(20.0, 150.0)),
+                 ttl=rng.choice(("5m", "5m", "1h")))
+        for k in range(4)
+    ]
+    busy = [PairSpec(f"busy{k}", sonnet, 5000, poisson(rng.uniform(20, 90))) for k in range(rng.randint(2, 4))]
+    thin = [PairSpec(f"thin{k}", rng.choice(models), rng.choice((3000, 6000)), poisson(rng.uniform(0.02, 0.5)))
+            for k in range(rng.randint(30, 60))]
+    return {
+        "conversations": conversations,
+        "every-ttl": at_ttl,
+        "periodic-straddle": straddle,
+        "heavy-tailed-gaps": heavy,
+        "thin-beside-busy": busy + thin,
+    }
+
+
+def shapes(days: float, seed: int = 0) -> dict[str, list[PairSpec]]:
+    """The shapes of traffic: name -> its pairs (the newer shapes' parameters follow `seed`)."""
+    return {**base_shapes(days), **new_shapes(seed)}
+
+
+def base_shapes(days: float) -> dict[str, list[PairSpec]]:
+    """The first eleven shapes: office hours, cron, chat, Poisson, heavy tails, 1 h TTL."""
     sonnet, haiku, opus = "claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6"
     berlin = office("Europe/Berlin")
     return {
@@ -208,7 +304,9 @@ def replay_shape(specs: list[PairSpec], seed: int, days: float) -> dict[str, flo
                        interval=DEFAULT_INTERVAL[ttl])
         setups.append(PairSetup.build(pair, prices, spec.tokens))
         rng = random.Random(f"{seed}:{spec.name}")
-        requests += [Request(t, spec.name, spec.model) for t in spec.traffic(rng, start, end)]
+        times = spec.traffic(rng, start, end)
+        requests += [Request(t, spec.name, spec.model, spec.tokens + k * spec.growth if spec.growth else None)
+                     for k, t in enumerate(times)]
     requests.sort(key=lambda r: r.at)
     sim = run(setups, requests, prices, POLICIES, end, seed, alternative_ttl=False)
     return {p: sim.total(p).extra_usd for p in POLICIES}
@@ -217,15 +315,16 @@ def replay_shape(specs: list[PairSpec], seed: int, days: float) -> dict[str, flo
 def table(seeds: list[int], days: float) -> tuple[str, list[str]]:
     """The markdown table and the list of missed targets (empty when all are met)."""
     rows, totals, failures = [], dict.fromkeys(POLICIES, 0.0), []
-    for name, specs in shapes(days).items():
+    for name in shapes(days):
         extra = dict.fromkeys(POLICIES, 0.0)
         for seed in seeds:
-            for p, v in replay_shape(specs, seed, days).items():
+            trace = replay_shape(shapes(days, seed)[name], seed, days)
+            _check(f"{name} (seed {seed})", trace, failures, per_shape=True)
+            for p, v in trace.items():
                 extra[p] += v
         for p in POLICIES:
             totals[p] += extra[p]
         rows.append((name, extra))
-        _check(name, extra, failures, per_shape=True)
     rows.append(("**total**", totals))
     _check("total", totals, failures, per_shape=False)
     head = "| shape | " + " | ".join(POLICIES) + " | optimum, USD |"
@@ -240,7 +339,7 @@ def table(seeds: list[int], days: float) -> tuple[str, list[str]]:
 def _check(name: str, extra: dict[str, float], failures: list[str], per_shape: bool) -> None:
     best = extra["optimum"]
     ratio = extra["adaptive"] / best if best > 0 else 1.0
-    limit = 1.6 if per_shape else 1.3
+    limit = 1.6 if per_shape else 1.25
     if ratio > limit:
         failures.append(f"{name}: adaptive {ratio:.2f} x optimum > {limit}")
     if per_shape and extra["adaptive"] > 1.05 * extra["none"]:
@@ -262,7 +361,7 @@ def _write_docs(text: str, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print (and with --write-docs, publish) the table; exit 1 when a target is missed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[4242, 4243, 4244])
     ap.add_argument("--days", type=float, default=21.0)
     ap.add_argument("--shape", action="append", help="only this shape (repeatable)")
     ap.add_argument("--write-docs", action="store_true", help="replace the table in docs/policy.md")
@@ -272,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         global shapes
         everything = shapes
 
-        def only(days: float) -> dict[str, list[PairSpec]]:
-            return {k: v for k, v in everything(days).items() if k in args.shape}
+        def only(days: float, seed: int = 0) -> dict[str, list[PairSpec]]:
+            return {k: v for k, v in everything(days, seed).items() if k in args.shape}
 
         shapes = only
     text, failures = table(args.seeds, args.days)

@@ -15,6 +15,7 @@ when any range covers it. Everything here is pure: times are unix seconds passed
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -70,9 +71,32 @@ class HoursRange:
     def windows(self, t: float) -> list[tuple[float, float]]:
         """Unix-second windows of this range near `t` (from two days before to a week after)."""
         around = datetime.fromtimestamp(t, ZoneInfo(self.zone)).date()
-        # timestamp() resolves wall-clock times through the zone, DST included: a window
-        # starting in a spring-forward gap starts at the first instant after it.
-        return [(s.timestamp(), e.timestamp()) for s, e in self._local_windows(around)]
+        return [(_instant(s), _instant(e)) for s, e in self._local_windows(around)]
+
+
+def _instant(local: datetime) -> float:
+    """Unix time of a zone-aware wall-clock time; one inside a spring-forward gap (02:30 on the
+    night clocks jump from 02:00 to 03:00) is the first instant after the gap (03:00).
+
+    `timestamp()` alone reads such a time with the offset from before the jump, which lands as
+    far past the gap's end as the time is past its start (03:30): a window would open late.
+    """
+    t = local.timestamp()
+    if datetime.fromtimestamp(t, local.tzinfo).replace(tzinfo=None) == local.replace(tzinfo=None):
+        return t  # the wall-clock time exists (an ambiguous one resolves to its first occurrence)
+    # In a gap: the transition lies between the instant read with the offset after the jump
+    # and the one read with the offset before it; find it to the second.
+    low, high = local.replace(fold=1).timestamp(), t
+    if low > high:
+        low, high = high, low
+    offset = local.tzinfo.utcoffset(datetime.fromtimestamp(high, local.tzinfo)) if local.tzinfo else None
+    while high - low > 0.5:
+        middle = (low + high) / 2
+        if local.tzinfo is not None and local.tzinfo.utcoffset(datetime.fromtimestamp(middle, local.tzinfo)) == offset:
+            high = middle
+        else:
+            low = middle
+    return float(math.ceil(high - 0.5))
 
 
 @dataclass(frozen=True, slots=True)

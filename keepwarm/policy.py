@@ -14,92 +14,25 @@ ping is then skipped, counted under `decision.reason`, and the job re-armed at t
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from keepwarm.classify import Result
+from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy, SharedPrior, SkiRentalPolicy
+from keepwarm.touch import SKIP_REASONS, Decision, PairPolicy, Source, Touch, cache_alive, human_duration
 
-if TYPE_CHECKING:  # only for annotations: adaptive imports this module
-    from keepwarm.adaptive import SharedPrior
+if TYPE_CHECKING:
     from keepwarm.budget import Budget
     from keepwarm.config import Pair
     from keepwarm.hours import ActiveHours
     from keepwarm.pricing import PriceTable
 
-# Label values of keepwarm_pings_skipped_total{reason}.
-SKIP_REASONS = ("production_touch", "idle", "outside_hours", "budget")
-
-
-class Source(str, enum.Enum):
-    """Who touched the cache."""
-
-    PING = "ping"
-    PRODUCTION = "production"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# The results that read or wrote the cache. A module constant: looking the members up on the
-# enum class at every touch (three class lookups a call) was a good part of what a touch cost.
-_REFRESHING = (Result.WARM, Result.REWARMED, Result.PARTIAL)
-
-
-@dataclass(frozen=True, slots=True)
-class Touch:
-    """One request that may have touched a pair's cache, at the time it *started*
-    (the TTL runs from the start of the request that read or wrote the entry)."""
-
-    at: float
-    source: Source
-    result: Result
-    prefix_tokens: int = 0  # the prefix size the request reported (0: not known); prices a new policy
-
-    @property
-    def refreshed(self) -> bool:
-        """True if the request read or wrote the cache, so the entry lives a TTL from `at`."""
-        return self.result in _REFRESHING
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """When to ping next. `at` None: no ping until a later touch (the cache may lapse).
-
-    `reason` says why this is later than a plain ping every interval would be (one of
-    SKIP_REASONS), or is None when it is not.
-    """
-
-    at: float | None
-    reason: str | None = None
-
-
-def human_duration(seconds: float) -> str:
-    """A duration for people on the status page: `45 s`, `12 m`, `1 h 5 m`."""
-    seconds = max(seconds, 0.0)
-    if seconds < 60:
-        return f"{int(seconds)} s"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} m" if minutes else f"{hours} h"
-
-
-class PairPolicy(Protocol):
-    """The policy of one pair: fed touches in time order, asked when to ping next."""
-
-    def observe(self, touch: Touch) -> None:
-        """Record a touch (a ping's result or an observed production request)."""
-
-    def next_ping(self, now: float, draw: float) -> Decision:
-        """When to ping next, knowing only the touches fed so far; `draw` is uniform in [0, 1)."""
-
-    def describe(self, now: float) -> str:
-        """A few words for the status page: what the policy does with the pair now, and why."""
+# Re-exported: the scheduler, the daemon, observations and metrics import these names from here.
+__all__ = [
+    "SKIP_REASONS", "AdaptivePolicy", "BudgetedPolicy", "Decision", "FixedPolicy", "HoursPolicy", "PairPolicy",
+    "SharedPrior", "Source", "Touch", "cache_alive", "human_duration", "make_policy",
+]
 
 
 class FixedPolicy:
@@ -115,30 +48,32 @@ class FixedPolicy:
     def __init__(self, interval: float, jitter: float) -> None:
         self.interval = interval
         self.jitter = jitter
-        self.last_ping = 0.0  # start of the last ping, whatever it found (0: none yet)
-        self.last_touch = 0.0  # start of the latest request of either source that refreshed the cache
+        # None, not 0.0, for "never": a touch at unix time 0 is a touch (0.0 as "never" made a
+        # trace starting at 0 ping at once, forever, without time moving on).
+        self.last_ping: float | None = None  # start of the last ping, whatever it found
+        self.last_touch: float | None = None  # start of the latest request of either source that refreshed the cache
 
     def observe(self, touch: Touch) -> None:
         """Record a touch; touches may arrive late, so only a later time moves the anchors."""
         if touch.source is Source.PING:
-            self.last_ping = max(self.last_ping, touch.at)
+            self.last_ping = touch.at if self.last_ping is None else max(self.last_ping, touch.at)
         if touch.refreshed or touch.source is Source.PING:
             # A failed ping refreshed nothing, but the next one still comes an interval after
             # it (its retries ran inside it, up to the cache's expiry).
-            self.last_touch = max(self.last_touch, touch.at)
+            self.last_touch = touch.at if self.last_touch is None else max(self.last_touch, touch.at)
 
     def next_ping(self, now: float, draw: float) -> Decision:
         """An interval after the last touch; at once if nothing has touched the pair yet."""
-        if not self.last_touch:
+        if self.last_touch is None:
             return Decision(now)
         at = self.last_touch + self.interval + self.jitter * draw
-        reason = "production_touch" if self.last_touch > self.last_ping else None
-        return Decision(at, reason)
+        by_production = self.last_ping is None or self.last_touch > self.last_ping
+        return Decision(at, "production_touch" if by_production else None)
 
     def describe(self, now: float) -> str:
         """`fixed` keeps every cache warm: say how often, and whether production did it lately."""
         every = human_duration(self.interval)
-        if self.last_touch and self.last_touch > self.last_ping:
+        if self.last_touch is not None and (self.last_ping is None or self.last_touch > self.last_ping):
             return f"keeping warm: a ping every {every}, production touched it {human_duration(now - self.last_touch)} ago"
         return f"keeping warm: a ping every {every}"
 
@@ -159,13 +94,13 @@ class HoursPolicy:
         self.inner = inner
         self.hours = hours
         self.ttl = ttl
-        self.last_refresh = 0.0
+        self.last_refresh: float | None = None  # None: never refreshed
         self.seen_production = False
 
     def observe(self, touch: Touch) -> None:
         """Record a touch here and in the wrapped policy."""
         if touch.refreshed:
-            self.last_refresh = max(self.last_refresh, touch.at)
+            self.last_refresh = touch.at if self.last_refresh is None else max(self.last_refresh, touch.at)
         self.seen_production = self.seen_production or touch.source is Source.PRODUCTION
         self.inner.observe(touch)
 
@@ -178,7 +113,7 @@ class HoursPolicy:
         if self.hours.contains(at):
             return decision
         start = self.hours.next_start(at)
-        if start is None or (self.seen_production and start >= self.last_refresh + self.ttl):
+        if start is None or (self.seen_production and not cache_alive(self.last_refresh, self.ttl, start)):
             return Decision(None, "outside_hours")
         return Decision(start, "outside_hours")
 
@@ -213,7 +148,10 @@ class BudgetedPolicy:
     def next_ping(self, now: float, draw: float) -> Decision:
         """The wrapped policy's answer; a ping due now that the budget refuses waits (`budget`)."""
         decision = self.inner.next_ping(now, draw)
-        if decision.at is None or decision.at > now:
+        if decision.at is None:
+            self.budget.forget(self.key)  # no ping until production returns: out of the ranking
+            return decision
+        if decision.at > now:
             return decision  # judged when it is due: spend changes until then
         if self.budget.may_ping(self.key, now, self.value(now)):
             return decision
@@ -243,6 +181,7 @@ def make_policy(
     budget: Budget | None = None,
     time_scale: float = 1.0,
     message_tokens: int = PING_MESSAGE_TOKENS,
+    ski_rental: bool = False,
 ) -> PairPolicy:
     """The policy the pair's config asks for, wrapped in its active hours and the shared budget.
 
@@ -250,16 +189,15 @@ def make_policy(
     pairs), replays the ledger's touches into it (`replay`, when offered), feeds every touch
     (`observe`), every ping attempt's latency (`observe_latency`, when offered) and every ping's
     cost (`budget.record`), and asks `next_ping`. A model without a price cannot weigh a ping
-    against a miss: an adaptive pair then runs as `fixed`.
+    against a miss: an adaptive pair then runs as `fixed`. `ski_rental` makes an adaptive pair
+    learn nothing (`SkiRentalPolicy`, a reference for `keepwarm simulate`).
     """
-    from keepwarm.adaptive import DEFAULT_MARGIN, AdaptivePolicy
-
     ping_cost = prices.warm_ping_cost(pair.price_key, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
     penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl)
     policy: PairPolicy
     value: Callable[[float], float]
     if pair.adaptive and ping_cost is not None and penalty is not None:
-        adaptive = AdaptivePolicy(
+        adaptive = (SkiRentalPolicy if ski_rental else AdaptivePolicy)(
             pair.ttl_seconds,
             pair.interval,
             pair.jitter,

@@ -27,22 +27,24 @@ import heapq
 import io
 import json
 import math
+import multiprocessing
+import os
 import random
+import re
 import sqlite3
-import statistics
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from keepwarm.adaptive import SharedPrior
 from keepwarm.budget import Budget
 from keepwarm.classify import Result, Usage
 from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
-from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, make_policy
+from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, cache_alive, make_policy
 from keepwarm.pricing import PriceTable
 
 EX_DATAERR = 65
@@ -50,8 +52,9 @@ EX_CONFIG = 78
 EX_USAGE = 2
 ONLINE_POLICIES = ("none", "fixed", "adaptive")
 POLICIES = (*ONLINE_POLICIES, "optimum")
-# Not in the default set: the mission's keepalive that ignores production, a reference row.
-EXTRA_POLICIES = ("fixed-plain",)
+# Not in the default set, reference rows: the mission's keepalive that ignores production, and
+# ski rental alone (the adaptive policy's fallback, learning nothing).
+EXTRA_POLICIES = ("fixed-plain", "ski-rental")
 
 
 class TraceError(Exception):
@@ -67,14 +70,24 @@ class Request:
     model: str
     prefix_tokens: int | None = None
     line: int = 0
+    # The pair, `expert/model`: built once, not at each of the replays' dozen lookups a row.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """The pair, `expert/model`."""
-        return f"{self.expert}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.expert}/{self.model}")
 
 
 # --- reading traces ------------------------------------------------------------------------
+
+
+# Unix seconds past this (the year 5138) are milliseconds (or worse) written as seconds: one such
+# row made a trace span millennia, and the replay ping through them.
+LATEST_TIME = 1e11
+# The longest stretch one replay covers: a fixed pair pings every few minutes, so a trace that
+# spans decades by a typo would run for hours. Two years of traffic is more than any ledger holds.
+MAX_SPAN = 2 * 366 * 86400.0
+# The seconds of an RFC 3339 time: `60` is a leap second.
+_LEAP = re.compile(r"^(?P<head>\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:)60(?P<tail>(?:\.\d+)?(?:[Zz]|[+-]\d{2}:?\d{2}))$")
 
 
 def parse_time(text: str) -> float:
@@ -86,10 +99,17 @@ def parse_time(text: str) -> float:
         return _rfc3339(text)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{text!r} is not a time")
+    if value >= LATEST_TIME:
+        raise ValueError(f"{text!r} is after the year 5000: milliseconds? give unix seconds (divide by 1000)")
     return value
 
 
 def _rfc3339(text: str) -> float:
+    leap = _LEAP.match(text)
+    if leap:
+        # A leap second (23:59:60Z): unix time has none, and counts it as the next second,
+        # as POSIX clocks do.
+        return _rfc3339(f"{leap['head']}59{leap['tail']}") + 1.0
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -108,6 +128,8 @@ def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
         raise TraceError(f"{name}: empty; expected a header line with at,expert,model") from None
     except csv.Error as exc:
         raise TraceError(f"{name}:1: not CSV: {exc}") from None
+    if header and header[0].startswith("\ufeff"):
+        header[0] = header[0][1:]  # a UTF-8 byte order mark, as spreadsheets write one
     columns = {c.strip().lower(): i for i, c in enumerate(header)}
     missing = [c for c in ("at", "expert", "model") if c not in columns]
     if missing:
@@ -192,36 +214,66 @@ def ledger_prefix_tokens(path: Path) -> dict[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class PairSetup:
-    """A pair with the figures its replay needs."""
+class Costs:
+    """What a pair's requests cost at one prefix size."""
 
-    pair: Pair
-    prefix_tokens: int
-    ping_cost: float  # a ping that finds the cache warm
-    cold_ping_cost: float  # a ping that finds it cold and writes it
-    miss_penalty: float
+    ping: float  # a ping that finds the cache warm
+    cold_ping: float  # a ping that finds it cold and writes it
+    penalty: float  # the write premium of a production request that misses
 
     @staticmethod
-    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
-        """Price a pair; a model without a price costs nothing here, and says so in the output."""
+    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> Costs:
+        """Price one prefix size; a model without a price costs nothing here (the output says so)."""
         out_tokens = max(pair.max_tokens, 1)
         minimum = prices.get(pair.price_key).min_cacheable_tokens
         if minimum is not None and prefix_tokens < minimum:
             # It cannot cache: every ping is billed as plain input, and no ping saves production anything.
             plain = prices.cost(pair.price_key, Usage(input=prefix_tokens + PING_MESSAGE_TOKENS, output=out_tokens))
             each = math.fsum(plain.values()) if plain else 0.0
-            return PairSetup(pair, prefix_tokens, each, each, 0.0)
+            return Costs(each, each, 0.0)
         warm = prices.warm_ping_cost(pair.price_key, prefix_tokens, PING_MESSAGE_TOKENS, out_tokens) or 0.0
         write = Usage(input=PING_MESSAGE_TOKENS, output=out_tokens, **{f"cache_write_{pair.ttl}": prefix_tokens})
         cold = prices.cost(pair.price_key, write)
         penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl) or 0.0
-        return PairSetup(pair, prefix_tokens, warm, math.fsum(cold.values()) if cold else 0.0, penalty)
+        return Costs(warm, math.fsum(cold.values()) if cold else 0.0, penalty)
+
+
+@dataclass(frozen=True, slots=True)
+class PairSetup:
+    """A pair with the figures its replay needs.
+
+    `prefix_tokens` is the size the pair starts with (and its policy is priced with, as the
+    daemon prices a policy from the first size it learns). A trace row with `prefix_tokens`
+    changes the pair's size from that row on: the cache holds what the latest request wrote, so
+    later pings are priced at that size, and a miss at its own row's size. Online: a price at t
+    depends only on the rows before t.
+    """
+
+    pair: Pair
+    prefix_tokens: int
+    ping_cost: float  # a ping that finds the cache warm, at `prefix_tokens`
+    cold_ping_cost: float  # a ping that finds it cold and writes it
+    miss_penalty: float
+    prices: PriceTable | None = field(default=None, compare=False, repr=False)
+    _by_size: dict[int, Costs] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def build(pair: Pair, prices: PriceTable, prefix_tokens: int) -> PairSetup:
+        """Price a pair; a model without a price costs nothing here, and says so in the output."""
+        c = Costs.build(pair, prices, prefix_tokens)
+        return PairSetup(pair, prefix_tokens, c.ping, c.cold_ping, c.penalty, prices, {prefix_tokens: c})
+
+    def costs(self, tokens: int) -> Costs:
+        """The pair's costs at prefix size `tokens` (computed once per size)."""
+        found = self._by_size.get(tokens)
+        if found is None:
+            assert self.prices is not None, "PairSetup.build prices every size"
+            found = self._by_size[tokens] = Costs.build(self.pair, self.prices, tokens)
+        return found
 
     def premium(self, prices: PriceTable, tokens: int | None) -> float:
         """The write premium of one missed production request of `tokens` (default: the pair's)."""
-        if tokens is None or tokens == self.prefix_tokens:
-            return self.miss_penalty
-        return prices.miss_penalty(self.pair.price_key, tokens, self.pair.ttl) or 0.0
+        return self.costs(self.prefix_tokens if tokens is None else tokens).penalty
 
 
 @dataclass
@@ -270,6 +322,9 @@ class _PlainFixed:
 def _policy_for(name: str, setup: PairSetup, prices: PriceTable, prior: SharedPrior, budget: Budget | None) -> PairPolicy:
     if name == "fixed-plain":
         return _PlainFixed(setup.pair)
+    if name == "ski-rental":
+        pair = replace(setup.pair, policy="adaptive")
+        return make_policy(pair, prices, setup.prefix_tokens, prior=prior, budget=budget, ski_rental=True)
     pair = replace(setup.pair, policy=name)
     return make_policy(pair, prices, setup.prefix_tokens, prior=prior, budget=budget)
 
@@ -291,18 +346,19 @@ def replay(
     """
     tallies = {s.pair.key: Tally() for s in setups}
     by_key = {s.pair.key: s for s in setups}
+    # Per pair: when its cache was last read or written (None: never), and its prefix size now.
+    refreshed: dict[str, float | None] = dict.fromkeys(by_key)
+    size = {key: s.prefix_tokens for key, s in by_key.items()}
     if policy_name == "none":
-        alive: dict[str, float] = {}
         for r in requests:
             if r.at <= until and r.key in by_key:
-                _production(tallies[r.key], by_key[r.key], prices, r, None, alive, r.key)
+                _production(tallies[r.key], by_key[r.key], r, None, refreshed, size)
         return tallies
     prior = SharedPrior()
     budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
     policies = {s.pair.key: _policy_for(policy_name, s, prices, prior, budget) for s in setups}
     rngs = {key: random.Random(f"{seed}:{key}") for key in policies}
     draws = {key: rngs[key].random() for key in policies}
-    expires: dict[str, float] = {key: -math.inf for key in policies}
     armed: dict[str, float | None] = {}
     heap: list[tuple[float, int, str]] = []
     seq = 0
@@ -333,7 +389,7 @@ def replay(
             i += 1
             if r.key not in by_key:
                 continue
-            _production(tallies[r.key], by_key[r.key], prices, r, policies[r.key], expires, r.key)
+            _production(tallies[r.key], by_key[r.key], r, policies[r.key], refreshed, size)
             draws[r.key] = rngs[r.key].random()
             if armed.get(r.key) is None:
                 arm(r.key, r.at)
@@ -352,13 +408,14 @@ def replay(
                 heapq.heappush(heap, (decision.at, seq, key))
             continue
         setup, tally = by_key[key], tallies[key]
-        warm = at < expires[key]
-        cost = setup.ping_cost if warm else setup.cold_ping_cost
+        warm = cache_alive(refreshed[key], setup.pair.ttl_seconds, at)
+        costs = setup.costs(size[key])
+        cost = costs.ping if warm else costs.cold_ping
         tally.pings += 1
         tally.keepalive_usd += cost
         if budget is not None:
             budget.record(at, cost)
-        expires[key] = at + setup.pair.ttl_seconds
+        refreshed[key] = at
         policies[key].observe(Touch(at, Source.PING, Result.WARM if warm else Result.REWARMED))
         if pings is not None:
             pings.append((at, setup.pair.expert, setup.pair.model, policy_name))
@@ -370,18 +427,20 @@ def replay(
 def _production(
     tally: Tally,
     setup: PairSetup,
-    prices: PriceTable,
     r: Request,
     policy: PairPolicy | None,
-    expires: dict[str, float],
-    key: str,
+    refreshed: dict[str, float | None],
+    size: dict[str, int],
 ) -> None:
+    key = r.key
+    if r.prefix_tokens is not None:
+        size[key] = r.prefix_tokens  # the cache now holds this request's prefix
     tally.requests += 1
-    warm = r.at < expires.get(key, -math.inf)
+    warm = cache_alive(refreshed[key], setup.pair.ttl_seconds, r.at)
     if not warm:
         tally.misses += 1
-        tally.premiums_usd += setup.premium(prices, r.prefix_tokens)
-    expires[key] = r.at + setup.pair.ttl_seconds
+        tally.premiums_usd += setup.costs(size[key]).penalty
+    refreshed[key] = r.at
     if policy is not None:
         policy.observe(Touch(r.at, Source.PRODUCTION, Result.WARM if warm else Result.REWARMED))
 
@@ -392,21 +451,33 @@ def optimum(
     prices: PriceTable,
     pings: list[tuple[float, str, str, str]] | None = None,
 ) -> Tally:
-    """The hindsight optimum of one pair: per idle gap, pings at the TTL or one miss, the cheaper."""
+    """The hindsight optimum of one pair: per idle gap, pings at the TTL or one miss, the cheaper.
+
+    Priced as the replay prices: a ping at the size of the request before it (what the cache
+    holds), a miss at its own request's size. Within a gap the size cannot change, so any
+    keepalive pays at least this for the gap: a true lower bound. A gap of g seconds needs
+    floor(g / ttl) pings to keep the cache alive at its end (`cache_alive`: a request at expiry
+    is a miss), each a hair before the expiry it prevents; the pings written out are placed at
+    the expiries themselves, the limit of that hair.
+    """
     tally = Tally()
     ttl = setup.pair.ttl_seconds
     previous: float | None = None
+    tokens = setup.prefix_tokens
     for r in requests:
         tally.requests += 1
-        premium = setup.premium(prices, r.prefix_tokens)
+        ping = setup.costs(tokens).ping  # the size in effect across the gap
+        if r.prefix_tokens is not None:
+            tokens = r.prefix_tokens
+        premium = setup.costs(tokens).penalty
         if previous is None:
             tally.misses += 1  # the first request writes, whoever makes the write
             tally.premiums_usd += premium
-        elif r.at - previous >= ttl:
+        elif not cache_alive(previous, ttl, r.at):
             needed = math.floor((r.at - previous) / ttl)  # a ping every TTL until the request
-            if needed * setup.ping_cost < premium:
+            if needed * ping < premium:
                 tally.pings += needed
-                tally.keepalive_usd += needed * setup.ping_cost
+                tally.keepalive_usd += needed * ping
                 if pings is not None:
                     pings += [(previous + j * ttl, setup.pair.expert, setup.pair.model, "optimum") for j in range(1, needed + 1)]
             else:
@@ -459,6 +530,16 @@ def run(
     by_pair: dict[str, list[Request]] = defaultdict(list)
     for r in requests:
         by_pair[r.key].append(r)
+    other: Callable[[], dict[str, dict[str, Tally]]] | None = None
+    if alternative_ttl and setups:
+        other_setups = _other_ttl_setups(setups, prices)
+
+        def other_ttl() -> dict[str, dict[str, Tally]]:
+            return run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget_usd_per_day,
+                       alternative_ttl=False).results
+
+        # The other TTL's replays need nothing of these: on a large trace they run beside them.
+        other = _beside(other_ttl) if len(requests) >= PARALLEL_ROWS else other_ttl
     results: dict[str, dict[str, Tally]] = {}
     for name in policies:
         if name == "optimum":
@@ -466,9 +547,61 @@ def run(
         else:
             results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings)
     sim = Simulation(end, start, list(setups), results, ignored=ignored)
-    if alternative_ttl and setups:
-        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, start, end, seed, budget_usd_per_day)
+    if other is not None:
+        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other())
     return sim
+
+
+# Rows from which the other TTL's replays run in a child process, beside this one's: a million
+# rows took 38 s in one process. Below it a fork costs more than it saves.
+PARALLEL_ROWS = 100_000
+
+_T = TypeVar("_T")
+
+
+def _beside(work: Callable[[], _T]) -> Callable[[], _T]:
+    """Start `work` in a forked child now; the function returned waits for its answer.
+
+    Without fork, or when the child fails (killed, out of memory), the work runs here instead:
+    the answer is the same either way, only later.
+    """
+    if not hasattr(os, "fork"):
+        return work
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(work())
+        finally:
+            send.close()
+
+    proc = ctx.Process(target=child, daemon=True)
+    proc.start()
+    send.close()
+
+    def wait() -> _T:
+        try:
+            answer: _T = receive.recv()
+        except (EOFError, OSError):
+            proc.join()
+            return work()
+        proc.join()
+        return answer
+
+    return wait
+
+
+def _other_ttl_setups(setups: Sequence[PairSetup], prices: PriceTable) -> list[PairSetup]:
+    """The pairs with the other TTL (5m <-> 1h) and that TTL's default interval."""
+    out = []
+    for s in setups:
+        ttl = "5m" if s.pair.ttl == "1h" else "1h"
+        pair = replace(s.pair, ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
+        if pair.interval + pair.jitter >= pair.ttl_seconds:
+            pair = replace(pair, jitter=0.0)
+        out.append(PairSetup.build(pair, prices, s.prefix_tokens))
+    return out
 
 
 def _other_ttl(
@@ -476,20 +609,12 @@ def _other_ttl(
     setups: Sequence[PairSetup],
     requests: Sequence[Request],
     prices: PriceTable,
-    start: float,
     end: float,
     seed: int,
     budget: float | None,
+    other_results: dict[str, dict[str, Tally]],
 ) -> dict[str, dict[str, Any]]:
     """Per pair: the best online policy's extra cost at the pair's TTL and at the other one."""
-    other_setups = []
-    for s in setups:
-        ttl = "5m" if s.pair.ttl == "1h" else "1h"
-        pair = replace(s.pair, ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
-        if pair.interval + pair.jitter >= pair.ttl_seconds:
-            pair = replace(pair, jitter=0.0)
-        other_setups.append(PairSetup.build(pair, prices, s.prefix_tokens))
-    other = run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget, alternative_ttl=False)
     # The best of every online policy on both sides, whichever policies the output shows.
     missing = [p for p in ONLINE_POLICIES if p not in sim.results]
     current = dict(sim.results)
@@ -499,7 +624,7 @@ def _other_ttl(
     for s in setups:
         key = s.pair.key
         here = {p: current[p][key].extra_usd for p in ONLINE_POLICIES}
-        there = {p: other.results[p][key].extra_usd for p in ONLINE_POLICIES}
+        there = {p: other_results[p][key].extra_usd for p in ONLINE_POLICIES}
         best_here, best_there = min(here, key=here.__getitem__), min(there, key=there.__getitem__)
         out[key] = {
             "ttl": s.pair.ttl,
@@ -624,6 +749,33 @@ def write_pings(path: Path, pings: Iterable[tuple[float, str, str, str]]) -> Non
 # --- the command ---------------------------------------------------------------------------
 
 
+def check_replayable(pairs: Sequence[Pair], requests: Sequence[Request], until: float | None, name: str) -> str | None:
+    """Why these requests cannot be replayed for these pairs (None: they can).
+
+    Nothing to replay (a trace for another config, a ledger before any observation, `--until`
+    before the first request) and a span no replay should take (a typo's decades) are refused
+    with a message, never replayed into a hang.
+    """
+    keys = {p.key for p in pairs}
+    mine = [r for r in requests if r.key in keys]
+    if not mine:
+        others = sorted({r.key for r in requests})
+        if not others:
+            return f"{name}: no requests to replay"
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return f"{name}: no request for the config's pairs ({', '.join(sorted(keys))}); it has {shown}"
+    first = mine[0]
+    if until is not None and until < first.at:
+        return f"{name}: --until {until:.0f} is before the first request of the config's pairs (line {first.line}, {first.at:.0f})"
+    last_at = until if until is not None else mine[-1].at
+    if last_at - first.at > MAX_SPAN:
+        days = (last_at - first.at) / 86400.0
+        where = "--until" if until is not None else f"line {mine[-1].line}"
+        return (f"{name}: spans {days:,.0f} days (line {first.line} to {where}); simulate replays at most "
+                f"{MAX_SPAN / 86400.0:.0f} days: check those times, or cut the trace")
+    return None
+
+
 def add_parser(sub: Any) -> None:
     """Add `keepwarm simulate` to the CLI's subcommands."""
     sp = sub.add_parser("simulate", help="replay a production trace under each keepalive policy; sends no ping")
@@ -642,12 +794,16 @@ def add_parser(sub: Any) -> None:
 
 
 def _prefix_tokens(config: Config, requests: Sequence[Request], emulator: bool) -> dict[str, int]:
-    """Per pair: the trace's prefix_tokens (median), else the ledger's pings, else count_tokens."""
-    seen: dict[str, list[int]] = defaultdict(list)
+    """Per pair: the first prefix_tokens of the trace, else the ledger's pings, else count_tokens.
+
+    The first, not a statistic of the whole trace: a price must not depend on rows after the
+    time it is used at (a cut trace would ping differently before the cut). Later rows' sizes
+    price what follows them (`PairSetup`).
+    """
+    out: dict[str, int] = {}
     for r in requests:
         if r.prefix_tokens is not None:
-            seen[r.key].append(r.prefix_tokens)
-    out = {k: int(statistics.median(v)) for k, v in seen.items()}
+            out.setdefault(r.key, r.prefix_tokens)
     if config.ledger_path is not None and any(p.key not in out for p in config.pairs):
         for key, tokens in ledger_prefix_tokens(config.ledger_path).items():
             out.setdefault(key, tokens)
@@ -701,7 +857,6 @@ def _count_tokens(config: Config, pairs: Sequence[Pair], emulator: bool) -> dict
 
 def main(args: argparse.Namespace) -> int:
     """`keepwarm simulate`: exit 0, 65 for a bad trace, 78 for a bad config, 2 for bad usage."""
-    import os
 
     config_path = args.config or (Path(os.environ["KEEPWARM_CONFIG"]) if os.environ.get("KEEPWARM_CONFIG") else None)
     if config_path is None:
@@ -730,12 +885,16 @@ def main(args: argparse.Namespace) -> int:
             requests = read_observations(config.ledger_path)
         else:
             try:
-                with args.trace.open(encoding="utf-8", newline="") as stream:
+                with args.trace.open(encoding="utf-8-sig", newline="") as stream:
                     requests = parse_trace(stream, str(args.trace))
             except (OSError, UnicodeDecodeError) as exc:
                 raise TraceError(f"{args.trace}: cannot read it: {exc}") from None
     except TraceError as exc:
         print(f"keepwarm simulate: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    problem = check_replayable(config.pairs, requests, until, "the ledger's observations" if args.from_ledger else str(args.trace))
+    if problem is not None:
+        print(f"keepwarm simulate: {problem}", file=sys.stderr)
         return EX_DATAERR
     try:
         tokens = _prefix_tokens(config, requests, args.emulator)

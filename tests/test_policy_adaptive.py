@@ -33,6 +33,9 @@ def _pings_until_lapse(policy: AdaptivePolicy, now: float, limit: int = 100) -> 
     out: list[float] = []
     for _ in range(limit):
         decision = policy.next_ping(now, 0.0)
+        if decision.at is not None and decision.at > now:
+            now = decision.at  # the job wakes when the ping is due and asks again
+            decision = policy.next_ping(now, 0.0)
         if decision.at is None:
             assert decision.reason == "idle"
             return out

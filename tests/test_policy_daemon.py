@@ -105,12 +105,17 @@ def test_adaptive_pair_never_prewarms_keeps_warm_after_production_then_lapses_id
     assert len(lapse) == 1 and lapse[0]["pair"] == KEY, decisions
     assert lapse[0]["idle_s"] == pytest.approx(clock.now - touched, abs=0.1)
 
-    # Production comes back every 400 s (a gap a single ping bridges): the touches re-arm the
-    # lapsed pair once its history says a ping pays.
+    # Production comes back every 400 s (a gap a single ping bridges): a touch re-arms the lapsed
+    # pair, and the ping is weighed when it comes due; it goes once the history says it pays.
+    sent, t = len(emulator.log), clock.now
     for _ in range(6):
-        clock.now += 400
-        scheduler.touch(KEY, Touch(clock.now, Source.PRODUCTION, Result.REWARMED, prefix_tokens=3000))
-    assert scheduler.states[KEY].next_due == pytest.approx(clock.now + rebuilt.spacing)
+        t += 400
+        clock.now = t
+        scheduler.touch(KEY, Touch(t, Source.PRODUCTION, Result.REWARMED, prefix_tokens=3000))
+        assert scheduler.states[KEY].next_due == pytest.approx(t + rebuilt.spacing)
+        while scheduler.states[KEY].next_due and scheduler.states[KEY].next_due < t + 400:
+            _wake(scheduler, clock)  # the job, before production's next request
+    assert len(emulator.log) > sent, "bridging the 400 s gaps pays: it pings"
 
 
 def test_fixed_without_observations_is_a_ping_every_interval(emulator: Emulator, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ import io
 import json
 import random
 import sqlite3
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -231,3 +233,179 @@ def test_from_ledger_replays_the_observations_table(tmp_path: Path, capsys: pyte
     assert data["pairs"]["e/claude-sonnet-4-6"]["prefix_tokens"] == 3000
     assert data["policies"]["none"]["total"]["requests"] == 10
     assert data["policies"]["none"]["total"]["misses"] == 1
+
+
+# --- defects of the review: each one reproduced ------------------------------------------------
+
+SIM_CONFIG = "defaults: {models: [claude-sonnet-4-6], jitter: 0s}\nexperts: [{name: a, system: [{text: x}]}]\n"
+
+
+def _simulate(tmp_path: Path, trace_text: str | bytes, *extra: str, config: str = SIM_CONFIG) -> subprocess.CompletedProcess[str]:
+    """`keepwarm simulate` in a child process with a deadline: a hang fails the test, not the suite."""
+    cfg, trace = tmp_path / "c.yaml", tmp_path / "t.csv"
+    cfg.write_text(config)
+    if isinstance(trace_text, bytes):
+        trace.write_bytes(trace_text)
+    else:
+        trace.write_text(trace_text)
+    cmd = [sys.executable, "-m", "keepwarm", "simulate", "--config", str(cfg), "--trace", str(trace), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_a_trace_with_no_row_for_the_configs_pairs_exits_65_and_says_so(tmp_path: Path) -> None:
+    done = _simulate(tmp_path, "at,expert,model,prefix_tokens\n1772442000,other,claude-sonnet-4-6,4000\n",
+                     "--pings-out", str(tmp_path / "p.csv"))
+    assert done.returncode == 65, done.stderr
+    assert "no request for the config's pairs (a/claude-sonnet-4-6); it has other/claude-sonnet-4-6" in done.stderr
+
+
+def test_a_row_at_unix_time_zero_replays_and_finishes(tmp_path: Path) -> None:
+    done = _simulate(tmp_path, "at,expert,model,prefix_tokens\n0,a,claude-sonnet-4-6,4000\n600,a,claude-sonnet-4-6,4000\n",
+                     "--format", "json", "--pings-out", str(tmp_path / "p.csv"))
+    assert done.returncode == 0, done.stderr
+    fixed = json.loads(done.stdout)["policies"]["fixed"]["total"]
+    assert fixed["keepalive_pings"] == 2  # at 240 and 480: an interval after each touch, not at 0 forever
+
+
+def test_millisecond_timestamps_exit_65_naming_the_line_also_with_active_hours(tmp_path: Path) -> None:
+    trace = "at,expert,model,prefix_tokens\n1772442000,a,claude-sonnet-4-6,4000\n1772442300000,a,claude-sonnet-4-6,4000\n"
+    for config in (SIM_CONFIG, SIM_CONFIG.replace("jitter: 0s", "jitter: 0s, active_hours: 'mon-fri 08:00-19:00 UTC'")):
+        done = _simulate(tmp_path, trace, config=config)
+        assert done.returncode == 65, done.stderr
+        assert "t.csv:3: at: '1772442300000' is after the year 5000: milliseconds?" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_trace_spanning_decades_is_refused_not_replayed_for_hours(tmp_path: Path) -> None:
+    done = _simulate(tmp_path, "at,expert,model,prefix_tokens\n1000,a,claude-sonnet-4-6,4000\n1772442000,a,claude-sonnet-4-6,4000\n")
+    assert done.returncode == 65 and "spans 20,514 days (line 2 to line 3)" in done.stderr
+
+
+def test_a_utf8_bom_and_a_leap_second_are_read(tmp_path: Path) -> None:
+    rows = ("at,expert,model,prefix_tokens\r\n2016-12-31T23:59:59Z,a,claude-sonnet-4-6,4000\r\n"
+            "2016-12-31T23:59:60Z,a,claude-sonnet-4-6,4000\r\n")
+    parsed = parse_trace(io.StringIO("\ufeff" + rows))
+    assert [r.at for r in parsed] == [1483228799.0, 1483228800.0]  # the leap second counts as the next second
+    done = _simulate(tmp_path, b"\xef\xbb\xbf" + rows.encode(), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["policies"]["none"]["total"]["requests"] == 2
+
+
+def test_from_ledger_before_any_observation_exits_65(tmp_path: Path) -> None:
+    ledger_path = tmp_path / "ledger.db"
+    Ledger(ledger_path).close()
+    with sqlite3.connect(ledger_path) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS observations (id INTEGER PRIMARY KEY, time REAL, expert TEXT, model TEXT)")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SIM_CONFIG + f"ledger: {{path: {ledger_path.name}}}\n")
+    done = subprocess.run([sys.executable, "-m", "keepwarm", "simulate", "--config", str(cfg), "--from-ledger"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 65 and "the ledger's observations: no requests to replay" in done.stderr
+
+
+def _every(period: float, n: int, name: str = "a") -> list[Request]:
+    return [Request(T0 + k * period, name, "claude-sonnet-4-6", None, k + 2) for k in range(n)]
+
+
+@pytest.mark.parametrize(("ttl", "period"), [("5m", 300.0), ("1h", 3600.0)])
+def test_requests_exactly_every_ttl_are_misses_unless_pinged_and_adaptive_pings(ttl: str, period: float) -> None:
+    """A request at the cache's expiry misses (as the API counts it); the policy must know it too."""
+    from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS
+
+    setup = _setup(policy="adaptive", ttl=ttl, ttl_seconds=TTL_SECONDS[ttl], interval=DEFAULT_INTERVAL[ttl])
+    sim = run([setup], _every(period, 200), PRICES, ("none", "fixed", "adaptive", "optimum"), alternative_ttl=False)
+    best = sim.total("optimum").extra_usd
+    assert sim.total("none").misses == 200  # every request at the previous one's expiry
+    assert sim.total("optimum").misses == 1
+    assert sim.total("adaptive").extra_usd <= 1.25 * best, sim.total("adaptive")
+    assert sim.total("fixed").extra_usd <= 1.25 * best
+
+
+def test_the_optimum_is_a_lower_bound_when_the_prefix_size_varies() -> None:
+    rng = random.Random(11)
+    for seed in range(4):
+        requests, t = [], T0
+        for k in range(300):
+            t += rng.choice([30.0, 200.0, 299.0, 300.0, 301.0, 900.0, 2400.0, 7200.0])
+            # Conversation-like: each request's prefix a different size, from tiny to large.
+            requests.append(Request(t, "a", "claude-sonnet-4-6", rng.choice([0, 500, 1024, 4000, 30000, 150000]), k + 2))
+        setups = [_setup(policy=p, tokens=requests[0].prefix_tokens or 0) for p in ("fixed",)]
+        sim = run(setups, requests, PRICES, ("none", "fixed", "fixed-plain", "adaptive", "optimum"), seed=seed,
+                  alternative_ttl=False)
+        best = sim.total("optimum").extra_usd
+        for name in ("none", "fixed", "fixed-plain", "adaptive"):
+            assert best <= sim.total(name).extra_usd + 1e-12, (seed, name, sim.total(name).extra_usd, best)
+
+
+def test_cutting_the_trace_changes_no_price_or_ping_before_the_cut(tmp_path: Path) -> None:
+    """Prices are online too: a pair's size is what its rows said so far, never a whole-trace median."""
+    rows = ["at,expert,model,prefix_tokens"]
+    for k in range(120):
+        tokens = 2000 if k < 60 else 90000  # the prefix grows half way
+        rows.append(f"{T0 + 500.0 * k:.0f},a,claude-sonnet-4-6,{tokens}")
+    cut = T0 + 500.0 * 59 + 250.0
+    config = SIM_CONFIG.replace("jitter: 0s", "jitter: 0s, policy: adaptive")
+    whole = _simulate(tmp_path, "\n".join(rows) + "\n", "--format", "json", "--until", f"{cut:.0f}", config=config)
+    part = _simulate(tmp_path, "\n".join(rows[:61]) + "\n", "--format", "json", "--until", f"{cut:.0f}", config=config)
+    assert whole.returncode == part.returncode == 0, whole.stderr + part.stderr
+    a, b = json.loads(whole.stdout), json.loads(part.stdout)
+    assert a["pairs"] == b["pairs"]
+    for name in ("fixed", "adaptive"):
+        assert a["policies"][name]["total"] == b["policies"][name]["total"]
+
+
+def test_the_optimum_stays_below_fixed_when_a_pair_starts_late_with_a_large_prefix(tmp_path: Path) -> None:
+    """`fixed` pings every pair from the trace's start; its first (cold) ping must be priced at the
+    size the pair's cache will hold, not at a size from later rows, or it "saves" a large write cheaply."""
+    config = ("defaults: {models: [claude-sonnet-4-6], jitter: 0s}\n"
+              "experts: [{name: a, system: [{text: x}]}, {name: b, system: [{text: y}]}]\n")
+    rows = ["at,expert,model,prefix_tokens", f"{T0:.0f},a,claude-sonnet-4-6,2000", f"{T0 + 600:.0f},b,claude-sonnet-4-6,150000"]
+    rows += [f"{T0 + 600 + 60 * k:.0f},b,claude-sonnet-4-6,1100" for k in range(1, 9)]
+    done = _simulate(tmp_path, "\n".join(rows) + "\n", "--format", "json", config=config)
+    assert done.returncode == 0, done.stderr
+    policies = json.loads(done.stdout)["policies"]
+    for key in ("a/claude-sonnet-4-6", "b/claude-sonnet-4-6"):
+        best = policies["optimum"]["pairs"][key]["extra_usd"]
+        for name in ("none", "fixed", "adaptive"):
+            assert best <= policies[name]["pairs"][key]["extra_usd"] + 1e-12, (key, name)
+
+
+def test_simulate_finishes_with_a_clear_exit_on_random_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Garbage in, a clear exit out: 0 or 65 with a message, never a traceback or a hang."""
+    rng = random.Random(20)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SIM_CONFIG.replace("jitter: 0s", "jitter: 0s, active_hours: 'mon-fri 08:00-19:00 Europe/Berlin'"))
+    stamps = ["0", "1", "-5", "nan", "1e10", "1772442000", "1772442000.5", "1772442000123", "2026-03-29T01:59:60Z",
+              "2026-03-29T02:30:00+01:00", "2026-03-02T09:00:00", "", "x", "99999999999"]
+    for k in range(40):
+        rows = ["at,expert,model,prefix_tokens"]
+        for _ in range(rng.randint(0, 6)):
+            at = rng.choice(stamps) if rng.random() < 0.5 else f"{T0 + rng.uniform(-1e6, 1e6):.3f}"
+            rows.append(f"{at},{rng.choice(['a', 'b', ''])},claude-sonnet-4-6,{rng.choice(['4000', '', '0', '-1'])}")
+        trace = tmp_path / f"t{k}.csv"
+        trace.write_text("\n".join(rows) + "\n")
+        code = main(["simulate", "--config", str(cfg), "--trace", str(trace), "--policy", "adaptive", "--format", "json"])
+        err = capsys.readouterr().err
+        assert code in (0, 65), (rows, code, err)
+        assert code == 0 or err.startswith("keepwarm simulate: "), err
+
+
+def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import keepwarm.simulate as simulate
+
+    rng = random.Random(8)
+    setups = [_setup("a", policy="adaptive"), _setup("b")]
+    requests = sorted((Request(T0 + rng.uniform(0, 86400.0), name, "claude-sonnet-4-6") for name in "ab" for _ in range(300)),
+                      key=lambda r: r.at)
+    here = run(setups, requests, PRICES, seed=2).ttl_alternative
+    monkeypatch.setattr(simulate, "PARALLEL_ROWS", 1)
+    forked: list[int] = []
+    real = simulate._beside
+
+    def counting(work: Any) -> Any:
+        forked.append(1)
+        return real(work)
+
+    monkeypatch.setattr(simulate, "_beside", counting)
+    assert run(setups, requests, PRICES, seed=2).ttl_alternative == here
+    assert forked == [1]
