@@ -256,7 +256,8 @@ def test_a_trace_with_no_row_for_the_configs_pairs_exits_65_and_says_so(tmp_path
     done = _simulate(tmp_path, "at,expert,model,prefix_tokens\n1772442000,other,claude-sonnet-4-6,4000\n",
                      "--pings-out", str(tmp_path / "p.csv"))
     assert done.returncode == 65, done.stderr
-    assert "no request for the config's pairs (a/claude-sonnet-4-6); it has other/claude-sonnet-4-6" in done.stderr
+    assert "no trace row names a configured pair" in done.stderr
+    assert "the trace has: other/claude-sonnet-4-6" in done.stderr and "the config has: a/claude-sonnet-4-6" in done.stderr
 
 
 def test_a_row_at_unix_time_zero_replays_and_finishes(tmp_path: Path) -> None:
