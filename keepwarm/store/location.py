@@ -27,10 +27,10 @@ class PostgresTarget:
     password_file: Path | None = None
 
     def __str__(self) -> str:
-        return redact(self.url)
+        return display(self.url)
 
     def __repr__(self) -> str:
-        return f"PostgresTarget({redact(self.url)!r}, password_file={self.password_file!r})"
+        return f"PostgresTarget({display(self.url)!r}, password_file={self.password_file!r})"
 
 
 def is_url(text: str) -> bool:
@@ -39,8 +39,24 @@ def is_url(text: str) -> bool:
 
 
 _URI_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")
-_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_CONNINFO_PASSWORD = re.compile(r"(?<![?&\w])(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
+
+
+SHOWN = ("host", "hostaddr", "port", "dbname", "user", "sslmode", "target_session_attrs")
+
+
+def display(url: str) -> str:
+    """The database as logs and errors name it: the URL's harmless keys, rebuilt (whatever else it
+    holds stays out), or a placeholder when it does not parse (libpq could not say where a
+    password would be, so none of it is shown)."""
+    from psycopg.conninfo import conninfo_to_dict  # only ever called with a database in use
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - psycopg.ProgrammingError; any failure means "do not show it"
+        return "(an unparseable ledger.url)"
+    return " ".join(f"{k}={params[k]}" for k in SHOWN if params.get(k) not in (None, "")) or "(libpq defaults)"
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

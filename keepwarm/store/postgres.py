@@ -75,10 +75,11 @@ def url_problem(url: str) -> str | None:
     """What is wrong with a `ledger.url` (unparseable, or holding a password), or None."""
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error as exc:
-        # libpq quotes the part it choked on, which may be the password: then say less.
-        detail = "" if re.search(r"password|://[^/@]*:[^/@]*@", url, re.IGNORECASE) else f": {redact(str(exc))}"
-        return f"not a libpq URI (postgresql://user@host/db) or conninfo string (host=... dbname=...){detail}"
+    except psycopg.Error:
+        # libpq quotes the piece it choked on, which may be (part of) a password: say only that
+        # it does not parse, and how it should look.
+        return ("cannot be parsed: write a libpq URI (postgresql://user@host:5432/dbname) or conninfo string"
+                " (host=... port=... dbname=... user=...), quoting values that hold spaces")
     if params.get("password"):
         return ("holds a password: put it in ledger.password_file, $CREDENTIALS_DIRECTORY/ledger_password,"
                 " PGPASSFILE or PGPASSWORD instead, so that the URL can be logged")
@@ -92,8 +93,8 @@ def connect(target: PostgresTarget, *, readonly: bool = False) -> psycopg.Connec
     options: dict[str, Any] = {"autocommit": True}
     try:
         given = psycopg.conninfo.conninfo_to_dict(target.url)
-    except psycopg.Error as exc:
-        raise LedgerError(f"ledger {target}: not a libpq URI or conninfo string: {redact(str(exc), [target.url])}") from None
+    except psycopg.Error:
+        raise LedgerError(f"ledger {target}: {url_problem(target.url)}") from None
     given.pop("password", None)  # refused by the config; ignored if a caller passes one anyway
     if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
         options["connect_timeout"] = CONNECT_TIMEOUT
