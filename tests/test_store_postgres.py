@@ -35,6 +35,7 @@ from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
 from keepwarm.store import Ledger, LedgerError, PairKey, PostgresTarget, read_ledger, read_observations, redact
 from keepwarm.store import postgres as pg
+from keepwarm.store.copy import copy_ledger
 from keepwarm.store.postgres import PostgresLedger
 
 KEY = PairKey(SONNET.expert, SONNET.model, SONNET.fingerprint)
@@ -370,3 +371,19 @@ def test_a_daemon_on_postgresql_resumes_after_sigterm_and_rewrites_no_cache(
     assert state and _dbname(tcp_url) in state[0]["ledger"], "the second daemon opened the database"
     for log in logs:
         assert PostgresServer.PASSWORD not in log.read_text()
+
+
+def test_simulate_from_ledger_reads_the_database_as_it_reads_the_file(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _sqlite_ledger(tmp_path)
+    copy_ledger(source, PostgresTarget(postgres_url))
+    outputs = []
+    for ledger in ({"path": source.name}, {"url": postgres_url}):
+        doc = {"defaults": {"models": ["claude-sonnet-4-6"]}, "experts": [{"name": "analyst", "system": [{"text": "x"}]}],
+               "ledger": ledger}
+        config = write_config(tmp_path, doc, f"sim-{len(outputs)}.yaml")
+        assert cli.main(["simulate", "--config", str(config), "--from-ledger", "--format", "json"]) == EX_OK
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[1]["policies"]["none"]["total"]["requests"] == 5
+    assert outputs[0] == outputs[1]

@@ -64,6 +64,8 @@ log = logging.getLogger("keepwarm.ledger")
 MIGRATION_LOCK = 0x6B656570_7761726D
 CONNECT_TIMEOUT = 5  # seconds: libpq's connect_timeout when the URL does not set one
 STATEMENT_TIMEOUT_MS = 15_000  # a hung server must not hold a ping's thread forever
+TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                "tcp_user_timeout": 15_000}  # libpq's, in seconds and (the last) milliseconds
 RETRY_MAX = 30.0  # seconds: the longest wait between two reconnection attempts
 
 
@@ -100,6 +102,12 @@ def connect(target: PostgresTarget, *, readonly: bool = False) -> psycopg.Connec
         options["connect_timeout"] = CONNECT_TIMEOUT
     if "application_name" not in given and "PGAPPNAME" not in os.environ:
         options["application_name"] = "keepwarm"
+    # A server behind a dead network path answers nothing, not even a reset: without these a
+    # commit would wait for the kernel's retransmissions, a quarter of an hour, holding the
+    # writers' lock. The URL's own settings win.
+    for key, value in TCP_DEFAULTS.items():
+        if key not in given:
+            options[key] = value
     if password is not None:
         options["password"] = password
     try:
