@@ -387,3 +387,16 @@ def test_simulate_from_ledger_reads_the_database_as_it_reads_the_file(
         outputs.append(json.loads(capsys.readouterr().out))
     assert outputs[1]["policies"]["none"]["total"]["requests"] == 5
     assert outputs[0] == outputs[1]
+
+
+def test_the_writers_statement_timeout_cuts_neither_a_migration_nor_a_copy_nor_a_report(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's statements are bounded (a hung one holds every writer); a schema migration, a
+    `ledger copy` and a report's read take what they take."""
+    monkeypatch.setattr(pg, "STATEMENT_TIMEOUT_MS", 1)
+    source = _sqlite_ledger(tmp_path)
+    copy_ledger(source, PostgresTarget(postgres_url))  # migrates the new database, then one COPY a table
+    with PostgresLedger(postgres_url) as ledger:
+        assert ledger._conn is not None and ledger._conn.execute("SHOW statement_timeout").fetchone() == ("1ms",)
+    assert len(read_ledger(PostgresTarget(postgres_url))) == 31

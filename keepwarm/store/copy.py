@@ -61,6 +61,7 @@ def copy_ledger(source: Path, target: PostgresTarget, batch: int = 10_000) -> di
     conn = connect(target)
     counts: dict[str, int] = {}
     try:
+        conn.execute("SET statement_timeout = 0")  # one COPY moves the whole table: it takes what it takes
         migrate(conn, str(target))
         with _source(source) as db, conn.transaction():
             # Taken before the check: a daemon already writing to the target waits for the copy

@@ -69,7 +69,6 @@ TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5
 RETRY_MAX = 30.0  # seconds: the longest wait between two reconnection attempts
 
 
-
 # --- where, and with which password --------------------------------------------------------
 
 
@@ -115,9 +114,10 @@ def connect(target: PostgresTarget, *, readonly: bool = False) -> psycopg.Connec
     except psycopg.Error as exc:
         raise LedgerError(f"ledger {target}: cannot connect: {_message(exc, password, target)}") from None
     try:
-        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        if readonly:  # a report must never write, even by mistake
+        if readonly:  # a report must never write, even by mistake; it may read for as long as it needs
             conn.execute("SET default_transaction_read_only = on")
+        else:  # a writer holds the pings' lock: a hung statement must not hold it for long
+            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
     except psycopg.Error as exc:
         conn.close()
         raise LedgerError(f"ledger {target}: {_message(exc, password, target)}") from None
@@ -162,6 +162,8 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> int:
     steps = migrations()
     target = len(steps)
     with conn.transaction():
+        # A migration that rewrites a large table, or waits for another daemon's, may take a while.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS keepwarm_schema (version integer PRIMARY KEY, name text NOT NULL,"
