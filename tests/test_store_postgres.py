@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -400,3 +401,28 @@ def test_the_writers_statement_timeout_cuts_neither_a_migration_nor_a_copy_nor_a
     with PostgresLedger(postgres_url) as ledger:
         assert ledger._conn is not None and ledger._conn.execute("SHOW statement_timeout").fetchone() == ("1ms",)
     assert len(read_ledger(PostgresTarget(postgres_url))) == 31
+
+
+def test_ledger_copy_brings_an_older_file_up_to_date_in_a_copy_and_leaves_it_untouched(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A ledger of a keepwarm before the summaries (schema 2): they are derived on the way, from a
+    temporary copy; the file itself is read, never migrated."""
+    path = tmp_path / "v2.db"
+    with Ledger(path) as fresh:
+        fresh.record(outcome(SONNET, WARM, T0))
+        fresh.record(outcome(SONNET, WARM, T0 + 240))
+        expected = fresh.resume([KEY], T0 + 300)
+    with sqlite3.connect(path) as db:  # back to the shape schema 2 had
+        for table in ("pair_state", "spend", "hours"):
+            db.execute(f"DROP TABLE {table}")
+        for table in ("pings", "observations"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        db.execute("PRAGMA user_version = 2")
+    db.close()
+    before = path.read_bytes()
+    assert copy_ledger(path, PostgresTarget(postgres_url))["pings"] == 2
+    assert path.read_bytes() == before, "the source file is not migrated in place"
+    with PostgresLedger(postgres_url) as moved:
+        assert moved.resume([KEY], T0 + 300) == expected
+        assert [r.origin for r in moved.rows()] == ["api", "api"]
