@@ -426,3 +426,28 @@ def test_ledger_copy_brings_an_older_file_up_to_date_in_a_copy_and_leaves_it_unt
     with PostgresLedger(postgres_url) as moved:
         assert moved.resume([KEY], T0 + 300) == expected
         assert [r.origin for r in moved.rows()] == ["api", "api"]
+
+
+def test_daemon_processes_started_together_migrate_once(postgres_url: str, tmp_path: Path) -> None:
+    """The same race between processes, as a rollout or a fleet's first start has it."""
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from keepwarm.store.postgres import PostgresLedger\n"
+        "open(sys.argv[3], 'w').close()\n"  # imported: ready to race
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.005)\n"
+        "PostgresLedger(sys.argv[1]).close()\n"
+    )
+    ready = [tmp_path / f"ready-{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, postgres_url, str(go), str(r)], stderr=subprocess.PIPE)
+             for r in ready]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM keepwarm_schema").fetchall() == [(1,)]
