@@ -350,9 +350,23 @@ def postgres_server() -> Iterator[PostgresServer]:
     bindir = postgres_bin()
     owner = "nobody" if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="keepwarm-pg-"))
-    base.chmod(0o755)  # the server's user must reach its data and socket directories
     server = PostgresServer(bindir, base, free_port())
     data = base / "data"
+    try:
+        _start_postgres(server, data, owner)
+        yield server
+    finally:
+        subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], owner),
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_postgres(server: PostgresServer, data: Path, owner: str | None) -> None:
+    """initdb and pg_ctl start in the server's directory; fail the session with the server's log."""
+    import subprocess
+
+    bindir, base = server.bindir, server.base
+    base.chmod(0o755)  # the server's user must reach its data and socket directories
     pwfile = base / "pwfile"
     pwfile.write_text(PostgresServer.PASSWORD + "\n")
     for d in (data, server.socket_dir):
@@ -361,11 +375,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         for p in (data, server.socket_dir, pwfile):
             shutil.chown(p, owner)
         server.socket_dir.chmod(0o755)
-    subprocess.run(
+    made = subprocess.run(
         _as_owner([str(bindir / "initdb"), "-D", str(data), "-U", PostgresServer.USER, "--pwfile", str(pwfile),
                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"], owner),
-        check=True, capture_output=True,
+        capture_output=True, text=True,
     )
+    if made.returncode:
+        pytest.fail(f"initdb failed ({bindir}): {made.stderr or made.stdout}")
     pwfile.unlink()
     options = (f"-k {server.socket_dir} -p {server.port} -c listen_addresses=127.0.0.1 -c fsync=off"
                " -c synchronous_commit=off -c full_page_writes=off")
@@ -376,12 +392,6 @@ def postgres_server() -> Iterator[PostgresServer]:
     if started.returncode:
         log_text = (data / "server.log").read_text() if (data / "server.log").exists() else ""
         pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{log_text}")
-    try:
-        yield server
-    finally:
-        subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], owner),
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
