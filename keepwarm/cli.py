@@ -32,7 +32,7 @@ from keepwarm.config import (
 from keepwarm.exitcodes import EX_CONFIG, EX_FAIL, EX_NOT_ALL_WARM, EX_OK, EX_USAGE
 from keepwarm.logs import event, setup_logging
 from keepwarm.pricing import format_usd
-from keepwarm.store import LedgerError
+from keepwarm.store import LedgerError, location
 
 log = logging.getLogger("keepwarm")
 
@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--config", type=Path, default=os.environ.get("KEEPWARM_CONFIG"), help="read ledger.path and prices from it"
     )
-    rep.add_argument("--ledger", type=Path, help="the ledger file, instead of the config's ledger.path")
+    rep.add_argument("--ledger", type=_ledger_arg,
+                     help="the ledger file or PostgreSQL URL, instead of the config's ledger.path or ledger.url")
     rep.add_argument(
         "--origin",
         choices=["api", "emulator", "scaled", "all"],
@@ -137,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--since", default="24h", help="the window, a duration such as 24h or 7d (default 24h); 'all' for everything")
     rep.add_argument("--format", choices=("table", "json", "csv"), default="table")
     verbose(rep)
+    led = sub.add_parser("ledger", help="move a ledger: `ledger copy --from FILE --to URL` fills a PostgreSQL ledger")
+    led_sub = led.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    cp = led_sub.add_parser("copy", help="copy every row of a SQLite ledger into an empty PostgreSQL ledger")
+    cp.add_argument("--from", dest="source", type=Path, required=True, metavar="PATH", help="the SQLite ledger file")
+    cp.add_argument("--to", dest="target", required=True, metavar="URL",
+                    help="the PostgreSQL database (libpq URI or conninfo, without the password)")
+    cp.add_argument("--password-file", type=Path, default=None,
+                    help="the database password (else PGPASSWORD, PGPASSFILE or $CREDENTIALS_DIRECTORY/ledger_password)")
+    verbose(cp)
     from keepwarm.simulate import add_parser as add_simulate
 
     add_simulate(sub)
@@ -206,6 +216,8 @@ def _main(args: argparse.Namespace) -> int:
             return EX_USAGE
     if args.command == "report":
         return report(args)
+    if args.command == "ledger":
+        return ledger_copy(args)
     if args.command == "simulate":
         return simulate(args)
     if args.config is None:
@@ -387,6 +399,31 @@ def _utc(when: float) -> str:
 # --- report ----------------------------------------------------------------------------------
 
 
+def _ledger_arg(text: str) -> Any:
+    """A `--ledger` value: a PostgreSQL URL or conninfo, else a file's path."""
+    from keepwarm.store import PostgresTarget, is_url
+
+    return PostgresTarget(text) if is_url(text) else Path(text)
+
+
+def ledger_copy(args: argparse.Namespace) -> int:
+    """`keepwarm ledger copy`: every row of a SQLite ledger into an empty PostgreSQL ledger."""
+    from keepwarm.store import PostgresTarget, is_url
+    from keepwarm.store.copy import copy_ledger
+
+    if not is_url(args.target):
+        print("keepwarm ledger copy: --to must be a PostgreSQL URL (postgresql://user@host/db) or conninfo"
+              " (host=... dbname=...)", file=sys.stderr)
+        return EX_USAGE
+    try:
+        counts = copy_ledger(args.source, PostgresTarget(args.target, args.password_file))
+    except LedgerError as exc:
+        print(f"keepwarm ledger copy: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"copied {counts['pings']} ping(s) and {counts['observations']} observation(s) from {args.source}")
+    return EX_OK
+
+
 def report(args: argparse.Namespace) -> int:
     """`keepwarm report`: what the ledger says about each pair over a window."""
     from keepwarm.durations import parse_duration
@@ -407,7 +444,7 @@ def report(args: argparse.Namespace) -> int:
             print(str(exc), file=sys.stderr)
             return EX_CONFIG
         prices = config.prices
-        path = path or config.ledger_path
+        path = path or location(config)
         if path is None:
             print(f"keepwarm report: {args.config} has `ledger: off`, and no --ledger was given", file=sys.stderr)
             return EX_CONFIG

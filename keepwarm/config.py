@@ -155,7 +155,16 @@ class ObserveSection(_Strict):
 
 class LedgerSection(_Strict):
     path: str | None = None  # None: the default state path (keepwarm.store.paths)
+    url: str | None = None  # instead of path: a PostgreSQL database (libpq URI or conninfo), no password in it
+    password_file: str | None = None  # else libpq's PGPASSWORD/PGPASSFILE, else $CREDENTIALS_DIRECTORY/ledger_password
     retention_days: float = Field(default=30.0, gt=0)
+
+
+class FleetSection(_Strict):
+    # Daemons that share a database and this name divide its pairs (only with ledger.url).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] = "keepwarm"
+    lease: Duration = 20.0  # a member that has not renewed for this long loses its pairs
+    min_members: int = Field(default=1, ge=1)  # below this the fleet is degraded
 
 
 def _ledger_off(value: Any) -> Any:
@@ -181,6 +190,7 @@ class FileSection(_Strict):
     ledger: Annotated[LedgerSection | Literal[False], BeforeValidator(_ledger_off)] = LedgerSection()
     observe: ObserveSection = ObserveSection()
     budget: BudgetSection = BudgetSection()
+    fleet: FleetSection | None = None
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
     shutdown_timeout: Duration = 10.0
     # Each account is validated on its own, as experts are (see parse_config).
@@ -242,6 +252,15 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """The fleet a daemon with `ledger.url` belongs to (SPEC: state, restarts and fleets)."""
+
+    name: str = "keepwarm"
+    lease: float = 20.0
+    min_members: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config. Its `repr` holds no secret: the key is never stored here."""
 
@@ -264,6 +283,10 @@ class Config:
     other_shard_pairs: frozenset[str] = frozenset()
     budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
     metrics_per_pair: Literal["standard", "full"] = "standard"
+    # A PostgreSQL ledger instead of ledger_path (which is then None); the URL holds no password.
+    ledger_url: str | None = None
+    ledger_password_file: Path | None = None
+    fleet: FleetSettings | None = None  # set exactly when ledger_url is
     # Where the caches live (SPEC §12); without `accounts:`, one Anthropic account from `api:`.
     accounts: tuple[Account, ...] = ()
 
@@ -857,6 +880,7 @@ def _resolve(
         load.problems.append("api.timeout: must be above 0")
     if raw.shutdown_timeout < 0:
         load.problems.append("shutdown_timeout: must be 0 or more")
+    fleet = _fleet(raw, load.problems)
     if load.problems:
         # Settings inherited from `defaults` would repeat one problem per expert.
         raise ConfigError(list(dict.fromkeys(load.problems)), str(path) if path else "")
@@ -877,7 +901,12 @@ def _resolve(
         metrics_per_pair=raw.metrics.per_pair,
         ledger_path=_ledger_path(raw.ledger, load.base),
         ledger_retention_days=raw.ledger.retention_days if raw.ledger is not False else None,
-        ledger_default=raw.ledger is not False and raw.ledger.path is None,
+        ledger_default=raw.ledger is not False and raw.ledger.path is None and raw.ledger.url is None,
+        ledger_url=raw.ledger.url if raw.ledger is not False else None,
+        ledger_password_file=(
+            load.base / raw.ledger.password_file if raw.ledger is not False and raw.ledger.password_file else None
+        ),
+        fleet=fleet,
         shard=shard,
         shutdown_timeout=raw.shutdown_timeout,
         warnings=tuple(load.warnings),
@@ -889,9 +918,33 @@ def _resolve(
     )
 
 
+def _fleet(raw: FileSection, problems: list[str]) -> FleetSettings | None:
+    """The fleet settings, which exist only with `ledger.url`; check the keys that go with it."""
+    url = raw.ledger.url if raw.ledger is not False else None
+    if raw.ledger is not False:
+        if url is not None and raw.ledger.path is not None:
+            problems.append("ledger: set either path (a SQLite file) or url (a PostgreSQL database), not both")
+        if raw.ledger.password_file is not None and url is None:
+            problems.append("ledger.password_file: only with ledger.url (a SQLite file has no password)")
+        if url is not None:
+            from keepwarm.store.postgres import url_problem  # psycopg loads only for a database
+
+            problem = url_problem(url)
+            if problem:
+                problems.append(f"ledger.url: {problem}")
+    if url is None:
+        if raw.fleet is not None:
+            problems.append("fleet: only with ledger.url: the members of a fleet share a PostgreSQL database")
+        return None
+    section = raw.fleet or FleetSection()
+    if section.lease <= 0:
+        problems.append("fleet.lease: must be above 0")
+    return FleetSettings(section.name, section.lease, section.min_members)
+
+
 def _ledger_path(section: LedgerSection | Literal[False], base: Path) -> Path | None:
-    """The ledger file: the configured one, the default state path, or None (`ledger: off`)."""
-    if section is False:
+    """The ledger file: the configured one, the default state path, or None (`ledger: off` or a database)."""
+    if section is False or section.url is not None:
         return None
     if section.path is None:
         return default_ledger_path()

@@ -36,8 +36,7 @@ from keepwarm.policy import Touch
 from keepwarm.providers.clients import make_clients
 from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
-from keepwarm.store import Ledger, LedgerError, PairKey, PairResume
-from keepwarm.store.paths import prepare
+from keepwarm.store import LedgerError, PairKey, PairResume, Store, location, open_store
 from keepwarm.web import PageInfo, WebServer
 
 log = logging.getLogger("keepwarm")
@@ -71,7 +70,7 @@ def build_runner(
     )
 
 
-def store_resume(ledger: Ledger, clock: Callable[[], float] = time.time) -> Callable[[Sequence[Pair]], dict[str, PairResume]]:
+def store_resume(ledger: Store, clock: Callable[[], float] = time.time) -> Callable[[Sequence[Pair]], dict[str, PairResume]]:
     """Each newly added pair's stored state, read in one go: what the scheduler resumes from."""
 
     def resume(pairs: Sequence[Pair]) -> dict[str, PairResume]:
@@ -85,7 +84,7 @@ def store_resume(ledger: Ledger, clock: Callable[[], float] = time.time) -> Call
 def build_scheduler(config: Config, runner: Runner, metrics: Metrics, *, resume: bool = True) -> Scheduler:
     """The scheduler with every pair's policy inputs: prices, the budget, the time scale, and the
     state a restart resumes from (unless `resume` is False: a new emulator's caches are all cold)."""
-    ledger = runner.ledger if isinstance(runner.ledger, Ledger) and resume else None
+    ledger = runner.ledger if isinstance(runner.ledger, Store) and resume else None
     scheduler = Scheduler(
         runner,
         metrics,
@@ -107,10 +106,10 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         metrics,
         load_token(config),
         touch_many=scheduler.touch_many,
-        ledger=lambda: runner.ledger if isinstance(runner.ledger, Ledger) else None,
+        ledger=lambda: runner.ledger if isinstance(runner.ledger, Store) else None,
     )
     scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost, o.usage)
-    if isinstance(runner.ledger, Ledger):
+    if isinstance(runner.ledger, Store):
         now = time.time()
         longest_ttl = max((p.ttl_seconds for p in config.pairs), default=0.0)
         try:
@@ -196,21 +195,22 @@ def build_web(
     )
 
 
-def open_ledger(config: Config, origin: str = "api", on_error: Callable[[], None] | None = None) -> Ledger | None:
-    """The config's ledger (at the default state path unless it names one), or None when it is
-    off or cannot be opened: that is logged loudly and counted, and pinging goes on without it."""
-    if config.ledger_path is None:
+def open_ledger(config: Config, origin: str = "api", on_error: Callable[[], None] | None = None) -> Store | None:
+    """The config's store (a PostgreSQL database for `ledger.url`, else the file at the default
+    state path unless it names one), or None when it is off or cannot be opened: that is logged
+    loudly and counted, and pinging goes on without it."""
+    where = location(config)
+    if where is None:
         return None
     try:
-        prepare(config.ledger_path, make_directory=config.ledger_default)
-        ledger = Ledger(config.ledger_path, config.ledger_retention_days, on_error=on_error, origin=origin)
+        ledger = open_store(config, origin, on_error)
     except (LedgerError, OSError) as exc:
         if on_error is not None:
             on_error()
         event(log, logging.ERROR, "cannot open the ledger; running WITHOUT it (no state kept) until a reload or restart",
-              path=str(config.ledger_path), error=str(exc))
+              path=str(where), error=str(exc))
         return None
-    event(log, logging.INFO, "state", ledger=str(config.ledger_path), origin=origin,
+    event(log, logging.INFO, "state", ledger=str(where), origin=origin,
           retention_days=config.ledger_retention_days)
     return ledger
 
@@ -236,7 +236,7 @@ def join_fleet(config: Config, ledger: object, settle: Callable[[float], object]
     thinks it owns): a new member renews, waits one renewal period for the others to do the
     same, and renews again before it takes any pair.
     """
-    fleet = getattr(config, "fleet", None)
+    fleet = config.fleet
     if fleet is None or not hasattr(ledger, "renew_lease"):
         return None
     membership = Membership(ledger, fleet.name, fleet.lease)  # type: ignore[arg-type]
@@ -355,7 +355,7 @@ class Daemon:
 
         metrics = Metrics(per_pair=config.metrics_per_pair)
         ledger = self._open_ledger(config, metrics, self.origin)
-        if ledger is None and config.ledger_path is None:
+        if ledger is None and location(config) is None:
             event(log, logging.WARNING, "ledger: off: no state is kept, so a restart starts without it"
                   " (every pair pinged within its TTL's margin) and the budget forgets its spend")
         try:
@@ -464,7 +464,7 @@ class Daemon:
         return "scaled" if self.time_scale is not None else "api"
 
     @staticmethod
-    def _open_ledger(config: Config, metrics: Metrics, origin: str = "api") -> Ledger | None:
+    def _open_ledger(config: Config, metrics: Metrics, origin: str = "api") -> Store | None:
         """The configured ledger, or None: without one, or when it cannot be opened.
 
         The ledger is bookkeeping; the pings are the job. A ledger that cannot open is logged
@@ -481,10 +481,10 @@ class Daemon:
             new, key, warnings = self._load()
             token = load_token(new)
             clients = make_clients(new, key, emulator_url=self.emulator.base_url if self.emulator else None)
-            ledger_changed = (new.ledger_path, new.ledger_retention_days) != (
-                config.ledger_path,
+            ledger_changed = (location(new), new.ledger_retention_days) != (
+                location(config),
                 config.ledger_retention_days,
-            ) or (new.ledger_path is not None and runner.ledger is None)  # retry one that failed to open
+            ) or (location(new) is not None and runner.ledger is None)  # retry one that failed to open
         except ConfigError as exc:
             metrics.reload_ok.set(0)
             for problem in exc.problems:

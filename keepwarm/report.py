@@ -53,7 +53,6 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TextIO
 
 from keepwarm.classify import RESULTS, Result
@@ -63,6 +62,7 @@ from keepwarm.pricing import COST_KINDS, MILLION, PriceTable, break_even_misses_
 from keepwarm.store import (
     LedgerError,
     LedgerRow,
+    Location,
     ObservationRow,
     read_first_seen,
     read_ledger,
@@ -551,7 +551,7 @@ def _production_table(report: Report) -> list[str]:
 
 
 def run_report(
-    ledger_path: Path,
+    ledger_path: Location,
     prices: PriceTable,
     since_seconds: float | None,
     fmt: str,

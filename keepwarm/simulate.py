@@ -46,6 +46,7 @@ from keepwarm.classify import Result, Usage
 from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
 from keepwarm.policy import PING_MESSAGE_TOKENS, FixedPolicy, PairPolicy, Source, Touch, cache_alive, make_policy
 from keepwarm.pricing import PriceTable
+from keepwarm.store import PostgresTarget, location
 
 EX_DATAERR = 65
 EX_CONFIG = 78
@@ -165,12 +166,22 @@ def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
     return out
 
 
-def read_observations(path: Path) -> list[Request]:
+def read_observations(path: Path | PostgresTarget) -> list[Request]:
     """Production requests from the ledger's observations table; raise TraceError if unreadable.
 
     Reads the columns by name: the time (`time` or `at`), `expert`, `model`, and the prefix's
-    tokens from `cache_read` + `cache_write_5m` + `cache_write_1h` when present.
+    tokens from `cache_read` + `cache_write_5m` + `cache_write_1h` when present. A PostgreSQL
+    ledger (`ledger.url`) is read through the store: the whole fleet's observations.
     """
+    if isinstance(path, PostgresTarget):
+        from keepwarm.store import LedgerError
+        from keepwarm.store import read_observations as read_stored
+
+        try:
+            stored = read_stored(path)
+        except LedgerError as exc:
+            raise TraceError(str(exc)) from None
+        return [Request(o.time, o.expert, o.model, (o.cache_read + o.cache_write) or None, i + 1) for i, o in enumerate(stored)]
     if not path.is_file():
         raise TraceError(f"ledger {path}: no such file")
     try:
@@ -194,7 +205,7 @@ def read_observations(path: Path) -> list[Request]:
     return [Request(float(at), str(e), str(m), int(t) if t else None, i + 1) for i, (at, e, m, t) in enumerate(rows)]
 
 
-def ledger_prefix_tokens(path: Path) -> dict[str, int]:
+def ledger_prefix_tokens(path: Path | PostgresTarget) -> dict[str, int]:
     """Each pair's prefix size as its latest successful ping in the ledger saw it."""
     from keepwarm.store import LedgerError, read_ledger
 
@@ -804,8 +815,9 @@ def _prefix_tokens(config: Config, requests: Sequence[Request], emulator: bool) 
     for r in requests:
         if r.prefix_tokens is not None:
             out.setdefault(r.key, r.prefix_tokens)
-    if config.ledger_path is not None and any(p.key not in out for p in config.pairs):
-        for key, tokens in ledger_prefix_tokens(config.ledger_path).items():
+    stored = location(config)
+    if stored is not None and any(p.key not in out for p in config.pairs):
+        for key, tokens in ledger_prefix_tokens(stored).items():
             out.setdefault(key, tokens)
     missing = [p for p in config.pairs if p.key not in out]
     if missing:
@@ -879,10 +891,11 @@ def main(args: argparse.Namespace) -> int:
         return EX_CONFIG
     try:
         if args.from_ledger:
-            if config.ledger_path is None:
-                print(f"keepwarm simulate: {config_path} has no ledger.path for --from-ledger", file=sys.stderr)
+            stored = location(config)
+            if stored is None:
+                print(f"keepwarm simulate: {config_path} has no ledger.path or ledger.url for --from-ledger", file=sys.stderr)
                 return EX_CONFIG
-            requests = read_observations(config.ledger_path)
+            requests = read_observations(stored)
         else:
             try:
                 with args.trace.open(encoding="utf-8-sig", newline="") as stream:

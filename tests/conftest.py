@@ -289,3 +289,112 @@ def keepwarm_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for daemon in started:
         daemon.kill()
+
+
+# --- a real PostgreSQL for the store's tests -------------------------------------------------
+
+
+def postgres_bin() -> Path:
+    """Debian's PostgreSQL binaries (the newest installed version), else initdb on PATH; fail, never skip."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if versions:
+        return versions[-1].parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: ./scripts/test installs Debian's"
+                " `postgresql` package (apt-get install postgresql); the store's tests need a real server")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: trust on its unix socket, a password (scram) on 127.0.0.1."""
+
+    USER = "keepwarm"
+    PASSWORD = "pg-test-Secr3t-(not-a-real-one)"
+
+    def __init__(self, bindir: Path, base: Path, port: int) -> None:
+        self.bindir, self.base, self.port = bindir, base, port
+        self.socket_dir = base / "sock"
+        self._n = 0
+
+    def admin_url(self, dbname: str = "postgres") -> str:
+        """A conninfo over the unix socket (no password needed)."""
+        return f"host={self.socket_dir} port={self.port} user={self.USER} dbname={dbname}"
+
+    def tcp_url(self, dbname: str) -> str:
+        """A URI over 127.0.0.1, where the server asks for the password."""
+        return f"postgresql://{self.USER}@127.0.0.1:{self.port}/{dbname}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database's name."""
+        import psycopg
+
+        self._n += 1
+        name = f"t{os.getpid()}_{self._n}"
+        with psycopg.connect(self.admin_url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type] # a name we made
+        return name
+
+
+def _as_owner(cmd: list[str], owner: str | None) -> list[str]:
+    # initdb and postgres refuse to run as root: the tests (root here and in CI) run them as `nobody`.
+    return ["runuser", "-u", owner, "--", *cmd] if owner else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, in a temporary directory, stopped at the end."""
+    import subprocess
+    import tempfile
+
+    bindir = postgres_bin()
+    owner = "nobody" if os.geteuid() == 0 else None
+    base = Path(tempfile.mkdtemp(prefix="keepwarm-pg-"))
+    server = PostgresServer(bindir, base, free_port())
+    data = base / "data"
+    try:
+        _start_postgres(server, data, owner)
+        yield server
+    finally:
+        subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], owner),
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_postgres(server: PostgresServer, data: Path, owner: str | None) -> None:
+    """initdb and pg_ctl start in the server's directory; fail the session with the server's log."""
+    import subprocess
+
+    bindir, base = server.bindir, server.base
+    base.chmod(0o755)  # the server's user must reach its data and socket directories
+    pwfile = base / "pwfile"
+    pwfile.write_text(PostgresServer.PASSWORD + "\n")
+    for d in (data, server.socket_dir):
+        d.mkdir(mode=0o700)
+    if owner:
+        for p in (data, server.socket_dir, pwfile):
+            shutil.chown(p, owner)
+        server.socket_dir.chmod(0o755)
+    made = subprocess.run(
+        _as_owner([str(bindir / "initdb"), "-D", str(data), "-U", PostgresServer.USER, "--pwfile", str(pwfile),
+                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"], owner),
+        capture_output=True, text=True,
+    )
+    if made.returncode:
+        pytest.fail(f"initdb failed ({bindir}): {made.stderr or made.stdout}")
+    pwfile.unlink()
+    options = (f"-k {server.socket_dir} -p {server.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+               " -c synchronous_commit=off -c full_page_writes=off")
+    started = subprocess.run(
+        _as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "server.log"), "-w", "start"], owner),
+        capture_output=True, text=True,
+    )
+    if started.returncode:
+        log_text = (data / "server.log").read_text() if (data / "server.log").exists() else ""
+        pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{log_text}")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server, as a conninfo over its unix socket."""
+    return postgres_server.admin_url(postgres_server.new_database())

@@ -1,9 +1,10 @@
 """The state a restart resumes from: kept up to date with every row, read back in O(pairs).
 
 The daemon, `report` and the status page ask the store (`keepwarm.store`) for what they need;
-these tests hold the SQLite backend to what the daemon relies on after a restart: each pair's
-latest touches, the budget's trailing spend, the page's hourly sums, rows kept apart by origin,
-a ledger of an older keepwarm brought up to date, and the default place of the file.
+these tests hold both backends (SQLite, and a real PostgreSQL the suite starts) to what the
+daemon relies on after a restart: each pair's latest touches, the budget's trailing spend, the
+page's hourly sums, rows kept apart by origin; and the SQLite file to what only it has: a ledger
+of an older keepwarm brought up to date, and the default place of the file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import math
 import os
 import sqlite3
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_ledger import PRICES, SONNET, T0, UNPRICED, WARM, outcome
@@ -23,15 +27,49 @@ from keepwarm.classify import Usage
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
 from keepwarm.ping import PingError
-from keepwarm.store import MIGRATIONS, SPEND_BUCKET, Ledger, PairKey, read_ledger, read_origins
+from keepwarm.store import (
+    MIGRATIONS,
+    SPEND_BUCKET,
+    Ledger,
+    Location,
+    PairKey,
+    PostgresTarget,
+    Store,
+    read_ledger,
+    read_origins,
+)
 from keepwarm.store.paths import default_ledger_path, prepare
 
 REWARM = Usage(input=8, cache_write_5m=1234, output=1)
 KEY = PairKey(SONNET.expert, SONNET.model, SONNET.fingerprint)
 
 
-def test_a_pair_resumes_from_its_latest_ping_and_latest_refresh(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.db") as ledger:
+@dataclass
+class Backend:
+    """One store location, and how to open a writer on it: what the contract tests run against."""
+
+    where: Location
+    open: Callable[..., Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The same contract on both backends: a fresh SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        path = tmp_path / "l.db"
+        return Backend(path, lambda **kw: Ledger(path, **kw))
+    from keepwarm.store.postgres import PostgresLedger
+
+    target = PostgresTarget(request.getfixturevalue("postgres_url"))
+    return Backend(target, lambda **kw: PostgresLedger(target, **kw))
+
+
+def _opened(store: Store) -> Any:
+    return store  # both are context managers; the Protocol names only what the daemon calls
+
+
+def test_a_pair_resumes_from_its_latest_ping_and_latest_refresh(backend: Backend) -> None:
+    with _opened(backend.open()) as ledger:
         ledger.record(outcome(SONNET, REWARM, T0))
         ledger.record(outcome(SONNET, WARM, T0 + 240))
         ledger.record(outcome(SONNET, None, T0 + 480, error=PingError("overloaded", "Overloaded", 529)))
@@ -43,11 +81,11 @@ def test_a_pair_resumes_from_its_latest_ping_and_latest_refresh(tmp_path: Path) 
     assert state.touches == (), "a fixed pair needs no history"
 
 
-def test_only_the_pair_s_current_prefix_and_the_ledger_s_own_origin_count(tmp_path: Path) -> None:
-    path = tmp_path / "l.db"
-    with Ledger(path, origin="emulator") as ledger:
+def test_only_the_pair_s_current_prefix_and_the_ledger_s_own_origin_count(backend: Backend) -> None:
+    path = backend.where
+    with _opened(backend.open(origin="emulator")) as ledger:
         ledger.record(outcome(SONNET, WARM, T0 + 100))
-    with Ledger(path) as ledger:
+    with _opened(backend.open()) as ledger:
         ledger.record(outcome(SONNET, WARM, T0))
         assert ledger.resume([KEY], T0 + 200)[(SONNET.expert, SONNET.model)].last_ping == T0
         changed = PairKey(SONNET.expert, SONNET.model, "f" * 64)  # the prompt changed: a new cache
@@ -58,9 +96,9 @@ def test_only_the_pair_s_current_prefix_and_the_ledger_s_own_origin_count(tmp_pa
     assert read_origins(path) == {"api": 1, "emulator": 1}
 
 
-def test_production_touches_resume_too_but_drift_does_not_refresh(tmp_path: Path) -> None:
+def test_production_touches_resume_too_but_drift_does_not_refresh(tmp_path: Path, backend: Backend) -> None:
     config = _config(tmp_path)
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = backend.open()
     observer = Observer(config, Metrics(), ledger=lambda: ledger, clock=lambda: T0 + 1000)
     observer.accept([_obs(at=T0 + 10, read=1500)])
     observer.accept([_obs(at=T0 + 20, read=1500, fingerprint="b" * 64)])  # another prefix: drift
@@ -73,8 +111,8 @@ def test_production_touches_resume_too_but_drift_does_not_refresh(tmp_path: Path
     ledger.close()
 
 
-def test_an_adaptive_pair_s_history_is_bounded_and_oldest_first(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.db") as ledger:
+def test_an_adaptive_pair_s_history_is_bounded_and_oldest_first(backend: Backend) -> None:
+    with _opened(backend.open()) as ledger:
         for i in range(50):
             ledger.record(outcome(SONNET, WARM, T0 + 240 * i))
         key = PairKey(SONNET.expert, SONNET.model, SONNET.fingerprint, history=True)
@@ -82,10 +120,10 @@ def test_an_adaptive_pair_s_history_is_bounded_and_oldest_first(tmp_path: Path) 
     assert [t[0] for t in touches] == [T0 + 240 * i for i in range(18, 50)], "the last 32 pings"
 
 
-def test_the_budget_s_spend_survives_exactly(tmp_path: Path) -> None:
+def test_the_budget_s_spend_survives_exactly(backend: Backend) -> None:
     """What a process counted toward the cap is what the next one restores, bucket for bucket."""
     live = Budget(1.0)
-    with Ledger(tmp_path / "l.db") as ledger:
+    with _opened(backend.open()) as ledger:
         for i in range(400):
             sent = outcome(SONNET, WARM if i % 7 else REWARM, T0 + 3.7 * i)
             ledger.record(sent)
@@ -97,17 +135,13 @@ def test_the_budget_s_spend_survives_exactly(tmp_path: Path) -> None:
     for later in (now, now + 86400 - 600, now + 86400 + 5):
         assert restored.spent(later) == pytest.approx(live.spent(later), rel=1e-12, abs=1e-15)
     assert restored.resume_at(now) == live.resume_at(now)
-    assert all(start % SPEND_BUCKET == 0 for start, _ in ledger_spend(tmp_path / "l.db"))
+    with _opened(backend.open()) as reopened:
+        assert all(start % SPEND_BUCKET == 0 for start, _ in reopened.spend(0))
 
 
-def ledger_spend(path: Path) -> list[tuple[float, float]]:
-    with Ledger(path) as ledger:
-        return ledger.spend(0)
-
-
-def test_the_page_s_hours_come_from_the_summaries(tmp_path: Path) -> None:
+def test_the_page_s_hours_come_from_the_summaries(tmp_path: Path, backend: Backend) -> None:
     config = _config(tmp_path)
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = backend.open()
     ledger.record(outcome(SONNET, WARM, T0))
     ledger.record(outcome(SONNET, WARM, T0 + 7200))
     observer = Observer(config, Metrics(), ledger=lambda: ledger, clock=lambda: T0 + 7300)
@@ -148,12 +182,13 @@ def test_a_ledger_of_the_previous_schema_gets_its_summaries_once(tmp_path: Path)
         assert [usd for _, usd in spend] == pytest.approx([usd for _, usd in expected_spend], rel=1e-12)
 
 
-def test_retention_also_prunes_the_summaries(tmp_path: Path) -> None:
+def test_retention_also_prunes_the_summaries(backend: Backend) -> None:
     clock = [T0]
-    ledger = Ledger(tmp_path / "l.db", retention_days=30, clock=lambda: clock[0])
+    ledger = backend.open(retention_days=30, clock=lambda: clock[0])
     ledger.record(outcome(SONNET, WARM, T0))
     clock[0] = T0 + 31 * 86400
-    ledger._sweep()
+    ledger.record(outcome(SONNET, WARM, T0 - 40 * 86400))  # the first write after an hour sweeps
+    assert ledger.rows() == [], "both rows are past the retention"
     assert ledger.resume([KEY], clock[0]) == {}
     assert ledger.spend(0) == []
     assert ledger.recent(clock[0], clock[0] - 300).all_hours == {}
@@ -175,8 +210,8 @@ def test_the_default_state_path_follows_systemd_then_xdg_then_home(tmp_path: Pat
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, "SQLite keeps the mode of the file it opens"
 
 
-def test_costs_in_the_summaries_match_the_rows_to_the_last_bit(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.db") as ledger:
+def test_costs_in_the_summaries_match_the_rows_to_the_last_bit(backend: Backend) -> None:
+    with _opened(backend.open()) as ledger:
         for i in range(100):
             ledger.record(outcome(SONNET, WARM if i % 3 else REWARM, T0 + 2.5 * i))
         total = math.fsum(c for r in ledger.rows() for c in (r.costs or {}).values())
