@@ -37,7 +37,7 @@ from keepwarm.observations import Observer
 from keepwarm.store import Ledger, LedgerError, PairKey, PostgresTarget, read_ledger, read_observations, redact
 from keepwarm.store import postgres as pg
 from keepwarm.store.copy import copy_ledger
-from keepwarm.store.postgres import PostgresLedger
+from keepwarm.store.postgres import PostgresLedger, migrations
 
 KEY = PairKey(SONNET.expert, SONNET.model, SONNET.fingerprint)
 
@@ -78,9 +78,10 @@ def test_daemons_started_together_migrate_a_new_database_once(postgres_url: str)
         ledger.record(outcome(SONNET, WARM, T0 + i))
         ledger.close()
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version, name FROM keepwarm_schema").fetchall() == [(1, "ledger")]
+        assert conn.execute("SELECT version, name FROM keepwarm_schema ORDER BY version").fetchall() == [
+            (v, name) for v, name, _ in migrations()], "each migration applied once"
         assert conn.execute("SELECT COUNT(*) FROM pings").fetchone() == (n,)
-    assert pg.schema_version() == 1
+    assert pg.schema_version() == len(pg.migrations())
 
 
 def test_a_failed_migration_leaves_the_schema_as_it_was(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -414,7 +415,7 @@ def test_ledger_copy_brings_an_older_file_up_to_date_in_a_copy_and_leaves_it_unt
         fresh.record(outcome(SONNET, WARM, T0 + 240))
         expected = fresh.resume([KEY], T0 + 300)
     with sqlite3.connect(path) as db:  # back to the shape schema 2 had
-        for table in ("pair_state", "spend", "hours"):
+        for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
         for table in ("pings", "observations"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
@@ -450,4 +451,5 @@ def test_daemon_processes_started_together_migrate_once(postgres_url: str, tmp_p
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version FROM keepwarm_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM keepwarm_schema ORDER BY version").fetchall() == [
+            (v,) for v, _, _ in migrations()]
