@@ -295,7 +295,7 @@ class Config:
         return next(a for a in self.accounts if a.name == name)
 
     def scaled(self, factor: float) -> Config:
-        """The same config with every TTL, interval and jitter multiplied by `factor`.
+        """The same config with every TTL, interval, jitter and fleet lease multiplied by `factor`.
 
         Used with the emulator, whose TTLs shrink by the same factor, so minutes of cache
         life pass in seconds.
@@ -304,7 +304,9 @@ class Config:
             replace(p, ttl_seconds=p.ttl_seconds * factor, interval=p.interval * factor, jitter=p.jitter * factor)
             for p in self.pairs
         )
-        return replace(self, pairs=pairs, time_scale=self.time_scale * factor)
+        # A fleet's lease is timed against the TTL's margin: it scales with it.
+        fleet = None if self.fleet is None else replace(self.fleet, lease=self.fleet.lease * factor)
+        return replace(self, pairs=pairs, time_scale=self.time_scale * factor, fleet=fleet)
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""A fleet on a real PostgreSQL: three `keepwarm run` processes share a database and divide the
+pairs; one is killed with SIGKILL and the others take its pairs over from the shared state.
+
+At a tenth of real time: a 5m TTL lasts 30 s, the 4m interval 24 s (margin 5 s), the 20 s
+lease 2 s, so a takeover (lease + one renewal) comes well inside the margin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LONG_PROMPT, daemon_env
+
+from keepwarm.classify import usage_from_api
+from keepwarm.emulator import Emulator
+from keepwarm.pricing import builtin_table
+from keepwarm.store import PostgresTarget
+from keepwarm.store.postgres import read_ledger
+
+SCALE = 0.1
+PAIRS = 12
+
+
+def _doc(base_url: str, url: str) -> dict[str, Any]:
+    return {
+        "api": {"base_url": base_url},
+        "defaults": {"models": ["claude-sonnet-4-6"]},
+        "experts": [{"name": f"e{i}", "system": [{"text": f"Expert {i}. {LONG_PROMPT}"}]} for i in range(PAIRS)],
+        "ledger": {"url": url},
+        "fleet": {"name": "test", "lease": "20s"},
+    }
+
+
+def test_three_members_share_the_pairs_and_survive_a_kill(
+    keepwarm_daemon: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    with Emulator(time_scale=SCALE) as emu:
+        env = daemon_env(ANTHROPIC_API_KEY="sk-test-fleet")
+        members = [keepwarm_daemon(_doc(emu.base_url, postgres_url), env=env, name=f"m{i}.yaml",
+                                   args=("--time-scale", str(SCALE))) for i in range(3)]
+
+        def written() -> dict[str, int]:
+            counts: dict[str, int] = defaultdict(int)
+            for e in emu.log:
+                if e.fingerprint and e.usage and (e.usage.get("cache_creation_input_tokens") or 0) > 0:
+                    counts[e.fingerprint] += 1
+            return counts
+
+        deadline = time.monotonic() + 120
+        while len(written()) < PAIRS:
+            assert time.monotonic() < deadline and all(m.alive for m in members), members[0].text()[-3000:]
+            time.sleep(0.2)
+        for m in members:
+            m.wait_for("its fleet gauges", lambda m=m: m.total("keepwarm_fleet_members") == 3, 30)
+        owned = [m.total("keepwarm_fleet_owned_pairs") for m in members]
+        assert sum(owned) == PAIRS and all(n > 0 for n in owned), owned
+        # Each pair's series on exactly one member: a sum over members counts it once.
+        for m in members:
+            assert m.total("keepwarm_pair_info") == m.total("keepwarm_fleet_owned_pairs")
+
+        time.sleep(240 * SCALE * 0.7)
+        members[0].kill()
+        killed = time.time()
+        for m in members[1:]:
+            m.wait_for("the takeover", lambda m=m: m.total("keepwarm_fleet_members") == 2, 30)
+        taken = time.time() - killed
+        assert sum(m.total("keepwarm_fleet_owned_pairs") for m in members[1:]) == PAIRS
+        time.sleep(300 * SCALE * 1.2)  # every cache's TTL passes once after the kill
+        entries = [e for e in emu.log if e.fingerprint and e.usage]
+        rewrites = {fp: n for fp, n in written().items() if n != 1}
+        for m in members[1:]:
+            assert m.stop()[0] == 0
+
+    assert taken < 20 * SCALE + 20 * SCALE / 3 + 2.0, f"takeover took {taken:.1f} s"
+    assert not rewrites, f"caches written more than once: {rewrites}"
+    # Pings closer than an interval: only at the membership changes (the start, the kill).
+    by_pair: dict[str, list[float]] = defaultdict(list)
+    for e in entries:
+        by_pair[e.fingerprint or ""].append(e.time)
+    close = sum(1 for times in by_pair.values() for a, b in zip(times, times[1:]) if b - a < 240 * SCALE - 0.05)
+    assert close <= PAIRS // 3 + 1, f"{close} pairs pinged twice within an interval"
+    # The fleet's money, from the shared database, is what the emulator answered (the killed
+    # member's ping in flight, if any, never reached the database).
+    rows = read_ledger(PostgresTarget(postgres_url), origins=None)
+    prices = builtin_table()
+    stored = {r.request_id for r in rows}
+    answered = [e for e in entries if e.request_id in stored]
+    assert len(entries) - len(answered) <= 1
+    expected = math.fsum(sum((prices.cost("claude-sonnet-4-6", usage_from_api(e.usage, "5m")) or {}).values())
+                         for e in answered)
+    assert math.fsum(sum((r.costs or {}).values()) for r in rows) == pytest.approx(expected, rel=1e-9)
