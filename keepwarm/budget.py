@@ -63,6 +63,13 @@ class Budget:
         for start, cost in spends:
             self.record(start, cost)
 
+    def replace(self, spends: list[tuple[float, float]]) -> None:
+        """Count exactly `spends` (bucket start, USD): a fleet's spend as its shared store has it,
+        every member's pings included, so the cap is the fleet's, not each member's."""
+        self._spends.clear()
+        self._total = 0.0
+        self.restore(spends)
+
     def spent(self, now: float) -> float:
         """USD spent on pings in the window ending at `now`."""
         while self._spends and self._spends[0][0] + BUCKET <= now - self.window:

@@ -421,6 +421,7 @@ class Daemon:
                     if membership.renew():
                         # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
                         scheduler.apply(owned_pairs(config, membership))
+                    scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
                     self._fleet_metrics(metrics, scheduler)
                 scheduler.check_clock()
                 if time.monotonic() - trimmed >= TRIM_EVERY:

@@ -902,6 +902,20 @@ class Scheduler:
                       spent_usd=budget.spent(self.clock()), cap_usd_per_day=usd_per_day)
         return budget
 
+    def sync_budget(self) -> None:
+        """In a fleet: take the spend of every member from the shared store (the cap is the fleet's)."""
+        budget, history = self.budget, self._spend_history
+        if budget is None or history is None:
+            return
+        try:
+            spends = history(self.clock() - budget.window)
+        except Exception as exc:  # noqa: BLE001 - the last known spend stands until the store answers
+            event(log, logging.WARNING, "cannot read the fleet's spend; the budget counts what it knew", error=str(exc))
+            return
+        with self._policy_lock:
+            budget.replace(spends)
+        self.check_budget()
+
     def check_budget(self, now: float | None = None) -> None:
         """Export the trailing-24 h spend and log loudly, once per crossing, near and at the cap."""
         budget = self.budget

@@ -159,3 +159,35 @@ def test_a_handover_is_resumed_from_the_shared_store_not_a_cold_start(emulator: 
         a_only.apply([p for p in pairs if p.key == key])
         a_only._run(key, clock.now)
         assert len(emulator.log) == writes
+
+
+def test_the_budget_is_the_fleet_s_every_member_s_spend_counts(emulator: Emulator, tmp_path: Path) -> None:
+    """Four shards at 0.9 of the cap each spent 3.6 caps. In a fleet each member's budget takes
+    the spend of all members from the shared store at each renewal."""
+    clock = Clock()
+    pairs = list(parse_config(_doc(emulator.base_url), Path(".")).pairs)
+    with Ledger(tmp_path / "l.db", clock=clock) as ledger:
+        members = []
+        for _ in range(2):
+            metrics = Metrics()
+            config = parse_config(_doc(emulator.base_url), Path("."))
+            runner = Runner(make_client(emulator.base_url, "sk-test-fleet", 5), config.prices, metrics,
+                            threading.Event(), clock=clock, ledger=ledger, gate=Gate(clock=clock))
+            scheduler = Scheduler(runner, metrics, clock=clock, draw=lambda: 0.0, mono=clock, prices=config.prices,
+                                  budget_usd_per_day=10.0, spend=ledger.spend)
+            scheduler._aps.start(paused=True)
+            members.append((scheduler, metrics))
+        a, b = members[0][0], members[1][0]
+        a.apply(pairs[:6])
+        b.apply(pairs[6:])
+        for scheduler in (a, b):
+            for key in list(scheduler.states):
+                due = scheduler.states[key].next_due
+                clock.now = max(clock.now, due)
+                scheduler._run(key, due)
+        total = sum(sum((r.costs or {}).values()) for r in ledger.rows())
+        for scheduler, metrics in members:
+            own = metrics.registry.get_sample_value("keepwarm_budget_spent_usd")
+            assert own is not None and own < total, "alone, a member counts only its own pings"
+            scheduler.sync_budget()
+            assert metrics.registry.get_sample_value("keepwarm_budget_spent_usd") == pytest.approx(total, rel=1e-9)
