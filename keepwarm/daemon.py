@@ -25,7 +25,7 @@ from keepwarm import __version__, early_signals, sdnotify
 from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, resolve_api_key
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
-from keepwarm.fleet import Membership
+from keepwarm.fleet import Membership, RemoteObservations
 from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
@@ -391,8 +391,18 @@ class Daemon:
         # A SIGHUP queued during start-up was for a config older than (or the same as) the one
         # just loaded: the loop below applies it, which re-reads the file and is harmless.
         self.membership = membership
+        remote: RemoteObservations | None = None
         if membership is not None:
             scheduler.owns = membership.owns
+            # Observations other members accept for pairs this one owns reach it through the store.
+            remote = RemoteObservations(runner.ledger)  # type: ignore[arg-type]
+            accepted = observer.touch_many
+            if accepted is not None:
+                def touch_and_remember(touches: Sequence[tuple[str, Touch]]) -> None:
+                    remote.mine(touches)
+                    accepted(touches)
+
+                observer.touch_many = touch_and_remember
         scheduler.start(owned_pairs(config, membership))
         self._fleet_metrics(metrics, scheduler)
         freeze_heap()
@@ -416,6 +426,10 @@ class Daemon:
         try:
             renewed = time.monotonic()
             while not self.stop_event.wait(tick):
+                if remote is not None and membership is not None:
+                    touches = remote.poll(membership.owns)
+                    if touches:
+                        scheduler.touch_many(touches)
                 if membership is not None and time.monotonic() - renewed >= membership.every:
                     renewed = time.monotonic()
                     if membership.renew():

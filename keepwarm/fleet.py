@@ -26,8 +26,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from keepwarm.classify import Result
 from keepwarm.logs import event
+from keepwarm.policy import Source, Touch
 from keepwarm.shard import owner
+from keepwarm.store import StoredObservation
 
 log = logging.getLogger("keepwarm.fleet")
 
@@ -148,6 +151,66 @@ class Membership:
             self.store.drop_lease(self.fleet, self.member)
         except Exception as exc:  # noqa: BLE001 - the lease lapses by itself anyway
             event(log, logging.WARNING, "fleet: cannot give the lease up; it lapses by itself", error=str(exc))
+
+
+class ObservationSource(Protocol):
+    """What the poller needs of the store."""
+
+    def received_since(self, since: float) -> list[StoredObservation]:
+        """Observations any member stored at or after `since`, in id order."""
+
+
+# How far back each poll looks past the last one: members' clocks, and commits that land late.
+POLL_SLACK = 5.0
+SEEN = 100_000  # observation ids remembered, so a row seen by two polls is applied once
+
+
+class RemoteObservations:
+    """The observations other members accepted for the pairs this member owns, as touches.
+
+    Production may post to any member; the one that owns the pair must see the request as a touch
+    within seconds, or it pings a cache production has just refreshed. Each poll reads what the
+    store received since the last poll (less `POLL_SLACK`), skips what this member accepted
+    itself (it touched its scheduler already) and what it does not own.
+    """
+
+    def __init__(self, store: ObservationSource, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.since = clock()  # what came before is in the state a pair resumes from
+        self._seen: dict[int, None] = {}
+        self._local: dict[tuple[str, float], None] = {}
+        self.failures = 0
+
+    def mine(self, touches: Iterable[tuple[str, Touch]]) -> None:
+        """Remember the touches this member applied itself (it accepted their observations)."""
+        for key, touch in touches:
+            self._local[(key, touch.at)] = None
+        while len(self._local) > SEEN:
+            del self._local[next(iter(self._local))]
+
+    def poll(self, owns: Callable[[str], bool]) -> list[tuple[str, Touch]]:
+        """The new touches of owned pairs, oldest first; none when the store cannot be read."""
+        now = self.clock()
+        try:
+            rows = self.store.received_since(self.since - POLL_SLACK)
+        except Exception:  # noqa: BLE001 - the next poll reads the same window again
+            self.failures += 1
+            return []
+        self.since = now
+        out: list[tuple[str, Touch]] = []
+        for row_id, expert, model, at, result, tokens in rows:
+            if row_id in self._seen:
+                continue
+            self._seen[row_id] = None
+            key = f"{expert}/{model}"
+            if (key, at) in self._local or not owns(key) or result not in Result._value2member_map_:
+                continue
+            out.append((key, Touch(at, Source.PRODUCTION, Result(result), tokens)))
+        while len(self._seen) > SEEN:
+            del self._seen[next(iter(self._seen))]
+        out.sort(key=lambda item: item[1].at)
+        return out
 
 
 def divide(keys: Sequence[str], members: Sequence[str]) -> dict[str, list[str]]:

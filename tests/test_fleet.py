@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import LONG_PROMPT
 
+from keepwarm.classify import Result
 from keepwarm.config import parse_config
 from keepwarm.daemon import store_resume
 from keepwarm.emulator import Emulator
@@ -21,6 +22,7 @@ from keepwarm.fleet import Membership, divide
 from keepwarm.gate import Gate
 from keepwarm.metrics import Metrics
 from keepwarm.ping import make_client
+from keepwarm.policy import Source, Touch
 from keepwarm.runner import Runner
 from keepwarm.scheduler import Scheduler
 from keepwarm.store import Ledger
@@ -191,3 +193,32 @@ def test_the_budget_is_the_fleet_s_every_member_s_spend_counts(emulator: Emulato
             assert own is not None and own < total, "alone, a member counts only its own pings"
             scheduler.sync_budget()
             assert metrics.registry.get_sample_value("keepwarm_budget_spent_usd") == pytest.approx(total, rel=1e-9)
+
+
+def test_an_observation_another_member_accepted_reaches_the_owner_as_a_touch(tmp_path: Path) -> None:
+    """Production posts to any member; the owner takes the request from the store within a poll,
+    once, and not the ones it accepted itself."""
+    from conftest import basic_doc
+
+    from keepwarm.fleet import RemoteObservations
+    from keepwarm.observations import Observer
+
+    clock = Clock()
+    config = parse_config(basic_doc("http://127.0.0.1:9"), tmp_path)
+    with Ledger(tmp_path / "l.db", clock=clock) as ledger:
+        poller = RemoteObservations(ledger, clock=clock)
+        other = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)  # another member's endpoint
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 1500, "cache_creation_input_tokens": 0, "output_tokens": 5}
+        clock.now += 1
+        assert other.accept([{"expert": "analyst", "model": "claude-sonnet-4-6", "at": clock.now - 0.5, "usage": usage},
+                             {"expert": "analyst", "model": "claude-opus-4-8", "at": clock.now - 0.4, "usage": usage}])[0] == 202
+        owned = {"analyst/claude-sonnet-4-6"}
+        touches = poller.poll(lambda key: key in owned)
+        assert [(key, t.at, t.source.value, t.result.value, t.prefix_tokens) for key, t in touches] == [
+            ("analyst/claude-sonnet-4-6", clock.now - 0.5, "production", "warm", 1500)]
+        assert poller.poll(lambda key: key in owned) == [], "applied once, though the next poll reads it again"
+        # What this member accepted itself touched its scheduler already.
+        clock.now += 1
+        poller.mine([("analyst/claude-sonnet-4-6", Touch(clock.now - 0.2, Source.PRODUCTION, Result.WARM, 1500))])
+        assert other.accept([{"expert": "analyst", "model": "claude-sonnet-4-6", "at": clock.now - 0.2, "usage": usage}])[0] == 202
+        assert poller.poll(lambda key: key in owned) == []

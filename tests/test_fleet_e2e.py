@@ -7,8 +7,10 @@ lease 2 s, so a takeover (lease + one renewal) comes well inside the margin.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,19 @@ def test_three_members_share_the_pairs_and_survive_a_kill(
         for m in members:
             assert m.total("keepwarm_pair_info") == m.total("keepwarm_fleet_owned_pairs")
 
-        time.sleep(240 * SCALE * 0.7)
+        # Production posts a request for a pair of member 1 to member 2: the owner takes it from
+        # the store as a touch and skips the ping production made unnecessary.
+        owner, other = members[1], members[2]
+        expert = next(dict(labels)["expert"] for (name, labels) in owner.metrics() if name == "keepwarm_pair_info")
+        body = json.dumps({"expert": expert, "model": "claude-sonnet-4-6", "at": time.time() - 0.1, "usage": {
+            "input_tokens": 10, "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 0, "output_tokens": 5}})
+        request = urllib.request.Request(f"http://127.0.0.1:{other.port}/v1/observations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 202
+        owner.wait_for("the owner to skip a ping for it", lambda: owner.total(
+            "keepwarm_pings_skipped_total", expert=expert, reason="production_touch") >= 1, 240 * SCALE * 1.5)
+
         members[0].kill()
         killed = time.time()
         for m in members[1:]:

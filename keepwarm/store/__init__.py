@@ -29,6 +29,7 @@ from keepwarm.store.sqlite import (
     PairKey,
     PairResume,
     Recent,
+    StoredObservation,
     StoredTouch,
     schema_version,
 )
@@ -67,6 +68,8 @@ class Store(Protocol):
     def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool: ...
 
     def can_keep(self) -> bool: ...
+
+    def received_since(self, since: float) -> list[StoredObservation]: ...
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]: ...
 
@@ -161,6 +164,7 @@ __all__ = [
     "PostgresTarget",
     "Recent",
     "Store",
+    "StoredObservation",
     "StoredTouch",
     "is_url",
     "location",

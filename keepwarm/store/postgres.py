@@ -49,6 +49,7 @@ from keepwarm.store.sqlite import (
     PairKey,
     PairResume,
     Recent,
+    StoredObservation,
 )
 
 if TYPE_CHECKING:
@@ -536,6 +537,14 @@ class PostgresLedger:
             except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
                 return False
             return True
+
+    def received_since(self, since: float) -> list[StoredObservation]:
+        """Observations of this origin that any member stored at or after `since` (their clocks),
+        in id order: (id, expert, model, at, result, prefix tokens). Drifted ones are left out."""
+        with self._reading() as conn:
+            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in conn.execute(
+                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
+                " WHERE received >= %s AND origin = %s AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.

@@ -895,6 +895,15 @@ class Ledger:
             )
             return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
 
+    def received_since(self, since: float) -> list[StoredObservation]:
+        """Observations of this origin that any writer stored at or after `since` (its clock), as
+        a fleet's owner applies those another member accepted: (id, expert, model, at, result,
+        prefix tokens), in id order. Drifted ones touched another prefix's cache: left out."""
+        with self._lock:
+            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in self._read().execute(
+                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
+                " WHERE received >= ? AND origin = ? AND drift IS NULL ORDER BY id", (since, self.origin))]
+
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
 
@@ -1085,6 +1094,8 @@ class PairKey:
 
 # A touch as a restart hands it back: (start, "ping" | "production", result, prefix tokens).
 StoredTouch = tuple[float, str, str, int]
+# An observation as a fleet's owner takes it from the store: (id, expert, model, start, result, prefix tokens).
+StoredObservation = tuple[int, str, str, float, str, int]
 
 
 @dataclass(frozen=True)
