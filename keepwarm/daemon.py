@@ -396,6 +396,7 @@ class Daemon:
             scheduler.owns = membership.owns
             # Observations other members accept for pairs this one owns reach it through the store.
             remote = RemoteObservations(runner.ledger)  # type: ignore[arg-type]
+            observer.fleet_history = runner.ledger.last_requests  # type: ignore[union-attr]
             accepted = observer.touch_many
             if accepted is not None:
                 def touch_and_remember(touches: Sequence[tuple[str, Touch]]) -> None:

@@ -637,6 +637,8 @@ class Observer:
         self.metrics = metrics
         self.touch = touch
         self.touch_many = touch_many
+        # In a fleet: each pair's latest production request any member stored (keepwarm.fleet).
+        self.fleet_history: Callable[[list[tuple[str, str]]], dict[tuple[str, str], float]] | None = None
         self.ledger = ledger
         self.clock = clock
         self.windows = Windows(since=clock())
@@ -837,6 +839,7 @@ class Observer:
         # few hundred counter updates instead of eleven thousand, and a few hundred prices.
         sums: dict[str, _Sums] = {}
         ordered = sorted(observations, key=_AT)
+        self._fleet_previous(ordered)
         warm = self._warm_from_ledger(ordered)
         for start in range(0, len(ordered), CHUNK):
             if start:
@@ -848,6 +851,25 @@ class Observer:
                     self._count(key, total)
             self.drift_log.judged(judged)
         return judged
+
+    def _fleet_previous(self, observations: list[Observation]) -> None:
+        """In a fleet, production's previous request to a pair may have reached another member:
+        take each pair's latest stored request from the shared store before judging savings, so
+        no split of traffic between members credits a saving another request already earned.
+        A later request stored already makes these `late`: never overstated, at worst uncredited."""
+        history = self.fleet_history
+        if history is None or not observations:
+            return
+        try:
+            latest = history(sorted({(o.pair.expert, o.pair.model) for o in observations}))
+        except Exception as exc:  # noqa: BLE001 - judged on this member's own history, as alone
+            event(log, logging.WARNING, "cannot read the fleet's production history to judge savings", error=str(exc))
+            return
+        with self._lock:
+            for (expert, model), at in latest.items():
+                a = self._attribution.get(f"{expert}/{model}")
+                if a is not None:
+                    a.last_production = max(a.last_production, at)
 
     def _warm_from_ledger(self, observations: list[Observation]) -> dict[int, bool]:
         """Whether keepwarm held the cache warm, by id(observation), for the requests whose drift

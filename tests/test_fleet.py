@@ -222,3 +222,28 @@ def test_an_observation_another_member_accepted_reaches_the_owner_as_a_touch(tmp
         poller.mine([("analyst/claude-sonnet-4-6", Touch(clock.now - 0.2, Source.PRODUCTION, Result.WARM, 1500))])
         assert other.accept([{"expert": "analyst", "model": "claude-sonnet-4-6", "at": clock.now - 0.2, "usage": usage}])[0] == 202
         assert poller.poll(lambda key: key in owned) == []
+
+
+def test_savings_are_judged_against_the_fleet_s_history_not_one_member_s(tmp_path: Path) -> None:
+    """Two requests 100 s apart, each posted to another member: one saving, not two (the review's
+    20x overstatement came from each member seeing half of production)."""
+    from conftest import basic_doc
+
+    from keepwarm.observations import Observation, Observer, validate
+
+    clock = Clock()
+    config = parse_config(basic_doc("http://127.0.0.1:9"), tmp_path)
+    with Ledger(tmp_path / "l.db", clock=clock) as ledger:
+        a, b = (Observer(config, Metrics(), ledger=lambda: ledger, clock=clock) for _ in range(2))
+        for member in (a, b):
+            member.fleet_history = ledger.last_requests
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 1500, "cache_creation_input_tokens": 0, "output_tokens": 5}
+        pair = {"expert": "analyst", "model": "claude-sonnet-4-6", "usage": usage}
+        assert a.accept([{**pair, "at": T0 - 100}])[0] == 202
+        assert b.accept([{**pair, "at": T0}])[0] == 202
+        saved = [r.saved for r in ledger.observations()]
+        assert saved == [1, 0], "b knew of a's request 100 s earlier: production kept the cache warm itself"
+        # Alone (no fleet history), b would have credited it too.
+        c = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)
+        alone = validate({**pair, "at": T0 + 1}, 0, c.pairs, clock.now)
+        assert isinstance(alone, Observation) and c.record([alone])[0].saved

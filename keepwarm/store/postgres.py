@@ -538,6 +538,19 @@ class PostgresLedger:
                 return False
             return True
 
+    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The start of the latest production request each (expert, model) has in the store, any
+        member's (a fleet judges savings against the fleet's history)."""
+        out: dict[tuple[str, str], float] = {}
+        with self._reading() as conn:
+            for expert, model in pairs:
+                row = conn.execute(
+                    "SELECT MAX(last_request) FROM pair_state WHERE origin = %s AND expert = %s AND model = %s",
+                    (self.origin, expert, model)).fetchone()
+                if row is not None and row[0]:
+                    out[(expert, model)] = float(row[0])
+        return out
+
     def received_since(self, since: float) -> list[StoredObservation]:
         """Observations of this origin that any member stored at or after `since` (their clocks),
         in id order: (id, expert, model, at, result, prefix tokens). Drifted ones are left out."""

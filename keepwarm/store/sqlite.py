@@ -895,6 +895,20 @@ class Ledger:
             )
             return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
 
+    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The start of the latest production request each (expert, model) has in the store, any
+        member's (a fleet judges savings against the fleet's history)."""
+        out: dict[tuple[str, str], float] = {}
+        with self._lock:
+            conn = self._read()
+            for expert, model in pairs:
+                row = conn.execute(
+                    "SELECT MAX(last_request) FROM pair_state WHERE origin = ? AND expert = ? AND model = ?",
+                    (self.origin, expert, model)).fetchone()
+                if row is not None and row[0]:
+                    out[(expert, model)] = float(row[0])
+        return out
+
     def received_since(self, since: float) -> list[StoredObservation]:
         """Observations of this origin that any writer stored at or after `since` (its clock), as
         a fleet's owner applies those another member accepted: (id, expert, model, at, result,
