@@ -149,7 +149,10 @@ class _Mixture:
 
     def at_least(self, x: float) -> float:
         """Weight of the gaps of x or longer: production not back before age x."""
-        return self.never + sum(w * (len(values) - bisect.bisect_left(values, x)) for values, w in self.parts)
+        total = 0.0  # a plain loop: the lookahead's hot spot, faster than sum(generator), same sum
+        for values, w in self.parts:
+            total += w * (len(values) - bisect.bisect_left(values, x))
+        return self.never + total
 
     def mean_above(self, x: float) -> float | None:
         """The mean of the complete gaps longer than x (None: none is)."""
