@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
 PERFORMANCE = ROOT / "docs" / "performance.md"
-OVERLAYS = ("single", "once", "shards")
+OVERLAYS = ("single", "once", "shards", "fleet")
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}
 UID = 10001
 CONFIG_PATH = "/etc/keepwarm/keepwarm.yaml"
-WORKLOADS = {"single": "Deployment", "once": "CronJob", "shards": "StatefulSet"}
+WORKLOADS = {"single": "Deployment", "once": "CronJob", "shards": "StatefulSet", "fleet": "Deployment"}
 
 
 def kubectl() -> str:
@@ -91,7 +91,8 @@ def test_overlay_builds_and_validates_strictly(overlay: str, tmp_path: Path) -> 
     for line in filter(None, output.splitlines()):
         assert any(f"kind {kind} " in line for kind in CRD_KINDS) and "Couldn't find schema" in line, line
     kinds = {o["kind"] for o in objects}
-    assert WORKLOADS[overlay] in kinds and not (set(WORKLOADS.values()) - {WORKLOADS[overlay]}) & kinds
+    assert [o["kind"] for o in objects].count(WORKLOADS[overlay]) == 1
+    assert not (set(WORKLOADS.values()) - {WORKLOADS[overlay]}) & kinds
     # The example Secret is never applied: a placeholder must not overwrite the real key.
     assert "Secret" not in kinds
     # The settings are kustomize's only (local-config): never applied.
@@ -241,7 +242,7 @@ def validate_crd(document: dict[str, Any], schema: dict[str, Any]) -> None:
     jsonschema.Draft202012Validator(schema, registry=registry).validate(document)
 
 
-@pytest.mark.parametrize("overlay", ("single", "shards"))
+@pytest.mark.parametrize("overlay", ("single", "shards", "fleet"))
 @pytest.mark.parametrize("kind", sorted(CRD_KINDS))
 def test_crd_against_its_schema_subset(overlay: str, kind: str) -> None:
     validate_crd(one(overlay, kind), SCHEMAS[kind])
@@ -360,6 +361,16 @@ def test_shards_replicas_set_the_shard_count_and_the_expected_targets(tmp_path: 
 
 # --- the pods ------------------------------------------------------------------------------------
 
+def secret_files(volume: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The files a volume makes from Secrets: file name -> (Secret, key); {} for any other volume."""
+    if "secret" in volume:
+        secret = volume["secret"]
+        items = secret.get("items") or [{"key": "anthropic_api_key", "path": "anthropic_api_key"}]
+        return {i["path"]: (secret["secretName"], i["key"]) for i in items}
+    sources = volume.get("projected", {}).get("sources", [])
+    return {i["path"]: (s["secret"]["name"], i["key"]) for s in sources if "secret" in s for i in s["secret"]["items"]}
+
+
 def check_hardened(overlay: str) -> None:
     spec = pod_spec(one(overlay, WORKLOADS[overlay]))
     pod = spec["securityContext"]
@@ -392,18 +403,30 @@ def test_key_config_prompts_and_state_are_mounted(overlay: str) -> None:
     # The key: a Secret mounted as a directory, named by CREDENTIALS_DIRECTORY; not an env var.
     assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in env.values())
     assert "ANTHROPIC_API_KEY" not in env
-    (secret_mount,) = [m for m in mounts.values() if "secret" in volumes.get(m["name"], {})]
+    (secret_mount,) = [m for m in mounts.values() if secret_files(volumes.get(m["name"], {}))]
     assert env["CREDENTIALS_DIRECTORY"]["value"] == secret_mount["mountPath"] and secret_mount["readOnly"] is True
     example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
-    assert volumes[secret_mount["name"]]["secret"]["secretName"] == example["metadata"]["name"]
+    files = secret_files(volumes[secret_mount["name"]])
+    assert files["anthropic_api_key"] == (example["metadata"]["name"], "anthropic_api_key")
     assert "anthropic_api_key" in example["stringData"]
     # The config and every expert's prompt ConfigMap, projected into the config's directory.
-    (config_mount,) = [m for m in mounts.values() if "projected" in volumes.get(m["name"], {})]
+    (config_mount,) = [m for m in mounts.values() if "configMap" in volumes.get(m["name"], {}).get("projected", {})
+                       .get("sources", [{}])[0]]
     assert config_mount["mountPath"] == posixpath.dirname(CONFIG_PATH) and config_mount["readOnly"] is True
     sources = [s["configMap"] for s in volumes[config_mount["name"]]["projected"]["sources"]]
     config_maps = {o["metadata"]["name"]: o for o in built(overlay) if o["kind"] == "ConfigMap"}
     assert {s["name"] for s in sources} == set(config_maps), "every generated ConfigMap, and only those"
     assert len(sources) >= 3, "the config and one ConfigMap per expert"
+    if overlay == "fleet":
+        # No state on the pod (it is in the database): no claim, no STATE_DIRECTORY; the
+        # database's password is the file keepwarm reads from $CREDENTIALS_DIRECTORY.
+        assert "STATE_DIRECTORY" not in env and "volumeClaimTemplates" not in workload["spec"]
+        assert not [v for v in volumes.values() if "persistentVolumeClaim" in v]
+        assert not [o for o in built(overlay) if o["kind"] == "PersistentVolumeClaim"]
+        assert files == {"anthropic_api_key": ("keepwarm-anthropic", "anthropic_api_key"),
+                         "ledger_password": ("keepwarm-ledger", "password")}
+        return
+    assert list(files) == ["anthropic_api_key"]
     # The state: STATE_DIRECTORY is a writable mount.
     state = env["STATE_DIRECTORY"]["value"]
     (state_mount,) = [m for m in mounts.values() if m["mountPath"] == state]
@@ -431,7 +454,7 @@ def test_the_projected_config_is_accepted_by_the_daemon(overlay: str, tmp_path: 
     from keepwarm.config import load_config
 
     spec = pod_spec(one(overlay, WORKLOADS[overlay]))
-    (volume,) = [v for v in spec["volumes"] if "projected" in v]
+    (volume,) = [v for v in spec["volumes"] if "projected" in v and not secret_files(v)]
     config_maps = {o["metadata"]["name"]: o for o in built(overlay) if o["kind"] == "ConfigMap"}
     for source in volume["projected"]["sources"]:
         data = config_maps[source["configMap"]["name"]]["data"]
@@ -460,7 +483,7 @@ def quantity_mb(value: str) -> float:
     return int(number) * {"Mi": 2**20, "Gi": 2**30}[unit] / 1e6
 
 
-@pytest.mark.parametrize("overlay", ("single", "shards"))
+@pytest.mark.parametrize("overlay", ("single", "shards", "fleet"))
 def test_daemons_are_sized_from_the_measured_figures(overlay: str) -> None:
     (container,) = pod_spec(one(overlay, WORKLOADS[overlay]))["containers"]
     resources = container["resources"]
@@ -473,7 +496,7 @@ def test_daemons_are_sized_from_the_measured_figures(overlay: str) -> None:
     assert {"cpu", "memory"} <= set(resources["limits"])
 
 
-@pytest.mark.parametrize("overlay", ("single", "shards"))
+@pytest.mark.parametrize("overlay", ("single", "shards", "fleet"))
 def test_probes_liveness_is_the_heartbeat_and_readiness_the_schedule(overlay: str) -> None:
     (container,) = pod_spec(one(overlay, WORKLOADS[overlay]))["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -503,7 +526,7 @@ def test_shards_roll_one_at_a_time_spread_over_nodes() -> None:
     assert all(c["labelSelector"]["matchLabels"].items() <= pod_labels(sts).items() for c in spread)
 
 
-@pytest.mark.parametrize("overlay", ("single", "shards"))
+@pytest.mark.parametrize("overlay", ("single", "shards", "fleet"))
 def test_disruption_budget_and_monitor_select_the_daemon(overlay: str) -> None:
     labels = pod_labels(one(overlay, WORKLOADS[overlay]))
     pdb = one(overlay, "PodDisruptionBudget")["spec"]
@@ -523,7 +546,8 @@ def test_network_policy_lets_scrapes_and_observations_in_and_the_api_out(overlay
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [9464]
     out = sorted((p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"])
-    assert out == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+    # A fleet also reaches its PostgreSQL.
+    assert out == sorted([(53, "TCP"), (53, "UDP"), (443, "TCP")] + [(5432, "TCP")] * (overlay == "fleet"))
 
 
 def test_cronjob() -> None:
@@ -543,3 +567,27 @@ def test_cronjob() -> None:
 def test_uid_matches_the_image() -> None:
     user = re.search(r"^USER\s+(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert user and int(user.group(1)) == UID
+
+
+def test_fleet_rolls_with_a_surge_spread_over_nodes_on_its_database() -> None:
+    deployment = one("fleet", "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    # Members may overlap: a new one is ready before an old one leaves, never fewer than replicas.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    spread = pod_spec(deployment)["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(c["labelSelector"]["matchLabels"].items() <= pod_labels(deployment).items() for c in spread)
+    # KeepwarmTargetMissing expects the replicas.
+    rule = one("fleet", "PrometheusRule")
+    (expected,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("record") == "job:keepwarm_expected_targets:count"]
+    assert expected["expr"] == str(spec["replicas"])
+    # The config: the base's, plus the database and the fleet (no password in the URL).
+    config_maps = [o for o in built("fleet") if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("keepwarm-config")]
+    (config_map,) = config_maps
+    fleet = yaml.safe_load(config_map["data"]["keepwarm.yaml"])
+    base = yaml.safe_load((K8S / "base" / "keepwarm.yaml").read_text())
+    assert {k: v for k, v in fleet.items() if k not in ("ledger", "fleet")} == base
+    assert fleet["ledger"]["url"].startswith("postgresql://") and ":5432/" in fleet["ledger"]["url"]
+    assert "password" not in fleet["ledger"]["url"] and "@" in fleet["ledger"]["url"]
+    assert fleet["fleet"]["name"]

@@ -13,12 +13,14 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from conftest import ROOT, STARTUP_DEADLINE, free_port, keepwarm_cmd
-from deploy_metrics import NOT_YET_EXPORTED, metric_names_used
+from conftest import LONG_PROMPT, ROOT, STARTUP_DEADLINE, daemon_env, free_port, keepwarm_cmd
+from deploy_metrics import FLEET_ONLY, NOT_YET_EXPORTED, metric_names_used
 from prometheus_client.parser import text_string_to_metric_families
 
 from keepwarm.config import load_config
+from keepwarm.emulator import Emulator
 
 
 def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: Path) -> None:
@@ -70,3 +72,18 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_a_fleet_member_exports_the_fleet_metrics_the_deploy_files_use(keepwarm_daemon: Any, postgres_url: str) -> None:
+    used = metric_names_used() & FLEET_ONLY
+    assert {"keepwarm_fleet_members", "keepwarm_fleet_owned_pairs", "keepwarm_fleet_lease_failures_total"} <= used
+    with Emulator() as emu:
+        doc = {"api": {"base_url": emu.base_url}, "defaults": {"models": ["claude-sonnet-4-6"]},
+               "experts": [{"name": "e0", "system": [{"text": LONG_PROMPT}]}],
+               "ledger": {"url": postgres_url}, "fleet": {"name": "names"}}
+        member = keepwarm_daemon(doc, env=daemon_env(ANTHROPIC_API_KEY="sk-test-names"))
+        member.wait_for("its fleet gauges", lambda: member.total("keepwarm_fleet_members") == 1, 30)
+        families = list(text_string_to_metric_families(member.get("/metrics")[1]))
+        exported = {f.name + "_total" if f.type == "counter" else f.name for f in families}
+        assert used <= exported, used - exported
+        assert member.stop()[0] == 0

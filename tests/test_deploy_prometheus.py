@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-rules.test.yml"
 MONEY_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-money.test.yml"
+FLEET_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "keepwarm-fleet.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 ALERTS = {
     "KeepwarmCacheCold",
@@ -55,7 +56,7 @@ def test_promtool_check_rules() -> None:
 
 
 def test_promtool_unit_tests() -> None:
-    result = promtool("test", "rules", str(RULE_TESTS), str(MONEY_TESTS))
+    result = promtool("test", "rules", str(RULE_TESTS), str(MONEY_TESTS), str(FLEET_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -105,10 +106,12 @@ def test_no_rule_reads_a_raw_counter_over_days() -> None:
 # (tests/test_policy_daemon_deploy.py) are checked beside their features.
 PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
 BUDGET_ALERTS = {"KeepwarmBudgetReached"}
+# A fleet's own alerts (keepwarm.fleet), tested in keepwarm-fleet.test.yml.
+FLEET_ALERTS = {"KeepwarmFleetDatabaseUnreachable", "KeepwarmFleetSplit", "KeepwarmFleetPairsUnowned"}
 
 
 def test_every_group_holds_exactly_its_contracted_alerts() -> None:
-    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS | BUDGET_ALERTS
+    assert {rule["alert"] for rule in rules() if "alert" in rule} == ALERTS | PRODUCTION_ALERTS | BUDGET_ALERTS | FLEET_ALERTS
 
 
 KEEPWARM_GROUPS = ("keepwarm.recording", "keepwarm.pings", "keepwarm.pairs", "keepwarm.alerts")
@@ -297,3 +300,16 @@ def test_the_documented_seds_set_the_job_and_the_runbook_base(tmp_path: Path) ->
              if 'job="YOURJOB"' in r["expr"] or r.get("labels", {}).get("job") == "YOURJOB"}
     assert named == {"KeepwarmDown", "KeepwarmTargetMissing", "job:keepwarm_expected_targets:count"}
     assert 'job="keepwarm"' not in copy.read_text()
+
+
+def test_every_fleet_alert_has_a_firing_case_and_a_quiet_case() -> None:
+    data = yaml.safe_load(RULES.read_text())
+    fleet = {rule["alert"] for group in data["groups"] if group["name"] == "keepwarm.fleet"
+             for rule in group["rules"] if "alert" in rule}
+    assert fleet == FLEET_ALERTS
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in yaml.safe_load(FLEET_TESTS.read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert firing == quiet == FLEET_ALERTS, (firing, quiet)
