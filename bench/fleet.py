@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for i in range(pairs):
                     doc += [f"  - name: desk-{i:05d}", "    system:", f"      - text: \"Desk {i:05d}. {prompt}\""]
                 members = [Member(processes, work, i, doc, scale) for i in range(args.members)]
-                t0 = time.time()
+                # The emulator's log times are its monotonic clock: the changes are timed on it too.
+                t0 = time.monotonic()
                 wait("start-up", lambda: all(m.started() for m in members), 300)
 
                 def writes() -> dict[str, int]:
@@ -170,18 +171,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(rng.uniform(0.1, 0.9) * interval)
                 victim = members[0]
                 victim.proc.kill()
-                killed = time.time()
+                killed = time.monotonic()
                 changes.append(("kill", killed))
                 survivors = members[1:]
                 takeover = wait("the takeover", lambda: owned_total(survivors) == pairs, 120)
                 time.sleep(ttl * 1.5)
                 members[0] = Member(processes, work, 0, doc, scale)
-                joined = time.time()
+                joined = time.monotonic()
                 changes.append(("join", joined))
                 wait("the join", lambda: members[0].started(), 300)
                 wait("the re-division", lambda: owned_total(members) == pairs
                               and scrape(members[0].port).get("keepwarm_fleet_owned_pairs", 0) > 0, 120)
-                rejoin = time.time() - joined
+                rejoin = time.monotonic() - joined
                 time.sleep(ttl * 1.5)
                 final = db_stats(admin, dbname)
                 handovers = sum(scrape(m.port).get("keepwarm_fleet_handovers_total", 0) for m in members)
