@@ -270,7 +270,7 @@ def catch_up_one(processes: Processes, pairs: int, rpm: int, scale: float, rng: 
             "margin_s": round(50 * scale, 2),
             "catch_up_s_measured": round(starts[-1] - up, 2) if starts else None,
             "catch_up_s_planned": catch[0]["takes_s"] if catch else None,
-            "lost_predicted_upper_bound": predicted,
+            "lost_if_soonest_expiry_went_first": predicted,
             "log": catch[0] if catch else None,
         }
     finally:
