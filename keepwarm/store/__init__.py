@@ -36,8 +36,8 @@ from keepwarm.store.sqlite import (
 
 if TYPE_CHECKING:
     from keepwarm.config import Config
-    from keepwarm.observations import ObservationRecord
     from keepwarm.runner import PingOutcome
+    from keepwarm.store.sqlite import ObservationRecord
 
 # Where a ledger is: a SQLite file, or a PostgreSQL database.
 Location = Path | str | PostgresTarget
@@ -53,7 +53,7 @@ class Store(Protocol):
 
     def record(self, outcome: PingOutcome) -> None: ...
 
-    def record_observations(self, records: list[ObservationRecord]) -> None: ...
+    def record_observations(self, records: Sequence[ObservationRecord]) -> None: ...
 
     def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]: ...
 

@@ -55,8 +55,8 @@ from keepwarm.store.sqlite import (
 if TYPE_CHECKING:
     import sqlite3
 
-    from keepwarm.observations import ObservationRecord
     from keepwarm.runner import PingOutcome
+    from keepwarm.store.sqlite import ObservationRecord
 
 log = logging.getLogger("keepwarm.ledger")
 
@@ -400,7 +400,7 @@ class PostgresLedger:
             except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
                 self._failed("cannot delete old ledger rows", exc)
 
-    def record_observations(self, records: list[ObservationRecord]) -> None:
+    def record_observations(self, records: Sequence[ObservationRecord]) -> None:
         """Store the accepted observations of one request in one commit; never raises."""
         try:
             received = self._clock()

@@ -22,14 +22,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from keepwarm.classify import Usage
 from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
 
 if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
-    from keepwarm.observations import ObservationRecord
     from keepwarm.runner import PingOutcome
 
 log = logging.getLogger("keepwarm.ledger")
@@ -514,6 +513,35 @@ class ObservationRow:
         return dict(zip(COST_KINDS, values))
 
 
+class ObservationRecord(Protocol):
+    """What the store keeps of a judged production observation (`keepwarm.observations` makes
+    them; described here so that the store, below it, never imports it)."""
+
+    @property
+    def observation(self) -> Any:
+        """The request: at, pair (expert, model, ttl, fingerprint), fingerprint, result, usage, request_id."""
+
+    @property
+    def cost(self) -> dict[str, float] | None:
+        """USD by kind, or None when the model has no price."""
+
+    @property
+    def saved(self) -> bool:
+        """Whether the keepalive spared it a write."""
+
+    @property
+    def saved_usd(self) -> float | None:
+        """What it spared, or None."""
+
+    @property
+    def drift(self) -> str | None:
+        """Why it is drift, or None."""
+
+    @property
+    def late(self) -> bool:
+        """Whether it arrived after a later request of its pair."""
+
+
 def _observation_values(record: ObservationRecord, received: float, origin: str = "api") -> tuple[Any, ...]:
     obs = record.observation
     pair, usage = obs.pair, obs.usage.by_kind()
@@ -700,7 +728,7 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
                 self._failed("cannot delete old ledger rows", exc)
 
-    def record_observations(self, records: list[ObservationRecord]) -> None:
+    def record_observations(self, records: Sequence[ObservationRecord]) -> None:
         """Store the accepted observations of one request in one commit; never raises."""
         try:
             received = self._clock()
