@@ -1,6 +1,6 @@
 """How fast `keepwarm simulate` replays a large trace, and what one adaptive decision costs the daemon.
 
-    flock /tmp/keepwarm-heavy.lock .venv/bin/python bench/simulate_speed.py
+    .venv/bin/python bench/simulate_speed.py      # on a shared machine, under its benchmark lock
 
 1. `simulate`: a generated trace of `--rows` rows (default 1,000,000) over `--pairs` pairs
    (default 200), two weeks of office-hours, 24x7 and sparse traffic with prefix sizes, replayed by
