@@ -94,6 +94,11 @@ class App:
                               [("Allow", "GET, HEAD, POST")])
             if path == "/metrics":
                 return self._metrics(environ, method, start_response)
+            if path == OBSERVATIONS_PATH and self.server.observer is not None:
+                # The endpoint exists, for POST only: say so, as HTTP does, rather than "not found".
+                return _reply(start_response, 405, "text/plain; charset=utf-8",
+                              b"method not allowed: POST observations here (see docs/observations.md)\n", method,
+                              [("Allow", "POST")])
             return self._page(path, method, start_response)
         except Exception:  # noqa: BLE001 - a bad request must never take the daemon down
             log.exception("request handling failed")

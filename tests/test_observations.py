@@ -318,6 +318,19 @@ def test_other_methods_and_paths_are_not_found(served: Served) -> None:
     assert served.post(_obs(), path="/v1/other")[0] == 404
 
 
+def test_a_get_of_the_endpoint_says_post_not_not_found(served: Served) -> None:
+    """A newcomer who opens the URL in a browser learns it takes POST (405 with Allow), not 404."""
+    conn = http.client.HTTPConnection(*served.web.address, timeout=10)
+    try:
+        conn.request("GET", "/v1/observations")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert (resp.status, resp.getheader("Allow")) == (405, "POST")
+    assert b"POST" in body
+
+
 # --- touches: skipped pings ---------------------------------------------------------------------
 
 

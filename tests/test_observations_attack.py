@@ -13,7 +13,7 @@ from test_observations import T0, FakeClock, Served, _config, _obs, _value
 from keepwarm.classify import Usage
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observation, Observer, Rejection, validate
-from keepwarm.store import Ledger, read_observations, schema_version
+from keepwarm.store import Ledger, read_observations
 
 PAIR = "analyst/claude-sonnet-4-6"
 
@@ -123,12 +123,20 @@ def test_a_v2_ledger_with_copies_migrates_to_one_row_per_request_id(tmp_path: Pa
     one = validate(_obs(read=1500, request_id="req_1"), 0, observer.pairs, T0)
     assert isinstance(one, Observation)
     records = observer.record([one])
-    with Ledger(path, clock=clock) as ledger:  # made into what the previous keepwarm wrote: no unique key
-        assert ledger._db is not None
-        ledger._db.execute("DROP INDEX observations_request_id")
-        ledger._db.execute(f"PRAGMA user_version = {schema_version() - 1}")  # the version before the unique key
-        ledger.record_observations(records + records)  # a client's retry, stored twice
-        assert len(ledger.observations()) == 2
+    with Ledger(path, clock=clock) as ledger:
+        ledger.record_observations(records)
+    # Made into what the previous keepwarm wrote (schema 2: no unique key, no summaries, no origin,
+    # no members), with a client's retry stored twice.
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX observations_request_id")
+        for table in ("pair_state", "spend", "hours", "members"):
+            db.execute(f"DROP TABLE {table}")
+        for table in ("pings", "observations"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        columns = [row[1] for row in db.execute("PRAGMA table_info(observations)") if row[1] != "id"]
+        db.execute(f"INSERT INTO observations ({', '.join(columns)}) SELECT {', '.join(columns)} FROM observations")
+        db.execute("PRAGMA user_version = 2")
+        assert db.execute("SELECT COUNT(*) FROM observations").fetchone() == (2,)
     with Ledger(path, clock=clock) as ledger:
         assert [r.request_id for r in ledger.observations()] == ["req_1"]
         ledger.record_observations(records)  # a copy beyond the observer's window: no new row, no error
