@@ -173,6 +173,13 @@ def _hm(when: float) -> str:
     return time.strftime("%H:%M", time.gmtime(when))
 
 
+def _place(s: PairState) -> str:
+    """` · account (provider)` for a pair whose cache lives elsewhere than the default Anthropic account."""
+    if s.pair.account == "default" and s.pair.provider == "anthropic":
+        return ""
+    return f" · {html.escape(s.pair.account)} ({html.escape(s.pair.provider)})"
+
+
 def _why(s: PairState, word: str, prices: PriceTable | None) -> str:
     """The problem column: the error, why the pair is parked, or why it does not cache."""
     if s.parked:
@@ -371,7 +378,8 @@ def render_page(
         why = _why(s, word, info.prices)
         rows.append(
             f'<tr{" class=has-why" if why else ""}>'
-            f"<td>{html.escape(s.pair.expert)}<br><small>{html.escape(s.pair.model)}</small></td>"
+            # Where the cache lives (SPEC §12): the account and provider, when not the default Anthropic one.
+            f"<td>{html.escape(s.pair.expert)}<br><small>{html.escape(s.pair.model)}{_place(s)}</small></td>"
             f'<td class="{word}">{word}</td>{strip}<td class="n">{expires}</td>'
             f"<td>{html.escape(result)}</td>"
             f"<td>{last}</td><td>{nxt}</td><td class=\"n\">{s.pings}</td><td class=\"n\">{spend}</td>"

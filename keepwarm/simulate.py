@@ -688,6 +688,8 @@ def to_json(sim: Simulation) -> dict[str, Any]:
         "until": sim.until,
         "pairs": {
             s.pair.key: {
+                "account": s.pair.account,
+                "provider": s.pair.provider,
                 "ttl": s.pair.ttl,
                 "prefix_tokens": s.prefix_tokens,
                 "ping_usd": s.ping_cost,

@@ -180,6 +180,9 @@ def test_json_pings_out_and_policy_selection(tmp_path: Path, capsys: pytest.Capt
     assert rows and set(rows[0]) == {"at", "expert", "model", "policy"}
     assert {r["policy"] for r in rows} == {"adaptive"} and len(rows) == total["keepalive_pings"]
     assert data["ttl_alternative"]["pairs"]["chief-economist/claude-sonnet-4-6"]["other_ttl"] == "1h"
+    # Where each pair's cache lives: the default Anthropic account here.
+    place = data["pairs"]["chief-economist/claude-sonnet-4-6"]
+    assert (place["account"], place["provider"]) == ("default", "anthropic")
 
 
 def test_exit_65_names_the_bad_line_and_78_for_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

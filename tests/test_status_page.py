@@ -402,3 +402,14 @@ def test_a_month_of_traffic_draws_in_bounded_markup() -> None:
     svg = pair_svg("a/m", ttl, start, requests[-1] + ttl, requests, {"none": []}, ["none"], {})
     assert svg.count("<circle") <= WIDTH and svg.count("<rect") <= WIDTH + 1
     assert len(svg) < 200_000, len(svg)
+
+
+def test_a_pair_whose_cache_lives_elsewhere_says_where() -> None:
+    """An account other than the default Anthropic one is named beside the model (SPEC §12)."""
+    from dataclasses import replace
+
+    states = _states()
+    states[0].pair = replace(states[0].pair, account="eu-west", provider="bedrock")
+    page = render_page(states, (True, "ok"), NOW, PageInfo(prices=builtin_table()))
+    assert "claude-sonnet-4-6 · eu-west (bedrock)" in page
+    assert page.count("(anthropic)") == 0, "the default account is not repeated on every row"
