@@ -39,6 +39,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs a command in-process (`main([...])`) points the root logger at the
+    stderr pytest captured for it; later tests must not log into that closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("keepwarm", "waitress")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
+
+
+@pytest.fixture(autouse=True)
 def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test (and every daemon it starts, which inherits the environment) keeps its default
     state in a directory of its own: never the user's ~/.local/state, never another test's."""

@@ -60,14 +60,16 @@ def test_three_members_share_the_pairs_and_survive_a_kill(
         for m in members:
             m.wait_for("its fleet gauges", lambda m=m: m.total("keepwarm_fleet_members") == 3, 30)
         owned = [m.total("keepwarm_fleet_owned_pairs") for m in members]
-        assert sum(owned) == PAIRS and all(n > 0 for n in owned), owned
+        # Every pair owned once (members' names are random, so one may by chance own none of 12).
+        assert sum(owned) == PAIRS, owned
         # Each pair's series on exactly one member: a sum over members counts it once.
         for m in members:
             assert m.total("keepwarm_pair_info") == m.total("keepwarm_fleet_owned_pairs")
 
         # Production posts a request for a pair of member 1 to member 2: the owner takes it from
         # the store as a touch and skips the ping production made unnecessary.
-        owner, other = members[1], members[2]
+        owner = max(members[1:], key=lambda m: m.total("keepwarm_fleet_owned_pairs"))
+        other = members[2] if owner is members[1] else members[1]
         expert = next(dict(labels)["expert"] for (name, labels) in owner.metrics() if name == "keepwarm_pair_info")
         body = json.dumps({"expert": expert, "model": "claude-sonnet-4-6", "at": time.time() - 0.1, "usage": {
             "input_tokens": 10, "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 0, "output_tokens": 5}})

@@ -164,7 +164,7 @@ BAD = [
     ({"name": "b", "provider": "bedrock", "region": "us-east-1", "project_id": "p"},
      "accounts[0].project_id: a bedrock account does not take project_id (it takes base_url, region, aws_profile, api_key_file, bedrock_api)"),
     ({"name": "f", "provider": "foundry"}, "accounts[0]: a foundry account needs resource (or base_url)"),
-    ({"name": "x", "provider": "openai"}, "accounts[0].provider: Input should be 'anthropic', 'bedrock', 'vertex' or 'foundry', got 'openai'"),
+    ({"name": "x", "provider": "openai"}, "accounts[0].provider: expected 'anthropic', 'bedrock', 'vertex' or 'foundry', got 'openai'"),
 ]
 
 
