@@ -43,7 +43,8 @@ DEADLINE = 110.0  # for an alert with `for: 1m` to fire, from the fault
 # observations (which need the observations endpoint, and the per-pair spend tile only exists
 # for observed pairs), and the hit rate of the pairs below 85%, checked in the fault phase.
 NO_VALUES_WHEN_HEALTHY = ("saved", "production", "net_saving", "pair:keepwarm_spend_usd:increase5m",
-                          "pair:keepwarm_cache_hit_ratio_low:1h", "job:keepwarm_ping_errors:rate5m")
+                          "pair:keepwarm_cache_hit_ratio_low:1h", "job:keepwarm_ping_errors:rate5m",
+                          "fleet")  # these daemons are no fleet: they export no keepwarm_fleet_* series
 
 Alert = tuple[str, str, str, str]  # alertname, instance, expert, model
 
