@@ -55,7 +55,9 @@ def throwaway_server() -> Iterator[str]:
     if not bins:
         sys.exit("no PostgreSQL server binaries: apt-get install postgresql (or pass --url)")
     bindir = bins[-1].parent
-    owner = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    # runuser lives in /usr/sbin, which a minimal PATH leaves out.
+    runuser = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) or "runuser"
+    owner = [runuser, "-u", "nobody", "--"] if os.geteuid() == 0 else []
     base = Path(tempfile.mkdtemp(prefix="keepwarm-bench-pg-"))
     base.chmod(0o755)
     data, sock = base / "data", base / "sock"

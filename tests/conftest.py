@@ -352,9 +352,16 @@ class PostgresServer:
         return name
 
 
+def runuser() -> str:
+    """util-linux's runuser, which lives in /usr/sbin: not on a minimal PATH (`env -i PATH=/usr/bin:/bin`)."""
+    found = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    assert found, "runuser not found (util-linux): the PostgreSQL tests run initdb as nobody with it"
+    return found
+
+
 def _as_owner(cmd: list[str], owner: str | None) -> list[str]:
     # initdb and postgres refuse to run as root: the tests (root here and in CI) run them as `nobody`.
-    return ["runuser", "-u", owner, "--", *cmd] if owner else cmd
+    return [runuser(), "-u", owner, "--", *cmd] if owner else cmd
 
 
 @pytest.fixture(scope="session")
