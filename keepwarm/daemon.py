@@ -229,17 +229,17 @@ def owned_pairs(config: Config, membership: Membership | None) -> tuple[Pair, ..
     return tuple(membership.owned(config.pairs, key=lambda p: p.key))
 
 
-def join_fleet(config: Config, ledger: object, settle: Callable[[float], object] = time.sleep) -> Membership | None:
-    """This daemon's membership of its fleet, when the config names one and the store keeps leases.
+def join_fleet(config: Config, ledger: Store, settle: Callable[[float], object] = time.sleep) -> Membership | None:
+    """This daemon's membership of its fleet, when the config names one (a shared `ledger.url`).
 
     Members started together must not race to the first ping (each would write the caches it
     thinks it owns): a new member renews, waits one renewal period for the others to do the
     same, and renews again before it takes any pair.
     """
     fleet = config.fleet
-    if fleet is None or not hasattr(ledger, "renew_lease"):
+    if fleet is None:
         return None
-    membership = Membership(ledger, fleet.name, fleet.lease)  # type: ignore[arg-type]
+    membership = Membership(ledger, fleet.name, fleet.lease)
     membership.renew()
     settle(min(membership.every, 5.0))
     membership.renew()
@@ -392,11 +392,11 @@ class Daemon:
         # just loaded: the loop below applies it, which re-reads the file and is harmless.
         self.membership = membership
         remote: RemoteObservations | None = None
-        if membership is not None:
+        if membership is not None and ledger is not None:
             scheduler.owns = membership.owns
             # Observations other members accept for pairs this one owns reach it through the store.
-            remote = RemoteObservations(runner.ledger)  # type: ignore[arg-type]
-            observer.fleet_history = runner.ledger.last_requests  # type: ignore[union-attr]
+            remote = RemoteObservations(ledger)
+            observer.fleet_history = ledger.last_requests
             accepted = observer.touch_many
             if accepted is not None:
                 def touch_and_remember(touches: Sequence[tuple[str, Touch]]) -> None:
