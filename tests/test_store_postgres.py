@@ -417,8 +417,9 @@ def test_ledger_copy_brings_an_older_file_up_to_date_in_a_copy_and_leaves_it_unt
     with sqlite3.connect(path) as db:  # back to the shape schema 2 had
         for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
-        for table in ("pings", "observations"):
-            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        for table in ("pings", "observations"):  # and the columns of later versions
+            for column in ("origin", "account", "provider", "endpoint"):
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         db.execute("PRAGMA user_version = 2")
     db.close()
     before = path.read_bytes()

@@ -37,6 +37,7 @@ from keepwarm.logs import event
 from keepwarm.store import sqlite as lite
 from keepwarm.store.location import PostgresTarget, read_password, redact
 from keepwarm.store.sqlite import (
+    COLUMN_DEFAULTS,
     COLUMNS,
     MAX_PENDING,
     OBSERVATION_COLUMNS,
@@ -620,15 +621,24 @@ def _where(since: float | None, origins: Sequence[str] | None) -> tuple[str, lis
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+def _columns(conn: psycopg.Connection[Any], table: str, columns: Sequence[str]) -> str:
+    """The select list; a schema not migrated yet (a report reads while older daemons still write)
+    gives a column it lacks its default, as the SQLite reader does."""
+    have = {row[0] for row in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
+        (table,))}
+    return ", ".join(c if c in have or c not in COLUMN_DEFAULTS else f"'{COLUMN_DEFAULTS[c]}'" for c in columns)
+
+
 def _select(conn: psycopg.Connection[Any], since: float | None, origins: Sequence[str] | None) -> list[LedgerRow]:
     where, params = _where(since, origins)
-    query = f"SELECT id, {', '.join(COLUMNS)} FROM pings{where} ORDER BY time, id"
+    query = f"SELECT id, {_columns(conn, 'pings', COLUMNS)} FROM pings{where} ORDER BY time, id"
     return [LedgerRow(*row) for row in conn.execute(cast(Any, query), params)]
 
 
 def _select_observations(conn: psycopg.Connection[Any], since: float | None, origins: Sequence[str] | None) -> list[ObservationRow]:
     where, params = _where(since, origins)
-    query = f"SELECT id, {', '.join(OBSERVATION_COLUMNS)} FROM observations{where} ORDER BY time, id"
+    query = f"SELECT id, {_columns(conn, 'observations', OBSERVATION_COLUMNS)} FROM observations{where} ORDER BY time, id"
     return [ObservationRow(*row) for row in conn.execute(cast(Any, query), params)]
 
 

@@ -37,6 +37,12 @@ RETENTION_EVERY = 3600.0  # seconds between two retention sweeps
 MAX_PENDING = 10_000  # rows kept in memory while the file cannot be written (~days of pings)
 USAGE_COLUMNS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
 COST_COLUMNS = tuple(f"cost_{kind}" for kind in COST_KINDS)
+# Where the pair's cache lives (schema version 6): its `accounts` entry, that account's provider, and
+# how the provider routes the model (`global`, `geo`, `regional` or `default`), which sets its price.
+PLACE_COLUMNS = ("account", "provider", "endpoint")
+# What a row written before a column existed reads as: a real ping, of the one Anthropic account a
+# config without `accounts:` has (keepwarm.config names it `default`).
+COLUMN_DEFAULTS = {"origin": "api", "account": "default", "provider": "anthropic", "endpoint": "default"}
 COLUMNS = (
     "time",
     "expert",
@@ -55,6 +61,7 @@ COLUMNS = (
     "expires_at",
     "miss_cause",
     "origin",
+    *PLACE_COLUMNS,
 )
 
 
@@ -319,8 +326,16 @@ def _members_v5(db: sqlite3.Connection) -> None:
     )
 
 
+def _places_v6(db: sqlite3.Connection) -> None:
+    """Where each row's cache lives: account, provider and endpoint. Older rows take the defaults
+    (ADD COLUMN with a constant default rewrites nothing: instant on any size of file)."""
+    for table in ("pings", "observations"):
+        for column in PLACE_COLUMNS:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT '{COLUMN_DEFAULTS[column]}'")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _create_v1, _observations_v2, _unique_request_id_v3, _state_v4, _members_v5,
+    _create_v1, _observations_v2, _unique_request_id_v3, _state_v4, _members_v5, _places_v6,
 ]
 
 
@@ -396,6 +411,9 @@ class LedgerRow:
     expires_at: float | None
     miss_cause: str | None
     origin: str = "api"
+    account: str = "default"
+    provider: str = "anthropic"
+    endpoint: str = "default"
 
     @property
     def usage(self) -> Usage | None:
@@ -417,6 +435,19 @@ class LedgerRow:
         if any(v is None for v in values):
             return None
         return dict(zip(COST_KINDS, values))
+
+
+def place(pair: Any) -> tuple[str, str, str]:
+    """(account, provider, endpoint) of a configured pair, as its rows record them.
+
+    The endpoint is read from the pair's price row (`provider:endpoint:model`, see
+    keepwarm.providers.base.provider_price): it is what the pair was billed at, so a report
+    prices the row the way the daemon did, with or without the config at hand.
+    """
+    row = getattr(pair, "price_row", "")
+    endpoint = row.split(":", 2)[1] if row.count(":") >= 2 else COLUMN_DEFAULTS["endpoint"]
+    return (getattr(pair, "account", COLUMN_DEFAULTS["account"]), getattr(pair, "provider", COLUMN_DEFAULTS["provider"]),
+            endpoint)
 
 
 def _row_values(outcome: PingOutcome, origin: str = "api") -> tuple[Any, ...]:
@@ -446,6 +477,7 @@ def _row_values(outcome: PingOutcome, origin: str = "api") -> tuple[Any, ...]:
         outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
         outcome.miss_cause,
         origin,
+        *place(pair),
     )
 
 
@@ -466,6 +498,7 @@ OBSERVATION_COLUMNS = (
     "late",
     "request_id",
     "origin",
+    *PLACE_COLUMNS,
 )
 
 
@@ -498,6 +531,9 @@ class ObservationRow:
     late: int
     request_id: str | None
     origin: str = "api"
+    account: str = "default"
+    provider: str = "anthropic"
+    endpoint: str = "default"
 
     @property
     def cache_write(self) -> int:
@@ -563,6 +599,7 @@ def _observation_values(record: ObservationRecord, received: float, origin: str 
         int(record.late),
         obs.request_id,
         origin,
+        *place(pair),
     )
 
 
@@ -590,14 +627,18 @@ def _where(db: sqlite3.Connection, table: str, since: float | None, origins: Seq
 
 def _has_origin(db: sqlite3.Connection, table: str) -> bool:
     """Whether the table has the `origin` column (schema version 3 and later)."""
-    return any(row[1] == "origin" for row in db.execute(f"PRAGMA table_info({table})"))
+    return "origin" in _table_columns(db, table)
+
+
+def _table_columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _columns(db: sqlite3.Connection, table: str, columns: Sequence[str]) -> str:
-    """The select list; a ledger read before its migration to version 3 says 'api' for origin."""
-    if _has_origin(db, table):
-        return ", ".join(columns)
-    return ", ".join("'api'" if c == "origin" else c for c in columns)
+    """The select list; a ledger read before its migration (a report never migrates) gives a
+    column it lacks its default: `api` for origin (version 4), the default account (version 6)."""
+    have = _table_columns(db, table)
+    return ", ".join(c if c in have or c not in COLUMN_DEFAULTS else f"'{COLUMN_DEFAULTS[c]}'" for c in columns)
 
 
 def _select_observations(
