@@ -624,9 +624,9 @@ def _where(since: float | None, origins: Sequence[str] | None) -> tuple[str, lis
 def _columns(conn: psycopg.Connection[Any], table: str, columns: Sequence[str]) -> str:
     """The select list; a schema not migrated yet (a report reads while older daemons still write)
     gives a column it lacks its default, as the SQLite reader does."""
+    # The table the query will read, found by the search_path as the query finds it.
     have = {row[0] for row in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
-        (table,))}
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (table,))}
     return ", ".join(c if c in have or c not in COLUMN_DEFAULTS else f"'{COLUMN_DEFAULTS[c]}'" for c in columns)
 
 
