@@ -35,6 +35,7 @@ from keepwarm.exitcodes import EX_CONFIG, EX_OK
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
 from keepwarm.store import Ledger, LedgerError, PairKey, PostgresTarget, read_ledger, read_observations, redact
+from keepwarm.store import base as store_base
 from keepwarm.store import postgres as pg
 from keepwarm.store.copy import copy_ledger
 from keepwarm.store.postgres import PostgresLedger, migrations
@@ -182,7 +183,7 @@ def test_libpq_messages_that_echo_the_connection_string_are_scrubbed() -> None:
 def test_rows_wait_in_memory_while_the_database_is_away_and_go_in_when_it_is_back(
     postgres_server: PostgresServer, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pg, "MAX_PENDING", 5)
+    monkeypatch.setattr(store_base, "MAX_PENDING", 5)  # the bound both backends share
     mono = [0.0]
     attempts = []
     real_connect = pg.connect

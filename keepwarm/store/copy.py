@@ -19,9 +19,10 @@ from typing import Any, cast
 import psycopg
 
 from keepwarm.store import sqlite as lite
+from keepwarm.store.base import COLUMNS, OBSERVATION_COLUMNS
 from keepwarm.store.location import PostgresTarget
 from keepwarm.store.postgres import _message, connect, migrate
-from keepwarm.store.sqlite import COLUMNS, OBSERVATION_COLUMNS, LedgerError
+from keepwarm.store.sqlite import LedgerError
 
 TABLES = ("pings", "observations", "pair_state", "spend", "hours")
 SUMMARIES = {

@@ -17,52 +17,25 @@ import contextlib
 import logging
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any
 
 from keepwarm.classify import Usage
 from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
-
-if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
-    from keepwarm.runner import PingOutcome
+from keepwarm.store.base import (  # the rows both backends write, and their writer
+    COLUMN_DEFAULTS,
+    COLUMNS,
+    COST_COLUMNS,
+    OBSERVATION_COLUMNS,
+    PLACE_COLUMNS,
+    PendingLedger,
+)
 
 log = logging.getLogger("keepwarm.ledger")
-
-RETENTION_EVERY = 3600.0  # seconds between two retention sweeps
-MAX_PENDING = 10_000  # rows kept in memory while the file cannot be written (~days of pings)
-USAGE_COLUMNS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
-COST_COLUMNS = tuple(f"cost_{kind}" for kind in COST_KINDS)
-# Where the pair's cache lives (schema version 6): its `accounts` entry, that account's provider, and
-# how the provider routes the model (`global`, `geo`, `regional` or `default`), which sets its price.
-PLACE_COLUMNS = ("account", "provider", "endpoint")
-# What a row written before a column existed reads as: a real ping, of the one Anthropic account a
-# config without `accounts:` has (keepwarm.config names it `default`).
-COLUMN_DEFAULTS = {"origin": "api", "account": "default", "provider": "anthropic", "endpoint": "default"}
-COLUMNS = (
-    "time",
-    "expert",
-    "model",
-    "ttl",
-    "fingerprint",
-    "result",
-    *USAGE_COLUMNS,
-    *COST_COLUMNS,
-    "latency",
-    "duration",
-    "attempts",
-    "request_id",
-    "error_type",
-    "error_message",
-    "expires_at",
-    "miss_cause",
-    "origin",
-    *PLACE_COLUMNS,
-)
 
 
 class LedgerError(Exception):
@@ -79,7 +52,6 @@ def _describe(exc: sqlite3.Error) -> str:
 # --- the summaries a restart reads (schema version 3) ---------------------------------------
 
 SPEND_BUCKET = 10  # seconds: the budget's spend is kept, and rolls out of its window, in these steps
-ORIGINS = ("api", "emulator", "scaled")  # real pings; the built-in emulator; a time-scaled run
 _COST_SUM = " + ".join(f"COALESCE(cost_{kind}, 0)" for kind in COST_KINDS)
 _UNPRICED = (
     "CASE WHEN (" + " OR ".join(f"cost_{kind} IS NULL" for kind in COST_KINDS) + ") AND result != 'error' THEN 1 ELSE 0 END"
@@ -437,71 +409,6 @@ class LedgerRow:
         return dict(zip(COST_KINDS, values))
 
 
-def place(pair: Any) -> tuple[str, str, str]:
-    """(account, provider, endpoint) of a configured pair, as its rows record them.
-
-    The endpoint is read from the pair's price row (`provider:endpoint:model`, see
-    keepwarm.providers.base.provider_price): it is what the pair was billed at, so a report
-    prices the row the way the daemon did, with or without the config at hand.
-    """
-    row = getattr(pair, "price_row", "")
-    endpoint = row.split(":", 2)[1] if row.count(":") >= 2 else COLUMN_DEFAULTS["endpoint"]
-    return (getattr(pair, "account", COLUMN_DEFAULTS["account"]), getattr(pair, "provider", COLUMN_DEFAULTS["provider"]),
-            endpoint)
-
-
-def _row_values(outcome: PingOutcome, origin: str = "api") -> tuple[Any, ...]:
-    pair, usage, final = outcome.pair, outcome.usage, outcome.final
-    counts: list[int | None] = (
-        [None] * len(USAGE_COLUMNS) if usage is None else [usage.by_kind()[k] for k in USAGE_COLUMNS]
-    )
-    costs: list[float | None] = (
-        [None] * len(COST_KINDS) if outcome.cost is None else [outcome.cost[k] for k in COST_KINDS]
-    )
-    error = outcome.error
-    return (
-        outcome.started,
-        pair.expert,
-        pair.model,
-        pair.ttl,
-        pair.fingerprint,
-        outcome.result.value,
-        *counts,
-        *costs,
-        final.latency,
-        outcome.duration,
-        len(outcome.attempts),
-        final.request_id,
-        None if error is None else error.error_type,
-        None if error is None else error.message,
-        outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
-        outcome.miss_cause,
-        origin,
-        *place(pair),
-    )
-
-
-OBSERVATION_COLUMNS = (
-    "time",
-    "received",
-    "expert",
-    "model",
-    "ttl",
-    "fingerprint",
-    "observed_fingerprint",
-    "result",
-    *USAGE_COLUMNS,
-    *COST_COLUMNS,
-    "saved",
-    "saved_usd",
-    "drift",
-    "late",
-    "request_id",
-    "origin",
-    *PLACE_COLUMNS,
-)
-
-
 @dataclass(frozen=True)
 class ObservationRow:
     """One recorded production observation, as stored."""
@@ -547,60 +454,6 @@ class ObservationRow:
         if any(v is None for v in values):
             return None
         return dict(zip(COST_KINDS, values))
-
-
-class ObservationRecord(Protocol):
-    """What the store keeps of a judged production observation (`keepwarm.observations` makes
-    them; described here so that the store, below it, never imports it)."""
-
-    @property
-    def observation(self) -> Any:
-        """The request: at, pair (expert, model, ttl, fingerprint), fingerprint, result, usage, request_id."""
-
-    @property
-    def cost(self) -> dict[str, float] | None:
-        """USD by kind, or None when the model has no price."""
-
-    @property
-    def saved(self) -> bool:
-        """Whether the keepalive spared it a write."""
-
-    @property
-    def saved_usd(self) -> float | None:
-        """What it spared, or None."""
-
-    @property
-    def drift(self) -> str | None:
-        """Why it is drift, or None."""
-
-    @property
-    def late(self) -> bool:
-        """Whether it arrived after a later request of its pair."""
-
-
-def _observation_values(record: ObservationRecord, received: float, origin: str = "api") -> tuple[Any, ...]:
-    obs = record.observation
-    pair, usage = obs.pair, obs.usage.by_kind()
-    costs: list[float | None] = [None] * len(COST_KINDS) if record.cost is None else [record.cost[k] for k in COST_KINDS]
-    return (
-        obs.at,
-        received,
-        pair.expert,
-        pair.model,
-        pair.ttl,
-        pair.fingerprint,
-        obs.fingerprint,
-        obs.result.value,
-        *(usage[k] for k in USAGE_COLUMNS),
-        *costs,
-        int(record.saved),
-        record.saved_usd,
-        record.drift,
-        int(record.late),
-        obs.request_id,
-        origin,
-        *place(pair),
-    )
 
 
 _INSERT_OBSERVATION = (
@@ -683,8 +536,8 @@ def _observation_summaries(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...
         db.execute(_UPSERT_OBSERVATION_HOUR, (params[0], "", "", *params[3:]))
 
 
-class Ledger:
-    """The daemon's ledger file; `record()` may be called from any thread.
+class Ledger(PendingLedger):
+    """The daemon's ledger file; `record()` may be called from any thread (see PendingLedger).
 
     `origin` marks every row this writer adds (`api`, `emulator` or `scaled`): `report` and a
     restart read only the origin they are for, so a demo against the emulator never mixes with
@@ -701,29 +554,11 @@ class Ledger:
         on_error: Callable[[], None] | None = None,
         origin: str = "api",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, not {origin!r}")
+        super().__init__(retention_days, clock=clock, on_error=on_error, origin=origin)
         self.path = Path(path)
-        self.origin = origin
-        self._on_error = on_error  # e.g. a metric's inc: failures must be visible, not just logged
-        self.retention_days = retention_days
-        self.write_errors = 0
-        self.dropped = 0  # rows lost for good because the backlog overflowed
         self.unwritable = 0  # rows dropped because the database cannot store their values
-        self._clock = clock
-        self._lock = threading.Lock()
-        # Rows that failed to commit (locked or full file) wait here and go in with the next
-        # ping, so a passing lock costs no row; bounded so a dead disk cannot eat memory.
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._pending_observations: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._last_sweep = float("-inf")
         self._db: sqlite3.Connection | None = self._open(busy_timeout)
-        if retention_days is not None:
-            with self._lock:
-                try:
-                    self._sweep()
-                except sqlite3.Error as exc:  # old rows can wait for the next sweep; pinging cannot
-                    self._failed("cannot delete old ledger rows", exc)
+        self._sweep_at_start()
 
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         where = str(self.path)
@@ -752,35 +587,6 @@ class Ledger:
             raise LedgerError(f"ledger {where}: {_describe(exc)}") from None
         return db
 
-    def record(self, outcome: PingOutcome) -> None:
-        """Store one ping; never raises: a failure is logged and counted in `write_errors`."""
-        try:
-            values = _row_values(outcome, self.origin)
-        except Exception as exc:  # noqa: BLE001 - a malformed outcome is a bug, not worth a crash
-            self._failed("cannot turn the ping into a row", exc)
-            return
-        with self._lock:
-            if not self._queue(self._pending, [values],
-                               "cannot write the ledger; the row is kept in memory and retried with the next ping"):
-                return
-            try:
-                if self.retention_days is not None and self._clock() - self._last_sweep >= RETENTION_EVERY:
-                    self._sweep()
-            except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
-                self._failed("cannot delete old ledger rows", exc)
-
-    def record_observations(self, records: Sequence[ObservationRecord]) -> None:
-        """Store the accepted observations of one request in one commit; never raises."""
-        try:
-            received = self._clock()
-            values = [_observation_values(r, received, self.origin) for r in records]
-        except Exception as exc:  # noqa: BLE001 - a malformed record is a bug, not worth a crash
-            self._failed("cannot turn observations into rows", exc)
-            return
-        with self._lock:
-            self._queue(self._pending_observations, values,
-                        "cannot write observations to the ledger; kept in memory and retried")
-
     def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
         """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
         keepwarm held it warm for a production request reported later than the observer remembers."""
@@ -793,34 +599,6 @@ class Ledger:
                 (expert, model, start, end),
             ).fetchone()
             return row is not None
-
-    def can_keep(self) -> bool:
-        """Whether observations accepted now would be written: nothing waits in memory, or what
-        waits goes in now (the endpoint answers 503 otherwise)."""
-        with self._lock:
-            if self._db is None:
-                return False
-            if not self._pending and not self._pending_observations:
-                return True
-            try:
-                self._flush()
-            except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
-                return False
-            return True
-
-    def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
-        """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
-        pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
-        pending.extend(values)
-        while len(pending) > MAX_PENDING:
-            pending.popleft()
-            self.dropped += 1
-        try:
-            self._flush()
-        except Exception as exc:  # noqa: BLE001 - neither the pinging nor the endpoint may stop for it
-            self._failed(failure, exc)
-            return False
-        return True
 
     def _flush(self) -> None:
         """Commit every pending row, and the summaries it moves, in one transaction (the caller holds the lock).
@@ -914,17 +692,13 @@ class Ledger:
             event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
                   deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
-    def _failed(self, what: str, exc: BaseException, **fields: Any) -> None:
-        self.write_errors += 1
-        if self._on_error is not None:
-            self._on_error()
-        event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
-              write_errors=self.write_errors, pending=self.pending, dropped=self.dropped or None, **fields)
-
     @property
-    def pending(self) -> int:
-        """Rows, pings and observations, waiting in memory for the file to take them."""
-        return len(self._pending) + len(self._pending_observations)
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._db is None
+
+    def _where(self) -> str:
+        return str(self.path)
 
     def _read(self) -> sqlite3.Connection:
         if self._db is None:
@@ -1016,29 +790,16 @@ class Ledger:
         with self._lock:
             self._read().execute("DELETE FROM members WHERE fleet = ? AND member = ?", (fleet, member))
 
-    def close(self) -> None:
-        """Write what is pending, checkpoint the WAL into the main file, and close."""
-        with self._lock:
-            if self._db is None:
-                return
-            try:
-                self._flush()
-            except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
-                lost = self.pending
-                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc, lost=lost)
-            try:
-                # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:  # another reader holds the WAL: the next open finishes it
-                event(log, logging.WARNING, "ledger checkpoint skipped", path=str(self.path), error=str(exc))
-            self._db.close()
-            self._db = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        """Checkpoint the WAL into the main file, and close."""
+        assert self._db is not None
+        try:
+            # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # another reader holds the WAL: the next open finishes it
+            event(log, logging.WARNING, "ledger checkpoint skipped", path=str(self.path), error=str(exc))
+        self._db.close()
+        self._db = None
 
 
 # --- readers -------------------------------------------------------------------------------
