@@ -8,22 +8,30 @@ how its connection is let go (`closed`, `_release`), and how a driver's error re
 (`_error_text`). What a daemon relies on is here once: `record()` never raises into the runner,
 a row that cannot be committed waits in memory (at most MAX_PENDING, the oldest dropped first)
 and goes in with the next write, and every failure is logged and counted through `on_error`.
+
+What a restart, the budget, the status page and a fleet read back is plain SQL both dialects run
+(a PostgreSQL connection is seen through sqlite3's `?` placeholders, `_reader`), so it is also
+written once, here, and held to one set of contract tests (tests/test_store.py).
 """
 
 from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
 
-if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
-    from keepwarm.runner import PingOutcome
+if TYPE_CHECKING:
+    import sqlite3
+
+    from keepwarm.runner import PingOutcome  # it imports the SDK; `keepwarm report` should not need it
 
 log = logging.getLogger("keepwarm.ledger")
 
@@ -58,6 +66,7 @@ COLUMNS = (
     *PLACE_COLUMNS,
 )
 ORIGINS = ("api", "emulator", "scaled")  # real pings; the built-in emulator; a time-scaled run
+SPEND_BUCKET = 10  # seconds: the budget's spend is kept, and rolls out of its window, in these steps
 
 
 def place(pair: Any) -> tuple[str, str, str]:
@@ -179,6 +188,141 @@ def _observation_values(record: ObservationRecord, received: float, origin: str 
     )
 
 
+
+# --- the state a restart reads back ---------------------------------------------------------
+
+
+def _ping_refresh(at: float, read: int | None, w5: int | None, w1: int | None, inp: int | None) -> tuple[float | None, int | None]:
+    """(start if the ping read or wrote the cache, the prefix size it measured) of one ping."""
+    if inp is None:  # failed: no usage
+        return None, None
+    cached = (read or 0) + (w5 or 0) + (w1 or 0)
+    return (at if cached else None), (cached or inp)
+
+
+@dataclass(frozen=True)
+class Recent:
+    """What the status page and the attribution of savings take back after a restart."""
+
+    # hour -> (ping cost known, unpriced answered pings, requests, cache_read, cache_write, saved_usd, drift),
+    # every pair together, for the week before `now`
+    all_hours: dict[int, tuple[float, int, int, int, int, float, int]]
+    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift), the day before `now`
+    pair_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
+    # (expert, model) -> start of the latest production request
+    last_production: dict[tuple[str, str], float]
+    # (expert, model) -> starts of pings that read or wrote the cache since ttl_since
+    pings: dict[tuple[str, str], list[float]]
+    first: float | None  # the oldest row of either table in the week before `now`
+
+
+def _recent(db: sqlite3.Connection, origin: str, now: float, ttl_since: float) -> Recent:
+    week, day = int((now - 7 * 86400.0) // 3600), int((now - 86400.0) // 3600)
+    all_hours = {
+        int(h): (float(c), int(u), int(n), int(r), int(w), float(sv), int(d))
+        for h, c, u, n, r, w, sv, d in db.execute(
+            "SELECT hour, ping_usd, ping_unpriced, requests, cache_read, cache_write, saved_usd, drift FROM hours"
+            " WHERE origin = ? AND expert = '' AND hour >= ?", (origin, week))
+    }
+    pair_hours = {
+        (e, m, int(h)): (int(n), int(r), int(w), float(sv), int(d))
+        for e, m, h, n, r, w, sv, d in db.execute(
+            "SELECT expert, model, hour, requests, cache_read, cache_write, saved_usd, drift FROM hours"
+            " WHERE origin = ? AND expert != '' AND hour >= ? AND requests > 0", (origin, day))
+    }
+    last_production = {
+        (e, m): float(t)
+        for e, m, t in db.execute(
+            "SELECT expert, model, MAX(last_request) FROM pair_state WHERE origin = ? AND last_request IS NOT NULL"
+            " GROUP BY 1, 2", (origin,))
+    }
+    pings: dict[tuple[str, str], list[float]] = {}
+    for e, m, t in db.execute(
+        "SELECT expert, model, time FROM pings WHERE time >= ? AND origin = ? AND"
+        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since, origin)):
+        pings.setdefault((e, m), []).append(float(t))
+    since = now - 7 * 86400.0
+    firsts = [
+        db.execute(f"SELECT MIN(time) FROM {table} WHERE time >= ? AND origin = ?", (since, origin)).fetchone()[0]
+        for table in ("pings", "observations")
+    ]
+    found = [float(t) for t in firsts if t is not None]
+    return Recent(all_hours, pair_hours, last_production, pings, min(found) if found else None)
+
+
+# How far back a restart reads an adaptive pair's touches: it learns idle gaps by hour of the week.
+HISTORY_WINDOW = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class PairKey:
+    """A pair as the store knows it: its cache is (expert, model, fingerprint)."""
+
+    expert: str
+    model: str
+    fingerprint: str
+    history: bool = False  # also read back its touches (an adaptive pair learns from them)
+
+
+# A touch as a restart hands it back: (start, "ping" | "production", result, prefix tokens).
+StoredTouch = tuple[float, str, str, int]
+# An observation as a fleet's owner takes it from the store: (id, expert, model, start, result, prefix tokens).
+StoredObservation = tuple[int, str, str, float, str, int]
+
+
+@dataclass(frozen=True)
+class PairResume:
+    """What a restart resumes one pair from (each None when never seen)."""
+
+    last_ping: float | None = None  # start of the latest ping, whatever it found
+    last_result: str | None = None
+    last_refresh: float | None = None  # start of the latest ping that read or wrote the cache
+    prefix_tokens: int | None = None  # the prefix size the latest answered ping measured
+    last_production: float | None = None  # start of the latest production request that read or wrote it
+    last_request: float | None = None  # start of the latest production request of any kind
+    touches: tuple[StoredTouch, ...] = ()  # oldest first; only for a PairKey with `history`
+
+    def last_touch(self) -> float | None:
+        """Start of the latest request, ping or production, that read or wrote the cache."""
+        found = [t for t in (self.last_refresh, self.last_production) if t]
+        return max(found) if found else None
+
+
+def _resume(
+    db: sqlite3.Connection, origin: str, pairs: list[PairKey], now: float,
+    ping_log: int = 32, touch_log: int = 2500,
+) -> dict[tuple[str, str], PairResume]:
+    wanted = {(p.expert, p.model): p for p in pairs}
+    out: dict[tuple[str, str], PairResume] = {}
+    for e, m, fp, lp, lr, lref, tokens, lprod, lreq in db.execute(
+        "SELECT expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens, last_production,"
+        " last_request FROM pair_state WHERE origin = ?", (origin,)):
+        pair = wanted.get((e, m))
+        if pair is None or pair.fingerprint != fp:
+            continue  # not configured here, or an older prefix: another cache
+        out[(e, m)] = PairResume(lp or None, lr, lref or None, tokens, lprod or None, lreq or None)
+    since = now - HISTORY_WINDOW
+    for pair in pairs:
+        key = (pair.expert, pair.model)
+        if not pair.history or key not in out:
+            continue
+        args = (pair.expert, pair.model, origin, pair.fingerprint, since)
+        touches: list[StoredTouch] = []
+        for at, result, read, w5, w1, inp in db.execute(
+            "SELECT time, result, cache_read, cache_write_5m, cache_write_1h, input FROM pings WHERE expert = ?"
+            " AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? ORDER BY time DESC LIMIT ?",
+            (*args, ping_log)):
+            touches.append((float(at), "ping", result, _ping_refresh(at, read, w5, w1, inp)[1] or 0))
+        for at, result, read, written, inp in db.execute(
+            "SELECT time, result, cache_read, cache_write_5m + cache_write_1h, input FROM observations WHERE"
+            " expert = ? AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? AND drift IS NULL"
+            " ORDER BY time DESC LIMIT ?", (*args, touch_log)):
+            touches.append((float(at), "production", result, (read + written) or inp))
+        touches.sort()
+        out[key] = replace(out[key], touches=tuple(touches))
+    return out
+
+
 class PendingLedger(abc.ABC):
     """A ledger writer: `record()` and `record_observations()` may be called from any thread and
     never raise. Rows are marked with this writer's `origin` (`api`, `emulator` or `scaled`), so
@@ -234,6 +378,10 @@ class PendingLedger(abc.ABC):
     def _error_text(self, exc: BaseException) -> str:
         """A driver's error as a log may show it."""
         return str(exc)
+
+    @abc.abstractmethod
+    def _reader(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """The connection for a read, under the lock, taking `?` placeholders (not with the lock held)."""
 
     # --- the shared writer ---------------------------------------------------------------------
 
@@ -327,6 +475,61 @@ class PendingLedger(abc.ABC):
                 lost = self.pending
                 self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc, lost=lost)
             self._release()
+
+    # --- the shared readers ----------------------------------------------------------------
+
+    def recent(self, now: float, ttl_since: float) -> Recent:
+        """What the status page and the attribution of savings need back after a restart."""
+        with self._reader() as db:
+            return _recent(db, self.origin, now, ttl_since)
+
+    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
+        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows.
+
+        Only the pair's current prefix counts (a changed prefix is a new cache); adaptive pairs
+        also get their bounded touch history of the last week (`HISTORY_WINDOW`).
+        """
+        with self._reader() as db:
+            return _resume(db, self.origin, list(pairs), now)
+
+    def spend(self, since: float) -> list[tuple[float, float]]:
+        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
+        with self._reader() as db:
+            cursor = db.execute("SELECT bucket, usd FROM spend WHERE origin = ? AND bucket >= ? ORDER BY bucket",
+                                (self.origin, int(since // SPEND_BUCKET)))
+            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
+
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
+        keepwarm held it warm for a production request reported later than the observer remembers."""
+        with self._reader() as db:
+            row = db.execute(
+                "SELECT 1 FROM pings WHERE expert = ? AND model = ? AND time > ? AND time <= ?"
+                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
+                (expert, model, start, end),
+            ).fetchone()
+            return row is not None
+
+    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The start of the latest production request each (expert, model) has in the store, any
+        member's (a fleet judges savings against the fleet's history)."""
+        out: dict[tuple[str, str], float] = {}
+        with self._reader() as db:
+            for expert, model in pairs:
+                row = db.execute("SELECT MAX(last_request) FROM pair_state WHERE origin = ? AND expert = ? AND model = ?",
+                                 (self.origin, expert, model)).fetchone()
+                if row is not None and row[0]:
+                    out[(expert, model)] = float(row[0])
+        return out
+
+    def received_since(self, since: float) -> list[StoredObservation]:
+        """Observations of this origin that any writer stored at or after `since` (its clock), as
+        a fleet's owner applies those another member accepted: (id, expert, model, at, result,
+        prefix tokens), in id order. Drifted ones touched another prefix's cache: left out."""
+        with self._reader() as db:
+            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in db.execute(
+                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
+                " WHERE received >= ? AND origin = ? AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def __enter__(self) -> Self:
         return self

@@ -33,18 +33,9 @@ from psycopg import sql as pgsql
 
 from keepwarm.logs import event
 from keepwarm.store import sqlite as lite
-from keepwarm.store.base import COLUMN_DEFAULTS, COLUMNS, OBSERVATION_COLUMNS, PendingLedger
+from keepwarm.store.base import COLUMN_DEFAULTS, COLUMNS, OBSERVATION_COLUMNS, SPEND_BUCKET, PendingLedger
 from keepwarm.store.location import PostgresTarget, read_password, redact
-from keepwarm.store.sqlite import (
-    SPEND_BUCKET,
-    LedgerError,
-    LedgerRow,
-    ObservationRow,
-    PairKey,
-    PairResume,
-    Recent,
-    StoredObservation,
-)
+from keepwarm.store.sqlite import LedgerError, LedgerRow, ObservationRow
 
 if TYPE_CHECKING:
     import sqlite3
@@ -253,9 +244,9 @@ def _locking_order(params: Iterable[tuple[Any, ...]], key: int) -> list[tuple[An
 
 
 class _Qmark:
-    """A psycopg connection seen through sqlite3's `?` placeholders, so that the SQLite backend's
-    plain-SQL readers (`_resume`, `_recent`) serve both backends: one copy of that logic, held to
-    one set of contract tests."""
+    """A psycopg connection seen through sqlite3's `?` placeholders, so that the plain-SQL readers
+    of keepwarm.store.base (`resume`, `recent`, `spend`...) serve both backends: one copy of that
+    logic, held to one set of contract tests."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
@@ -424,6 +415,11 @@ class PostgresLedger(PendingLedger):
             except psycopg.Error as exc:
                 raise LedgerError(f"ledger {self.target}: cannot read it: {_message(exc, None, self.target)}") from None
 
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._reading() as conn:
+            yield _as_sqlite(conn)
+
     def rows(self, since: float | None = None) -> list[LedgerRow]:
         """Every committed row of this ledger's origin with `time >= since` (all when None), oldest first."""
         with self._reading() as conn:
@@ -433,54 +429,6 @@ class PostgresLedger(PendingLedger):
         """Every committed observation of this ledger's origin with `time >= since`, oldest first."""
         with self._reading() as conn:
             return _select_observations(conn, since, (self.origin,))
-
-    def recent(self, now: float, ttl_since: float) -> Recent:
-        """What the status page and the attribution of savings need back after a restart."""
-        with self._reading() as conn:
-            return lite._recent(_as_sqlite(conn), self.origin, now, ttl_since)
-
-    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
-        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows."""
-        with self._reading() as conn:
-            return lite._resume(_as_sqlite(conn), self.origin, list(pairs), now)
-
-    def spend(self, since: float) -> list[tuple[float, float]]:
-        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
-        with self._reading() as conn:
-            cursor = conn.execute("SELECT bucket, usd FROM spend WHERE origin = %s AND bucket >= %s ORDER BY bucket",
-                                  (self.origin, int(since // SPEND_BUCKET)))
-            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
-
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        """Whether a ping of the pair that read or wrote the cache started in (start, end]."""
-        with self._reading() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM pings WHERE expert = %s AND model = %s AND time > %s AND time <= %s"
-                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
-                (expert, model, start, end),
-            ).fetchone()
-            return row is not None
-
-    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """The start of the latest production request each (expert, model) has in the store, any
-        member's (a fleet judges savings against the fleet's history)."""
-        out: dict[tuple[str, str], float] = {}
-        with self._reading() as conn:
-            for expert, model in pairs:
-                row = conn.execute(
-                    "SELECT MAX(last_request) FROM pair_state WHERE origin = %s AND expert = %s AND model = %s",
-                    (self.origin, expert, model)).fetchone()
-                if row is not None and row[0]:
-                    out[(expert, model)] = float(row[0])
-        return out
-
-    def received_since(self, since: float) -> list[StoredObservation]:
-        """Observations of this origin that any member stored at or after `since` (their clocks),
-        in id order: (id, expert, model, at, result, prefix tokens). Drifted ones are left out."""
-        with self._reading() as conn:
-            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in conn.execute(
-                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
-                " WHERE received >= %s AND origin = %s AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.

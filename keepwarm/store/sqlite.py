@@ -19,20 +19,22 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from keepwarm.classify import Usage
 from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
-from keepwarm.store.base import (  # the rows both backends write, and their writer
+from keepwarm.store.base import (  # the rows both backends write, their writer and readers
     COLUMN_DEFAULTS,
     COLUMNS,
     COST_COLUMNS,
     OBSERVATION_COLUMNS,
     PLACE_COLUMNS,
+    SPEND_BUCKET,
     PendingLedger,
+    _ping_refresh,
 )
 
 log = logging.getLogger("keepwarm.ledger")
@@ -51,7 +53,6 @@ def _describe(exc: sqlite3.Error) -> str:
 
 # --- the summaries a restart reads (schema version 3) ---------------------------------------
 
-SPEND_BUCKET = 10  # seconds: the budget's spend is kept, and rolls out of its window, in these steps
 _COST_SUM = " + ".join(f"COALESCE(cost_{kind}, 0)" for kind in COST_KINDS)
 _UNPRICED = (
     "CASE WHEN (" + " OR ".join(f"cost_{kind} IS NULL" for kind in COST_KINDS) + ") AND result != 'error' THEN 1 ELSE 0 END"
@@ -93,14 +94,6 @@ _UPSERT_OBSERVATION_HOUR = """
         cache_write = cache_write + excluded.cache_write, saved_usd = saved_usd + excluded.saved_usd,
         drift = drift + excluded.drift
 """
-
-
-def _ping_refresh(at: float, read: int | None, w5: int | None, w1: int | None, inp: int | None) -> tuple[float | None, int | None]:
-    """(start if the ping read or wrote the cache, the prefix size it measured) of one ping."""
-    if inp is None:  # failed: no usage
-        return None, None
-    cached = (read or 0) + (w5 or 0) + (w1 or 0)
-    return (at if cached else None), (cached or inp)
 
 
 def _observation_state(
@@ -587,19 +580,6 @@ class Ledger(PendingLedger):
             raise LedgerError(f"ledger {where}: {_describe(exc)}") from None
         return db
 
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
-        keepwarm held it warm for a production request reported later than the observer remembers."""
-        with self._lock:
-            if self._db is None:
-                raise LedgerError(f"ledger {self.path} is closed")
-            row = self._db.execute(
-                "SELECT 1 FROM pings WHERE expert = ? AND model = ? AND time > ? AND time <= ?"
-                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
-                (expert, model, start, end),
-            ).fetchone()
-            return row is not None
-
     def _flush(self) -> None:
         """Commit every pending row, and the summaries it moves, in one transaction (the caller holds the lock).
 
@@ -700,6 +680,11 @@ class Ledger(PendingLedger):
     def _where(self) -> str:
         return str(self.path)
 
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._read()
+
     def _read(self) -> sqlite3.Connection:
         if self._db is None:
             raise LedgerError(f"ledger {self.path} is closed")
@@ -714,52 +699,6 @@ class Ledger(PendingLedger):
         """Every committed observation of this ledger's origin with `time >= since`, oldest first."""
         with self._lock:
             return _select_observations(self._read(), since, (self.origin,))
-
-    def recent(self, now: float, ttl_since: float) -> Recent:
-        """What the status page and the attribution of savings need back after a restart."""
-        with self._lock:
-            return _recent(self._read(), self.origin, now, ttl_since)
-
-    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
-        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows.
-
-        Only the pair's current prefix counts (a changed prefix is a new cache); adaptive pairs
-        also get their bounded touch history of the last week (`HISTORY_WINDOW`).
-        """
-        with self._lock:
-            return _resume(self._read(), self.origin, list(pairs), now)
-
-    def spend(self, since: float) -> list[tuple[float, float]]:
-        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
-        with self._lock:
-            cursor = self._read().execute(
-                "SELECT bucket, usd FROM spend WHERE origin = ? AND bucket >= ? ORDER BY bucket",
-                (self.origin, int(since // SPEND_BUCKET)),
-            )
-            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
-
-    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """The start of the latest production request each (expert, model) has in the store, any
-        member's (a fleet judges savings against the fleet's history)."""
-        out: dict[tuple[str, str], float] = {}
-        with self._lock:
-            conn = self._read()
-            for expert, model in pairs:
-                row = conn.execute(
-                    "SELECT MAX(last_request) FROM pair_state WHERE origin = ? AND expert = ? AND model = ?",
-                    (self.origin, expert, model)).fetchone()
-                if row is not None and row[0]:
-                    out[(expert, model)] = float(row[0])
-        return out
-
-    def received_since(self, since: float) -> list[StoredObservation]:
-        """Observations of this origin that any writer stored at or after `since` (its clock), as
-        a fleet's owner applies those another member accepted: (id, expert, model, at, result,
-        prefix tokens), in id order. Drifted ones touched another prefix's cache: left out."""
-        with self._lock:
-            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in self._read().execute(
-                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
-                " WHERE received >= ? AND origin = ? AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
@@ -870,129 +809,6 @@ def read_origins(path: Path | str, since: float | None = None) -> dict[str, int]
             for name, n in db.execute(f"SELECT {origin}, COUNT(*) FROM {table}{where} GROUP BY 1", params):
                 counts[name] = counts.get(name, 0) + int(n)
         return counts
-
-
-@dataclass(frozen=True)
-class Recent:
-    """What the status page and the attribution of savings take back after a restart."""
-
-    # hour -> (ping cost known, unpriced answered pings, requests, cache_read, cache_write, saved_usd, drift),
-    # every pair together, for the week before `now`
-    all_hours: dict[int, tuple[float, int, int, int, int, float, int]]
-    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift), the day before `now`
-    pair_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
-    # (expert, model) -> start of the latest production request
-    last_production: dict[tuple[str, str], float]
-    # (expert, model) -> starts of pings that read or wrote the cache since ttl_since
-    pings: dict[tuple[str, str], list[float]]
-    first: float | None  # the oldest row of either table in the week before `now`
-
-
-def _recent(db: sqlite3.Connection, origin: str, now: float, ttl_since: float) -> Recent:
-    week, day = int((now - 7 * 86400.0) // 3600), int((now - 86400.0) // 3600)
-    all_hours = {
-        int(h): (float(c), int(u), int(n), int(r), int(w), float(sv), int(d))
-        for h, c, u, n, r, w, sv, d in db.execute(
-            "SELECT hour, ping_usd, ping_unpriced, requests, cache_read, cache_write, saved_usd, drift FROM hours"
-            " WHERE origin = ? AND expert = '' AND hour >= ?", (origin, week))
-    }
-    pair_hours = {
-        (e, m, int(h)): (int(n), int(r), int(w), float(sv), int(d))
-        for e, m, h, n, r, w, sv, d in db.execute(
-            "SELECT expert, model, hour, requests, cache_read, cache_write, saved_usd, drift FROM hours"
-            " WHERE origin = ? AND expert != '' AND hour >= ? AND requests > 0", (origin, day))
-    }
-    last_production = {
-        (e, m): float(t)
-        for e, m, t in db.execute(
-            "SELECT expert, model, MAX(last_request) FROM pair_state WHERE origin = ? AND last_request IS NOT NULL"
-            " GROUP BY 1, 2", (origin,))
-    }
-    pings: dict[tuple[str, str], list[float]] = {}
-    for e, m, t in db.execute(
-        "SELECT expert, model, time FROM pings WHERE time >= ? AND origin = ? AND"
-        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since, origin)):
-        pings.setdefault((e, m), []).append(float(t))
-    since = now - 7 * 86400.0
-    firsts = [
-        db.execute(f"SELECT MIN(time) FROM {table} WHERE time >= ? AND origin = ?", (since, origin)).fetchone()[0]
-        for table in ("pings", "observations")
-    ]
-    found = [float(t) for t in firsts if t is not None]
-    return Recent(all_hours, pair_hours, last_production, pings, min(found) if found else None)
-
-
-# How far back a restart reads an adaptive pair's touches: it learns idle gaps by hour of the week.
-HISTORY_WINDOW = 7 * 86400.0
-
-
-@dataclass(frozen=True)
-class PairKey:
-    """A pair as the store knows it: its cache is (expert, model, fingerprint)."""
-
-    expert: str
-    model: str
-    fingerprint: str
-    history: bool = False  # also read back its touches (an adaptive pair learns from them)
-
-
-# A touch as a restart hands it back: (start, "ping" | "production", result, prefix tokens).
-StoredTouch = tuple[float, str, str, int]
-# An observation as a fleet's owner takes it from the store: (id, expert, model, start, result, prefix tokens).
-StoredObservation = tuple[int, str, str, float, str, int]
-
-
-@dataclass(frozen=True)
-class PairResume:
-    """What a restart resumes one pair from (each None when never seen)."""
-
-    last_ping: float | None = None  # start of the latest ping, whatever it found
-    last_result: str | None = None
-    last_refresh: float | None = None  # start of the latest ping that read or wrote the cache
-    prefix_tokens: int | None = None  # the prefix size the latest answered ping measured
-    last_production: float | None = None  # start of the latest production request that read or wrote it
-    last_request: float | None = None  # start of the latest production request of any kind
-    touches: tuple[StoredTouch, ...] = ()  # oldest first; only for a PairKey with `history`
-
-    def last_touch(self) -> float | None:
-        """Start of the latest request, ping or production, that read or wrote the cache."""
-        found = [t for t in (self.last_refresh, self.last_production) if t]
-        return max(found) if found else None
-
-
-def _resume(
-    db: sqlite3.Connection, origin: str, pairs: list[PairKey], now: float,
-    ping_log: int = 32, touch_log: int = 2500,
-) -> dict[tuple[str, str], PairResume]:
-    wanted = {(p.expert, p.model): p for p in pairs}
-    out: dict[tuple[str, str], PairResume] = {}
-    for e, m, fp, lp, lr, lref, tokens, lprod, lreq in db.execute(
-        "SELECT expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens, last_production,"
-        " last_request FROM pair_state WHERE origin = ?", (origin,)):
-        pair = wanted.get((e, m))
-        if pair is None or pair.fingerprint != fp:
-            continue  # not configured here, or an older prefix: another cache
-        out[(e, m)] = PairResume(lp or None, lr, lref or None, tokens, lprod or None, lreq or None)
-    since = now - HISTORY_WINDOW
-    for pair in pairs:
-        key = (pair.expert, pair.model)
-        if not pair.history or key not in out:
-            continue
-        args = (pair.expert, pair.model, origin, pair.fingerprint, since)
-        touches: list[StoredTouch] = []
-        for at, result, read, w5, w1, inp in db.execute(
-            "SELECT time, result, cache_read, cache_write_5m, cache_write_1h, input FROM pings WHERE expert = ?"
-            " AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? ORDER BY time DESC LIMIT ?",
-            (*args, ping_log)):
-            touches.append((float(at), "ping", result, _ping_refresh(at, read, w5, w1, inp)[1] or 0))
-        for at, result, read, written, inp in db.execute(
-            "SELECT time, result, cache_read, cache_write_5m + cache_write_1h, input FROM observations WHERE"
-            " expert = ? AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? AND drift IS NULL"
-            " ORDER BY time DESC LIMIT ?", (*args, touch_log)):
-            touches.append((float(at), "production", result, (read + written) or inp))
-        touches.sort()
-        out[key] = replace(out[key], touches=tuple(touches))
-    return out
 
 
 # --- what each committed row moves in the summaries -----------------------------------------
