@@ -106,6 +106,12 @@ def with_row_prices(prices: PriceTable, places: Iterable[tuple[str, str, str]]) 
     return replace(prices, models={**prices.models, **extra}) if extra else prices
 
 
+def _billed(prices: PriceTable, row: LedgerRow | ObservationRow) -> tuple[PriceTable, str]:
+    """The table holding the row's price, and the key it is under."""
+    place = (row.provider, row.endpoint, row.model)
+    return with_row_prices(prices, [place]), price_key(*place)
+
+
 @dataclass(frozen=True)
 class ProductionReport:
     """What production's own requests did over the window, from its observations."""
@@ -274,8 +280,7 @@ def pair_report(
     else:
         window = now - max(now - since_seconds, first.time if first_seen is None else first_seen)
     per_day = None if unknown else spend_per_day(spend, window)
-    prices = with_row_prices(prices, [(last.provider, last.endpoint, last.model)])
-    billed = price_key(last.provider, last.endpoint, last.model)
+    prices, billed = _billed(prices, last)
     latest = next((r for r in reversed(rows) if _is_cached(r)), None)
     prefix = penalty = None
     answered = [r for r in rows if r.result != Result.ERROR.value]
@@ -318,8 +323,7 @@ def production_only(key: PairId, observations: Sequence[ObservationRow], prices:
     window = last.time - first.time if since_seconds is None else now - max(now - since_seconds, first.time)
     latest = next((o for o in reversed(observations) if o.cache_read + o.cache_write), None)
     prefix = None if latest is None else latest.cache_read + latest.cache_write
-    billed = price_key(last.provider, last.endpoint, last.model)
-    table = with_row_prices(prices, [(last.provider, last.endpoint, last.model)])
+    table, billed = _billed(prices, last)
     penalty = None if latest is None or prefix is None else table.miss_penalty(billed, prefix, latest.ttl)
     return PairReport(
         account=key[0], provider=key[1], endpoint=last.endpoint, expert=key[2], model=key[3], ttl=last.ttl,
