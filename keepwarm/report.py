@@ -605,7 +605,7 @@ def _accounts_table(report: Report) -> list[str]:
         n = sum(1 for p in report.pairs if (p.account, p.provider) == (a.account, a.provider))
         rows.append([a.account, a.provider, str(n), str(a.total_pings), _spend_text(a), format_usd(a.spend_per_day, 4),
                      str(a.production.requests), format_usd(a.production.saved_by_keepalive, 4), format_usd(a.net, 4)])
-    return ["by account:", *_columns(headers, rows), ""]
+    return ["", "by account:", *_columns(headers, rows)]
 
 
 def _break_even_text(p: PairReport) -> str:
