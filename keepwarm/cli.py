@@ -526,7 +526,7 @@ def once(config: Config, client: _Client, origin: str = "api", quiet: bool = Fal
 
 def uncached_ping_cost(config: Config, pair: Pair, input_tokens: int) -> tuple[float | None, float | None]:
     """A ping of a pair that cannot cache, and its day at the pair's interval: all of it plain input."""
-    cost = config.prices.cost(pair.model, Usage(input=input_tokens, output=max(pair.max_tokens, 1)))
+    cost = config.prices.cost(pair.price_key, Usage(input=input_tokens, output=max(pair.max_tokens, 1)))
     if cost is None:
         return None, None
     each = math.fsum(cost.values())

@@ -42,6 +42,13 @@ The production view, from the observations production reported over the same win
 
 A pair with observations but no pings in the window (an adaptive pair production kept warm)
 is listed with zero pings, so production's side of it shows.
+
+Accounts and providers: a pair is keyed by where its cache lives as well, (account, provider,
+expert, model), since every row records its account, provider and endpoint (rows stored before
+they did read as account `default`, provider `anthropic`: the one account of a config without
+`accounts:`). Miss penalties and savings are priced at the provider's price for the row's endpoint
+(a Vertex regional endpoint costs more than the Claude API for the same model id), from the same
+data the daemon billed the pings by. With more than one account, a subtotal per account follows.
 """
 
 from __future__ import annotations
@@ -52,13 +59,14 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from keepwarm.classify import RESULTS, Result
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_USAGE
 from keepwarm.pricing import COST_KINDS, MILLION, PriceTable, break_even_misses_per_day, format_usd
+from keepwarm.providers.base import provider_facts, routed_price
 from keepwarm.store import (
     LedgerError,
     LedgerRow,
@@ -73,6 +81,35 @@ from keepwarm.store import (
 FORMATS = ("table", "json", "csv")
 SHORT_WINDOW = 3600.0  # below this, a day's figures rest on a handful of pings
 TOTAL = "TOTAL"  # upper case cannot be an expert name, so the total row is unambiguous
+# A pair as the report keys it: (account, provider, expert, model). The same expert and model in
+# another account is another cache, billed at another price.
+PairId = tuple[str, str, str, str]
+
+
+def price_key(provider: str, endpoint: str, model: str) -> str:
+    """The price table row a ledger row was billed by: its provider's route's, else (the Claude
+    API, or a provider this keepwarm does not know) its model's."""
+    if provider == "anthropic" or provider not in provider_facts():
+        return model
+    return f"{provider}:{endpoint}:{model}"
+
+
+def with_row_prices(prices: PriceTable, places: Iterable[tuple[str, str, str]]) -> PriceTable:
+    """The table plus a row for each (provider, endpoint, model) the ledger's rows were billed at,
+    computed from the table as the config computes a pair's (so a `pricing_file` counts too)."""
+    facts = provider_facts()
+    extra = {}
+    for provider, endpoint, model in set(places):
+        key = price_key(provider, endpoint, model)
+        if key != model and key not in prices.models:
+            extra[key] = routed_price(facts[provider], model, endpoint, prices)[1]
+    return replace(prices, models={**prices.models, **extra}) if extra else prices
+
+
+def _billed(prices: PriceTable, row: LedgerRow | ObservationRow) -> tuple[PriceTable, str]:
+    """The table holding the row's price, and the key it is under."""
+    place = (row.provider, row.endpoint, row.model)
+    return with_row_prices(prices, [place]), price_key(*place)
 
 
 @dataclass(frozen=True)
@@ -98,9 +135,10 @@ def production_report(observations: Sequence[ObservationRow], prices: PriceTable
     """Sum the observations of one pair (or of all) over the window."""
     known = [c for c in (o.costs for o in observations) if c is not None]
     unknown = len(known) < len(observations)
+    prices = with_row_prices(prices, ((o.provider, o.endpoint, o.model) for o in observations))
     by_caching: list[float] = []
     for o in observations:
-        price = prices.get(o.model).input
+        price = prices.get(price_key(o.provider, o.endpoint, o.model)).input
         costs = o.costs
         if price is None or costs is None:
             by_caching = []
@@ -140,6 +178,9 @@ class PairReport:
     break_even: float | None  # production misses a day the keepalive must prevent
     production: ProductionReport = ProductionReport()
     cannot_cache: bool = False  # every answered ping was uncached: pings buy nothing
+    account: str = "default"  # where the cache lives; "" on the total, which spans them
+    provider: str = "anthropic"
+    endpoint: str = "default"  # how the provider routes the model: what it is priced at
 
     @property
     def total_pings(self) -> int:
@@ -173,6 +214,13 @@ class Report:
     total: PairReport
     since_seconds: float | None
     now: float
+    accounts: list[PairReport] = field(default_factory=list)  # a subtotal per (account, provider), sorted
+
+    @property
+    def places(self) -> bool:
+        """Whether the pairs live anywhere but the one default Anthropic account (the table then says where)."""
+        return bool(self.accounts) and (len(self.accounts) > 1 or self.accounts[0].account != "default"
+                                        or self.accounts[0].provider != "anthropic")
 
 
 def span_text(seconds: float) -> str:
@@ -232,17 +280,18 @@ def pair_report(
     else:
         window = now - max(now - since_seconds, first.time if first_seen is None else first_seen)
     per_day = None if unknown else spend_per_day(spend, window)
+    prices, billed = _billed(prices, last)
     latest = next((r for r in reversed(rows) if _is_cached(r)), None)
     prefix = penalty = None
     answered = [r for r in rows if r.result != Result.ERROR.value]
     cannot_cache = bool(answered) and all(r.result == Result.UNCACHED.value for r in answered)
     if latest is not None:
         prefix = (latest.cache_read or 0) + (latest.cache_write_5m or 0) + (latest.cache_write_1h or 0)
-        penalty = prices.miss_penalty(last.model, prefix, latest.ttl)
+        penalty = prices.miss_penalty(billed, prefix, latest.ttl)
     elif cannot_cache and answered[-1].input:
         # Nothing was cached: the whole input went at the input price, prefix included.
         prefix = answered[-1].input
-        penalty = prices.miss_penalty(last.model, prefix, answered[-1].ttl)
+        penalty = prices.miss_penalty(billed, prefix, answered[-1].ttl)
     return PairReport(
         expert=last.expert,
         model=last.model,
@@ -260,10 +309,13 @@ def pair_report(
         miss_penalty=penalty,
         break_even=None if cannot_cache else break_even_misses_per_day(per_day, penalty),
         cannot_cache=cannot_cache,
+        account=last.account,
+        provider=last.provider,
+        endpoint=last.endpoint,
     )
 
 
-def production_only(key: tuple[str, str], observations: Sequence[ObservationRow], prices: PriceTable, now: float,
+def production_only(key: PairId, observations: Sequence[ObservationRow], prices: PriceTable, now: float,
                     since_seconds: float | None) -> PairReport:
     """A pair with production requests but no pings in the window: the keepalive spent nothing."""
     observations = sorted(observations, key=lambda o: (o.time, o.id))
@@ -271,22 +323,28 @@ def production_only(key: tuple[str, str], observations: Sequence[ObservationRow]
     window = last.time - first.time if since_seconds is None else now - max(now - since_seconds, first.time)
     latest = next((o for o in reversed(observations) if o.cache_read + o.cache_write), None)
     prefix = None if latest is None else latest.cache_read + latest.cache_write
-    penalty = None if latest is None or prefix is None else prices.miss_penalty(key[1], prefix, latest.ttl)
+    table, billed = _billed(prices, last)
+    penalty = None if latest is None or prefix is None else table.miss_penalty(billed, prefix, latest.ttl)
     return PairReport(
-        expert=key[0], model=key[1], ttl=last.ttl, pings=dict.fromkeys(RESULTS, 0), cache_read=0, cache_write=0,
+        account=key[0], provider=key[1], endpoint=last.endpoint, expert=key[2], model=key[3], ttl=last.ttl,
+        pings=dict.fromkeys(RESULTS, 0), cache_read=0, cache_write=0,
         hit_rate=None, spend=0.0, spend_by_kind=dict.fromkeys(COST_KINDS, 0.0), spend_unknown=False,
         window_seconds=window, spend_per_day=spend_per_day(0.0, window), prefix_tokens=prefix, miss_penalty=penalty,
         break_even=None, production=production_report(observations, prices),
     )
 
 
-def _total(pairs: Sequence[PairReport], rows: Sequence[LedgerRow]) -> PairReport:
+def _total(pairs: Sequence[PairReport], rows: Sequence[LedgerRow], account: str = "", provider: str = "") -> PairReport:
+    """The sum of some pairs: every pair (the total), or one account's (its subtotal)."""
     rates = [p.spend_per_day for p in pairs]
     known = [c for c in (r.costs for r in rows) if c is not None]
     read = sum(p.cache_read for p in pairs)
     written = sum(p.cache_write for p in pairs)
     return PairReport(
-        expert=TOTAL,
+        account=account,
+        provider=provider,
+        endpoint="",
+        expert=TOTAL if not account else "",
         model="",
         ttl="",
         pings={r: sum(p.pings.get(r, 0) for p in pairs) for r in RESULTS},
@@ -314,33 +372,39 @@ def build_report(
     first_seen: Mapping[tuple[str, str], float] | None = None,
     observations: Iterable[ObservationRow] = (),
 ) -> Report:
-    """Group rows by pair (sorted by expert, model) and compute every figure.
+    """Group rows by pair (sorted by account, provider, expert, model) and compute every figure.
 
     Rows before the window are dropped here, after they have told when each pair started;
-    a caller that reads only the window passes `first_seen` (see `read_first_seen`).
+    a caller that reads only the window passes `first_seen` (see `read_first_seen`: by expert
+    and model, whatever the account, as an expert belongs to one account at a time).
     """
     now = time.time() if now is None else now
     cutoff = None if since_seconds is None else now - since_seconds
     starts: dict[tuple[str, str], float] = dict(first_seen or {})
-    groups: dict[tuple[str, str], list[LedgerRow]] = {}
+    groups: dict[PairId, list[LedgerRow]] = {}
     for row in sorted(rows, key=lambda r: (r.time, r.id)):
-        key = (row.expert, row.model)
-        starts[key] = min(starts.get(key, row.time), row.time)
+        starts[(row.expert, row.model)] = min(starts.get((row.expert, row.model), row.time), row.time)
         if cutoff is None or row.time >= cutoff:
-            groups.setdefault(key, []).append(row)
-    seen: dict[tuple[str, str], list[ObservationRow]] = {}
+            groups.setdefault((row.account, row.provider, row.expert, row.model), []).append(row)
+    seen: dict[PairId, list[ObservationRow]] = {}
     for obs in observations:
         if cutoff is None or obs.time >= cutoff:
-            seen.setdefault((obs.expert, obs.model), []).append(obs)
+            seen.setdefault((obs.account, obs.provider, obs.expert, obs.model), []).append(obs)
+    keys = sorted(groups.keys() | seen.keys())
     pairs = [
-        replace(pair_report(groups[key], prices, now, since_seconds, starts[key]),
+        replace(pair_report(groups[key], prices, now, since_seconds, starts[key[2:]]),
                 production=production_report(seen.get(key, []), prices))
         if key in groups else production_only(key, seen[key], prices, now, since_seconds)
-        for key in sorted(groups.keys() | seen.keys())
+        for key in keys
     ]
+    accounts = []
+    for place in sorted({key[:2] for key in keys}):
+        mine = [i for i, key in enumerate(keys) if key[:2] == place]
+        sub = _total([pairs[i] for i in mine], [r for i in mine for r in groups.get(keys[i], [])], *place)
+        accounts.append(replace(sub, production=production_report([o for i in mine for o in seen.get(keys[i], [])], prices)))
     kept = [row for key in sorted(groups) for row in groups[key]]
     total = replace(_total(pairs, kept), production=production_report([o for k in sorted(seen) for o in seen[k]], prices))
-    return Report(pairs=pairs, total=total, since_seconds=since_seconds, now=now)
+    return Report(pairs=pairs, total=total, since_seconds=since_seconds, now=now, accounts=accounts)
 
 
 # --- output --------------------------------------------------------------------------------
@@ -375,6 +439,9 @@ CSV_FIELDS = (
     "pays_for_itself",
     "prefix_drift",
     "cannot_cache",
+    "account",
+    "provider",
+    "endpoint",
 )
 
 
@@ -415,6 +482,10 @@ def _machine(p: PairReport) -> dict[str, Any]:
         pays_for_itself=p.pays_for_itself,
         prefix_drift=prod.drift,
         cannot_cache=p.cannot_cache,
+        # None on the total, which spans every account
+        account=p.account or None,
+        provider=p.provider or None,
+        endpoint=p.endpoint or None,
     )
     return out
 
@@ -426,9 +497,17 @@ def render_json(report: Report, prices: PriceTable) -> str:
         "since_seconds": report.since_seconds,
         "prices_verified": prices.verified or None,
         "pairs": [_machine(p) for p in report.pairs],
+        "accounts": [_account_machine(a) for a in report.accounts],
         "total": _machine(report.total),
     }
     return json.dumps(doc, indent=2) + "\n"
+
+
+def _account_machine(a: PairReport) -> dict[str, Any]:
+    """An account's subtotal: a pair's fields but those that name a pair or a price."""
+    drop = {"expert", "model", "ttl", "endpoint", "prefix_tokens", "miss_penalty_usd", "break_even_misses_per_day",
+            "cannot_cache"}
+    return {k: v for k, v in _machine(a).items() if k not in drop}
 
 
 def _csv_cell(value: Any) -> str:
@@ -466,14 +545,15 @@ def render_table(report: Report) -> str:
         head = f"window: last {format_duration(report.since_seconds)} (since {start})"
     if not report.pairs:
         return head + "\nno pings and no production requests in the window\n"
-    headers = ["EXPERT", "MODEL", "PINGS", *(r.upper() for r in RESULTS), "HIT RATE", "SPEND", "SPEND/DAY",
-               "MISS PENALTY", "BREAK-EVEN"]
+    headers = ["EXPERT", "MODEL", *_place_headers(report), "PINGS", *(r.upper() for r in RESULTS), "HIT RATE", "SPEND",
+               "SPEND/DAY", "MISS PENALTY", "BREAK-EVEN"]
     rows = []
     for p in [*report.pairs, report.total]:
         rows.append(
             [
                 p.expert,
                 p.model,
+                *_place(report, p),
                 str(p.total_pings),
                 *(str(p.pings[r]) for r in RESULTS),
                 "-" if p.hit_rate is None else f"{p.hit_rate:.1%}",
@@ -497,7 +577,35 @@ def render_table(report: Report) -> str:
         foot.append("cannot cache (every ping uncached, each billed as plain input): " + ", ".join(uncacheable)
                     + "; its miss penalty is what caching would save a request once the prefix caches"
                     " (`keepwarm check` says why it does not)")
-    return "\n".join([head, *lines, "", *foot, *_production_table(report)]) + "\n"
+    return "\n".join([head, *lines, "", *foot, *_accounts_table(report), *_production_table(report)]) + "\n"
+
+
+def _place_headers(report: Report) -> list[str]:
+    """ACCOUNT and PROVIDER, when a pair lives anywhere but the default account (else the table is as it was)."""
+    return ["ACCOUNT", "PROVIDER"] if report.places else []
+
+
+def _place(report: Report, p: PairReport) -> list[str]:
+    if not report.places:
+        return []
+    if p is report.total:
+        return ["-", "-"]
+    # A non-default route is part of the price: say it (`regional`, `geo`, `global`).
+    route = "" if p.endpoint in ("default", "") else f" ({p.endpoint})"
+    return [p.account, p.provider + route]
+
+
+def _accounts_table(report: Report) -> list[str]:
+    """What each account's pairs cost and saved together, when there is more than one."""
+    if len(report.accounts) < 2:
+        return []
+    headers = ["ACCOUNT", "PROVIDER", "PAIRS", "PINGS", "SPEND", "SPEND/DAY", "PROD REQUESTS", "SAVED BY KEEPALIVE", "NET"]
+    rows = []
+    for a in report.accounts:
+        n = sum(1 for p in report.pairs if (p.account, p.provider) == (a.account, a.provider))
+        rows.append([a.account, a.provider, str(n), str(a.total_pings), _spend_text(a), format_usd(a.spend_per_day, 4),
+                     str(a.production.requests), format_usd(a.production.saved_by_keepalive, 4), format_usd(a.net, 4)])
+    return ["", "by account:", *_columns(headers, rows)]
 
 
 def _break_even_text(p: PairReport) -> str:
@@ -524,14 +632,15 @@ def _production_table(report: Report) -> list[str]:
     if not report.total.production.requests:
         return ["", "production: no observations in the window (production POSTs them to /v1/observations);",
                 "without them nothing proves the keepalive saved anything: pays for itself: no"]
-    headers = ["EXPERT", "MODEL", "PROD REQUESTS", "PROD HIT RATE", "PROD SPEND", "SAVED BY CACHING",
-               "SAVED BY KEEPALIVE", "KEEPALIVE SPEND", "NET", "PAYS FOR ITSELF", "DRIFT"]
+    headers = ["EXPERT", "MODEL", *_place_headers(report), "PROD REQUESTS", "PROD HIT RATE", "PROD SPEND",
+               "SAVED BY CACHING", "SAVED BY KEEPALIVE", "KEEPALIVE SPEND", "NET", "PAYS FOR ITSELF", "DRIFT"]
     rows = []
     for p in [*report.pairs, report.total]:
         prod = p.production
         rows.append([
             p.expert,
             p.model,
+            *_place(report, p),
             str(prod.requests),
             "-" if prod.hit_rate is None else f"{prod.hit_rate:.1%}",
             format_usd(None if prod.spend_unknown else prod.spend, 4),

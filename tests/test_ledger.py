@@ -100,7 +100,7 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     Ledger(path).close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 6
 
 
 def test_migration_from_an_older_version_keeps_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

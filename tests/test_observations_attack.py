@@ -131,8 +131,9 @@ def test_a_v2_ledger_with_copies_migrates_to_one_row_per_request_id(tmp_path: Pa
         db.execute("DROP INDEX observations_request_id")
         for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
-        for table in ("pings", "observations"):
-            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        for table in ("pings", "observations"):  # and the columns of later versions
+            for column in ("origin", "account", "provider", "endpoint"):
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         columns = [row[1] for row in db.execute("PRAGMA table_info(observations)") if row[1] != "id"]
         db.execute(f"INSERT INTO observations ({', '.join(columns)}) SELECT {', '.join(columns)} FROM observations")
         db.execute("PRAGMA user_version = 2")

@@ -143,6 +143,20 @@ def test_each_pair_is_priced_as_its_provider_and_route_say(tmp_path: Path) -> No
     assert eu.input != api.input
 
 
+def test_check_prices_a_pair_that_cannot_cache_at_its_provider_s_price(tmp_path: Path) -> None:
+    """`check`'s cost of an uncacheable ping (all plain input) on regional Vertex: the regional price, to 1e-9."""
+    from keepwarm.cli import uncached_ping_cost
+
+    config = parse_config(_mixed_doc(tmp_path), tmp_path)
+    models = yaml.safe_load((DATA / "models.yaml").read_text())["models"]
+    factor = yaml.safe_load((DATA / "providers.yaml").read_text())["providers"]["vertex"]["endpoints"]["regional"]
+    pair = next(p for p in config.pairs if p.expert == "gcp-eu")
+    each, _ = uncached_ping_cost(config, pair, 700)
+    sonnet = models["claude-sonnet-4-6"]
+    expected = (700 * sonnet["input"] + max(pair.max_tokens, 1) * sonnet["output"]) * factor / 1e6
+    assert each == pytest.approx(expected, rel=1e-9, abs=0)
+
+
 def test_without_accounts_one_anthropic_account_from_api_as_before(tmp_path: Path) -> None:
     doc = {"api": {"base_url": "http://127.0.0.1:1"}, "experts": [{"name": "e", "system": [{"text": "x"}], "models": ["claude-sonnet-4-6"]}]}
     config = parse_config(doc, tmp_path)

@@ -513,3 +513,109 @@ def test_negative_money_reads_minus_dollar_as_on_the_page() -> None:
 
     page = render_headline({"since": T0, "windows": {"24h": Totals(keepalive_usd=0.0065)}, "pairs": {}}, now=T0 + 60)
     assert "-$0.0065" in page and "$-" not in page
+
+
+# --- accounts and providers ------------------------------------------------------------------
+
+DATA = ROOT / "keepwarm" / "data"
+
+
+def _mixed_ledger(tmp_path: Path) -> tuple[Path, Path]:
+    """A config of seven places (test_providers' mix) and a ledger of 40 pings of each pair, each
+    billed at its provider's price, plus production requests on the Vertex regional pair."""
+    import yaml
+    from test_observations import _obs
+    from test_providers import _mixed_doc
+    from test_store_places import billed
+
+    from keepwarm.metrics import Metrics
+    from keepwarm.observations import Observer
+
+    doc = {**_mixed_doc(tmp_path), "ledger": {"path": "l.db"}}
+    (tmp_path / "keepwarm.yaml").write_text(yaml.safe_dump(doc))
+    config = parse_config(doc, tmp_path)
+    cold, warm = Usage(input=9, cache_write_5m=5000, output=1), Usage(input=9, cache_read=5000, output=1)
+    with Ledger(tmp_path / "l.db") as ledger:
+        for pair in config.pairs:
+            for i in range(40):
+                ledger.record(billed(pair, config, T0 + 240 * i, cold if i == 0 else warm))
+        observer = Observer(config, Metrics(), ledger=lambda: ledger, clock=lambda: T0 + DAY)
+        # Production's own gaps are 20 minutes: every read is a miss the keepalive spared.
+        observer.accept([_obs("gcp-eu/claude-sonnet-4-6", at=T0 + 600 + 1200 * i, read=5000) for i in range(10)])
+    return tmp_path / "keepwarm.yaml", tmp_path / "l.db"
+
+
+def test_report_keys_and_totals_pairs_by_account_and_provider(tmp_path: Path) -> None:
+    config_path, ledger = _mixed_ledger(tmp_path)
+    doc = json.loads(report_of(ledger, "json", since=None))
+    places = {(p["account"], p["provider"], p["endpoint"], p["expert"], p["model"]) for p in doc["pairs"]}
+    assert ("gcp-eu", "vertex", "regional", "gcp-eu", "claude-sonnet-4-6") in places
+    assert ("aws-east", "bedrock", "global", "east", "global.anthropic.claude-sonnet-4-6-v1:0") in places
+    assert ("ws-b", "anthropic", "default", "b", "claude-sonnet-4-6") in places
+    assert [(p["account"], p["expert"]) for p in doc["pairs"]] == sorted((p["account"], p["expert"]) for p in doc["pairs"])
+    accounts = {(a["account"], a["provider"]): a for a in doc["accounts"]}
+    assert set(accounts) == {("ws-a", "anthropic"), ("ws-b", "anthropic"), ("aws-east", "bedrock"),
+                             ("aws-west", "bedrock"), ("gcp", "vertex"), ("gcp-eu", "vertex"), ("azure", "foundry")}
+    assert accounts[("aws-east", "bedrock")]["pings"] == 80, "two models in one account"
+    for key, sub in accounts.items():
+        mine = [p for p in doc["pairs"] if (p["account"], p["provider"]) == key]
+        assert sub["spend_usd"] == pytest.approx(math.fsum(p["spend_usd"] for p in mine), rel=1e-12)
+        assert sub["production_requests"] == sum(p["production_requests"] for p in mine)
+    assert math.fsum(a["spend_usd"] for a in doc["accounts"]) == pytest.approx(doc["total"]["spend_usd"], rel=1e-12)
+    assert doc["total"]["account"] is None and doc["total"]["provider"] is None
+
+    table = report_of(ledger, "table", since=None)
+    lines = table.splitlines()
+    assert lines[1].split()[:4] == ["EXPERT", "MODEL", "ACCOUNT", "PROVIDER"]
+    row = next(line for line in lines if line.startswith("gcp-eu"))
+    assert row.split()[2:5] == ["gcp-eu", "vertex", "(regional)"]
+    by_account = table.split("by account:")[1].splitlines()[1:]
+    assert by_account[0].split()[:3] == ["ACCOUNT", "PROVIDER", "PAIRS"]
+    assert next(line for line in by_account if line.startswith("aws-east")).split()[1:4] == ["bedrock", "2", "80"]
+    csv_rows = list(csv.DictReader(io.StringIO(report_of(ledger, "csv", since=None))))
+    assert {(r["account"], r["provider"]) for r in csv_rows[:-1]} == set(accounts)
+
+
+def test_a_ledger_in_the_default_account_reports_as_before(day_ledger: Path) -> None:
+    """One account, the default: no ACCOUNT column and no per-account table; JSON still names it."""
+    table = report_of(day_ledger, "table")
+    assert "ACCOUNT" not in table and "by account:" not in table
+    doc = json.loads(report_of(day_ledger, "json"))
+    assert {(p["account"], p["provider"], p["endpoint"]) for p in doc["pairs"]} == {("default", "anthropic", "default")}
+    assert [(a["account"], a["provider"]) for a in doc["accounts"]] == [("default", "anthropic")]
+
+
+@pytest.mark.parametrize("source", ["config", "ledger"])
+def test_provider_pairs_are_priced_at_the_provider_s_price(tmp_path: Path, source: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain Vertex id on a regional endpoint costs the Claude API price times the regional
+    multiplier: its miss penalty and production's savings follow, from the data, to 1e-9. With
+    the config or with the ledger alone: the row says its endpoint."""
+    import yaml
+
+    from keepwarm import cli
+
+    config_path, ledger = _mixed_ledger(tmp_path)
+    models = yaml.safe_load((DATA / "models.yaml").read_text())
+    providers = yaml.safe_load((DATA / "providers.yaml").read_text())["providers"]
+    sonnet = models["models"]["claude-sonnet-4-6"]
+    where = ["--config", str(config_path)] if source == "config" else ["--ledger", str(ledger)]
+    assert cli.main(["report", *where, "--since", "all", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    pairs = {(p["account"], p["model"]): p for p in doc["pairs"]}
+    for (account, model), route, provider in (
+        (("gcp-eu", "claude-sonnet-4-6"), "regional", "vertex"),
+        (("gcp", "claude-sonnet-4-6"), "global", "vertex"),
+        (("aws-west", "us.anthropic.claude-sonnet-4-6-v1:0"), "geo", "bedrock"),
+        (("ws-a", "claude-sonnet-4-6"), None, "anthropic"),
+    ):
+        factor = 1.0 if route is None else providers[provider]["endpoints"][route]
+        per_token = sonnet["input"] * factor / 1e6
+        penalty = 5000 * per_token * (models["write_5m_multiplier"] - sonnet["read_multiplier"])
+        assert pairs[(account, model)]["miss_penalty_usd"] == pytest.approx(penalty, rel=1e-9, abs=0), (account, model)
+    gcp_eu = pairs[("gcp-eu", "claude-sonnet-4-6")]
+    per_token = sonnet["input"] * providers["vertex"]["endpoints"]["regional"] / 1e6
+    # Each request read 5,000 tokens and sent 10 more: caching spared (1 - read multiplier) of the read.
+    by_caching = 10 * 5000 * per_token * (1 - sonnet["read_multiplier"])
+    assert gcp_eu["saved_by_caching_usd"] == pytest.approx(by_caching, rel=1e-9, abs=0)
+    assert gcp_eu["saved_by_keepalive_usd"] == pytest.approx(10 * gcp_eu["miss_penalty_usd"], rel=1e-9, abs=0)

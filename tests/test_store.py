@@ -172,8 +172,9 @@ def test_a_ledger_of_the_previous_schema_gets_its_summaries_once(tmp_path: Path)
     with sqlite3.connect(path) as db:
         for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
-        for table in ("pings", "observations"):
-            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        for table in ("pings", "observations"):  # and the columns of later versions
+            for column in ("origin", "account", "provider", "endpoint"):
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         db.execute("PRAGMA user_version = 2")
     with Ledger(path) as migrated:
         assert migrated.resume([KEY], T0 + 300) == expected_state

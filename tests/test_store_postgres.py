@@ -35,6 +35,7 @@ from keepwarm.exitcodes import EX_CONFIG, EX_OK
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
 from keepwarm.store import Ledger, LedgerError, PairKey, PostgresTarget, read_ledger, read_observations, redact
+from keepwarm.store import base as store_base
 from keepwarm.store import postgres as pg
 from keepwarm.store.copy import copy_ledger
 from keepwarm.store.postgres import PostgresLedger, migrations
@@ -182,7 +183,7 @@ def test_libpq_messages_that_echo_the_connection_string_are_scrubbed() -> None:
 def test_rows_wait_in_memory_while_the_database_is_away_and_go_in_when_it_is_back(
     postgres_server: PostgresServer, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pg, "MAX_PENDING", 5)
+    monkeypatch.setattr(store_base, "MAX_PENDING", 5)  # the bound both backends share
     mono = [0.0]
     attempts = []
     real_connect = pg.connect
@@ -417,8 +418,9 @@ def test_ledger_copy_brings_an_older_file_up_to_date_in_a_copy_and_leaves_it_unt
     with sqlite3.connect(path) as db:  # back to the shape schema 2 had
         for table in ("pair_state", "spend", "hours", "members"):
             db.execute(f"DROP TABLE {table}")
-        for table in ("pings", "observations"):
-            db.execute(f"ALTER TABLE {table} DROP COLUMN origin")
+        for table in ("pings", "observations"):  # and the columns of later versions
+            for column in ("origin", "account", "provider", "endpoint"):
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         db.execute("PRAGMA user_version = 2")
     db.close()
     before = path.read_bytes()

@@ -136,8 +136,12 @@ def provider_price(facts: ProviderFacts, model: str, region: str | None, table: 
     A row for the exact provider model id in the price table (a `pricing_file` entry) wins;
     otherwise the Claude API row of its canonical model times the endpoint's multiplier.
     """
+    return routed_price(facts, model, endpoint(facts.name, model, region), table)
+
+
+def routed_price(facts: ProviderFacts, model: str, route: str, table: PriceTable) -> tuple[str, ModelPrice]:
+    """`provider_price` for a request whose route (`endpoint`) is known already, as a ledger row says it."""
     canonical = canonical_model(facts.name, model)
-    route = endpoint(facts.name, model, region)
     if facts.name == "anthropic":
         return model, table.get(model)
     key = f"{facts.name}:{route}:{model}"

@@ -16,28 +16,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from keepwarm.store import sqlite as _sqlite
-from keepwarm.store.location import PostgresTarget, is_url, redact
-from keepwarm.store.sqlite import (
+from keepwarm.store.base import (
     HISTORY_WINDOW,
-    MIGRATIONS,
     ORIGINS,
     SPEND_BUCKET,
-    Ledger,
-    LedgerError,
-    LedgerRow,
-    ObservationRow,
     PairKey,
     PairResume,
     Recent,
     StoredObservation,
     StoredTouch,
+)
+from keepwarm.store.location import PostgresTarget, is_url, redact
+from keepwarm.store.sqlite import (
+    MIGRATIONS,
+    Ledger,
+    LedgerError,
+    LedgerRow,
+    ObservationRow,
     schema_version,
 )
 
 if TYPE_CHECKING:
     from keepwarm.config import Config
     from keepwarm.runner import PingOutcome
-    from keepwarm.store.sqlite import ObservationRecord
+    from keepwarm.store.base import ObservationRecord
 
 # Where a ledger is: a SQLite file, or a PostgreSQL database.
 Location = Path | str | PostgresTarget

@@ -19,9 +19,10 @@ from typing import Any, cast
 import psycopg
 
 from keepwarm.store import sqlite as lite
+from keepwarm.store.base import COLUMNS, OBSERVATION_COLUMNS
 from keepwarm.store.location import PostgresTarget
 from keepwarm.store.postgres import _message, connect, migrate
-from keepwarm.store.sqlite import COLUMNS, OBSERVATION_COLUMNS, LedgerError
+from keepwarm.store.sqlite import LedgerError
 
 TABLES = ("pings", "observations", "pair_state", "spend", "hours")
 SUMMARIES = {
@@ -76,8 +77,12 @@ def copy_ledger(source: Path, target: PostgresTarget, batch: int = 10_000) -> di
                 )
             tables: dict[str, tuple[str, ...]] = {"pings": COLUMNS, "observations": OBSERVATION_COLUMNS, **SUMMARIES}
             for table, columns in tables.items():
-                order = " ORDER BY id" if table in ("pings", "observations") else ""
-                cursor = db.execute(f"SELECT {', '.join(columns)} FROM {table}{order}")
+                if table in ("pings", "observations"):
+                    # A file from before account and provider (schema 6) is read as the report
+                    # reads it, its rows in the default account: no migration for a select.
+                    cursor = db.execute(f"SELECT {lite._columns(db, table, columns)} FROM {table} ORDER BY id")
+                else:
+                    cursor = db.execute(f"SELECT {', '.join(columns)} FROM {table}")
                 counts[table] = _copy_rows(conn, table, columns, cursor, batch)
     except psycopg.Error as exc:
         raise LedgerError(f"ledger {target}: the copy failed and was rolled back: {_message(exc, None, target)}") from None

@@ -18,45 +18,27 @@ the rows, so a restart still reads O(pairs). What differs is what a network data
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from psycopg import sql as pgsql
 
 from keepwarm.logs import event
 from keepwarm.store import sqlite as lite
+from keepwarm.store.base import COLUMN_DEFAULTS, COLUMNS, OBSERVATION_COLUMNS, SPEND_BUCKET, PendingLedger
 from keepwarm.store.location import PostgresTarget, read_password, redact
-from keepwarm.store.sqlite import (
-    COLUMNS,
-    MAX_PENDING,
-    OBSERVATION_COLUMNS,
-    ORIGINS,
-    RETENTION_EVERY,
-    SPEND_BUCKET,
-    LedgerError,
-    LedgerRow,
-    ObservationRow,
-    PairKey,
-    PairResume,
-    Recent,
-    StoredObservation,
-)
+from keepwarm.store.sqlite import LedgerError, LedgerRow, ObservationRow
 
 if TYPE_CHECKING:
     import sqlite3
-
-    from keepwarm.runner import PingOutcome
-    from keepwarm.store.sqlite import ObservationRecord
 
 log = logging.getLogger("keepwarm.ledger")
 
@@ -262,9 +244,9 @@ def _locking_order(params: Iterable[tuple[Any, ...]], key: int) -> list[tuple[An
 
 
 class _Qmark:
-    """A psycopg connection seen through sqlite3's `?` placeholders, so that the SQLite backend's
-    plain-SQL readers (`_resume`, `_recent`) serve both backends: one copy of that logic, held to
-    one set of contract tests."""
+    """A psycopg connection seen through sqlite3's `?` placeholders, so that the plain-SQL readers
+    of keepwarm.store.base (`resume`, `recent`, `spend`...) serve both backends: one copy of that
+    logic, held to one set of contract tests."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
@@ -297,12 +279,13 @@ class _Backoff:
         self.delay, self.not_before = 0.0, 0.0
 
 
-class PostgresLedger:
+class PostgresLedger(PendingLedger):
     """The ledger in a PostgreSQL database; `record()` may be called from any thread and never raises.
 
-    The same contract as `keepwarm.store.Ledger`: rows marked with this writer's `origin`,
-    summaries kept in the rows' transaction, failures logged and counted through `on_error`,
-    uncommitted rows kept (at most MAX_PENDING) and retried with the next write.
+    The same contract as `keepwarm.store.Ledger` (PendingLedger holds the writer they share):
+    rows marked with this writer's `origin`, summaries kept in the rows' transaction, failures
+    logged and counted through `on_error`, uncommitted rows kept (at most MAX_PENDING) and
+    retried with the next write; a lost connection is reopened, with backoff.
     """
 
     def __init__(
@@ -315,30 +298,14 @@ class PostgresLedger:
         origin: str = "api",
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
-        if origin not in ORIGINS:
-            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, not {origin!r}")
+        super().__init__(retention_days, clock=clock, on_error=on_error, origin=origin)
         self.target = target if isinstance(target, PostgresTarget) else PostgresTarget(target)
-        self.origin = origin
-        self.retention_days = retention_days
-        self.write_errors = 0
-        self.dropped = 0
-        self._on_error = on_error
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._pending_observations: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._last_sweep = float("-inf")
         self._backoff = _Backoff(mono=mono)
         self._closed = False
         # Opening fails loudly, as a SQLite file that cannot open does: the daemon then runs
         # without a ledger and says so. Once open, a lost connection is only retried.
         self._conn: psycopg.Connection[Any] | None = self._open()
-        if retention_days is not None:
-            with self._lock:
-                try:
-                    self._sweep()
-                except Exception as exc:  # noqa: BLE001 - old rows can wait for the next sweep
-                    self._failed("cannot delete old ledger rows", exc)
+        self._sweep_at_start()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.target!s}, origin={self.origin!r})"
@@ -382,48 +349,6 @@ class PostgresLedger:
         self._backoff.succeeded()
         event(log, logging.INFO, "ledger reconnected", ledger=str(self.target))
         return self._conn
-
-    def record(self, outcome: PingOutcome) -> None:
-        """Store one ping; never raises: a failure is logged and counted in `write_errors`."""
-        try:
-            values = lite._row_values(outcome, self.origin)
-        except Exception as exc:  # noqa: BLE001 - a malformed outcome is a bug, not worth a crash
-            self._failed("cannot turn the ping into a row", exc)
-            return
-        with self._lock:
-            if not self._queue(self._pending, [values],
-                               "cannot write the ledger; the row is kept in memory and retried with the next ping"):
-                return
-            try:
-                if self.retention_days is not None and self._clock() - self._last_sweep >= RETENTION_EVERY:
-                    self._sweep()
-            except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
-                self._failed("cannot delete old ledger rows", exc)
-
-    def record_observations(self, records: Sequence[ObservationRecord]) -> None:
-        """Store the accepted observations of one request in one commit; never raises."""
-        try:
-            received = self._clock()
-            values = [lite._observation_values(r, received, self.origin) for r in records]
-        except Exception as exc:  # noqa: BLE001 - a malformed record is a bug, not worth a crash
-            self._failed("cannot turn observations into rows", exc)
-            return
-        with self._lock:
-            self._queue(self._pending_observations, values, "cannot write observations to the ledger; kept in memory and retried")
-
-    def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
-        """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
-        pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
-        pending.extend(values)
-        while len(pending) > MAX_PENDING:
-            pending.popleft()
-            self.dropped += 1
-        try:
-            self._flush()
-        except Exception as exc:  # noqa: BLE001 - neither the pinging nor the endpoint may stop for it
-            self._failed(failure, exc)
-            return False
-        return True
 
     def _flush(self) -> None:
         """Commit every pending row, and the summaries they move, in one transaction (the caller holds the lock)."""
@@ -470,13 +395,16 @@ class PostgresLedger:
             event(log, logging.INFO, "ledger retention", path=str(self.target), deleted=deleted,
                   deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
-    def _failed(self, what: str, exc: BaseException) -> None:
-        self.write_errors += 1
-        if self._on_error is not None:
-            self._on_error()
-        event(log, logging.ERROR, what, path=str(self.target), error=f"{type(exc).__name__}: {_message(exc, None, self.target)}",
-              write_errors=self.write_errors, pending=len(self._pending) + len(self._pending_observations),
-              dropped=self.dropped or None)
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._closed
+
+    def _where(self) -> str:
+        return str(self.target)
+
+    def _error_text(self, exc: BaseException) -> str:
+        return _message(exc, None, self.target)  # libpq may echo the connection string: scrubbed
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[psycopg.Connection[Any]]:
@@ -487,6 +415,11 @@ class PostgresLedger:
             except psycopg.Error as exc:
                 raise LedgerError(f"ledger {self.target}: cannot read it: {_message(exc, None, self.target)}") from None
 
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._reading() as conn:
+            yield _as_sqlite(conn)
+
     def rows(self, since: float | None = None) -> list[LedgerRow]:
         """Every committed row of this ledger's origin with `time >= since` (all when None), oldest first."""
         with self._reading() as conn:
@@ -496,68 +429,6 @@ class PostgresLedger:
         """Every committed observation of this ledger's origin with `time >= since`, oldest first."""
         with self._reading() as conn:
             return _select_observations(conn, since, (self.origin,))
-
-    def recent(self, now: float, ttl_since: float) -> Recent:
-        """What the status page and the attribution of savings need back after a restart."""
-        with self._reading() as conn:
-            return lite._recent(_as_sqlite(conn), self.origin, now, ttl_since)
-
-    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
-        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows."""
-        with self._reading() as conn:
-            return lite._resume(_as_sqlite(conn), self.origin, list(pairs), now)
-
-    def spend(self, since: float) -> list[tuple[float, float]]:
-        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
-        with self._reading() as conn:
-            cursor = conn.execute("SELECT bucket, usd FROM spend WHERE origin = %s AND bucket >= %s ORDER BY bucket",
-                                  (self.origin, int(since // SPEND_BUCKET)))
-            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
-
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        """Whether a ping of the pair that read or wrote the cache started in (start, end]."""
-        with self._reading() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM pings WHERE expert = %s AND model = %s AND time > %s AND time <= %s"
-                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
-                (expert, model, start, end),
-            ).fetchone()
-            return row is not None
-
-    def can_keep(self) -> bool:
-        """Whether observations accepted now would be written: nothing waits in memory, or what
-        waits goes in now (the endpoint answers 503 otherwise)."""
-        with self._lock:
-            if self._closed:
-                return False
-            if not self._pending and not self._pending_observations:
-                return True
-            try:
-                self._flush()
-            except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
-                return False
-            return True
-
-    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """The start of the latest production request each (expert, model) has in the store, any
-        member's (a fleet judges savings against the fleet's history)."""
-        out: dict[tuple[str, str], float] = {}
-        with self._reading() as conn:
-            for expert, model in pairs:
-                row = conn.execute(
-                    "SELECT MAX(last_request) FROM pair_state WHERE origin = %s AND expert = %s AND model = %s",
-                    (self.origin, expert, model)).fetchone()
-                if row is not None and row[0]:
-                    out[(expert, model)] = float(row[0])
-        return out
-
-    def received_since(self, since: float) -> list[StoredObservation]:
-        """Observations of this origin that any member stored at or after `since` (their clocks),
-        in id order: (id, expert, model, at, result, prefix tokens). Drifted ones are left out."""
-        with self._reading() as conn:
-            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in conn.execute(
-                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
-                " WHERE received >= %s AND origin = %s AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
@@ -582,27 +453,13 @@ class PostgresLedger:
             with conn.transaction():
                 conn.execute("DELETE FROM members WHERE fleet = %s AND member = %s", (fleet, member))
 
-    def close(self) -> None:
-        """Write what is pending, and close the connection."""
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                self._flush()
-            except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the database does
-                lost = len(self._pending) + len(self._pending_observations)
-                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc)
-            self._closed = True
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        """Close the connection."""
+        self._closed = True
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
 
 # --- readers -------------------------------------------------------------------------------
@@ -620,15 +477,24 @@ def _where(since: float | None, origins: Sequence[str] | None) -> tuple[str, lis
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+def _columns(conn: psycopg.Connection[Any], table: str, columns: Sequence[str]) -> str:
+    """The select list; a schema not migrated yet (a report reads while older daemons still write)
+    gives a column it lacks its default, as the SQLite reader does."""
+    # The table the query will read, found by the search_path as the query finds it.
+    have = {row[0] for row in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (table,))}
+    return ", ".join(c if c in have or c not in COLUMN_DEFAULTS else f"'{COLUMN_DEFAULTS[c]}'" for c in columns)
+
+
 def _select(conn: psycopg.Connection[Any], since: float | None, origins: Sequence[str] | None) -> list[LedgerRow]:
     where, params = _where(since, origins)
-    query = f"SELECT id, {', '.join(COLUMNS)} FROM pings{where} ORDER BY time, id"
+    query = f"SELECT id, {_columns(conn, 'pings', COLUMNS)} FROM pings{where} ORDER BY time, id"
     return [LedgerRow(*row) for row in conn.execute(cast(Any, query), params)]
 
 
 def _select_observations(conn: psycopg.Connection[Any], since: float | None, origins: Sequence[str] | None) -> list[ObservationRow]:
     where, params = _where(since, origins)
-    query = f"SELECT id, {', '.join(OBSERVATION_COLUMNS)} FROM observations{where} ORDER BY time, id"
+    query = f"SELECT id, {_columns(conn, 'observations', OBSERVATION_COLUMNS)} FROM observations{where} ORDER BY time, id"
     return [ObservationRow(*row) for row in conn.execute(cast(Any, query), params)]
 
 

@@ -17,45 +17,27 @@ import contextlib
 import logging
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any
 
 from keepwarm.classify import Usage
 from keepwarm.logs import event
 from keepwarm.pricing import COST_KINDS
-
-if TYPE_CHECKING:  # the runner imports the SDK; `keepwarm report` should not need it
-    from keepwarm.runner import PingOutcome
+from keepwarm.store.base import (  # the rows both backends write, their writer and readers
+    COLUMN_DEFAULTS,
+    COLUMNS,
+    COST_COLUMNS,
+    OBSERVATION_COLUMNS,
+    PLACE_COLUMNS,
+    SPEND_BUCKET,
+    PendingLedger,
+    _ping_refresh,
+)
 
 log = logging.getLogger("keepwarm.ledger")
-
-RETENTION_EVERY = 3600.0  # seconds between two retention sweeps
-MAX_PENDING = 10_000  # rows kept in memory while the file cannot be written (~days of pings)
-USAGE_COLUMNS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
-COST_COLUMNS = tuple(f"cost_{kind}" for kind in COST_KINDS)
-COLUMNS = (
-    "time",
-    "expert",
-    "model",
-    "ttl",
-    "fingerprint",
-    "result",
-    *USAGE_COLUMNS,
-    *COST_COLUMNS,
-    "latency",
-    "duration",
-    "attempts",
-    "request_id",
-    "error_type",
-    "error_message",
-    "expires_at",
-    "miss_cause",
-    "origin",
-)
 
 
 class LedgerError(Exception):
@@ -71,8 +53,6 @@ def _describe(exc: sqlite3.Error) -> str:
 
 # --- the summaries a restart reads (schema version 3) ---------------------------------------
 
-SPEND_BUCKET = 10  # seconds: the budget's spend is kept, and rolls out of its window, in these steps
-ORIGINS = ("api", "emulator", "scaled")  # real pings; the built-in emulator; a time-scaled run
 _COST_SUM = " + ".join(f"COALESCE(cost_{kind}, 0)" for kind in COST_KINDS)
 _UNPRICED = (
     "CASE WHEN (" + " OR ".join(f"cost_{kind} IS NULL" for kind in COST_KINDS) + ") AND result != 'error' THEN 1 ELSE 0 END"
@@ -114,14 +94,6 @@ _UPSERT_OBSERVATION_HOUR = """
         cache_write = cache_write + excluded.cache_write, saved_usd = saved_usd + excluded.saved_usd,
         drift = drift + excluded.drift
 """
-
-
-def _ping_refresh(at: float, read: int | None, w5: int | None, w1: int | None, inp: int | None) -> tuple[float | None, int | None]:
-    """(start if the ping read or wrote the cache, the prefix size it measured) of one ping."""
-    if inp is None:  # failed: no usage
-        return None, None
-    cached = (read or 0) + (w5 or 0) + (w1 or 0)
-    return (at if cached else None), (cached or inp)
 
 
 def _observation_state(
@@ -319,8 +291,16 @@ def _members_v5(db: sqlite3.Connection) -> None:
     )
 
 
+def _places_v6(db: sqlite3.Connection) -> None:
+    """Where each row's cache lives: account, provider and endpoint. Older rows take the defaults
+    (ADD COLUMN with a constant default rewrites nothing: instant on any size of file)."""
+    for table in ("pings", "observations"):
+        for column in PLACE_COLUMNS:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT '{COLUMN_DEFAULTS[column]}'")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _create_v1, _observations_v2, _unique_request_id_v3, _state_v4, _members_v5,
+    _create_v1, _observations_v2, _unique_request_id_v3, _state_v4, _members_v5, _places_v6,
 ]
 
 
@@ -396,6 +376,9 @@ class LedgerRow:
     expires_at: float | None
     miss_cause: str | None
     origin: str = "api"
+    account: str = "default"
+    provider: str = "anthropic"
+    endpoint: str = "default"
 
     @property
     def usage(self) -> Usage | None:
@@ -417,56 +400,6 @@ class LedgerRow:
         if any(v is None for v in values):
             return None
         return dict(zip(COST_KINDS, values))
-
-
-def _row_values(outcome: PingOutcome, origin: str = "api") -> tuple[Any, ...]:
-    pair, usage, final = outcome.pair, outcome.usage, outcome.final
-    counts: list[int | None] = (
-        [None] * len(USAGE_COLUMNS) if usage is None else [usage.by_kind()[k] for k in USAGE_COLUMNS]
-    )
-    costs: list[float | None] = (
-        [None] * len(COST_KINDS) if outcome.cost is None else [outcome.cost[k] for k in COST_KINDS]
-    )
-    error = outcome.error
-    return (
-        outcome.started,
-        pair.expert,
-        pair.model,
-        pair.ttl,
-        pair.fingerprint,
-        outcome.result.value,
-        *counts,
-        *costs,
-        final.latency,
-        outcome.duration,
-        len(outcome.attempts),
-        final.request_id,
-        None if error is None else error.error_type,
-        None if error is None else error.message,
-        outcome.expires_at or None,  # the runner's 0.0 means "unknown"; a database says NULL
-        outcome.miss_cause,
-        origin,
-    )
-
-
-OBSERVATION_COLUMNS = (
-    "time",
-    "received",
-    "expert",
-    "model",
-    "ttl",
-    "fingerprint",
-    "observed_fingerprint",
-    "result",
-    *USAGE_COLUMNS,
-    *COST_COLUMNS,
-    "saved",
-    "saved_usd",
-    "drift",
-    "late",
-    "request_id",
-    "origin",
-)
 
 
 @dataclass(frozen=True)
@@ -498,6 +431,9 @@ class ObservationRow:
     late: int
     request_id: str | None
     origin: str = "api"
+    account: str = "default"
+    provider: str = "anthropic"
+    endpoint: str = "default"
 
     @property
     def cache_write(self) -> int:
@@ -511,59 +447,6 @@ class ObservationRow:
         if any(v is None for v in values):
             return None
         return dict(zip(COST_KINDS, values))
-
-
-class ObservationRecord(Protocol):
-    """What the store keeps of a judged production observation (`keepwarm.observations` makes
-    them; described here so that the store, below it, never imports it)."""
-
-    @property
-    def observation(self) -> Any:
-        """The request: at, pair (expert, model, ttl, fingerprint), fingerprint, result, usage, request_id."""
-
-    @property
-    def cost(self) -> dict[str, float] | None:
-        """USD by kind, or None when the model has no price."""
-
-    @property
-    def saved(self) -> bool:
-        """Whether the keepalive spared it a write."""
-
-    @property
-    def saved_usd(self) -> float | None:
-        """What it spared, or None."""
-
-    @property
-    def drift(self) -> str | None:
-        """Why it is drift, or None."""
-
-    @property
-    def late(self) -> bool:
-        """Whether it arrived after a later request of its pair."""
-
-
-def _observation_values(record: ObservationRecord, received: float, origin: str = "api") -> tuple[Any, ...]:
-    obs = record.observation
-    pair, usage = obs.pair, obs.usage.by_kind()
-    costs: list[float | None] = [None] * len(COST_KINDS) if record.cost is None else [record.cost[k] for k in COST_KINDS]
-    return (
-        obs.at,
-        received,
-        pair.expert,
-        pair.model,
-        pair.ttl,
-        pair.fingerprint,
-        obs.fingerprint,
-        obs.result.value,
-        *(usage[k] for k in USAGE_COLUMNS),
-        *costs,
-        int(record.saved),
-        record.saved_usd,
-        record.drift,
-        int(record.late),
-        obs.request_id,
-        origin,
-    )
 
 
 _INSERT_OBSERVATION = (
@@ -590,14 +473,18 @@ def _where(db: sqlite3.Connection, table: str, since: float | None, origins: Seq
 
 def _has_origin(db: sqlite3.Connection, table: str) -> bool:
     """Whether the table has the `origin` column (schema version 3 and later)."""
-    return any(row[1] == "origin" for row in db.execute(f"PRAGMA table_info({table})"))
+    return "origin" in _table_columns(db, table)
+
+
+def _table_columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _columns(db: sqlite3.Connection, table: str, columns: Sequence[str]) -> str:
-    """The select list; a ledger read before its migration to version 3 says 'api' for origin."""
-    if _has_origin(db, table):
-        return ", ".join(columns)
-    return ", ".join("'api'" if c == "origin" else c for c in columns)
+    """The select list; a ledger read before its migration (a report never migrates) gives a
+    column it lacks its default: `api` for origin (version 4), the default account (version 6)."""
+    have = _table_columns(db, table)
+    return ", ".join(c if c in have or c not in COLUMN_DEFAULTS else f"'{COLUMN_DEFAULTS[c]}'" for c in columns)
 
 
 def _select_observations(
@@ -642,8 +529,8 @@ def _observation_summaries(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...
         db.execute(_UPSERT_OBSERVATION_HOUR, (params[0], "", "", *params[3:]))
 
 
-class Ledger:
-    """The daemon's ledger file; `record()` may be called from any thread.
+class Ledger(PendingLedger):
+    """The daemon's ledger file; `record()` may be called from any thread (see PendingLedger).
 
     `origin` marks every row this writer adds (`api`, `emulator` or `scaled`): `report` and a
     restart read only the origin they are for, so a demo against the emulator never mixes with
@@ -660,29 +547,11 @@ class Ledger:
         on_error: Callable[[], None] | None = None,
         origin: str = "api",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, not {origin!r}")
+        super().__init__(retention_days, clock=clock, on_error=on_error, origin=origin)
         self.path = Path(path)
-        self.origin = origin
-        self._on_error = on_error  # e.g. a metric's inc: failures must be visible, not just logged
-        self.retention_days = retention_days
-        self.write_errors = 0
-        self.dropped = 0  # rows lost for good because the backlog overflowed
         self.unwritable = 0  # rows dropped because the database cannot store their values
-        self._clock = clock
-        self._lock = threading.Lock()
-        # Rows that failed to commit (locked or full file) wait here and go in with the next
-        # ping, so a passing lock costs no row; bounded so a dead disk cannot eat memory.
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._pending_observations: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._last_sweep = float("-inf")
         self._db: sqlite3.Connection | None = self._open(busy_timeout)
-        if retention_days is not None:
-            with self._lock:
-                try:
-                    self._sweep()
-                except sqlite3.Error as exc:  # old rows can wait for the next sweep; pinging cannot
-                    self._failed("cannot delete old ledger rows", exc)
+        self._sweep_at_start()
 
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         where = str(self.path)
@@ -710,76 +579,6 @@ class Ledger:
             db.close()
             raise LedgerError(f"ledger {where}: {_describe(exc)}") from None
         return db
-
-    def record(self, outcome: PingOutcome) -> None:
-        """Store one ping; never raises: a failure is logged and counted in `write_errors`."""
-        try:
-            values = _row_values(outcome, self.origin)
-        except Exception as exc:  # noqa: BLE001 - a malformed outcome is a bug, not worth a crash
-            self._failed("cannot turn the ping into a row", exc)
-            return
-        with self._lock:
-            if not self._queue(self._pending, [values],
-                               "cannot write the ledger; the row is kept in memory and retried with the next ping"):
-                return
-            try:
-                if self.retention_days is not None and self._clock() - self._last_sweep >= RETENTION_EVERY:
-                    self._sweep()
-            except Exception as exc:  # noqa: BLE001 - the row is safe; only the clean-up failed
-                self._failed("cannot delete old ledger rows", exc)
-
-    def record_observations(self, records: Sequence[ObservationRecord]) -> None:
-        """Store the accepted observations of one request in one commit; never raises."""
-        try:
-            received = self._clock()
-            values = [_observation_values(r, received, self.origin) for r in records]
-        except Exception as exc:  # noqa: BLE001 - a malformed record is a bug, not worth a crash
-            self._failed("cannot turn observations into rows", exc)
-            return
-        with self._lock:
-            self._queue(self._pending_observations, values,
-                        "cannot write observations to the ledger; kept in memory and retried")
-
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        """Whether a ping of the pair that read or wrote the cache started in (start, end]: whether
-        keepwarm held it warm for a production request reported later than the observer remembers."""
-        with self._lock:
-            if self._db is None:
-                raise LedgerError(f"ledger {self.path} is closed")
-            row = self._db.execute(
-                "SELECT 1 FROM pings WHERE expert = ? AND model = ? AND time > ? AND time <= ?"
-                " AND (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) LIMIT 1",
-                (expert, model, start, end),
-            ).fetchone()
-            return row is not None
-
-    def can_keep(self) -> bool:
-        """Whether observations accepted now would be written: nothing waits in memory, or what
-        waits goes in now (the endpoint answers 503 otherwise)."""
-        with self._lock:
-            if self._db is None:
-                return False
-            if not self._pending and not self._pending_observations:
-                return True
-            try:
-                self._flush()
-            except Exception:  # noqa: BLE001 - still failing: logged at the write that failed
-                return False
-            return True
-
-    def _queue(self, pending: collections.deque[tuple[Any, ...]], values: list[tuple[Any, ...]], failure: str) -> bool:
-        """Add rows to a bounded queue (the oldest dropped past MAX_PENDING) and commit what is
-        pending; False, logged and counted, when the commit failed (the caller holds the lock)."""
-        pending.extend(values)
-        while len(pending) > MAX_PENDING:
-            pending.popleft()
-            self.dropped += 1
-        try:
-            self._flush()
-        except Exception as exc:  # noqa: BLE001 - neither the pinging nor the endpoint may stop for it
-            self._failed(failure, exc)
-            return False
-        return True
 
     def _flush(self) -> None:
         """Commit every pending row, and the summaries it moves, in one transaction (the caller holds the lock).
@@ -873,17 +672,18 @@ class Ledger:
             event(log, logging.INFO, "ledger retention", path=str(self.path), deleted=deleted,
                   deleted_observations=deleted_observations or None, retention_days=self.retention_days)
 
-    def _failed(self, what: str, exc: BaseException, **fields: Any) -> None:
-        self.write_errors += 1
-        if self._on_error is not None:
-            self._on_error()
-        event(log, logging.ERROR, what, path=str(self.path), error=f"{type(exc).__name__}: {exc}",
-              write_errors=self.write_errors, pending=self.pending, dropped=self.dropped or None, **fields)
-
     @property
-    def pending(self) -> int:
-        """Rows, pings and observations, waiting in memory for the file to take them."""
-        return len(self._pending) + len(self._pending_observations)
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._db is None
+
+    def _where(self) -> str:
+        return str(self.path)
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._read()
 
     def _read(self) -> sqlite3.Connection:
         if self._db is None:
@@ -899,52 +699,6 @@ class Ledger:
         """Every committed observation of this ledger's origin with `time >= since`, oldest first."""
         with self._lock:
             return _select_observations(self._read(), since, (self.origin,))
-
-    def recent(self, now: float, ttl_since: float) -> Recent:
-        """What the status page and the attribution of savings need back after a restart."""
-        with self._lock:
-            return _recent(self._read(), self.origin, now, ttl_since)
-
-    def resume(self, pairs: Iterable[PairKey], now: float) -> dict[tuple[str, str], PairResume]:
-        """Each pair's state to resume from, by (expert, model): O(pairs), whatever the rows.
-
-        Only the pair's current prefix counts (a changed prefix is a new cache); adaptive pairs
-        also get their bounded touch history of the last week (`HISTORY_WINDOW`).
-        """
-        with self._lock:
-            return _resume(self._read(), self.origin, list(pairs), now)
-
-    def spend(self, since: float) -> list[tuple[float, float]]:
-        """The keepalive's spend since `since` in SPEND_BUCKET steps: (bucket start, USD), oldest first."""
-        with self._lock:
-            cursor = self._read().execute(
-                "SELECT bucket, usd FROM spend WHERE origin = ? AND bucket >= ? ORDER BY bucket",
-                (self.origin, int(since // SPEND_BUCKET)),
-            )
-            return [(float(bucket * SPEND_BUCKET), float(usd)) for bucket, usd in cursor]
-
-    def last_requests(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """The start of the latest production request each (expert, model) has in the store, any
-        member's (a fleet judges savings against the fleet's history)."""
-        out: dict[tuple[str, str], float] = {}
-        with self._lock:
-            conn = self._read()
-            for expert, model in pairs:
-                row = conn.execute(
-                    "SELECT MAX(last_request) FROM pair_state WHERE origin = ? AND expert = ? AND model = ?",
-                    (self.origin, expert, model)).fetchone()
-                if row is not None and row[0]:
-                    out[(expert, model)] = float(row[0])
-        return out
-
-    def received_since(self, since: float) -> list[StoredObservation]:
-        """Observations of this origin that any writer stored at or after `since` (its clock), as
-        a fleet's owner applies those another member accepted: (id, expert, model, at, result,
-        prefix tokens), in id order. Drifted ones touched another prefix's cache: left out."""
-        with self._lock:
-            return [(int(i), e, m, float(t), r, int(n)) for i, e, m, t, r, n in self._read().execute(
-                "SELECT id, expert, model, time, result, (cache_read + cache_write_5m + cache_write_1h) FROM observations"
-                " WHERE received >= ? AND origin = ? AND drift IS NULL ORDER BY id", (since, self.origin))]
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
@@ -975,29 +729,16 @@ class Ledger:
         with self._lock:
             self._read().execute("DELETE FROM members WHERE fleet = ? AND member = ?", (fleet, member))
 
-    def close(self) -> None:
-        """Write what is pending, checkpoint the WAL into the main file, and close."""
-        with self._lock:
-            if self._db is None:
-                return
-            try:
-                self._flush()
-            except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the file does
-                lost = self.pending
-                self._failed(f"cannot write {lost} pending ledger row(s) at close; they are lost", exc, lost=lost)
-            try:
-                # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:  # another reader holds the WAL: the next open finishes it
-                event(log, logging.WARNING, "ledger checkpoint skipped", path=str(self.path), error=str(exc))
-            self._db.close()
-            self._db = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        """Checkpoint the WAL into the main file, and close."""
+        assert self._db is not None
+        try:
+            # TRUNCATE leaves a self-contained file behind, easy to copy or inspect.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # another reader holds the WAL: the next open finishes it
+            event(log, logging.WARNING, "ledger checkpoint skipped", path=str(self.path), error=str(exc))
+        self._db.close()
+        self._db = None
 
 
 # --- readers -------------------------------------------------------------------------------
@@ -1068,129 +809,6 @@ def read_origins(path: Path | str, since: float | None = None) -> dict[str, int]
             for name, n in db.execute(f"SELECT {origin}, COUNT(*) FROM {table}{where} GROUP BY 1", params):
                 counts[name] = counts.get(name, 0) + int(n)
         return counts
-
-
-@dataclass(frozen=True)
-class Recent:
-    """What the status page and the attribution of savings take back after a restart."""
-
-    # hour -> (ping cost known, unpriced answered pings, requests, cache_read, cache_write, saved_usd, drift),
-    # every pair together, for the week before `now`
-    all_hours: dict[int, tuple[float, int, int, int, int, float, int]]
-    # (expert, model, hour) -> (requests, cache_read, cache_write, saved_usd, drift), the day before `now`
-    pair_hours: dict[tuple[str, str, int], tuple[int, int, int, float, int]]
-    # (expert, model) -> start of the latest production request
-    last_production: dict[tuple[str, str], float]
-    # (expert, model) -> starts of pings that read or wrote the cache since ttl_since
-    pings: dict[tuple[str, str], list[float]]
-    first: float | None  # the oldest row of either table in the week before `now`
-
-
-def _recent(db: sqlite3.Connection, origin: str, now: float, ttl_since: float) -> Recent:
-    week, day = int((now - 7 * 86400.0) // 3600), int((now - 86400.0) // 3600)
-    all_hours = {
-        int(h): (float(c), int(u), int(n), int(r), int(w), float(sv), int(d))
-        for h, c, u, n, r, w, sv, d in db.execute(
-            "SELECT hour, ping_usd, ping_unpriced, requests, cache_read, cache_write, saved_usd, drift FROM hours"
-            " WHERE origin = ? AND expert = '' AND hour >= ?", (origin, week))
-    }
-    pair_hours = {
-        (e, m, int(h)): (int(n), int(r), int(w), float(sv), int(d))
-        for e, m, h, n, r, w, sv, d in db.execute(
-            "SELECT expert, model, hour, requests, cache_read, cache_write, saved_usd, drift FROM hours"
-            " WHERE origin = ? AND expert != '' AND hour >= ? AND requests > 0", (origin, day))
-    }
-    last_production = {
-        (e, m): float(t)
-        for e, m, t in db.execute(
-            "SELECT expert, model, MAX(last_request) FROM pair_state WHERE origin = ? AND last_request IS NOT NULL"
-            " GROUP BY 1, 2", (origin,))
-    }
-    pings: dict[tuple[str, str], list[float]] = {}
-    for e, m, t in db.execute(
-        "SELECT expert, model, time FROM pings WHERE time >= ? AND origin = ? AND"
-        " (cache_read > 0 OR cache_write_5m > 0 OR cache_write_1h > 0) ORDER BY time", (ttl_since, origin)):
-        pings.setdefault((e, m), []).append(float(t))
-    since = now - 7 * 86400.0
-    firsts = [
-        db.execute(f"SELECT MIN(time) FROM {table} WHERE time >= ? AND origin = ?", (since, origin)).fetchone()[0]
-        for table in ("pings", "observations")
-    ]
-    found = [float(t) for t in firsts if t is not None]
-    return Recent(all_hours, pair_hours, last_production, pings, min(found) if found else None)
-
-
-# How far back a restart reads an adaptive pair's touches: it learns idle gaps by hour of the week.
-HISTORY_WINDOW = 7 * 86400.0
-
-
-@dataclass(frozen=True)
-class PairKey:
-    """A pair as the store knows it: its cache is (expert, model, fingerprint)."""
-
-    expert: str
-    model: str
-    fingerprint: str
-    history: bool = False  # also read back its touches (an adaptive pair learns from them)
-
-
-# A touch as a restart hands it back: (start, "ping" | "production", result, prefix tokens).
-StoredTouch = tuple[float, str, str, int]
-# An observation as a fleet's owner takes it from the store: (id, expert, model, start, result, prefix tokens).
-StoredObservation = tuple[int, str, str, float, str, int]
-
-
-@dataclass(frozen=True)
-class PairResume:
-    """What a restart resumes one pair from (each None when never seen)."""
-
-    last_ping: float | None = None  # start of the latest ping, whatever it found
-    last_result: str | None = None
-    last_refresh: float | None = None  # start of the latest ping that read or wrote the cache
-    prefix_tokens: int | None = None  # the prefix size the latest answered ping measured
-    last_production: float | None = None  # start of the latest production request that read or wrote it
-    last_request: float | None = None  # start of the latest production request of any kind
-    touches: tuple[StoredTouch, ...] = ()  # oldest first; only for a PairKey with `history`
-
-    def last_touch(self) -> float | None:
-        """Start of the latest request, ping or production, that read or wrote the cache."""
-        found = [t for t in (self.last_refresh, self.last_production) if t]
-        return max(found) if found else None
-
-
-def _resume(
-    db: sqlite3.Connection, origin: str, pairs: list[PairKey], now: float,
-    ping_log: int = 32, touch_log: int = 2500,
-) -> dict[tuple[str, str], PairResume]:
-    wanted = {(p.expert, p.model): p for p in pairs}
-    out: dict[tuple[str, str], PairResume] = {}
-    for e, m, fp, lp, lr, lref, tokens, lprod, lreq in db.execute(
-        "SELECT expert, model, fingerprint, last_ping, last_result, last_refresh, prefix_tokens, last_production,"
-        " last_request FROM pair_state WHERE origin = ?", (origin,)):
-        pair = wanted.get((e, m))
-        if pair is None or pair.fingerprint != fp:
-            continue  # not configured here, or an older prefix: another cache
-        out[(e, m)] = PairResume(lp or None, lr, lref or None, tokens, lprod or None, lreq or None)
-    since = now - HISTORY_WINDOW
-    for pair in pairs:
-        key = (pair.expert, pair.model)
-        if not pair.history or key not in out:
-            continue
-        args = (pair.expert, pair.model, origin, pair.fingerprint, since)
-        touches: list[StoredTouch] = []
-        for at, result, read, w5, w1, inp in db.execute(
-            "SELECT time, result, cache_read, cache_write_5m, cache_write_1h, input FROM pings WHERE expert = ?"
-            " AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? ORDER BY time DESC LIMIT ?",
-            (*args, ping_log)):
-            touches.append((float(at), "ping", result, _ping_refresh(at, read, w5, w1, inp)[1] or 0))
-        for at, result, read, written, inp in db.execute(
-            "SELECT time, result, cache_read, cache_write_5m + cache_write_1h, input FROM observations WHERE"
-            " expert = ? AND model = ? AND origin = ? AND fingerprint = ? AND time >= ? AND drift IS NULL"
-            " ORDER BY time DESC LIMIT ?", (*args, touch_log)):
-            touches.append((float(at), "production", result, (read + written) or inp))
-        touches.sort()
-        out[key] = replace(out[key], touches=tuple(touches))
-    return out
 
 
 # --- what each committed row moves in the summaries -----------------------------------------
