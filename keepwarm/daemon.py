@@ -439,6 +439,7 @@ class Daemon:
                     scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
                     self._fleet_metrics(metrics, scheduler)
                 scheduler.check_clock()
+                observer.settle()  # savings whose wait is over: credited, their rows written
                 if time.monotonic() - trimmed >= TRIM_EVERY:
                     trimmed = time.monotonic()
                     release_free_memory()
@@ -459,6 +460,7 @@ class Daemon:
                 self.abandoned = left
             if membership is not None:
                 membership.leave()  # the others take over at their next renewal, not after the lease
+            observer.settle(everything=True)  # savings still waiting: judged now, their rows written
             if runner.ledger is not None:
                 runner.ledger.close()
             web.stop()

@@ -92,6 +92,9 @@ class App:
             if method not in ("GET", "HEAD"):
                 return _reply(start_response, 405, "text/plain; charset=utf-8", b"method not allowed\n", method,
                               [("Allow", "GET, HEAD, POST")])
+            if self.server.observer is not None and path in ("/metrics", "/"):
+                # Savings whose wait is over reach the counters before they are read.
+                self.server.observer.settle()
             if path == "/metrics":
                 return self._metrics(environ, method, start_response)
             if path == OBSERVATIONS_PATH and self.server.observer is not None:
