@@ -30,7 +30,7 @@ from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import ALL, Observer, load_token
+from keepwarm.observations import ALL, SETTLE, Observer, load_token
 from keepwarm.page import History, daily_totals
 from keepwarm.policy import Touch
 from keepwarm.providers.clients import make_clients
@@ -107,6 +107,7 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         load_token(config),
         touch_many=scheduler.touch_many,
         ledger=lambda: runner.ledger if isinstance(runner.ledger, Store) else None,
+        settle=SETTLE,
     )
     scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost, o.usage)
     if isinstance(runner.ledger, Store):

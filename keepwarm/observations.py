@@ -741,8 +741,11 @@ class Observer:
         touch_many: Callable[[Sequence[tuple[str, Touch]]], None] | None = None,
         ledger: Callable[[], ObservationLedger | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        settle: float = 0.0,
     ) -> None:
-        """`touch_many` (the scheduler's) takes a chunk of touches at once; else `touch`, one by one."""
+        """`touch_many` (the scheduler's) takes a chunk of touches at once; else `touch`, one by one.
+        `settle`: real seconds a saving waits for reports of earlier requests (the daemon's is
+        SETTLE); 0 judges each request when it arrives, a request's batch still in time order."""
         self.metrics = metrics
         self.touch = touch
         self.touch_many = touch_many
@@ -758,7 +761,8 @@ class Observer:
         self._seen: dict[str, None] = {}  # recent request_ids, oldest first (a dict keeps insertion order)
         # Requests whose saving waits to be settled, by when: (due, observation, verdict).
         self._held: deque[tuple[float, Observation, Verdict]] = deque()
-        self.settle_delay = SETTLE
+        self._settle = settle
+        self.settle_delay = settle
         self._unauth_warned = False
         self.pairs: dict[str, Pair] = {}
         self.apply(config, token)
@@ -786,7 +790,7 @@ class Observer:
             self.shards = config.shard
             self.other_shard_pairs = config.other_shard_pairs
             self.skew = MAX_FUTURE_SKEW * config.time_scale
-            self.settle_delay = SETTLE * config.time_scale
+            self.settle_delay = self._settle * config.time_scale
 
     # --- what pings tell us ------------------------------------------------------------
 
@@ -880,8 +884,7 @@ class Observer:
             if ledger is not None and ready:
                 ledger.record_observations(self._ledger_rows(ready))
             self._hold([j for j in judged if j[1].pending], now + self.settle_delay)
-            if len(self._held) > MAX_HELD:
-                self.settle(now)
+            self.settle(now)  # with no settling time (or past MAX_HELD), what was just held
             self._touch(judged, now)
         answer: dict[str, Any] = {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
         if len(fresh) < len(good):

@@ -21,7 +21,6 @@ from keepwarm.emulator import Emulator
 from keepwarm.fleet import Membership, divide
 from keepwarm.gate import Gate
 from keepwarm.metrics import Metrics
-from keepwarm.observations import SETTLE
 from keepwarm.ping import make_client
 from keepwarm.policy import Source, Touch
 from keepwarm.runner import Runner
@@ -213,13 +212,10 @@ def test_an_observation_another_member_accepted_reaches_the_owner_as_a_touch(tmp
         clock.now += 1
         assert other.accept([{"expert": "analyst", "model": "claude-sonnet-4-6", "at": clock.now - 0.5, "usage": usage},
                              {"expert": "analyst", "model": "claude-opus-4-8", "at": clock.now - 0.4, "usage": usage}])[0] == 202
-        # Reads after a quiet spell are savings: their rows are stored once settled.
-        clock.now += SETTLE
-        other.settle()
         owned = {"analyst/claude-sonnet-4-6"}
         touches = poller.poll(lambda key: key in owned)
         assert [(key, t.at, t.source.value, t.result.value, t.prefix_tokens) for key, t in touches] == [
-            ("analyst/claude-sonnet-4-6", clock.now - SETTLE - 0.5, "production", "warm", 1500)]
+            ("analyst/claude-sonnet-4-6", clock.now - 0.5, "production", "warm", 1500)]
         assert poller.poll(lambda key: key in owned) == [], "applied once, though the next poll reads it again"
         # What this member accepted itself touched its scheduler already.
         clock.now += 1
@@ -245,9 +241,6 @@ def test_savings_are_judged_against_the_fleet_s_history_not_one_member_s(tmp_pat
         pair = {"expert": "analyst", "model": "claude-sonnet-4-6", "usage": usage}
         assert a.accept([{**pair, "at": T0 - 100}])[0] == 202
         assert b.accept([{**pair, "at": T0}])[0] == 202
-        clock.now += SETTLE
-        a.settle()  # the savings are settled in the order their reports arrived
-        b.settle()
         saved = [r.saved for r in ledger.observations()]
         assert saved == [1, 0], "b knew of a's request 100 s earlier: production kept the cache warm itself"
         # Alone (no fleet history), b would have credited it too.

@@ -189,7 +189,7 @@ def test_a_conversation_that_reads_the_whole_prefix_and_writes_its_history_is_no
 def test_the_saved_counter_counts_only_the_warmed_prefix(tmp_path: Path) -> None:
     config = _config(tmp_path)
     metrics = Metrics()
-    observer = Observer(config, metrics, clock=FakeClock(T0 + 10))
+    observer = Observer(config, metrics, clock=FakeClock(T0 + 10), settle=SETTLE)
     pair = config.pairs[0]
     observer.ping(pair, T0, Result.WARM, 0.001, Usage(input=3, cache_read=2048))
     status, doc = observer.accept([_obs(pair.key, at=T0 + 5, read=12_048, write=700)])
@@ -444,7 +444,6 @@ def test_observations_go_to_the_ledger_and_a_v1_ledger_is_migrated(tmp_path: Pat
     config = _config(tmp_path)
     observer = Observer(config, Metrics(), clock=clock, ledger=lambda: ledger)
     assert observer.accept([_obs(at=T0, read=1500, fingerprint="b" * 64, request_id="req_1")])[0] == 202
-    observer.settle(everything=True)  # its saving, and so its row, waited for earlier reports
     rows = read_observations(path)
     assert [(r.time, r.result, r.cache_read, r.saved, r.drift, r.request_id) for r in rows] == [
         (T0, "warm", 1500, 1, "fingerprint", "req_1")]
@@ -475,7 +474,6 @@ def test_a_restart_with_a_ledger_keeps_attribution_and_the_page_s_sums(tmp_path:
     ledger = Ledger(tmp_path / "l.db", clock=clock)
     before = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)
     before.accept([_obs(at=T0, read=1500)])  # production's first request: saved
-    before.settle(everything=True)
     saved = before.headline()["windows"]["24h"].saved_usd
     assert saved > 0
 
@@ -674,7 +672,6 @@ def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Pat
         batch.append(item)
     for start in range(0, len(batch), 300):  # three requests: sums across requests too
         assert observer.accept(batch[start:start + 300])[1]["rejected"] == []
-    observer.settle(everything=True)
     assert len(rows.rows) == 900
     for pair in config.pairs:
         mine = [r for r in rows.rows if r.observation.pair.key == pair.key]

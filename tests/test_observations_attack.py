@@ -29,7 +29,6 @@ def test_counts_a_ledger_cannot_hold_are_refused_per_item_and_the_rest_is_kept(t
             huge, _obs(read=1500, request_id="req_\ud800"), _obs(read=1500, request_id="req_ok")]})
         assert status == 202 and doc["accepted"] == 1
         assert [(r["index"], r["reason"]) for r in doc["rejected"]] == [(0, "malformed"), (1, "malformed")]
-        served.observer.settle(everything=True)  # a saving's row waits for earlier reports
         assert [r.request_id for r in read_observations(ledger.path)] == ["req_ok"]
         cost = _value(served.metrics, "keepwarm_production_cost_usd_total", expert="analyst",
                       model="claude-sonnet-4-6", kind="input")
@@ -184,8 +183,7 @@ def test_a_ledger_that_cannot_keep_them_gets_503_and_nothing_changes(tmp_path: P
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # the disk is full, or another process holds the file
-        # A write (no saving to settle), so its row goes to the ledger at once.
-        assert served.post(_obs(at=T0 - 2, write=1500, request_id="req_1"))[0] == 202, "the failure is not known yet"
+        assert served.post(_obs(at=T0 - 2, read=1500, request_id="req_1"))[0] == 202, "the failure is not known yet"
         assert ledger.pending == 1
         before = b"".join(served.metrics.exposition())
         conn = __import__("http.client").client.HTTPConnection(*served.web.address, timeout=10)

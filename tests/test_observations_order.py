@@ -78,7 +78,7 @@ class World:
         self.clock = Clock(now)
         self.rows = _Rows()
         self.metrics = Metrics()
-        self.observer = Observer(self.config, self.metrics, clock=self.clock, ledger=lambda: self.rows)
+        self.observer = Observer(self.config, self.metrics, clock=self.clock, ledger=lambda: self.rows, settle=SETTLE)
 
     def saved_usd(self) -> float:
         labels = {"expert": "analyst", "model": "claude-sonnet-4-6"}
@@ -173,6 +173,15 @@ def test_held_savings_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(world.observer._held) == 3, "the oldest beyond the bound were settled early"
     world.observer.settle(everything=True)
     assert len(world.credited()) == 6
+
+
+def test_without_a_settling_time_each_request_is_judged_when_it_arrives(tmp_path: Path) -> None:
+    world = World(tmp_path, T0 + 1400 + 1)
+    world.observer = Observer(world.config, world.metrics, clock=world.clock, ledger=lambda: world.rows)
+    world.observer.accept([_item(n) for n in "XAB"])  # one batch: judged in time order
+    assert world.credited() == {"A"} and len(world.rows.rows) == 3, "written at once"
+    world.observer.accept([_item("Y")])
+    assert world.credited() == {"A", "Y"}
 
 
 def test_the_pure_attribution_keeps_a_bounded_window() -> None:

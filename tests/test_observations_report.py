@@ -33,7 +33,6 @@ def _ledger(tmp_path: Path, reads: list[tuple[float, int, int]]) -> tuple[Path, 
               "usage": {"input_tokens": 20, "cache_read_input_tokens": r, "cache_creation_input_tokens": w,
                         "output_tokens": 100}} for at, r, w in reads]
     assert observer.accept(items)[0] == 202
-    observer.settle(everything=True)  # as the daemon does at shutdown: the savings that waited, and their rows
     ledger.close()
     return path, observer
 
