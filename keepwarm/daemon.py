@@ -38,6 +38,7 @@ from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import LedgerError, PairKey, PairResume, Store, location, open_store
 from keepwarm.web import PageInfo, WebServer
+from keepwarm.webconfig import WebSettings, load_web_config
 
 log = logging.getLogger("keepwarm")
 
@@ -150,7 +151,7 @@ def _names(keys: tuple[str, ...], most: int = 20) -> str | None:
 
 def build_web(
     config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None,
-    membership: Membership | None = None,
+    membership: Membership | None = None, web: WebSettings | None = None,
 ) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
 
@@ -193,6 +194,7 @@ def build_web(
         page_info=page_info,
         observer=observer,
         live=scheduler.alive,
+        web=web,
     )
 
 
@@ -270,6 +272,7 @@ class Daemon:
         self.time_scale: float | None = None  # --time-scale for an emulator elsewhere, on loopback
         self.listen: tuple[str, int] | None = None  # --listen, over metrics.listen
         self.membership: Membership | None = None  # in a fleet (ledger.url): this daemon's membership
+        self.web: WebServer | None = None  # the listener, once serving (a reload re-reads its web config)
 
     # --- config ----------------------------------------------------------------------------
 
@@ -371,12 +374,14 @@ class Daemon:
         membership = join_fleet(config, ledger) if ledger is not None else None
         try:
             observer = build_observer(config, metrics, scheduler, runner)
+            web_settings = load_web_config(config.web_config_file)
         except ConfigError as exc:
             for problem in exc.problems:
                 event(log, logging.ERROR, "config error", source=str(self.config_path), problem=problem)
             return EX_CONFIG
         try:
-            web = build_web(config, metrics, scheduler, observer, membership)
+            web = build_web(config, metrics, scheduler, observer, membership, web_settings)
+            self.web = web
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
                   error=exc.strerror or str(exc), exit_code=EX_UNAVAILABLE)
@@ -416,8 +421,8 @@ class Daemon:
             pairs=len(config.pairs),
             shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
             workers=config.api.max_concurrency,
-            metrics=f"http://{host}:{port}/metrics",
-            status_page=f"http://{host}:{port}/",
+            metrics=f"{web.scheme}://{host}:{port}/metrics",
+            status_page=f"{web.scheme}://{host}:{port}/",
             key=key.hint if self.emulator is None else None,
             key_source=key.source,
         )
@@ -499,6 +504,7 @@ class Daemon:
         try:
             new, key, warnings = self._load()
             token = load_token(new)
+            web_settings = load_web_config(new.web_config_file)
             clients = make_clients(new, key, emulator_url=self.emulator.base_url if self.emulator else None)
             ledger_changed = (location(new), new.ledger_retention_days) != (
                 location(config),
@@ -538,6 +544,8 @@ class Daemon:
         report = scheduler.apply(owned_pairs(new, self.membership))
         if observer is not None:
             observer.apply(new, token)
+        if self.web is not None:
+            self.web.apply_web(web_settings)  # new connections: a renewed certificate needs no restart
         scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),
