@@ -366,3 +366,25 @@ def test_a_bad_web_config_at_start_is_a_config_error(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 78, result.stderr[-2000:]
     assert "basic_auth_users.alice: expected a bcrypt hash" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_keepwarm_observe_sends_over_tls_verifying_the_certificate(served: tuple[Served, Pki],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from keepwarm import observe
+
+    s, pki = served
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))  # how a deployment names a private CA
+    sender = observe.Observer(s.url, token="obs-token")
+    usage = {"input_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2000, "output_tokens": 1}
+    sender.record("analyst", "claude-sonnet-4-6", time.time(), [{"type": "text", "text": "x"}], None, usage)
+    assert sender.flush(10)
+    sender.close()
+    labels = {"expert": "analyst", "model": "claude-sonnet-4-6", "result": "warm"}
+    assert s.metrics.registry.get_sample_value("keepwarm_production_requests_total", labels) == 1
+    monkeypatch.delenv("SSL_CERT_FILE")
+    stranger = observe.Observer(s.url, token="obs-token", timeout=2)
+    stranger.record("analyst", "claude-sonnet-4-6", time.time(), [{"type": "text", "text": "x"}], None, usage)
+    stranger.flush(3)
+    stranger.close()
+    assert s.metrics.registry.get_sample_value("keepwarm_production_requests_total", labels) == 1, \
+        "a certificate the client cannot verify gets nothing"
