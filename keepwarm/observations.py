@@ -29,8 +29,8 @@ credit exactly what arrival in time order credits. A counter cannot go down, so 
 than that does not withdraw a saving already credited; it takes none itself, and neither does
 anything before it in the same episode. A report older than every start the window keeps is
 counted and checked for drift but never credited (production's request before it is no longer
-known). In a fleet, the store's latest request of the pair is taken in when a report arrives and
-again when its saving settles.
+known). In a fleet, whose members learn of each other's requests from stored rows only, a
+request is judged when it arrives (no settling), against the store's latest request of the pair.
 
 The HTTP edge (`Observer.post`) checks the token before it reads anything, and the
 Content-Length before it reads the body, so an unauthenticated or oversized request costs a
@@ -883,7 +883,11 @@ class Observer:
             ready = [j for j in judged if not j[1].pending]
             if ledger is not None and ready:
                 ledger.record_observations(self._ledger_rows(ready))
-            self._hold([j for j in judged if j[1].pending], now + self.settle_delay)
+            # A fleet's members learn of each other's requests from stored rows only: a held row
+            # would keep the pair's owner from the touch (a needless ping) and the others from
+            # production's history. There, a request is judged when it arrives, as the store knows it.
+            wait = 0.0 if self.fleet_history is not None else self.settle_delay
+            self._hold([j for j in judged if j[1].pending], now + wait)
             self.settle(now)  # with no settling time (or past MAX_HELD), what was just held
             self._touch(judged, now)
         answer: dict[str, Any] = {"accepted": len(good), "rejected": [r.to_json() for r in bad]}

@@ -191,3 +191,10 @@ def test_the_pure_attribution_keeps_a_bounded_window() -> None:
     for i in range(1000):
         a.production(T0 + i, Usage(cache_read=READ), None)
     assert len(a.times) == _PRODUCTION_WINDOW and len(a.heads) <= 1
+
+
+def test_a_fleet_member_judges_at_arrival_so_its_rows_and_touches_reach_the_others_at_once(tmp_path: Path) -> None:
+    world = World(tmp_path, T0 + 1400 + 1)
+    world.observer.fleet_history = lambda pairs: {}
+    world.observer.accept([_item("A")])
+    assert world.credited() == {"A"} and len(world.rows.rows) == 1, "stored at once: the owner polls the store"
