@@ -266,6 +266,9 @@ class WebServer:
 
     def apply_web(self, web: WebSettings) -> None:
         """Take a (re)loaded web config: TLS for connections accepted from now on, the users, the headers."""
+        if web.users and web.ssl_context is None:
+            log.warning("web config %s: basic_auth_users without tls_server_config: passwords cross the"
+                        " network in clear", web.path)
         self.auth = BasicAuth(web.users) if web.users else None
         self.server.ssl_context = web.ssl_context
         self.web = web

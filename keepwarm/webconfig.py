@@ -196,14 +196,12 @@ def _parse_tls(doc: dict[str, Any], base: Path, problems: list[str]) -> TlsSetti
     for key in ("cert_file", "key_file", "client_ca_file"):
         value = doc.get(key)
         if value is None:
-            continue
-        if not isinstance(value, str) or not value:
+            if key != "client_ca_file":
+                problems.append(f"tls_server_config.{key}: required for TLS")
+        elif not isinstance(value, str) or not value:
             problems.append(f"tls_server_config.{key}: expected a file name")
-            continue
-        files[key] = base / value
-    for key in ("cert_file", "key_file"):
-        if key not in files and f"tls_server_config.{key}" not in problems:
-            problems.append(f"tls_server_config.{key}: required for TLS")
+        else:
+            files[key] = base / value
     auth_name = doc.get("client_auth_type", "NoClientCert")
     auth = _CLIENT_AUTH.get(auth_name) if isinstance(auth_name, str) else None
     if auth is None:

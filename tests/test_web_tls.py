@@ -388,3 +388,15 @@ def test_keepwarm_observe_sends_over_tls_verifying_the_certificate(served: tuple
     stranger.close()
     assert s.metrics.registry.get_sample_value("keepwarm_production_requests_total", labels) == 1, \
         "a certificate the client cannot verify gets nothing"
+
+
+def test_basic_auth_without_tls_works_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    web = _write(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": _hash(PASSWORD)}})
+    s = Served(tmp_path, web)
+    try:
+        assert "passwords cross the network in clear" in caplog.text
+        url = f"http://127.0.0.1:{s.port}"
+        assert _get(f"{url}/metrics", ssl.create_default_context(), None)[0] == 401
+        assert _get(f"{url}/metrics", ssl.create_default_context())[0] == 200
+    finally:
+        s.close()
