@@ -198,3 +198,32 @@ def test_a_fleet_member_judges_at_arrival_so_its_rows_and_touches_reach_the_othe
     world.observer.fleet_history = lambda pairs: {}
     world.observer.accept([_item("A")])
     assert world.credited() == {"A"} and len(world.rows.rows) == 1, "stored at once: the owner polls the store"
+
+
+def test_a_daemon_stopped_while_a_saving_waits_credits_it_and_keeps_its_row(tmp_path: Path) -> None:
+    import json as _json
+    import time
+    import urllib.request
+
+    from conftest import DaemonProcess, basic_doc, daemon_env, free_port, write_config
+
+    from keepwarm.store import read_observations
+
+    port = free_port()
+    doc = basic_doc(interval="3s", jitter="0s")
+    doc["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    doc["ledger"] = {"path": "ledger.db"}
+    daemon = DaemonProcess(write_config(tmp_path, doc), port, daemon_env(), ("--emulator",))
+    try:
+        daemon.wait_for("keepwarm started", lambda: daemon.started)
+        item = {**_item("A"), "at": time.time() - 1}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/observations", data=_json.dumps(item).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 202
+        assert daemon.stop()[0] == 0, "stopped well within the 10 s the saving waits"
+    finally:
+        if daemon.alive:
+            daemon.proc.kill()
+    rows = read_observations(tmp_path / "ledger.db")
+    assert [(r.request_id, r.saved) for r in rows] == [("req_A", 1)], "settled at shutdown, before the ledger closed"
