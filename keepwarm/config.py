@@ -153,6 +153,12 @@ class ObserveSection(_Strict):
     allow_unauthenticated: bool = False  # accept observations without a token off loopback
 
 
+class WebSection(_Strict):
+    # A web config file in the Prometheus exporter toolkit's format: TLS and basic auth for the
+    # metrics listener (keepwarm.webconfig).
+    config_file: str | None = None
+
+
 class LedgerSection(_Strict):
     path: str | None = None  # None: the default state path (keepwarm.store.paths)
     url: str | None = None  # instead of path: a PostgreSQL database (libpq URI or conninfo), no password in it
@@ -189,6 +195,7 @@ class FileSection(_Strict):
     metrics: MetricsSection = MetricsSection()
     ledger: Annotated[LedgerSection | Literal[False], BeforeValidator(_ledger_off)] = LedgerSection()
     observe: ObserveSection = ObserveSection()
+    web: WebSection = WebSection()
     budget: BudgetSection = BudgetSection()
     fleet: FleetSection | None = None
     shard: str | None = None  # "K/N": warm only this shard's pairs (see keepwarm.shard)
@@ -279,6 +286,7 @@ class Config:
     warnings: tuple[str, ...] = ()  # worth logging at load, not worth refusing the config
     observe_token_file: Path | None = None
     observe_allow_unauthenticated: bool = False
+    web_config_file: Path | None = None  # TLS and basic auth for the listener (keepwarm.webconfig)
     # Configured pairs that another shard keeps warm: observations for them answer 421.
     other_shard_pairs: frozenset[str] = frozenset()
     budget_usd_per_day: float | None = None  # cap on the keepalive's spend over the trailing 24 h
@@ -914,6 +922,7 @@ def _resolve(
         warnings=tuple(load.warnings),
         observe_token_file=load.base / raw.observe.token_file if raw.observe.token_file else None,
         observe_allow_unauthenticated=raw.observe.allow_unauthenticated,
+        web_config_file=load.base / raw.web.config_file if raw.web.config_file else None,
         other_shard_pairs=other_shard_pairs,
         budget_usd_per_day=raw.budget.usd_per_day,
         accounts=tuple(accounts),

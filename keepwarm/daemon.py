@@ -30,7 +30,7 @@ from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
 from keepwarm.metrics import Metrics
-from keepwarm.observations import ALL, Observer, load_token
+from keepwarm.observations import ALL, SETTLE, Observer, load_token
 from keepwarm.page import History, daily_totals
 from keepwarm.policy import Touch
 from keepwarm.providers.clients import make_clients
@@ -38,6 +38,7 @@ from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import LedgerError, PairKey, PairResume, Store, location, open_store
 from keepwarm.web import PageInfo, WebServer
+from keepwarm.webconfig import WebSettings, load_web_config
 
 log = logging.getLogger("keepwarm")
 
@@ -107,6 +108,7 @@ def build_observer(config: Config, metrics: Metrics, scheduler: Scheduler, runne
         load_token(config),
         touch_many=scheduler.touch_many,
         ledger=lambda: runner.ledger if isinstance(runner.ledger, Store) else None,
+        settle=SETTLE,
     )
     scheduler.on_ping = lambda o: observer.ping(o.pair, o.started, o.result, o.total_cost, o.usage)
     if isinstance(runner.ledger, Store):
@@ -149,7 +151,7 @@ def _names(keys: tuple[str, ...], most: int = 20) -> str | None:
 
 def build_web(
     config: Config, metrics: Metrics, scheduler: Scheduler, observer: Observer | None = None,
-    membership: Membership | None = None,
+    membership: Membership | None = None, web: WebSettings | None = None,
 ) -> WebServer:
     """The metrics, health and status server for a running scheduler (raises OSError if busy)."""
 
@@ -192,6 +194,7 @@ def build_web(
         page_info=page_info,
         observer=observer,
         live=scheduler.alive,
+        web=web,
     )
 
 
@@ -269,6 +272,7 @@ class Daemon:
         self.time_scale: float | None = None  # --time-scale for an emulator elsewhere, on loopback
         self.listen: tuple[str, int] | None = None  # --listen, over metrics.listen
         self.membership: Membership | None = None  # in a fleet (ledger.url): this daemon's membership
+        self.web: WebServer | None = None  # the listener, once serving (a reload re-reads its web config)
 
     # --- config ----------------------------------------------------------------------------
 
@@ -370,12 +374,14 @@ class Daemon:
         membership = join_fleet(config, ledger) if ledger is not None else None
         try:
             observer = build_observer(config, metrics, scheduler, runner)
+            web_settings = load_web_config(config.web_config_file)
         except ConfigError as exc:
             for problem in exc.problems:
                 event(log, logging.ERROR, "config error", source=str(self.config_path), problem=problem)
             return EX_CONFIG
         try:
-            web = build_web(config, metrics, scheduler, observer, membership)
+            web = build_web(config, metrics, scheduler, observer, membership, web_settings)
+            self.web = web
         except OSError as exc:
             event(log, logging.ERROR, "cannot listen for metrics", listen=f"{config.metrics_host}:{config.metrics_port}",
                   error=exc.strerror or str(exc), exit_code=EX_UNAVAILABLE)
@@ -415,8 +421,8 @@ class Daemon:
             pairs=len(config.pairs),
             shard=None if config.shard is None else f"{config.shard[0]}/{config.shard[1]}",
             workers=config.api.max_concurrency,
-            metrics=f"http://{host}:{port}/metrics",
-            status_page=f"http://{host}:{port}/",
+            metrics=f"{web.scheme}://{host}:{port}/metrics",
+            status_page=f"{web.scheme}://{host}:{port}/",
             key=key.hint if self.emulator is None else None,
             key_source=key.source,
         )
@@ -439,6 +445,7 @@ class Daemon:
                     scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
                     self._fleet_metrics(metrics, scheduler)
                 scheduler.check_clock()
+                observer.settle()  # savings whose wait is over: credited, their rows written
                 if time.monotonic() - trimmed >= TRIM_EVERY:
                     trimmed = time.monotonic()
                     release_free_memory()
@@ -459,6 +466,7 @@ class Daemon:
                 self.abandoned = left
             if membership is not None:
                 membership.leave()  # the others take over at their next renewal, not after the lease
+            observer.settle(everything=True)  # savings still waiting: judged now, their rows written
             if runner.ledger is not None:
                 runner.ledger.close()
             web.stop()
@@ -496,6 +504,7 @@ class Daemon:
         try:
             new, key, warnings = self._load()
             token = load_token(new)
+            web_settings = load_web_config(new.web_config_file)
             clients = make_clients(new, key, emulator_url=self.emulator.base_url if self.emulator else None)
             ledger_changed = (location(new), new.ledger_retention_days) != (
                 location(config),
@@ -535,6 +544,8 @@ class Daemon:
         report = scheduler.apply(owned_pairs(new, self.membership))
         if observer is not None:
             observer.apply(new, token)
+        if self.web is not None:
+            self.web.apply_web(web_settings)  # new connections: a renewed certificate needs no restart
         scheduler.release_held()
         metrics.reload_ok.set(1)
         event(log, logging.INFO, "config reloaded", added=len(report.added), removed=len(report.removed),

@@ -18,12 +18,19 @@ ledger, fed to the pair's policy as a touch, and attributed:
   answered as accepted and counts nowhere a second time (a bounded window here, a unique key in
   the ledger).
 
-Order. Attribution is a pure per-pair component (`PairAttribution`) fed in time order. A batch
-is sorted by `at` before it is attributed. An observation that arrives older than the latest
-production request already attributed to its pair (a late batch, a slow client) is still
-classified, priced and counted, and checked for drift, but it is never credited as saved, and
-it does not move the pair's "previous production request": savings are never overstated
-because of the order in which reports arrive.
+Order. Attribution is a pure per-pair component (`PairAttribution`) that keeps the pair's
+latest production starts (a bounded window) in time order, whatever order they were reported
+in. Production's requests closer together than the TTL form an episode; its first request, if
+it read the cache, is the episode's one saving. A report that lands before a known request within
+the TTL makes that one no longer first, so a saving is not credited when its report arrives but
+`SETTLE` seconds later (`Observer.settle`, scaled by --time-scale), with its ledger row: a report
+of an earlier request arriving meanwhile takes it back. Reports out of order within that time
+credit exactly what arrival in time order credits. A counter cannot go down, so a report later
+than that does not withdraw a saving already credited; it takes none itself, and neither does
+anything before it in the same episode. A report older than every start the window keeps is
+counted and checked for drift but never credited (production's request before it is no longer
+known). In a fleet, whose members learn of each other's requests from stored rows only, a
+request is judged when it arrives (no settling), against the store's latest request of the pair.
 
 The HTTP edge (`Observer.post`) checks the token before it reads anything, and the
 Content-Length before it reads the body, so an unauthenticated or oversized request costs a
@@ -32,16 +39,19 @@ header parse, nothing more.
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import ipaddress
 import json
 import logging
 import math
 import operator
+import os
 import re
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +93,16 @@ CHUNK = 64
 _AT = operator.attrgetter("at")
 # Recent pings kept per pair: enough to find the one before a late observation.
 _PING_HISTORY = 16
+# Recent production starts kept per pair to attribute savings in time order: a report older than
+# all of them is counted but never credited (its predecessor is no longer known).
+_PRODUCTION_WINDOW = 32
+# Seconds (scaled by --time-scale) a saving waits after its report arrived before it is credited:
+# a report of an earlier request within the TTL that arrives meanwhile takes it back. The wrapper
+# sends within a second or two; this covers a client's retry after a 503 as well.
+SETTLE = 10.0
+# Requests held for their saving at most: beyond it the oldest are settled early (a flood of
+# fabricated out-of-order reports must not grow memory).
+MAX_HELD = 10_000
 # request_ids remembered to count a retried observation once (~100 bytes each); the ledger's
 # unique key catches a copy that comes later than this many others.
 DEDUP_WINDOW = 100_000
@@ -340,16 +360,24 @@ def _utf8(text: str) -> bool:
 class Verdict:
     """What one production request says about the keepalive."""
 
-    saved: bool  # the keepalive spared this request a write
+    saved: bool  # the keepalive spared this request a write (credited)
     drift: str | None  # "fingerprint" or "short_read", or None
     late: bool  # older than the latest production request already attributed
     saved_tokens: int = 0  # what the saving is counted on: the read, at most the warmed prefix
+    # Saved as far as is known so far: credited (`saved`) once SETTLE seconds have passed with no
+    # report of an earlier request within the TTL before it (Observer.settle).
+    pending: bool = False
+
+
+# A production start's part in the pair's savings: the first request of an episode (production's
+# own requests closer together than the TTL) that read the cache is its one saving.
+_PENDING, _CREDITED = 1, 2
 
 
 class PairAttribution:
     """Saved and drift for one pair; fed pings and production requests (see module docstring)."""
 
-    __slots__ = ("fingerprint", "known_since", "last_production", "pings", "prefix_tokens", "ttl")
+    __slots__ = ("dropped", "fingerprint", "heads", "known_since", "pings", "prefix_tokens", "times", "ttl")
 
     def __init__(self, fingerprint: str, ttl: float, known_since: float = 0.0) -> None:
         self.fingerprint = fingerprint
@@ -357,10 +385,21 @@ class PairAttribution:
         # Every ping that refreshed the cache since this time is in `pings`: before it, whether
         # keepwarm held the cache warm is for the ledger to say.
         self.known_since = known_since
-        self.last_production = 0.0  # start of the latest production request attributed (0: none)
+        # The latest _PRODUCTION_WINDOW production starts, in time order whatever order they were
+        # reported in, and the latest start forgotten (or known only from the ledger): before it,
+        # production's previous request is unknown, so nothing older is credited.
+        self.times: list[float] = []
+        self.dropped = 0.0
+        # Starts that hold (or wait to hold) their episode's saving: _PENDING or _CREDITED.
+        self.heads: dict[float, int] = {}
         # The latest _PING_HISTORY pings' starts: an array, as a deque is ~760 bytes a pair.
         self.pings = array("d")
         self.prefix_tokens = 0  # the warmed prefix, as the last ping that read or wrote it measured (0: unknown)
+
+    @property
+    def last_production(self) -> float:
+        """Start of the latest production request known (0: none)."""
+        return self.times[-1] if self.times else self.dropped
 
     def ping(self, at: float, refreshed: bool, prefix_tokens: int = 0) -> None:
         """A keepalive ping that started at `at`; only one that read or wrote the cache counts."""
@@ -384,8 +423,71 @@ class PairAttribution:
         prefix = self.prefix_tokens
         return usage.cache_read < prefix if prefix else usage.cache_read == 0 and usage.cache_write > 0
 
+    def known(self, at: float) -> None:
+        """A production request known from elsewhere (the ledger, another fleet member): never
+        credited here, but it keeps the cache warm for what follows it."""
+        if at not in self.times and at != self.dropped:
+            self._insert(at, False)
+
+    def forget_until(self, at: float) -> None:
+        """Production's latest request as a ledger remembers it: what came before is not kept
+        here, so no request older than it is credited."""
+        self.dropped = max(self.dropped, at)
+        while self.times and self.times[0] <= self.dropped:
+            oldest = self.times.pop(0)
+            if self.heads.get(oldest) == _CREDITED:
+                del self.heads[oldest]
+
+    def _insert(self, at: float, read: bool) -> bool:
+        """Place one production start among the known ones; return whether it opens an episode
+        and read the cache (a saving, pending until settled)."""
+        times, heads, ttl = self.times, self.heads, self.ttl
+        i = bisect.bisect_right(times, at)
+        kept = at > self.dropped  # else its predecessor may be among the forgotten: never credited
+        previous = times[i - 1] if i else (self.dropped or None)
+        head = kept and read and (previous is None or at - previous >= ttl)
+        carried = False
+        if i < len(times) and times[i] - at < ttl:
+            # It precedes the next known request within the TTL, which no longer opens its
+            # episode. A saving still pending there is withdrawn (this one takes it if it read).
+            # One already credited stays (a counter cannot go down) and stands for the episode:
+            # this request takes none, and the mark moves here so an earlier one takes none either.
+            following = times[i]
+            state = heads.get(following)
+            if state == _PENDING:
+                del heads[following]
+            elif state == _CREDITED:
+                head = False
+                if kept:
+                    del heads[following]
+                    carried = True
+        if not kept:
+            return False  # not kept: the window holds only what lies after every start it forgot
+        times.insert(i, at)
+        if head:
+            heads[at] = _PENDING
+        elif carried:
+            heads[at] = _CREDITED
+        if len(times) > _PRODUCTION_WINDOW:
+            oldest = times.pop(0)
+            self.dropped = max(self.dropped, oldest)
+            if heads.get(oldest) == _CREDITED:
+                del heads[oldest]  # a pending one stays until settled: nothing can withdraw it now
+        return head
+
+    def settle(self, at: float) -> bool:
+        """Credit the pending saving of the request that started at `at`; False when an earlier
+        request reported since took it (or the pair was reset)."""
+        if self.heads.get(at) != _PENDING:
+            return False
+        if self.times and at >= self.times[0]:
+            self.heads[at] = _CREDITED
+        else:
+            del self.heads[at]
+        return True
+
     def production(self, at: float, usage: Usage, fingerprint: str | None, warm: bool | None = None) -> Verdict:
-        """Attribute one production request that started at `at`.
+        """Attribute one production request that started at `at`, whatever order it arrives in.
 
         Production often caches its own conversation behind the warmed prefix: a request that
         read the whole prefix and wrote its history after it is a hit on what keepwarm keeps, not
@@ -401,13 +503,9 @@ class PairAttribution:
             # answer for a request older than the pings kept here.
             drift = "short_read"
         late = at < self.last_production
-        saved = False
-        if not late:
-            previous = self.last_production
-            saved = usage.cache_read > 0 and (not previous or at - previous >= self.ttl)
-            self.last_production = at
-        tokens = (min(usage.cache_read, prefix) if prefix else usage.cache_read) if saved else 0
-        return Verdict(saved, drift, late, tokens)
+        pending = self._insert(at, usage.cache_read > 0)
+        tokens = (min(usage.cache_read, prefix) if prefix else usage.cache_read) if pending else 0
+        return Verdict(False, drift, late, tokens, pending)
 
 
 def saved_usd(prices: PriceTable, pair: Pair, tokens: int) -> float | None:
@@ -547,17 +645,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_token(config: Config) -> bytes | None:
-    """The bearer token from `observe.token_file` (None when unset); raise ConfigError."""
+# The token's file name in $CREDENTIALS_DIRECTORY (systemd's LoadCredential=, or a Kubernetes
+# Secret mounted there), used when observe.token_file is not set.
+TOKEN_CREDENTIAL = "observe_token"
+
+
+def load_token(config: Config, env: Mapping[str, str] | None = None) -> bytes | None:
+    """The bearer token from `observe.token_file`, else `$CREDENTIALS_DIRECTORY/observe_token`
+    when that file exists (None: no token); raise ConfigError."""
     path: Path | None = config.observe_token_file
+    where = "observe.token_file"
     if path is None:
-        return None
+        creds = (os.environ if env is None else env).get("CREDENTIALS_DIRECTORY")
+        candidate = Path(creds) / TOKEN_CREDENTIAL if creds else None
+        if candidate is None or not candidate.exists():
+            return None
+        path, where = candidate, f"$CREDENTIALS_DIRECTORY/{TOKEN_CREDENTIAL}"
     try:
         token = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError([f"observe.token_file: cannot read {path}: {exc.strerror or exc}"]) from None
+        raise ConfigError([f"{where}: cannot read {path}: {exc.strerror or exc}"]) from None
     if not token:
-        raise ConfigError([f"observe.token_file: {path} is empty"])
+        raise ConfigError([f"{where}: {path} is empty"])
     return token
 
 
@@ -632,8 +741,11 @@ class Observer:
         touch_many: Callable[[Sequence[tuple[str, Touch]]], None] | None = None,
         ledger: Callable[[], ObservationLedger | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        settle: float = 0.0,
     ) -> None:
-        """`touch_many` (the scheduler's) takes a chunk of touches at once; else `touch`, one by one."""
+        """`touch_many` (the scheduler's) takes a chunk of touches at once; else `touch`, one by one.
+        `settle`: real seconds a saving waits for reports of earlier requests (the daemon's is
+        SETTLE); 0 judges each request when it arrives, a request's batch still in time order."""
         self.metrics = metrics
         self.touch = touch
         self.touch_many = touch_many
@@ -647,6 +759,10 @@ class Observer:
         self._attribution: dict[str, PairAttribution] = {}
         self._series_of: dict[str, ProductionSeries] = {}  # pairs whose production series exist
         self._seen: dict[str, None] = {}  # recent request_ids, oldest first (a dict keeps insertion order)
+        # Requests whose saving waits to be settled, by when: (due, observation, verdict).
+        self._held: deque[tuple[float, Observation, Verdict]] = deque()
+        self._settle = settle
+        self.settle_delay = settle
         self._unauth_warned = False
         self.pairs: dict[str, Pair] = {}
         self.apply(config, token)
@@ -674,6 +790,7 @@ class Observer:
             self.shards = config.shard
             self.other_shard_pairs = config.other_shard_pairs
             self.skew = MAX_FUTURE_SKEW * config.time_scale
+            self.settle_delay = self._settle * config.time_scale
 
     # --- what pings tell us ------------------------------------------------------------
 
@@ -689,6 +806,7 @@ class Observer:
                 self.windows.add(None, started, Totals(keepalive_unknown=result is not Result.ERROR))
             else:
                 self.windows.add(None, started, Totals(keepalive_usd=cost))
+        self.settle()  # the pings' rhythm settles savings even while no observation arrives
 
     # --- the endpoint --------------------------------------------------------------------
 
@@ -758,11 +876,19 @@ class Observer:
             # memory only. Nothing of the request is counted; the client retries.
             return 503, {"error": "the ledger cannot be written; nothing was accepted, retry later",
                          "retry_after": RETRY_AFTER}
+        self.settle(now)
         fresh = self._first_copies(good)
         judged = self._judge(fresh)
         if judged:
-            if ledger is not None:
-                ledger.record_observations(self._ledger_rows(judged))
+            ready = [j for j in judged if not j[1].pending]
+            if ledger is not None and ready:
+                ledger.record_observations(self._ledger_rows(ready))
+            # A fleet's members learn of each other's requests from stored rows only: a held row
+            # would keep the pair's owner from the touch (a needless ping) and the others from
+            # production's history. There, a request is judged when it arrives, as the store knows it.
+            wait = 0.0 if self.fleet_history is not None else self.settle_delay
+            self._hold([j for j in judged if j[1].pending], now + wait)
+            self.settle(now)  # with no settling time (or past MAX_HELD), what was just held
             self._touch(judged, now)
         answer: dict[str, Any] = {"accepted": len(good), "rejected": [r.to_json() for r in bad]}
         if len(fresh) < len(good):
@@ -786,8 +912,60 @@ class Observer:
         return fresh
 
     def record(self, observations: Iterable[Observation]) -> list[ObservationRecord]:
-        """Attribute observations in time order and count them; return what was decided."""
-        return self._ledger_rows(self._judge(observations))
+        """Attribute observations in time order and count them, savings credited at once (no
+        report can take them back afterwards); return what was decided."""
+        return self._ledger_rows(self._credit(self._judge(observations)))
+
+    # --- savings: credited once no earlier report can take them back ---------------------
+
+    def _hold(self, judged: list[tuple[Observation, Verdict]], due: float) -> None:
+        """Keep requests whose saving is pending until `due` (their ledger rows too: a row says saved or not)."""
+        if judged:
+            with self._lock:
+                self._held.extend((due, obs, verdict) for obs, verdict in judged)
+
+    def settle(self, now: float | None = None, everything: bool = False) -> int:
+        """Credit the pending savings whose time has come (all of them at shutdown) and write
+        their ledger rows; return how many requests were settled. Cheap when none is due."""
+        held = self._held
+        if not held:
+            return 0
+        now = self.clock() if now is None else now
+        with self._lock:
+            due = []
+            while held and (everything or held[0][0] <= now or len(held) > MAX_HELD):
+                _, obs, verdict = held.popleft()
+                due.append((obs, verdict))
+        if not due:
+            return 0
+        # In a fleet, another member may have stored an earlier request of the same episode
+        # while these waited: what the store knows now is taken in before crediting.
+        self._fleet_previous([obs for obs, _ in due])
+        done = self._credit(due)
+        ledger = self.ledger()
+        if ledger is not None:
+            ledger.record_observations(self._ledger_rows(done))
+        return len(done)
+
+    def _credit(self, judged: list[tuple[Observation, Verdict]]) -> list[tuple[Observation, Verdict]]:
+        """The final verdicts: each pending saving credited unless an earlier request reported
+        meanwhile took it; what is credited is counted in the saved series and the hours."""
+        out = []
+        with self._lock:
+            for obs, verdict in judged:
+                if not verdict.pending:
+                    out.append((obs, verdict))
+                    continue
+                pair = obs.pair
+                attribution = self._attribution.get(pair.key)
+                credited = attribution is not None and self.pairs.get(pair.key) is pair and attribution.settle(obs.at)
+                tokens = verdict.saved_tokens if credited else 0
+                out.append((obs, Verdict(credited, verdict.drift, verdict.late, tokens)))
+                if credited:
+                    usd = saved_usd(self.prices, pair, tokens) or 0.0
+                    self._series(pair).add({}, {}, {}, usd, 0)
+                    self.windows.add(pair.key, obs.at, Totals(saved_usd=usd))
+        return out
 
     def _touch(self, judged: list[tuple[Observation, Verdict]], now: float) -> None:
         """Feed the pairs' policies a touch per observation, in time order, a chunk at a time."""
@@ -869,7 +1047,7 @@ class Observer:
             for (expert, model), at in latest.items():
                 a = self._attribution.get(f"{expert}/{model}")
                 if a is not None:
-                    a.last_production = max(a.last_production, at)
+                    a.known(at)
 
     def _warm_from_ledger(self, observations: list[Observation]) -> dict[int, bool]:
         """Whether keepwarm held the cache warm, by id(observation), for the requests whose drift
@@ -952,8 +1130,7 @@ class Observer:
             for pair_labels, at in recent.last_production.items():
                 key = keys.get(pair_labels)
                 if key is not None:
-                    a = self._attribution[key]
-                    a.last_production = max(a.last_production, at)
+                    self._attribution[key].forget_until(at)
             for pair_labels, starts in recent.pings.items():
                 key = keys.get(pair_labels)
                 if key is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import ssl
 import threading
 import time
 import zlib
@@ -37,6 +38,7 @@ from keepwarm.page import _money as _money
 from keepwarm.page import cache_state as cache_state
 from keepwarm.page import render_headline, render_page
 from keepwarm.runner import PairState
+from keepwarm.webconfig import BasicAuth, WebSettings
 
 log = logging.getLogger("keepwarm.web")
 
@@ -70,6 +72,10 @@ MAX_HEADER_BYTES = 64 * 1024
 # Bytes of a response waiting for a slow reader before its worker waits too (beyond 1 MB they
 # wait in a temporary file, not in memory).
 OUTBUF_HIGH = 16 * 1024 * 1024
+# Paths open without basic auth (docs/observations.md, "TLS and basic auth"): the probes say only
+# whether the daemon lives and pings on time, and a kubelet has no password to send;
+# observations carry their own bearer token.
+OPEN_PATHS = ("/healthz", "/readyz")
 _STATUS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
            500: "Internal Server Error", 503: "Service Unavailable"}
@@ -86,12 +92,23 @@ class App:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
+        headers = self.server.web.headers
+        if headers:
+            start_response = _adding(start_response, headers)
         try:
+            auth = self.server.auth
+            if (auth is not None and path not in OPEN_PATHS and not (method == "POST" and path == OBSERVATIONS_PATH)
+                    and not auth.check(environ.get("HTTP_AUTHORIZATION"))):
+                return _reply(start_response, 401, "text/plain; charset=utf-8", b"unauthorized\n", method,
+                              [("WWW-Authenticate", 'Basic realm="keepwarm", charset="UTF-8"')])
             if method == "POST":
                 return self._post(environ, path, start_response)
             if method not in ("GET", "HEAD"):
                 return _reply(start_response, 405, "text/plain; charset=utf-8", b"method not allowed\n", method,
                               [("Allow", "GET, HEAD, POST")])
+            if self.server.observer is not None and path in ("/metrics", "/"):
+                # Savings whose wait is over reach the counters before they are read.
+                self.server.observer.settle()
             if path == "/metrics":
                 return self._metrics(environ, method, start_response)
             if path == OBSERVATIONS_PATH and self.server.observer is not None:
@@ -163,6 +180,15 @@ class App:
             release_free_memory()
 
 
+def _adding(start_response: StartResponse, extra: tuple[tuple[str, str], ...]) -> StartResponse:
+    """`start_response` that also sends the web config's headers."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return start_response(status, [*headers, *extra], exc_info)
+
+    return start
+
+
 def _reply(start_response: StartResponse, status: int, ctype: str, body: bytes, method: str,
            extra: list[tuple[str, str]] | None = None) -> list[bytes]:
     start_response(f"{status} {_STATUS.get(status, '')}".strip(),
@@ -221,6 +247,7 @@ class WebServer:
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: int = IDLE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
+        web: WebSettings | None = None,
     ) -> None:
         self.metrics = metrics
         self.observer = observer
@@ -230,9 +257,26 @@ class WebServer:
         self.page_info = page_info
         _quiet_waitress()
         _raise_open_files(max_connections + 256)  # the pings' own sockets and the ledger need some too
+        self.web = WebSettings()
+        self.auth: BasicAuth | None = None
         self.server = _serve(App(self), host, port, workers, max_connections, idle_timeout, request_timeout)
         self.server.on_refused = self._refused
+        self.apply_web(web or WebSettings())
         self._thread = threading.Thread(target=self.server.run, name="keepwarm-http", daemon=True)
+
+    def apply_web(self, web: WebSettings) -> None:
+        """Take a (re)loaded web config: TLS for connections accepted from now on, the users, the headers."""
+        if web.users and web.ssl_context is None:
+            log.warning("web config %s: basic_auth_users without tls_server_config: passwords cross the"
+                        " network in clear", web.path)
+        self.auth = BasicAuth(web.users) if web.users else None
+        self.server.ssl_context = web.ssl_context
+        self.web = web
+
+    @property
+    def scheme(self) -> str:
+        """`https` when connections are served over TLS, else `http`."""
+        return "https" if self.server.ssl_context is not None else "http"
 
     def _refused(self, path: str, status: int) -> None:
         """Count an observations request that waitress refused before the observer saw it."""
@@ -296,11 +340,106 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress is untyped
             self._tracked = self.request
 
 
+class _TlsChannel(_Channel):
+    """A connection over TLS, driven without blocking the event loop.
+
+    The socket is wrapped as it is accepted and the handshake runs as the client's bytes arrive
+    (an `SSLWantReadError` is "wait for more", not an error), within the same request timeout as
+    a request: a client that opens a connection and never finishes its handshake holds no
+    worker and is closed. Decrypted bytes can wait inside the TLS layer where poll() cannot see
+    them, so a read takes everything pending before it returns.
+    """
+
+    _handshaken = False
+    _want_write = False  # the handshake waits to send, not to receive
+    connected: bool
+
+    def __init__(self, server: _Server, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:  # noqa: A002 - waitress's name
+        context = server.accepting_with
+        assert context is not None  # the server picks this class only with a context
+        super().__init__(server, context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr, adj,
+                         map)
+        self.started = time.monotonic()  # the handshake too must end within the request timeout
+
+    def _handshake(self) -> bool:
+        try:
+            self.socket.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want_write = False
+            return False
+        except ssl.SSLWantWriteError:
+            self._want_write = True
+            return False
+        except OSError as exc:  # plain HTTP on a TLS port, an unknown client certificate, a reset
+            log.debug("TLS handshake failed: %s", exc)
+            self.handle_close()
+            return False
+        self._handshaken, self._want_write, self.started = True, False, 0.0
+        return True
+
+    def readable(self) -> bool:
+        return self._handshaken is False or bool(super().readable())
+
+    def writable(self) -> bool:
+        if not self._handshaken:
+            return self._want_write or bool(self.will_close)
+        return bool(super().writable())
+
+    def handle_write(self) -> None:
+        if self._handshaken:
+            super().handle_write()
+        elif self.will_close:
+            self.handle_close()
+        else:
+            self._handshake()
+
+    def handle_read(self) -> None:
+        if not self._handshaken and not self._handshake():
+            return
+        sock = self.socket
+        while self.connected:
+            try:
+                data = sock.recv(self.adj.recv_bytes)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError as exc:  # a TLS alert, a reset
+                log.debug("TLS read failed: %s", exc)
+                self.handle_close()
+                return
+            if not data:  # the client closed the connection
+                self.handle_close()
+                self.connected = False
+                return
+            self.last_activity = time.time()
+            self.received(data)
+            if not sock.pending():
+                return
+
+    def send(self, data: bytes, do_close: bool = True) -> int:
+        try:
+            return int(super().send(data, do_close=do_close))
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except ssl.SSLError as exc:
+            log.debug("TLS write failed: %s", exc)
+            if do_close:
+                self.handle_close()
+            return 0
+
+
 class _Server(waitress.server.TcpWSGIServer):  # type: ignore[misc]
     channel_class = _Channel
+    ssl_context: ssl.SSLContext | None = None  # set: connections accepted from then on speak TLS
+    accepting_with: ssl.SSLContext | None = None  # the context of the connection being accepted
     request_timeout = REQUEST_TIMEOUT
     stop_requested = False
     on_refused: Callable[[str, int], None] | None = None  # (path, status) of what waitress refused itself
+
+    def handle_accept(self) -> None:
+        """Accept one connection, over TLS when a context is set (read once: a reload may swap it)."""
+        self.accepting_with = self.ssl_context
+        self.channel_class = _Channel if self.accepting_with is None else _TlsChannel
+        super().handle_accept()
 
     def readable(self) -> bool:
         """Asked by the event loop on every turn: where a stop is carried out, on the loop's thread."""

@@ -124,7 +124,7 @@ STARTUP_DEADLINE = 120.0
 
 _daemon_numbers = itertools.count(1)
 # The start-up line, in either log format, up to the port of the metrics URL it names.
-_STARTED_LINE = re.compile(r"keepwarm started[^\n]*?http://[^\s\"/]+:(\d+)/metrics")
+_STARTED_LINE = re.compile(r"keepwarm started[^\n]*?https?://[^\s\"/]+:(\d+)/metrics")
 
 # The environment a daemon inherits, minus anything that would change where its key or config
 # comes from: each test says exactly which it means.

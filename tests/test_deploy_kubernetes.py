@@ -405,10 +405,17 @@ def test_key_config_prompts_and_state_are_mounted(overlay: str) -> None:
     assert "ANTHROPIC_API_KEY" not in env
     (secret_mount,) = [m for m in mounts.values() if secret_files(volumes.get(m["name"], {}))]
     assert env["CREDENTIALS_DIRECTORY"]["value"] == secret_mount["mountPath"] and secret_mount["readOnly"] is True
-    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    examples = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())}
     files = secret_files(volumes[secret_mount["name"]])
-    assert files["anthropic_api_key"] == (example["metadata"]["name"], "anthropic_api_key")
-    assert "anthropic_api_key" in example["stringData"]
+    assert files["anthropic_api_key"] == ("keepwarm-anthropic", "anthropic_api_key")
+    assert "anthropic_api_key" in examples["keepwarm-anthropic"]["stringData"]
+    if overlay != "once":
+        # A daemon listens for observations: the token is the file load_token finds in
+        # $CREDENTIALS_DIRECTORY, from a Secret the example shows.
+        from keepwarm.observations import TOKEN_CREDENTIAL
+
+        secret, key = files[TOKEN_CREDENTIAL]
+        assert key in examples[secret]["stringData"]
     # The config and every expert's prompt ConfigMap, projected into the config's directory.
     (config_mount,) = [m for m in mounts.values() if "configMap" in volumes.get(m["name"], {}).get("projected", {})
                        .get("sources", [{}])[0]]
@@ -424,9 +431,10 @@ def test_key_config_prompts_and_state_are_mounted(overlay: str) -> None:
         assert not [v for v in volumes.values() if "persistentVolumeClaim" in v]
         assert not [o for o in built(overlay) if o["kind"] == "PersistentVolumeClaim"]
         assert files == {"anthropic_api_key": ("keepwarm-anthropic", "anthropic_api_key"),
-                         "ledger_password": ("keepwarm-ledger", "password")}
+                         "ledger_password": ("keepwarm-ledger", "password"),
+                         "observe_token": ("keepwarm-observe", "token")}
         return
-    assert list(files) == ["anthropic_api_key"]
+    assert list(files) == (["anthropic_api_key"] if overlay == "once" else ["anthropic_api_key", "observe_token"])
     # The state: STATE_DIRECTORY is a writable mount.
     state = env["STATE_DIRECTORY"]["value"]
     (state_mount,) = [m for m in mounts.values() if m["mountPath"] == state]

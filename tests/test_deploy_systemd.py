@@ -101,7 +101,9 @@ def test_unit_keeps_the_contract() -> None:
         "Service.DynamicUser": ["yes"],
         "Service.StateDirectory": ["keepwarm"],
         "Service.ConfigurationDirectory": ["keepwarm"],
-        "Service.LoadCredential": ["anthropic_api_key:/etc/keepwarm/anthropic_api_key"],
+        # The key, and the observation token load_token reads from $CREDENTIALS_DIRECTORY.
+        "Service.LoadCredential": ["anthropic_api_key:/etc/keepwarm/anthropic_api_key",
+                                   "observe_token:/etc/keepwarm/observe_token"],
         "Service.ExecReload": ["/bin/kill -HUP $MAINPID"],
         "Service.ExecStart": ["/usr/local/bin/keepwarm run --config /etc/keepwarm/keepwarm.yaml"],
         "Service.RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6"],
@@ -111,5 +113,8 @@ def test_unit_keeps_the_contract() -> None:
     # The API lives at addresses we do not control: denying IPs would cut the keepalive off.
     assert "Service.IPAddressDeny" not in found
     assert "Service.PrivateNetwork" not in found
+    from keepwarm.observations import TOKEN_CREDENTIAL
+
+    assert any(v.startswith(f"{TOKEN_CREDENTIAL}:") for v in found["Service.LoadCredential"]), "the token is wired"
     # The key never travels in the environment.
     assert not any("ANTHROPIC_API_KEY" in value for value in found.get("Service.Environment", []))

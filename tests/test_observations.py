@@ -20,7 +20,9 @@ from keepwarm.metrics import Metrics
 from keepwarm.observations import (
     MAX_BYTES,
     MAX_ITEMS,
+    SETTLE,
     Observer,
+    _PRODUCTION_WINDOW,
     PairAttribution,
     Rejection,
     load_token,
@@ -120,20 +122,39 @@ def test_a_good_item_is_classified_and_at_defaults_to_receipt(tmp_path: Path) ->
 def test_saved_only_when_production_itself_would_have_let_the_cache_lapse() -> None:
     a = PairAttribution("f" * 64, ttl=300)
     read = Usage(input=10, cache_read=1500)
-    assert a.production(T0, read, None).saved, "the first production request: nothing of production's kept it"
-    assert not a.production(T0 + 100, read, None).saved, "production's own request 100 s before kept it warm"
-    assert not a.production(T0 + 399, read, None).saved, "299 s after the previous one: still production's"
-    assert a.production(T0 + 699, read, None).saved, "exactly a TTL after production's previous: the keepalive's"
-    assert not a.production(T0 + 1500, Usage(input=10, cache_write_5m=1500), None).saved, "a write saves nothing"
+    first = a.production(T0, read, None)
+    assert first.pending and not first.saved, "the first production request: a saving, credited once settled"
+    assert a.settle(T0) and not a.settle(T0), "credited once"
+    assert not a.production(T0 + 100, read, None).pending, "production's own request 100 s before kept it warm"
+    assert not a.production(T0 + 399, read, None).pending, "299 s after the previous one: still production's"
+    assert a.production(T0 + 699, read, None).pending, "exactly a TTL after production's previous: the keepalive's"
+    assert not a.production(T0 + 1500, Usage(input=10, cache_write_5m=1500), None).pending, "a write saves nothing"
 
 
-def test_late_observations_are_never_credited_and_do_not_move_the_anchor() -> None:
+def test_a_late_report_is_judged_in_time_order_and_takes_back_a_saving_still_pending() -> None:
     a = PairAttribution("f" * 64, ttl=300)
     read = Usage(cache_read=1500)
-    a.production(T0 + 1000, read, None)
-    late = a.production(T0, read, None)
-    assert (late.saved, late.late) == (False, True)
-    assert not a.production(T0 + 1200, read, None).saved, "judged against T0 + 1000, not the late T0"
+    assert a.production(T0 + 1000, read, None).pending
+    late = a.production(T0 + 800, read, None)
+    assert (late.pending, late.late) == (True, True), "the earlier request opens the episode: the saving is its"
+    assert not a.settle(T0 + 1000), "production's own request 200 s before kept the cache warm"
+    assert a.settle(T0 + 800)
+    assert not a.production(T0 + 1200, read, None).pending, "judged against T0 + 1000, the latest before it"
+    # A report preceding a saving already credited within the TTL takes none of its own: the
+    # episode's one saving was counted, and a counter cannot go down.
+    assert not a.production(T0 + 700, read, None).pending
+    assert a.production(T0 + 100, read, None).pending, "a TTL or more before anything known"
+
+
+def test_a_report_older_than_every_request_kept_is_never_credited() -> None:
+    a = PairAttribution("f" * 64, ttl=300)
+    read = Usage(cache_read=1500)
+    for i in range(_PRODUCTION_WINDOW + 1):
+        a.production(T0 + 1000 * i, read, None)
+    assert a.dropped == T0, "the oldest start forgotten"
+    assert not a.production(T0 - 5000, read, None).pending, "its predecessor is no longer known"
+    a.forget_until(T0 + 1000 * _PRODUCTION_WINDOW)  # the ledger knows of a request that late
+    assert a.times == [] and not a.production(T0 + 500, read, None).pending
 
 
 def test_drift_by_fingerprint_and_by_a_write_while_keepwarm_held_the_cache() -> None:
@@ -155,7 +176,7 @@ def test_a_conversation_that_reads_the_whole_prefix_and_writes_its_history_is_no
     turn = Usage(input=50, cache_read=2048 + 9000, cache_write_5m=700)  # prefix + history read, new turn written
     verdict = a.production(T0 + 10, turn, None)
     assert verdict.drift is None, "the whole warmed prefix was read: a hit, whatever came after"
-    assert (verdict.saved, verdict.saved_tokens) == (True, 2048), "only the warmed prefix is the keepalive's saving"
+    assert (verdict.pending, verdict.saved_tokens) == (True, 2048), "only the warmed prefix is the keepalive's saving"
     # Less than the prefix read while warm: production sends another prefix.
     assert a.production(T0 + 20, Usage(cache_read=1024, cache_write_5m=1024), None).drift == "short_read"
     assert a.production(T0 + 30, Usage(cache_write_5m=2048), None).drift == "short_read"
@@ -168,12 +189,14 @@ def test_a_conversation_that_reads_the_whole_prefix_and_writes_its_history_is_no
 def test_the_saved_counter_counts_only_the_warmed_prefix(tmp_path: Path) -> None:
     config = _config(tmp_path)
     metrics = Metrics()
-    observer = Observer(config, metrics, clock=FakeClock(T0 + 10))
+    observer = Observer(config, metrics, clock=FakeClock(T0 + 10), settle=SETTLE)
     pair = config.pairs[0]
     observer.ping(pair, T0, Result.WARM, 0.001, Usage(input=3, cache_read=2048))
     status, doc = observer.accept([_obs(pair.key, at=T0 + 5, read=12_048, write=700)])
     assert status == 202 and doc["accepted"] == 1
     labels = {"expert": pair.expert, "model": pair.model}
+    assert not _value(metrics, "keepwarm_saved_usd_total", **labels), "pending until no earlier report can come"
+    assert observer.settle(T0 + 10 + SETTLE) == 1
     assert _value(metrics, "keepwarm_saved_usd_total", **labels) == config.prices.miss_penalty(pair.model, 2048, pair.ttl)
     assert not _value(metrics, "keepwarm_prefix_drift_total", **labels), "no drift series moved"
 
@@ -284,6 +307,24 @@ def test_an_unreadable_token_file_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="observe.token_file: cannot read"):
         load_token(_config(tmp_path, observe={"token_file": "missing"}))
+
+
+def test_the_token_comes_from_the_credentials_directory_when_the_config_names_none(tmp_path: Path) -> None:
+    from keepwarm.config import ConfigError
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    config = _config(tmp_path)
+    assert load_token(config, {"CREDENTIALS_DIRECTORY": str(creds)}) is None, "no file there: no token"
+    (creds / "observe_token").write_text("from-systemd\n")
+    assert load_token(config, {"CREDENTIALS_DIRECTORY": str(creds)}) == b"from-systemd"
+    assert load_token(config, {}) is None
+    (tmp_path / "token").write_text("from-config")
+    named = _config(tmp_path, observe={"token_file": "token"})
+    assert load_token(named, {"CREDENTIALS_DIRECTORY": str(creds)}) == b"from-config", "the config's file wins"
+    (creds / "observe_token").write_text(" \n")
+    with pytest.raises(ConfigError, match=r"\$CREDENTIALS_DIRECTORY/observe_token: .* is empty"):
+        load_token(config, {"CREDENTIALS_DIRECTORY": str(creds)})
 
 
 def test_off_loopback_without_a_token_is_refused_unless_allowed(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from conftest import ROOT, DaemonProcess, basic_doc, daemon_env, free_port, writ
 from keepwarm import observe
 from keepwarm.classify import classify, usage_from_api
 from keepwarm.emulator import Emulator
+from keepwarm.observations import SETTLE
 from keepwarm.prefix import Prefix, load_prefix
 from keepwarm.pricing import builtin_table
 
@@ -180,10 +181,15 @@ def test_production_counters_equal_the_emulators_classification(stack: Stack) ->
         if read > 0 and (previous is None or t - previous >= 300):
             saved += read * prices.input / 1e6 * (1.25 - prices.read_multiplier)
         previous = t
-    got = stack.total("keepwarm_saved_usd_total", expert="analyst", model=SONNET) - before_saved
     if before_saved == 0:  # the first production requests of this pair: one of them was saved
         assert saved > 0
-    assert math.isclose(got, saved, rel_tol=1e-9, abs_tol=1e-12)
+
+    def settled() -> bool:
+        got = stack.total("keepwarm_saved_usd_total", expert="analyst", model=SONNET) - before_saved
+        return math.isclose(got, saved, rel_tol=1e-9, abs_tol=1e-12)
+
+    # A saving is credited SETTLE seconds after its report (an earlier report may still come).
+    stack.daemon.wait_for("the savings credited", settled, deadline=SETTLE + 30)
 
 
 def test_a_timestamp_in_the_prefix_is_drift_within_one_request_while_pings_stay_warm(stack: Stack) -> None:
