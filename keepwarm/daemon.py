@@ -26,6 +26,7 @@ from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, reso
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.fleet import Membership, RemoteObservations
+from keepwarm.fleetcount import ProductionFeed
 from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
@@ -392,6 +393,7 @@ class Daemon:
         # just loaded: the loop below applies it, which re-reads the file and is harmless.
         self.membership = membership
         remote: RemoteObservations | None = None
+        feed: ProductionFeed | None = None
         if membership is not None:
             scheduler.owns = membership.owns
             # Observations other members accept for pairs this one owns reach it through the store.
@@ -404,8 +406,14 @@ class Daemon:
                     accepted(touches)
 
                 observer.touch_many = touch_and_remember
+            if hasattr(runner.ledger, "observations_after"):
+                # Production's series are the owner's: whoever receives an observation stores
+                # it, and the pair's owner counts it from the store (keepwarm.fleetcount).
+                observer.counted_by_owner = True
+                feed = ProductionFeed(runner.ledger)  # type: ignore[arg-type]
+                feed.start()
         scheduler.start(owned_pairs(config, membership))
-        self._fleet_metrics(metrics, scheduler)
+        self._fleet_metrics(metrics, scheduler, config)
         freeze_heap()
         event(
             log,
@@ -437,7 +445,10 @@ class Daemon:
                         # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
                         scheduler.apply(owned_pairs(config, membership))
                     scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
-                    self._fleet_metrics(metrics, scheduler)
+                    if feed is not None:
+                        # After the pairs moved: counted by whoever owns them from now on.
+                        observer.count_stored(feed.read(), membership.owns)
+                    self._fleet_metrics(metrics, scheduler, config)
                 scheduler.check_clock()
                 if time.monotonic() - trimmed >= TRIM_EVERY:
                     trimmed = time.monotonic()
@@ -466,11 +477,11 @@ class Daemon:
         event(log, logging.INFO, "stopped")
         return EX_OK
 
-    def _fleet_metrics(self, metrics: Metrics, scheduler: Scheduler) -> None:
+    def _fleet_metrics(self, metrics: Metrics, scheduler: Scheduler, config: Config) -> None:
         membership = self.membership
-        if membership is not None:
+        if membership is not None and config.fleet is not None:
             metrics.set_fleet(len(membership.view.members), len(scheduler.states), membership.handovers,
-                              membership.failures)
+                              membership.failures, config.fleet.min_members)
 
     @property
     def origin(self) -> str:
