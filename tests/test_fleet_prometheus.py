@@ -6,17 +6,30 @@ Prometheus scraping three `keepwarm run` members through a kill and a takeover.
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import basic_doc
+import yaml
+from conftest import LONG_PROMPT, basic_doc, daemon_env, free_port
 
+from keepwarm.classify import usage_from_api
 from keepwarm.config import Config, parse_config
+from keepwarm.emulator import Emulator
 from keepwarm.fleetcount import ProductionFeed
 from keepwarm.metrics import Metrics
 from keepwarm.observations import Observer
+from keepwarm.pricing import builtin_table
 from keepwarm.store.postgres import PostgresLedger
 
 T0 = 1_800_000_000.0
@@ -197,3 +210,265 @@ def test_the_feed_waits_out_an_unreachable_store() -> None:
     assert feed.read() == []
     rows.up = True
     assert [r.id for r in feed.read()] == [2]
+
+
+# --- a real Prometheus scraping three members through a kill ---------------------------------
+#
+# At a tenth of real time (as tests/test_fleet_e2e.py): a 5m TTL lasts 30 s, the 4m interval
+# 24 s, the 20 s lease 2 s. Prometheus scrapes every second.
+
+SCALE = 0.1
+PAIRS = 12
+MODEL = "claude-sonnet-4-6"
+SCRAPE = 1.0
+# A ping's counter moves a few milliseconds after the ping ends (its row's start + duration):
+# one that ended this close to a scrape may be on either side of it.
+EDGE = 0.25
+
+
+def _doc(base_url: str, url: str) -> dict[str, Any]:
+    return {
+        "api": {"base_url": base_url},
+        "defaults": {"models": [MODEL]},
+        "experts": [{"name": f"e{i}", "system": [{"text": f"Expert {i}. {LONG_PROMPT}"}]} for i in range(PAIRS)],
+        "ledger": {"url": url},
+        "fleet": {"name": "prom", "lease": "20s"},
+    }
+
+
+class Prometheus:
+    """A `prometheus` on loopback scraping the given targets every second, no rules."""
+
+    def __init__(self, directory: Path, targets: list[str]) -> None:
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus not found: scripts/test installs it (Debian package prometheus)"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        config = directory / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": f"{SCRAPE:g}s", "scrape_timeout": "900ms"},
+            "scrape_configs": [{"job_name": "keepwarm", "static_configs": [{"targets": targets}]}],
+        }))
+        self.log = (directory / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'prom-data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, expr: str, **params: str) -> list[dict[str, Any]]:
+        """The result of one PromQL query (instant; a range selector gives raw samples)."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr, **params})}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            doc = json.loads(answer.read())
+        assert doc["status"] == "success", doc
+        result: list[dict[str, Any]] = doc["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float:
+        """A scalar-like query's one value (0 when it has none)."""
+        result = self.query(expr)
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+def _wait(what: str, check: Callable[[], bool], deadline: float) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass  # Prometheus not listening yet
+        assert time.monotonic() < end, f"timed out after {deadline:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def _post(port: int, items: list[dict[str, Any]]) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/observations",
+                                     data=json.dumps({"observations": items}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 202
+
+
+def _observations(rng: random.Random, n: int, experts: list[str]) -> list[dict[str, Any]]:
+    """Production requests: mostly reads of the warmed prefix, some writes, some of another prefix."""
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        usage = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3000,
+                 "cache_creation_input_tokens": 0}
+        if kind < 0.2:
+            usage.update(cache_read_input_tokens=0, cache_creation_input_tokens=3000)
+        item: dict[str, Any] = {"expert": rng.choice(experts), "model": MODEL, "at": time.time() - 0.05,
+                                "usage": usage, "request_id": f"req-{rng.getrandbits(64):016x}"}
+        if kind > 0.9:
+            item["fingerprint"] = f"{rng.getrandbits(256):064x}"  # production's prefix differs: drift
+        out.append(item)
+    return out
+
+
+def _samples(prometheus: Prometheus, family: str, span: float) -> dict[tuple[str, ...], list[tuple[float, float]]]:
+    """Every raw sample of a family over the last `span` seconds, by (instance, expert, model, label)."""
+    out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+    for series in prometheus.query(f"{family}[{math.ceil(span)}s]"):
+        labels = series["metric"]
+        extra = next((v for k, v in sorted(labels.items()) if k not in ("__name__", "instance", "job", "expert", "model")), "")
+        key = (labels["instance"], labels["expert"], labels["model"], extra)
+        out[key] = [(float(t), float(v)) for t, v in series["values"]]
+    return out
+
+
+def test_a_real_prometheus_sums_the_fleet_s_money_once_through_a_kill(
+    keepwarm_daemon: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(19)
+    # Production uses half the pairs: a request makes its pair's next ping unnecessary for an
+    # interval, and the other half go on pinging through the window checked below.
+    experts = [f"e{i}" for i in range(PAIRS // 2)]
+    started = time.time()
+    with Emulator(time_scale=SCALE) as emu:
+        env = daemon_env(ANTHROPIC_API_KEY="sk-test-fleet-prometheus")
+        members = [keepwarm_daemon(_doc(emu.base_url, postgres_url), env=env, name=f"m{i}.yaml",
+                                   args=("--time-scale", str(SCALE))) for i in range(3)]
+        for m in members:
+            m.wait_for("three members", lambda m=m: m.total("keepwarm_fleet_members") == 3, 60)
+        instance = {m: f"127.0.0.1:{m.port}" for m in members}
+        prometheus = Prometheus(tmp_path, list(instance.values()))
+        try:
+            _wait("every member scraped", lambda: prometheus.value('count(up{job="keepwarm"} == 1)') == 3, 60)
+            _wait("every pair exported", lambda: prometheus.value("count(keepwarm_pair_info)") == PAIRS, 30)
+
+            # Production posts to members at random, for pairs at random.
+            first = _observations(rng, 40, experts)
+            for chunk in (first[i:i + 5] for i in range(0, len(first), 5)):
+                _post(rng.choice(members).port, chunk)
+            _wait("the first requests counted, each by its pair's owner",
+                  lambda: prometheus.value("sum(keepwarm_production_requests_total)") == len(first), 30)
+
+            # The member that counted the most production is killed: its pairs move to the others.
+            victim = max(members, key=lambda m: prometheus.value(
+                f'sum(keepwarm_production_requests_total{{instance="{instance[m]}"}})'))
+            moved = {s["metric"]["expert"] for s in prometheus.query(
+                f'keepwarm_pair_info{{instance="{instance[victim]}"}}')}
+            assert moved, "the victim owns pairs"
+            victim.kill()
+            survivors = [m for m in members if m is not victim]
+            for m in survivors:
+                m.wait_for("the takeover", lambda m=m: m.total("keepwarm_fleet_members") == 2, 30)
+            _wait("the survivors exporting every pair",
+                  lambda: prometheus.value(f'count(keepwarm_pair_info{{instance!="{instance[victim]}"}})') == PAIRS, 30)
+            time.sleep(2 * SCRAPE)  # a scrape of each survivor after the takeover, before anything new
+            window_start = time.time()
+            alive = f'instance!="{instance[victim]}"'
+            before = prometheus.value(f"sum(keepwarm_production_requests_total{{{alive}}})")
+
+            # More production, to the survivors, half of it for the pairs that moved.
+            assert moved & set(experts), "the victim counted production, so it owned pairs production uses"
+            second = _observations(rng, 20, sorted(moved & set(experts))) + _observations(rng, 20, experts)
+            rng.shuffle(second)
+            for chunk in (second[i:i + 5] for i in range(0, len(second), 5)):
+                _post(rng.choice(survivors).port, chunk)
+            _wait("the second requests counted by the new owners", lambda: prometheus.value(
+                f"sum(keepwarm_production_requests_total{{{alive}}})") == before + len(second), 30)
+            # Pings go on after the takeover: a few in the window (within an interval), then a scrape.
+            with PostgresLedger(postgres_url, origin="scaled") as ledger:
+                _wait("pings after the takeover", lambda: len(ledger.rows(window_start + SCRAPE)) >= 3, 240 * SCALE + 10)
+            time.sleep(2 * SCRAPE)
+            span = time.time() - started + 5
+            production = {name: _samples(prometheus, name, span) for name in (
+                "keepwarm_production_requests_total", "keepwarm_saved_usd_total", "keepwarm_prefix_drift_total",
+                "keepwarm_production_cost_usd_total")}
+            pings = _samples(prometheus, "keepwarm_pings_total", span)
+            cost = _samples(prometheus, "keepwarm_cost_usd_total", span)
+            doubles = prometheus.query(
+                f"max_over_time((count by (expert, model) (count by (instance, expert, model) "
+                f'({{__name__=~"keepwarm_.+", expert!=""}})) > 1)[{math.ceil(span)}s:{SCRAPE:g}s])')
+            log = list(emu.log)
+        finally:
+            prometheus.stop()
+        for m in survivors:
+            assert m.stop()[0] == 0
+
+    assert doubles == [], f"pairs exported by two members at one scrape: {doubles}"
+
+    with PostgresLedger(postgres_url, origin="scaled") as ledger:
+        observations = ledger.observations()
+        pinged = ledger.rows()
+    # Production: every series keeps one owner for its whole life here (requests came only while
+    # the fleet agreed), so each series' last value is what that member counted; their sum is
+    # the ledger's, each request once. Counts exactly; dollars to float rounding.
+    def total(family: str) -> float:
+        return math.fsum(max(v for _, v in samples) for samples in production[family].values())
+
+    assert len(observations) == len(first) + len(second)
+    assert total("keepwarm_production_requests_total") == len(observations)
+    assert total("keepwarm_prefix_drift_total") == sum(1 for o in observations if o.drift)
+    saved = math.fsum(o.saved_usd or 0.0 for o in observations)
+    assert saved > 0
+    assert total("keepwarm_saved_usd_total") == pytest.approx(saved, rel=1e-9)
+    assert total("keepwarm_production_cost_usd_total") == pytest.approx(
+        math.fsum(sum((o.costs or {}).values()) for o in observations), rel=1e-9)
+    victim_counted = sum(max(v for _, v in samples) for key, samples in production[
+        "keepwarm_production_requests_total"].items() if key[0] == instance[victim])
+    assert victim_counted > 0, "the killed member counted some: its scraped series still count"
+
+    # Pings after the takeover: between a member's first scrape in the window and its last,
+    # its counters moved by the pings its pairs' rows say ended between those two scrapes.
+    _check_pings_in_window(pings, cost, pinged, log, instance[victim], window_start)
+
+
+def _check_pings_in_window(
+    pings: dict[tuple[str, ...], list[tuple[float, float]]],
+    cost: dict[tuple[str, ...], list[tuple[float, float]]],
+    rows: list[Any],
+    log: list[Any],
+    victim: str,
+    start: float,
+) -> None:
+    """Per survivor and pair: counted pings (and cost) between two scrapes equal the stored ones
+    that ended between them, up to those that ended within EDGE of a scrape (either side)."""
+    spans: dict[tuple[str, str], tuple[float, float]] = {}
+    counted: dict[tuple[str, str], float] = defaultdict(float)
+    counted_usd: dict[tuple[str, str], float] = defaultdict(float)
+    for family, into in ((pings, counted), (cost, counted_usd)):
+        for (inst, expert, _model, _), samples in family.items():
+            if inst == victim:
+                continue
+            inside = [(t, v) for t, v in samples if t >= start]
+            if len(inside) < 2:
+                continue
+            owner = spans.setdefault((inst, expert), (inside[0][0], inside[-1][0]))
+            assert owner == (inside[0][0], inside[-1][0])
+            into[(inst, expert)] += inside[-1][1] - inside[0][1]
+    owners: dict[str, tuple[str, float, float]] = {}
+    for (inst, expert), (t0, t1) in spans.items():
+        assert expert not in owners, f"{expert} counted by two survivors"
+        owners[expert] = (inst, t0, t1)
+    assert len(owners) == PAIRS, sorted(owners)
+    answered = {e.request_id: e for e in log if e.usage}
+    prices = builtin_table()
+    expected = edge = 0
+    expected_usd = 0.0
+    for row in rows:
+        inst, t0, t1 = owners[row.expert]
+        end = row.time + (row.duration or 0.0)
+        if min(abs(end - t0), abs(end - t1)) < EDGE:
+            edge += 1
+        elif t0 < end <= t1:
+            expected += 1
+            expected_usd += sum((row.costs or {}).values())
+            # What the emulator answered is what the row holds.
+            entry = answered[row.request_id]
+            emulated = prices.cost(MODEL, usage_from_api(entry.usage, "5m")) or {}
+            assert sum(emulated.values()) == pytest.approx(sum((row.costs or {}).values()), rel=1e-9)
+    assert expected >= 3, "pings in the window"
+    measured = sum(counted.values())
+    print(f"pings in the window: {measured:g} counted, {expected} stored, {edge} within {EDGE} s of a scrape")
+    assert expected <= measured <= expected + edge, (measured, expected, edge)
+    if edge == 0:
+        assert math.fsum(counted_usd.values()) == pytest.approx(expected_usd, rel=1e-9)
