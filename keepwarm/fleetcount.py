@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from keepwarm.pricing import COST_KINDS
@@ -28,6 +28,9 @@ from keepwarm.pricing import COST_KINDS
 # How long a read row id stays below the ones re-read: a transaction that got its id but had not
 # committed at the last read commits within this (the store's statement timeout is 15 s).
 COMMIT_SLACK = 30.0
+# The most gaps below the highest id read asked for by id; more (another origin's rows, a burst of
+# rollbacks) and the range is read again whole.
+MAX_GAPS = 1000
 
 
 class StoredProduction(NamedTuple):
@@ -66,8 +69,8 @@ class ProductionStore(Protocol):
     def last_observation_id(self) -> int:
         """The highest observation id stored so far."""
 
-    def observations_after(self, after: int) -> list[tuple[Any, ...]]:
-        """Observation rows with an id above `after`, in id order."""
+    def observations_after(self, after: int, also: Sequence[int] = ()) -> list[tuple[Any, ...]]:
+        """Observation rows with an id above `after` or in `also`, in id order."""
 
 
 class ProductionFeed:
@@ -76,23 +79,25 @@ class ProductionFeed:
     Reads by id rather than by the receiving member's clock: a member that could not reach the
     store writes its buffered rows when it is back, with new ids, and they are read then. Ids are
     handed out at insert and become visible at commit, so a read may see a later id before an
-    earlier one: each read goes back to the highest id seen COMMIT_SLACK ago, and skips the ids
-    it has already handed out.
+    earlier one: each read asks for the ids above the highest seen, and again for the gaps below
+    it that are younger than COMMIT_SLACK (an id not seen by then was rolled back, or belongs to
+    another origin's row). Past MAX_GAPS gaps it reads the whole range again instead.
     """
 
     def __init__(self, store: ProductionStore, mono: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.mono = mono
         self.floor: int | None = None  # every id up to here is handed out or will never be
+        self.highest = 0  # the highest id handed out
         self._marks: deque[tuple[float, int]] = deque()  # (when, highest id seen then)
-        self._seen: set[int] = set()
+        self._seen: set[int] = set()  # ids above the floor handed out
         self.failures = 0
 
     def start(self) -> bool:
         """Start after what the store holds now (counted by whoever owned it then); False when
         the store cannot be read (the next `read` tries again)."""
         try:
-            self.floor = self.store.last_observation_id()
+            self.floor = self.highest = self.store.last_observation_id()
         except Exception:  # noqa: BLE001 - an outage: the next read starts it
             self.failures += 1
             return False
@@ -103,20 +108,25 @@ class ProductionFeed:
         if self.floor is None and not self.start():
             return []
         assert self.floor is not None
+        floor, seen = self.floor, self._seen
+        if self.highest - floor - len(seen) <= MAX_GAPS:
+            after, gaps = self.highest, [i for i in range(floor + 1, self.highest) if i not in seen]
+        else:
+            after, gaps = floor, []
         try:
-            rows = self.store.observations_after(self.floor)
+            rows = self.store.observations_after(after, gaps)
         except Exception:  # noqa: BLE001 - the next read covers the same ids again
             self.failures += 1
             return []
         now = self.mono()
-        out = [from_row(r) for r in rows if int(r[0]) not in self._seen]
-        self._seen.update(r.id for r in out)
-        highest = max((int(r[0]) for r in rows), default=self.floor)
-        if not self._marks or highest > self._marks[-1][1]:
-            self._marks.append((now, highest))
+        out = [from_row(r) for r in rows if int(r[0]) not in seen]
+        seen.update(r.id for r in out)
+        self.highest = max([self.highest, *(r.id for r in out)])
+        if not self._marks or self.highest > self._marks[-1][1]:
+            self._marks.append((now, self.highest))
         while self._marks and now - self._marks[0][0] >= COMMIT_SLACK:
             _, mark = self._marks.popleft()
             self.floor = max(self.floor, mark)
-        floor = self.floor
-        self._seen = {i for i in self._seen if i > floor}
+        if self.floor != floor:
+            self._seen = {i for i in seen if i > self.floor}
         return out

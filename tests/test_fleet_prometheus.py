@@ -15,7 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ def test_each_pair_s_production_series_are_its_owner_s_whoever_received_the_obse
 
         rows = a.ledger.observations()
         assert len(rows) == posts
+        # The store's read: above an id, and the gaps below it asked for by id.
+        ids = [r.id for r in rows]
+        assert [r[0] for r in a.ledger.observations_after(ids[-2], [ids[0], ids[2]])] == [ids[0], ids[2], ids[-1]]
         _check_totals([a, b], rows)
 
         # A handover: x moves from a to b. a drops its series (the pings' do so too), b starts
@@ -155,6 +158,7 @@ class Rows:
 
     def __init__(self) -> None:
         self.visible: dict[int, tuple[Any, ...]] = {}
+        self.asked: list[tuple[int, int]] = []  # (after, how many gaps)
 
     def add(self, row_id: int, drift: str | None = None) -> None:
         self.visible[row_id] = (row_id, "e", "m", T0, "warm", 1, 2, 0, 0, 3, 0.1, 0.2, 0.0, 0.0, 0.3, 0.0, drift)
@@ -162,12 +166,13 @@ class Rows:
     def last_observation_id(self) -> int:
         return max(self.visible, default=0)
 
-    def observations_after(self, after: int) -> list[tuple[Any, ...]]:
-        return [row for i, row in sorted(self.visible.items()) if i > after]
+    def observations_after(self, after: int, also: Sequence[int] = ()) -> list[tuple[Any, ...]]:
+        self.asked.append((after, len(also)))
+        return [row for i, row in sorted(self.visible.items()) if i > after or i in also]
 
 
 def test_the_feed_hands_every_row_out_once_even_when_an_earlier_id_commits_later() -> None:
-    from keepwarm.fleetcount import COMMIT_SLACK
+    from keepwarm.fleetcount import COMMIT_SLACK, MAX_GAPS
 
     rows, mono = Rows(), Clock()
     rows.add(1)  # stored before this member started: its owner then counted it
@@ -180,19 +185,26 @@ def test_the_feed_hands_every_row_out_once_even_when_an_earlier_id_commits_later
     got = feed.read()
     assert [(r.id, r.drift, r.tokens["cache_read"], r.cost) for r in got] == [
         (2, True, 2, {"input": 0.1, "cache_read": 0.2, "cache_write_5m": 0.0, "cache_write_1h": 0.0, "output": 0.3})]
+    assert rows.asked[-1] == (3, 1), "above the highest id read, and the one gap below it"
     mono.now += COMMIT_SLACK
     assert feed.read() == [] and feed.floor == 3, "ids read long enough ago are no longer re-read"
     assert feed._seen == set(), "nor remembered"
+    # Another origin's rows take ids too: past MAX_GAPS gaps the range is read again whole.
+    rows.add(3 + MAX_GAPS + 2)
+    assert [r.id for r in feed.read()] == [3 + MAX_GAPS + 2]
+    rows.add(4)  # committed late, far below
+    assert [r.id for r in feed.read()] == [4] and rows.asked[-1] == (3, 0)
+    assert feed.read() == []
 
 
 def test_the_feed_waits_out_an_unreachable_store() -> None:
     class Down(Rows):
         up = False
 
-        def observations_after(self, after: int) -> list[tuple[Any, ...]]:
+        def observations_after(self, after: int, also: Sequence[int] = ()) -> list[tuple[Any, ...]]:
             if not self.up:
                 raise OSError("connection refused")
-            return super().observations_after(after)
+            return super().observations_after(after, also)
 
         def last_observation_id(self) -> int:
             if not self.up:
