@@ -116,6 +116,11 @@ def test_each_pair_s_production_series_are_its_owner_s_whoever_received_the_obse
 
         rows = a.ledger.observations()
         assert len(rows) == posts
+        # The status page's figures follow the series: the owner's.
+        for member, mine, other in ((a, x, y), (b, y, x)):
+            pairs = member.observer.headline()["pairs"]
+            assert pairs[mine].requests == sum(1 for r in rows if f"{r.expert}/{r.model}" == mine)
+            assert pairs[other].requests == 0
         # The store's read: above an id, and the gaps below it asked for by id.
         ids = [r.id for r in rows]
         assert [r[0] for r in a.ledger.observations_after(ids[-2], [ids[0], ids[2]])] == [ids[0], ids[2], ids[-1]]
