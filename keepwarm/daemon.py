@@ -26,6 +26,7 @@ from keepwarm.config import ApiKey, Config, ConfigError, Pair, load_config, reso
 from keepwarm.durations import format_duration
 from keepwarm.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from keepwarm.fleet import Membership, RemoteObservations
+from keepwarm.fleetcount import ProductionFeed
 from keepwarm.gate import Gate
 from keepwarm.heap import keep_large_blocks_mapped, release_free_memory
 from keepwarm.logs import emergency_line, event
@@ -37,6 +38,7 @@ from keepwarm.providers.clients import make_clients
 from keepwarm.runner import LedgerLike, PingOutcome, Runner
 from keepwarm.scheduler import HEARTBEAT_EVERY, Scheduler
 from keepwarm.store import LedgerError, PairKey, PairResume, Store, location, open_store
+from keepwarm.store.postgres import PostgresLedger
 from keepwarm.web import PageInfo, WebServer
 from keepwarm.webconfig import WebSettings, load_web_config
 
@@ -398,6 +400,7 @@ class Daemon:
         # just loaded: the loop below applies it, which re-reads the file and is harmless.
         self.membership = membership
         remote: RemoteObservations | None = None
+        feed: ProductionFeed | None = None
         if membership is not None and ledger is not None:
             scheduler.owns = membership.owns
             # Observations other members accept for pairs this one owns reach it through the store.
@@ -410,8 +413,14 @@ class Daemon:
                     accepted(touches)
 
                 observer.touch_many = touch_and_remember
+            if isinstance(ledger, PostgresLedger):  # a fleet's store: `fleet:` comes only with ledger.url
+                # Production's series are the owner's: whoever receives an observation stores
+                # it, and the pair's owner counts it from the store (keepwarm.fleetcount).
+                observer.counted_by_owner = True
+                feed = ProductionFeed(ledger)
+                feed.start()
         scheduler.start(owned_pairs(config, membership))
-        self._fleet_metrics(metrics, scheduler)
+        self._fleet_metrics(metrics, scheduler, config)
         freeze_heap()
         event(
             log,
@@ -443,7 +452,10 @@ class Daemon:
                         # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
                         scheduler.apply(owned_pairs(config, membership))
                     scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
-                    self._fleet_metrics(metrics, scheduler)
+                    if feed is not None:
+                        # After the pairs moved: counted by whoever owns them from now on.
+                        observer.count_stored(feed.read(), membership.owns)
+                    self._fleet_metrics(metrics, scheduler, config)
                 scheduler.check_clock()
                 observer.settle()  # savings whose wait is over: credited, their rows written
                 if time.monotonic() - trimmed >= TRIM_EVERY:
@@ -474,11 +486,11 @@ class Daemon:
         event(log, logging.INFO, "stopped")
         return EX_OK
 
-    def _fleet_metrics(self, metrics: Metrics, scheduler: Scheduler) -> None:
+    def _fleet_metrics(self, metrics: Metrics, scheduler: Scheduler, config: Config) -> None:
         membership = self.membership
-        if membership is not None:
+        if membership is not None and config.fleet is not None:
             metrics.set_fleet(len(membership.view.members), len(scheduler.states), membership.handovers,
-                              membership.failures)
+                              membership.failures, config.fleet.min_members)
 
     @property
     def origin(self) -> str:

@@ -560,7 +560,7 @@ class Metrics:
         # of their own, which `exposition()` renders after the per-pair families.
         self._plain = CollectorRegistry()
         self._budget_gauges: tuple[Gauge, Gauge] | None = None  # created by set_budget
-        self._fleet: tuple[Gauge, Gauge, Counter, Counter] | None = None  # created by set_fleet
+        self._fleet: tuple[Gauge, Gauge, Counter, Counter, Gauge] | None = None  # created by set_fleet
         self._fleet_seen = [0, 0]  # the totals the fleet counters were last brought to
         self.lateness = Histogram(
             "keepwarm_ping_lateness_seconds",
@@ -597,22 +597,26 @@ class Metrics:
         for reason in REJECT_REASONS:  # five series in all, not per pair: there from the start
             self.observations_rejected.labels(reason)
 
-    def set_fleet(self, members: int, owned: int, handovers: int, lease_failures: int) -> None:
+    def set_fleet(self, members: int, owned: int, handovers: int, lease_failures: int, min_members: int = 1) -> None:
         """Export a fleet member's view (only a daemon in a fleet has these): live members, the
-        pairs it owns, and its counts of membership changes and failed lease renewals."""
+        pairs it owns, its counts of membership changes and failed lease renewals, and
+        `fleet.min_members` (what KeepwarmFleetDegraded compares the members with)."""
         if self._fleet is None:
             self._fleet = (
                 Gauge("keepwarm_fleet_members", "Live members of the fleet, as this member last saw them.", registry=None),
                 Gauge("keepwarm_fleet_owned_pairs", "Pairs this member keeps warm (and exports).", registry=None),
                 Counter("keepwarm_fleet_handovers", "Membership changes this member saw; each moves pairs.", registry=None),
                 Counter("keepwarm_fleet_lease_failures", "Lease renewals that could not reach the store.", registry=None),
+                Gauge("keepwarm_fleet_min_members", "The fewest live members the fleet should have (fleet.min_members).",
+                      registry=None),
             )
             for metric in self._fleet:
                 self.registry.register(metric)
                 self._plain.register(metric)
-        members_gauge, owned_gauge, handover_counter, failure_counter = self._fleet
+        members_gauge, owned_gauge, handover_counter, failure_counter, minimum_gauge = self._fleet
         members_gauge.set(members)
         owned_gauge.set(owned)
+        minimum_gauge.set(min_members)
         # The counters follow the membership's own totals.
         for i, (counter, total) in enumerate(((handover_counter, handovers), (failure_counter, lease_failures))):
             if total > self._fleet_seen[i]:
@@ -647,6 +651,16 @@ class Metrics:
         """A pair's production families as one handle, for the observations' per-request sums."""
         store = self._store
         return ProductionSeries(store, store.observed_slots(store.series(expert, model)))
+
+    def kept_production(self, expert: str, model: str) -> ProductionSeries | None:
+        """A configured pair's production families (`production`), or None for a pair this
+        daemon does not export now: a fleet member counts only the pairs it keeps, and must
+        not bring back the series of one it has just lost."""
+        store = self._store
+        series = store.pairs.get((expert, model))
+        if series is None or not series.configured:
+            return None
+        return ProductionSeries(store, store.observed_slots(series))
 
     def add_pair(self, pair: Pair) -> None:
         """Create a configured pair's series, or update its info and interval in place."""

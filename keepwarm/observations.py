@@ -60,10 +60,11 @@ from typing import Any, Protocol
 from keepwarm.classify import Result, Usage, classify, usage_from_api
 from keepwarm.config import Config, ConfigError, Pair
 from keepwarm.driftlog import DriftLog
+from keepwarm.fleetcount import StoredProduction
 from keepwarm.logs import event
 from keepwarm.metrics import Metrics, ProductionSeries
 from keepwarm.policy import Source, Touch
-from keepwarm.pricing import PriceTable
+from keepwarm.pricing import COST_KINDS, PriceTable
 from keepwarm.shard import shard_of
 from keepwarm.store import Recent
 
@@ -751,6 +752,9 @@ class Observer:
         self.touch_many = touch_many
         # In a fleet: each pair's latest production request any member stored (keepwarm.fleet).
         self.fleet_history: Callable[[list[tuple[str, str]]], dict[tuple[str, str], float]] | None = None
+        # In a fleet the pair's owner counts what any member stored (`count_stored`): the
+        # receiving member judges and stores an observation but leaves its series alone.
+        self.counted_by_owner = False
         self.ledger = ledger
         self.clock = clock
         self.windows = Windows(since=clock())
@@ -1024,11 +1028,52 @@ class Observer:
                 _yield()
             self._attribute(ordered[start:start + CHUNK], sums, judged, warm)
         with self._lock:
-            for key, total in sums.items():
-                if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
-                    self._count(key, total)
+            if not self.counted_by_owner:
+                for key, total in sums.items():
+                    if self.pairs.get(key) is total.pair:  # else a reload removed or changed it meanwhile
+                        self._count(key, total)
             self.drift_log.judged(judged)
         return judged
+
+    def count_stored(self, rows: Iterable[StoredProduction], owns: Callable[[str], bool]) -> int:
+        """In a fleet: count observations read back from the shared store, whichever member
+        received them, for the pairs this member owns and exports now; return how many.
+
+        As the store holds them: the receiving member judged the saving against the fleet's
+        history and priced each row, so the series add up to the ledger's figures.
+        """
+        per_pair: dict[str, list[StoredProduction]] = {}
+        for row in rows:
+            per_pair.setdefault(row.key, []).append(row)
+        counted = 0
+        with self._lock:
+            for key, pair_rows in per_pair.items():
+                pair = self.pairs.get(key)
+                series = self.metrics.kept_production(pair.expert, pair.model) if pair is not None else None
+                if series is None or not owns(key):
+                    continue  # not this member's: its owner counts it
+                requests: dict[str, int] = {}
+                tokens = dict.fromkeys(COST_KINDS, 0)
+                cost = dict.fromkeys(COST_KINDS, 0.0)
+                saved = 0.0
+                drift = 0
+                for row in pair_rows:
+                    if row.result not in PRODUCTION_RESULTS:
+                        continue  # not a production request's result (no such row is stored)
+                    requests[row.result] = requests.get(row.result, 0) + 1
+                    for kind, n in row.tokens.items():
+                        tokens[kind] += n
+                    for kind, usd in (row.cost or {}).items():
+                        cost[kind] += usd
+                    saved += row.saved_usd
+                    drift += row.drift
+                    written = row.tokens["cache_write_5m"] + row.tokens["cache_write_1h"]
+                    self.windows.add(key, row.at, Totals(requests=1, cache_read=row.tokens["cache_read"],
+                                                         cache_write=written, saved_usd=row.saved_usd,
+                                                         drift=int(row.drift)))
+                series.add(requests, tokens, cost, saved, drift)
+                counted += len(pair_rows)
+        return counted
 
     def _fleet_previous(self, observations: list[Observation]) -> None:
         """In a fleet, production's previous request to a pair may have reached another member:

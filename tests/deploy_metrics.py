@@ -20,7 +20,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "keepwarm.json"
 # and registries of these tests are not: KeepwarmTargetMissing and the keepwarm.fleet group read
 # them. tests/test_deploy_metric_names.py checks them on a fleet member of its own.
 FLEET_ONLY = {"keepwarm_fleet_members", "keepwarm_fleet_owned_pairs", "keepwarm_fleet_lease_failures_total",
-              "keepwarm_fleet_handovers_total"}
+              "keepwarm_fleet_handovers_total", "keepwarm_fleet_min_members"}
 NOT_YET_EXPORTED = FLEET_ONLY
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')

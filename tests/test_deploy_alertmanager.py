@@ -1,15 +1,22 @@
 """deploy/alertmanager: the example passes amtool's check, routes by severity, groups by alert and
-target, and inhibits the per-pair alerts while KeepwarmDown or the target rollup fires.
-(tests/test_deploy_alerting.py runs it on a real Alertmanager.)"""
+target, and inhibits the per-pair alerts while KeepwarmDown, the target rollup or a fleet alert
+fires. (tests/test_deploy_alerting.py runs it on a real Alertmanager with a real Prometheus; the
+fleet's inhibitions are checked here on a real Alertmanager alone.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -68,3 +75,89 @@ def test_the_target_rollup_inhibits_the_per_pair_alerts_of_its_target_only() -> 
                        "equal": ["namespace", "job", "instance"]}]
     (rule,) = [r for r in alerts() if r["alert"] == "KeepwarmTargetUnhealthy"]
     assert rule["labels"]["scope"] == "target"  # not "pair": it cannot inhibit itself
+
+
+# --- the fleet's inhibitions, on a real Alertmanager ---------------------------------------------
+
+FLEET_ALERTS = ("KeepwarmFleetDegraded", "KeepwarmFleetDatabaseUnreachable", "KeepwarmFleetSplit",
+                "KeepwarmFleetPairsUnowned")
+
+
+def _labels(alert: str, **extra: str) -> dict[str, str]:
+    """An alert's labels as its rule sets them, with the target labels Prometheus adds."""
+    rule = next(r for r in alerts() if r["alert"] == alert)
+    return {"alertname": alert, **rule["labels"], **extra}
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[str]:
+    """The shipped example on loopback, its webhooks pointed at a port nobody listens on."""
+    doc = yaml.safe_load(CONFIG.read_text())
+    dead = free_port()
+    for receiver in doc["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            hook["url"] = f"http://127.0.0.1:{dead}/"
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(yaml.safe_dump(doc))
+    binary = shutil.which("prometheus-alertmanager")
+    assert binary, "prometheus-alertmanager not found: scripts/test installs it"
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.path={tmp_path / 'am'}",
+                             f"--web.listen-address={url.removeprefix('http://')}", "--cluster.listen-address=",
+                             "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=(tmp_path / "am.log").open("wb"))
+    try:
+        _until(lambda: _get(f"{url}/-/ready") is not None, f"Alertmanager ready (see {tmp_path}/am.log)")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _get(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            body = answer.read()
+    except OSError:
+        return None
+    return json.loads(body) if body.startswith((b"[", b"{")) else body
+
+
+def _until(check: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("fleet_alert", FLEET_ALERTS)
+def test_a_degraded_fleet_is_one_page_its_per_pair_alerts_held_back(alertmanager: str, fleet_alert: str) -> None:
+    fleet = {"job": "keepwarm"}
+    source = _labels(fleet_alert, **fleet, **({"instance": "b:9464"} if fleet_alert.endswith("Unreachable") else {}))
+    held = [
+        _labels("KeepwarmPingsStale", **fleet, instance="a:9464", expert="e1", model="m"),
+        _labels("KeepwarmHitRateLow", **fleet, instance="c:9464", expert="e2", model="m"),
+        _labels("KeepwarmPairDuplicated", **fleet, expert="e3", model="m"),
+    ]
+    kept = [
+        _labels("KeepwarmPingsStale", job="other", instance="x:9464", expert="e1", model="m"),  # another fleet
+        _labels("KeepwarmTargetUnhealthy", **fleet, instance="a:9464"),  # the target's rollup pages
+        *(_labels(a, **fleet) for a in FLEET_ALERTS if a != fleet_alert and not a.endswith("Unreachable")),
+    ]
+    body = json.dumps([{"labels": labels} for labels in (source, *held, *kept)]).encode()
+    request = urllib.request.Request(f"{alertmanager}/api/v2/alerts", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+
+    def states() -> dict[tuple[str, ...], str]:
+        found = _get(f"{alertmanager}/api/v2/alerts?active=true&inhibited=true&silenced=true") or []
+        return {tuple(sorted(a["labels"].items())): a["status"]["state"] for a in found}
+
+    def key(labels: dict[str, str]) -> tuple[str, ...]:
+        return tuple(sorted(labels.items()))
+
+    _until(lambda: len(states()) == 1 + len(held) + len(kept), "every alert received")
+    now = states()
+    assert now[key(source)] == "active"
+    assert {now[key(a)] for a in held} == {"suppressed"}, now
+    assert {now[key(a)] for a in kept} == {"active"}, now

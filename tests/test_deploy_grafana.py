@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from deploy_metrics import (
     DASHBOARD,
+    FLEET_ONLY,
     NOT_YET_EXPORTED,
     RULES,
     all_panels,
@@ -43,7 +44,9 @@ def exported_families() -> set[str]:
     return {f.name + "_total" if f.type == "counter" else f.name for f in families}
 
 
-UNLABELLED = {"keepwarm_ping_lateness_seconds", "keepwarm_config_last_reload_successful", "keepwarm_build_info"}
+# Families with a series per process, not per pair: a range query over them reads a few series.
+UNLABELLED = {"keepwarm_ping_lateness_seconds", "keepwarm_config_last_reload_successful", "keepwarm_build_info",
+              *FLEET_ONLY}
 # What Grafana puts in place of the variables, near enough for parsing.
 SUBSTITUTIONS = {
     "expert": ".+", "model": ".+", "namespace": ".*", "job": ".+", "instance": ".+",

@@ -76,7 +76,8 @@ def test_the_running_daemon_exports_every_metric_the_deploy_files_use(tmp_path: 
 
 def test_a_fleet_member_exports_the_fleet_metrics_the_deploy_files_use(keepwarm_daemon: Any, postgres_url: str) -> None:
     used = metric_names_used() & FLEET_ONLY
-    assert {"keepwarm_fleet_members", "keepwarm_fleet_owned_pairs", "keepwarm_fleet_lease_failures_total"} <= used
+    assert {"keepwarm_fleet_members", "keepwarm_fleet_owned_pairs", "keepwarm_fleet_lease_failures_total",
+            "keepwarm_fleet_min_members"} <= used
     with Emulator() as emu:
         doc = {"api": {"base_url": emu.base_url}, "defaults": {"models": ["claude-sonnet-4-6"]},
                "experts": [{"name": "e0", "system": [{"text": LONG_PROMPT}]}],

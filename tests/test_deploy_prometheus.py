@@ -107,7 +107,8 @@ def test_no_rule_reads_a_raw_counter_over_days() -> None:
 PRODUCTION_ALERTS = {"KeepwarmProductionHitRateLow", "KeepwarmPrefixDrift", "KeepwarmKeepaliveNotPaying"}
 BUDGET_ALERTS = {"KeepwarmBudgetReached"}
 # A fleet's own alerts (keepwarm.fleet), tested in keepwarm-fleet.test.yml.
-FLEET_ALERTS = {"KeepwarmFleetDatabaseUnreachable", "KeepwarmFleetSplit", "KeepwarmFleetPairsUnowned"}
+FLEET_ALERTS = {"KeepwarmFleetDegraded", "KeepwarmFleetDatabaseUnreachable", "KeepwarmFleetSplit",
+                "KeepwarmFleetPairsUnowned"}
 
 
 def test_every_group_holds_exactly_its_contracted_alerts() -> None:

@@ -430,6 +430,24 @@ class PostgresLedger(PendingLedger):
         with self._reading() as conn:
             return _select_observations(conn, since, (self.origin,))
 
+    def last_observation_id(self) -> int:
+        """The highest observation id stored so far (0: none); where a new member's counts start."""
+        with self._reading() as conn:
+            row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM observations").fetchone()
+            return int(row[0]) if row is not None else 0
+
+    def observations_after(self, after: int, also: Sequence[int] = ()) -> list[tuple[Any, ...]]:
+        """Observations of this origin with an id above `after` or in `also`, in id order,
+        drifted ones included: (id, expert, model, time, result, input, cache_read,
+        cache_write_5m, cache_write_1h, output, the five costs, saved_usd, drift). What a fleet
+        member counts in the production series of the pairs it owns (keepwarm.fleetcount)."""
+        with self._reading() as conn:
+            return [tuple(row) for row in conn.execute(
+                "SELECT id, expert, model, time, result, input, cache_read, cache_write_5m, cache_write_1h, output,"
+                " cost_input, cost_cache_read, cost_cache_write_5m, cost_cache_write_1h, cost_output, saved_usd, drift"
+                " FROM observations WHERE (id > %s OR id = ANY(%s)) AND origin = %s ORDER BY id",
+                (after, list(also), self.origin))]
+
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
 
