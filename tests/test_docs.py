@@ -365,3 +365,30 @@ def test_slugs_follow_githubs_rule() -> None:
     assert _slug("## When a pair is pinged: policies, active hours, budget") == "when-a-pair-is-pinged-policies-active-hours-budget"
     assert _slug("### Python: `keepwarm.observe`") == "python-keepwarmobserve"
     assert _slug("## Does it pay for itself?") == "does-it-pay-for-itself"
+
+
+# --- the alerts and the modules a reader meets ------------------------------------------------
+
+
+def test_every_shipped_alert_is_named_in_the_readme() -> None:
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "keepwarm-rules.yml").read_text(encoding="utf-8"))
+    alerts = sorted({r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r})
+    assert len(alerts) > 10, f"the rules walk found only {alerts}"
+    readme = README.read_text(encoding="utf-8")
+    missing = [a for a in alerts if not re.search(rf"`{a}`", readme)]
+    assert not missing, f"README.md (## Deploy, Wiring the alerts) does not name: {', '.join(missing)}"
+
+
+def test_every_module_is_in_the_readme_layout() -> None:
+    section = _section(README.read_text(encoding="utf-8"), "## Development")
+    named = set(_code_spans(section))
+    modules = sorted(
+        p.stem if p.is_file() else p.name + "/"
+        for p in (ROOT / "keepwarm").iterdir()
+        if (p.suffix == ".py" and not p.stem.startswith("_")) or (p.is_dir() and (p / "__init__.py").exists())
+    )
+    assert "cli" in modules and "store/" in modules, modules
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"README.md, the layout under ## Development, does not name: {', '.join(missing)}"
