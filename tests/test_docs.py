@@ -119,6 +119,28 @@ def test_every_exported_metric_is_in_the_readme_metric_table() -> None:
     assert not gone, f"README.md ## Metrics documents metrics the code no longer exports: {', '.join(gone)}"
 
 
+def test_every_label_value_is_in_its_metric_row() -> None:
+    """A label's values are the interface alerts and dashboards match on: each is listed in its
+    family's row, or in the row it refers to with "same kinds"."""
+    from keepwarm.metrics import _FAMILIES, REJECT_REASONS
+
+    readme = README.read_text(encoding="utf-8")
+    rows = {}
+    for row in _table_with(_section(readme, "## Metrics"), "metric", "README.md ## Metrics"):
+        for name in _code_spans(row[0]):
+            rows[name] = " ".join(row[1:])
+    labelled = {f.name: f.values for f in _FAMILIES if f.label}
+    labelled["keepwarm_observations_rejected_total"] = tuple(REJECT_REASONS)
+    assert "keepwarm_cache_misses_total" in labelled, sorted(labelled)
+    missing = []
+    for name, values in labelled.items():
+        text = rows.get(name, "")
+        if "same kinds" in text:
+            text += rows["keepwarm_cost_usd_total"]  # the family whose kinds the row lists
+        missing += [f"{name}: `{v}`" for v in values if f"`{v}`" not in text]
+    assert not missing, f"README.md ## Metrics rows lack label values: {', '.join(missing)}"
+
+
 # --- 2. every config key the loader accepts is in the config reference ------------------------
 
 
