@@ -39,11 +39,12 @@ def _strip_code_blocks(text: str) -> str:
     return "\n".join(out)
 
 
-def _section(text: str, heading: str) -> str:
-    """The lines under `heading` (a whole heading line) up to the next heading of its level or higher."""
+def _section(text: str, heading: str, code: bool = False) -> str:
+    """The lines under `heading` (a whole heading line) up to the next heading of its level or
+    higher; fenced code blocks blanked unless `code`."""
     level = len(heading) - len(heading.lstrip("#"))
-    lines = _strip_code_blocks(text).splitlines()
-    assert heading in lines, f"README.md: the heading {heading!r} is gone; the docs test reads that section"
+    lines = (text if code else _strip_code_blocks(text)).splitlines()
+    assert heading in lines, f"the heading {heading!r} is gone; the docs test reads that section"
     start = lines.index(heading) + 1
     end = next(
         (i for i in range(start, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[i])),
@@ -414,3 +415,20 @@ def test_every_module_is_in_the_readme_layout() -> None:
     assert "cli" in modules and "store/" in modules, modules
     missing = [m for m in modules if m not in named]
     assert not missing, f"README.md, the layout under ## Development, does not name: {', '.join(missing)}"
+
+
+def test_the_emulators_python_interface_is_documented() -> None:
+    """docs/emulator.md's `## Python interface` names every parameter, public method and log field."""
+    import dataclasses
+    import inspect
+
+    from keepwarm.emulator import Emulator, LogEntry, serve
+
+    section = _section((DOCS / "emulator.md").read_text(encoding="utf-8"), "## Python interface", code=True)
+    names = [f"Emulator({p})" for p in inspect.signature(Emulator.__init__).parameters if p != "self"]
+    names += [f"serve({p})" for p in inspect.signature(serve).parameters]
+    names += [f"emu.{m}" for m in dir(Emulator) if not m.startswith("_")]
+    names += [f"LogEntry.{f.name}" for f in dataclasses.fields(LogEntry)]
+    assert len(names) > 20, names
+    missing = [n for n in names if not re.search(rf"\b{re.escape(n.split('(')[-1].rstrip(')').split('.')[-1])}\b", section)]
+    assert not missing, f"docs/emulator.md, ## Python interface, does not mention: {', '.join(missing)}"
