@@ -432,3 +432,27 @@ def test_the_emulators_python_interface_is_documented() -> None:
     assert len(names) > 20, names
     missing = [n for n in names if not re.search(rf"\b{re.escape(n.split('(')[-1].rstrip(')').split('.')[-1])}\b", section)]
     assert not missing, f"docs/emulator.md, ## Python interface, does not mention: {', '.join(missing)}"
+
+
+def test_every_command_line_in_the_docs_uses_real_flags() -> None:
+    """A `keepwarm CMD --flag` written in README.md or docs/ (code spans and blocks) names a flag
+    CMD has: a renamed or removed flag fails here rather than in a reader's terminal."""
+    commands = {path: {o for options in flags for o in options} for path, flags in _commands()}
+    top = commands.pop("")
+    names = {path.split()[0] for path in commands}
+    bad, seen = [], 0
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        for code in re.findall(r"```.*?```", text, re.S) + re.findall(r"`[^`\n]+`", text):
+            for line in code.splitlines():
+                for m in re.finditer(r"(?<![\w/.-])keepwarm((?: +-v)?) +([a-z][a-z-]*)( +copy)?([^`|;&#]*)", line):
+                    if m.group(2) not in names or (m.group(2) == "ledger" and not m.group(3)):
+                        continue
+                    path = m.group(2) + (m.group(3) or "")
+                    seen += 1
+                    own = commands.get(" ".join(path.split()), set()) | top
+                    for flag in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", m.group(4)):
+                        if flag not in own:
+                            bad.append(f"{page.relative_to(ROOT)}: `keepwarm {path}` has no {flag}: {line.strip()[:100]}")
+    assert seen > 20, f"only {seen} command lines found: the pattern broke"
+    assert not bad, "\n".join(bad)
