@@ -456,3 +456,21 @@ def test_every_command_line_in_the_docs_uses_real_flags() -> None:
                             bad.append(f"{page.relative_to(ROOT)}: `keepwarm {path}` has no {flag}: {line.strip()[:100]}")
     assert seen > 20, f"only {seen} command lines found: the pattern broke"
     assert not bad, "\n".join(bad)
+
+
+def _without_comments(text: str) -> str:
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S).strip()
+
+
+def test_the_readmes_pays_section_is_docs_pays_md() -> None:
+    """README's "Does it pay for itself?" is docs/pays.md (generated from the price table, kept
+    current by tests/test_report.py): a regenerated pays.md must reach the README too."""
+    readme = README.read_text(encoding="utf-8")
+    heading = "## Does it pay for itself?"
+    body = readme[readme.index(heading) + len(heading):]
+    body = body[: body.index("\nFor your own prompts")]
+    pays = (DOCS / "pays.md").read_text(encoding="utf-8")
+    assert pays.startswith(heading), "docs/pays.md starts with its own heading"
+    assert _without_comments(body) == _without_comments(pays[len(heading):]), (
+        "README.md, ## Does it pay for itself?, differs from docs/pays.md: copy docs/pays.md (below its heading) there"
+    )
