@@ -474,3 +474,22 @@ def test_the_readmes_pays_section_is_docs_pays_md() -> None:
     assert _without_comments(body) == _without_comments(pays[len(heading):]), (
         "README.md, ## Does it pay for itself?, differs from docs/pays.md: copy docs/pays.md (below its heading) there"
     )
+
+
+def test_the_readmes_policy_figures_are_the_benchmark_tables() -> None:
+    """The README quotes the policy benchmark's total row; docs/policy.md's table is regenerated
+    by `bench/policy.py --write-docs`, and the quote must follow it."""
+    policy = (DOCS / "policy.md").read_text(encoding="utf-8")
+    table = policy[policy.index("<!-- policy-table:begin -->"): policy.index("<!-- policy-table:end -->")]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header, body = _cells(lines[0]), [_cells(line) for line in lines[2:]]
+    total = dict(zip(header, next(row for row in body if row[0] == "**total**")))
+    shapes = len([row for row in body if row[0] != "**total**"])
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    quote = re.search(r"On the benchmark's (\d+) traffic shapes.*?`adaptive` costs ([\d.]+)× the hindsight optimum"
+                      r" in total, `fixed` ([\d.]+)× and no keepalive ([\d.]+)×", readme)
+    assert quote, "README.md (## When a pair is pinged) no longer quotes the policy benchmark's totals"
+    quoted = (int(quote.group(1)), quote.group(2), quote.group(3), quote.group(4))
+    assert quoted == (shapes, total["adaptive"], total["fixed"], total["none"]), (
+        f"README.md quotes {quoted}; docs/policy.md's table says {(shapes, total['adaptive'], total['fixed'], total['none'])}"
+    )
