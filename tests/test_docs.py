@@ -43,12 +43,13 @@ def _section(text: str, heading: str, code: bool = False) -> str:
     """The lines under `heading` (a whole heading line) up to the next heading of its level or
     higher; fenced code blocks blanked unless `code`."""
     level = len(heading) - len(heading.lstrip("#"))
-    lines = (text if code else _strip_code_blocks(text)).splitlines()
-    assert heading in lines, f"the heading {heading!r} is gone; the docs test reads that section"
-    start = lines.index(heading) + 1
+    prose = _strip_code_blocks(text).splitlines()  # a `# comment` in a code block is no heading
+    lines = text.splitlines() if code else prose
+    assert heading in prose, f"the heading {heading!r} is gone; the docs test reads that section"
+    start = prose.index(heading) + 1
     end = next(
-        (i for i in range(start, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[i])),
-        len(lines),
+        (i for i in range(start, len(prose)) if re.match(rf"#{{1,{level}}} ", prose[i])),
+        len(prose),
     )
     return "\n".join(lines[start:end])
 
