@@ -3,7 +3,7 @@
 Metrics are built against an injectable registry so each test gets a fresh one.
 
 The series budget (`metrics.per_pair`). In `standard` mode (the default) a pair exposes at
-most 20 series in a healthy steady state, 30 once production observations arrive:
+most 20 series in a healthy steady state, 29 once production observations arrive:
 
 - dense from start-up, at 0: `keepwarm_pings_total` (each result), `keepwarm_cost_usd_total`
   (each kind the pair's TTL allows: a 5m pair never writes a 1h entry), the four per-pair
