@@ -965,7 +965,7 @@ class Observer:
                 credited = attribution is not None and self.pairs.get(pair.key) is pair and attribution.settle(obs.at)
                 tokens = verdict.saved_tokens if credited else 0
                 out.append((obs, Verdict(credited, verdict.drift, verdict.late, tokens)))
-                if credited:
+                if credited and not self.counted_by_owner:  # in a fleet the owner counts it from the store
                     usd = saved_usd(self.prices, pair, tokens) or 0.0
                     self._series(pair).add({}, {}, {}, usd, 0)
                     self.windows.add(pair.key, obs.at, Totals(saved_usd=usd))
