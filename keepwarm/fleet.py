@@ -9,7 +9,12 @@ renewal.
 
 When the store cannot be reached a member keeps the last view it had and goes on pinging what
 it owned: a duplicate ping costs one cache read, a lapse a write. Once it reaches the store
-again it sees who is live and yields what moved. A pair that changes owner is resumed by its
+again it sees who is live and yields what moved. An outage of the whole store lets every lease
+run out, though no member left: the first member back would find itself alone and take every
+pair, then give them back as the others return, two handovers and a duplicate ping per pair
+for nothing. So a member back from an outage keeps the members it knew for a recovery period
+(the lease, plus the longest the store waits before it tries to reconnect), time for the
+others to renew; only those still silent then have left. A pair that changes owner is resumed by its
 new owner from the shared store (its last touch, its cache's expiry): neither a cold start nor
 a duplicate ping.
 """
@@ -49,6 +54,13 @@ class LeaseStore(Protocol):
         """Give the lease up at once (a clean stop): the others take over without waiting for it."""
 
 
+def reconnect_within(store: object) -> float:
+    """The longest `store` waits between two attempts to reach its database once it lost it
+    (its `reconnect_within`; 0 for a store that tries at every call)."""
+    value = getattr(store, "reconnect_within", 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 @dataclass(frozen=True)
 class View:
     """Who is in the fleet, as one member last saw it."""
@@ -78,10 +90,16 @@ class Membership:
         member: str | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        recovery: float | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.lease = lease
+        # After an outage, how long the members known before it stay in the view though their
+        # leases ran out: every one of them tries the store within its reconnection wait and
+        # renews within a lease.
+        self.recovery = lease + reconnect_within(store) if recovery is None else recovery
+        self._recovering_until: float | None = None  # monotonic; set when the store comes back
         self.member = member or member_id()
         self.clock = clock
         self.mono = mono
@@ -114,13 +132,21 @@ class Membership:
                 event(log, logging.ERROR, "fleet: cannot renew the lease; pinging on what this member owned"
                       " until the store is back", fleet=self.fleet, member=self.member, error=str(exc))
             return False
-        members = tuple(sorted({name for name, _ in live} | {self.member}))
+        names = {name for name, _ in live} | {self.member}
         with self._lock:
-            self.renewed_at = self.mono()
+            self.renewed_at = now = self.mono()
             if self._failing:
                 self._failing = False
-                event(log, logging.INFO, "fleet: the store is back; lease renewed", fleet=self.fleet,
-                      member=self.member, failures=self.failures)
+                self._recovering_until = now + self.recovery
+                event(log, logging.INFO, "fleet: the store is back; lease renewed; members whose lease ran out"
+                      " meanwhile count as live until they had the time to renew", fleet=self.fleet,
+                      member=self.member, failures=self.failures, recovery_s=round(self.recovery, 3))
+            if self._recovering_until is not None:
+                if now < self._recovering_until:
+                    names |= set(self.view.members)  # a newcomer joins at once; nobody leaves yet
+                else:
+                    self._recovering_until = None
+            members = tuple(sorted(names))
             if members == self.view.members:
                 return False
             before = self.view.members

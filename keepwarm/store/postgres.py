@@ -305,6 +305,10 @@ class PostgresLedger:
     uncommitted rows kept (at most MAX_PENDING) and retried with the next write.
     """
 
+    # The longest it waits before trying a lost database again: a fleet member back from an
+    # outage gives the others this long (and a lease) to renew before it counts them gone.
+    reconnect_within = RETRY_MAX
+
     def __init__(
         self,
         target: PostgresTarget | str,
