@@ -41,6 +41,7 @@ log = logging.getLogger("keepwarm.fleet")
 
 # A member renews this many times per lease, so one lost renewal never costs it the lease.
 RENEWALS_PER_LEASE = 3
+SLOW = 2 / 3  # a renewal later than this share of the lease after the last one is logged
 
 
 class LeaseStore(Protocol):
@@ -109,6 +110,7 @@ class Membership:
         self.handovers = 0  # membership changes seen (each moves pairs)
         self._lock = threading.Lock()
         self._failing = False
+        self.changed = threading.Event()  # set by `keep` at each membership change
 
     @property
     def every(self) -> float:
@@ -121,6 +123,7 @@ class Membership:
         Never raises: a store that cannot be reached keeps the last view (and the pairs it
         gives), counted in `failures` and logged once per outage.
         """
+        began = self.mono()
         try:
             live = self.store.renew_lease(self.fleet, self.member, self.clock(), self.lease)
         except Exception as exc:  # noqa: BLE001 - an outage must not stop the pinging
@@ -134,7 +137,13 @@ class Membership:
             return False
         names = {name for name, _ in live} | {self.member}
         with self._lock:
-            self.renewed_at = now = self.mono()
+            previous, self.renewed_at = self.renewed_at, (now := self.mono())
+            if previous is not None and now - previous > self.lease * SLOW and not self._failing:
+                # The others count this member gone once a lease passes without a renewal: say
+                # how close it came, and whether the store (took) or this process (late) was slow.
+                event(log, logging.WARNING, "fleet: the lease was renewed late; the others may have counted this"
+                      " member gone", fleet=self.fleet, member=self.member, since_last_s=round(now - previous, 3),
+                      took_s=round(now - began, 3), lease_s=self.lease)
             if self._failing:
                 self._failing = False
                 self._recovering_until = now + self.recovery
@@ -156,6 +165,26 @@ class Membership:
               members=len(members), joined=",".join(sorted(set(members) - set(before))) or None,
               left=",".join(sorted(set(before) - set(members))) or None)
         return True
+
+    def keep(self, stop: threading.Event) -> threading.Thread:
+        """Renew every `every` in a thread of its own until `stop` is set; `changed` is set at
+        each membership change, for the daemon to apply.
+
+        Not in the daemon's main loop: there a renewal waited behind the loop's tick, the work a
+        change brings (resuming a thousand pairs from the store) and start-up itself, and at a
+        short lease, with pings coming in waves, members counted each other gone while all were
+        alive (bench/fleet.py at 5,000 pairs and five members: renewals 1.4-2.9 s apart against a
+        2 s lease, each taking milliseconds in the store).
+        """
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(self.every):
+                if self.renew():
+                    self.changed.set()
+
+        thread = threading.Thread(target=renew_until_stopped, name="keepwarm-fleet-lease", daemon=True)
+        thread.start()
+        return thread
 
     def holds_lease(self) -> bool:
         """Whether the last renewal is recent enough that no other member can have taken over."""

@@ -453,3 +453,33 @@ def test_rolling_update_with_a_changed_config_and_a_member_added(
     total = json.loads(report.stdout)["total"]
     assert total["pings"] == len(entries)
     assert total["spend_usd"] == pytest.approx(_expected_usd(entries), rel=1e-9)
+
+
+def test_the_lease_is_renewed_in_a_thread_of_its_own_whatever_the_caller_does(tmp_path: Path) -> None:
+    """The daemon's main loop may be busy for seconds (a thousand pairs resumed after a change,
+    the heap frozen at start): renewals must not wait for it, or at a short lease the others
+    count the member gone while it works."""
+    from keepwarm.fleet import Membership
+    from keepwarm.store import Ledger
+
+    with Ledger(tmp_path / "l.db") as ledger:
+        a = Membership(ledger, "kw", 0.3, member="a")
+        a.renew()
+        stop = threading.Event()
+        thread = a.keep(stop)
+        try:
+            b = Membership(ledger, "kw", 0.3, member="b")
+            b.renew()
+            assert a.changed.wait(5), "a saw b join without being asked to renew"
+            assert a.view.members == ("a", "b")
+            a.changed.clear()
+            renewed = a.renewed_at
+            time.sleep(1.0)  # the caller busy for more than three leases
+            assert a.renewed_at is not None and renewed is not None and a.renewed_at > renewed
+            assert a.holds_lease()
+            assert a.changed.is_set(), "b stopped renewing: a saw it leave"
+            assert a.view.members == ("a",)
+        finally:
+            stop.set()
+            thread.join(5)
+        assert not thread.is_alive()
