@@ -19,13 +19,18 @@ Reported: lapses (caches written more than once; goal 0), the takeover time (mea
 real time: divided by the scale), pairs pinged twice within an interval after each membership
 change, the database's rates (the lease renewals run 1/scale times as often as in real time: they
 are counted apart, from their own rate, and taken out of the projection), and the growth per day
-at PAIRS / TIME_SCALE pairs. Writes bench/results/fleet-<pairs/scale>.json.
+at PAIRS / TIME_SCALE pairs. Also: the CPU each part spent per ping over the steady window (the
+members, this process with the emulator in it, the database server), for projecting past what
+this machine can run; the members' membership changes and late renewals from their logs (a drop
+of a live member is a flap); and the part of the takeover that is the lease's (until the last
+survivor's view dropped the killed member). Writes bench/results/fleet-<pairs/scale>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import socket
@@ -35,6 +40,7 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +76,72 @@ def scrape(port: int) -> dict[str, float]:
         for s in family.samples:
             sums[s.name] += s.value
     return sums
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def postgres_pids() -> list[int]:
+    """The bench server's postmaster (its data directory is under a keepwarm-bench-pg- directory)
+    and its children: the members' backends, the WAL writer, the checkpointer."""
+    parents: dict[int, int] = {}
+    postmaster = None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        if b"keepwarm-bench-pg-" in cmdline and b"postgres" in cmdline:
+            postmaster = int(entry.name)
+    if postmaster is None:
+        return []
+    return [postmaster, *(pid for pid, parent in parents.items() if parent == postmaster)]
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / TICK, sum(values) / TICK
+
+
+def cpu_snapshot(members: list[Member]) -> dict[str, float]:
+    """CPU seconds so far: each member, this process (the emulator runs in it), the database, the machine."""
+    busy, total = machine_busy()
+    return {"members": sum(cpu_seconds(m.proc.pid) for m in members), "bench_and_emulator": cpu_seconds(os.getpid()),
+            "postgres": sum(cpu_seconds(pid) for pid in postgres_pids()), "machine_busy": busy, "machine_total": total}
+
+
+def fleet_events(members: list[Member], t0_wall: float) -> list[dict[str, Any]]:
+    """Every member's membership changes and lease failures, from its log, in seconds from the start."""
+    out = []
+    for index, m in enumerate(members):
+        for line in m.log.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event", "").startswith("fleet:"):
+                at = datetime.fromisoformat(ev["ts"]).timestamp() - t0_wall
+                out.append({"t": round(at, 2), "member": index, "event": ev["event"], "members": ev.get("members"),
+                            "left": ev.get("left"), "joined": ev.get("joined"),
+                            **{k: ev[k] for k in ("since_last_s", "took_s") if k in ev}})
+    return sorted(out, key=lambda e: e["t"])
 
 
 def db_stats(admin: str, dbname: str) -> dict[str, float]:
@@ -152,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     doc += [f"  - name: desk-{i:05d}", "    system:", f"      - text: \"Desk {i:05d}. {prompt}\""]
                 members = [Member(processes, work, i, doc, scale) for i in range(args.members)]
                 # The emulator's log times are its monotonic clock: the changes are timed on it too.
-                t0 = time.monotonic()
+                t0, t0_wall = time.monotonic(), time.time()
                 wait("start-up", lambda: all(m.started() for m in members), 300)
 
                 def writes() -> dict[str, int]:
@@ -164,9 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 warm = wait("every cache written", lambda: len(writes()) >= pairs, 600)
                 changes: list[tuple[str, float]] = [("start", t0)]
-                before = db_stats(admin, dbname)
+                before, cpu_before = db_stats(admin, dbname), cpu_snapshot(members)
                 time.sleep(interval)
-                after = db_stats(admin, dbname)
+                after, cpu_after = db_stats(admin, dbname), cpu_snapshot(members)
 
                 time.sleep(rng.uniform(0.1, 0.9) * interval)
                 victim = members[0]
@@ -185,10 +257,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rejoin = time.monotonic() - joined
                 time.sleep(ttl * 1.5)
                 final = db_stats(admin, dbname)
+                late = [scrape(m.port) for m in members]
                 handovers = sum(scrape(m.port).get("keepwarm_fleet_handovers_total", 0) for m in members)
                 lease_failures = sum(scrape(m.port).get("keepwarm_fleet_lease_failures_total", 0) for m in members)
+                stopping = time.monotonic()
                 for m in members:
                     processes.stop(m.proc, 60)
+                events = fleet_events([victim, *members], t0_wall)
                 entries = [e for e in emu.log if e.path.endswith("/v1/messages") and e.fingerprint and e.usage]
         finally:
             processes.stop_all()
@@ -218,6 +293,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # (pair state and lease rows are counted in too: a slight over-estimate for a short run).
     bytes_per_ping = (final["bytes"] - float(empty[0] if empty else 0)) / final["pings"] if final["pings"] else None
     window_bytes_per_ping = (after["bytes"] - before["bytes"]) / pings if pings else None
+    window_pings = max(pings, 1.0)
+    cpu = {k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_before}
+    changes_seen = [e for e in events if e["event"] == "fleet: members changed"]
     result = {
         "pairs": pairs, "members": args.members, "time_scale": scale, "ping_rate_of_pairs": real_pairs,
         "start_up_until_every_cache_written_s": round(warm, 1),
@@ -240,6 +318,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "growth_per_day_bytes": round(bytes_per_ping * real_pairs * PINGS_PER_DAY) if bytes_per_ping else None,
             "size_at_end_bytes": final["bytes"], "size_empty_bytes": float(empty[0] if empty else 0),
         },
+        # CPU over the steady window: what a ping costs each part, for projecting to more pairs.
+        "cpu_steady_window_s": cpu,
+        "cpu_ms_per_ping": {k: round(1000 * cpu[k] / window_pings, 3) for k in ("members", "bench_and_emulator", "postgres")},
+        "machine_busy_share_steady_window": round(cpu["machine_busy"] / cpu["machine_total"], 3) if cpu["machine_total"] else None,
+        "lateness": {
+            "pings": sum(m.get("keepwarm_ping_lateness_seconds_count", 0) for m in late),
+            "mean_s": round(sum(m.get("keepwarm_ping_lateness_seconds_sum", 0) for m in late)
+                            / max(1.0, sum(m.get("keepwarm_ping_lateness_seconds_count", 0) for m in late)), 3),
+        },
+        # Each member's view changes: the start, the kill and the join move pairs; any more is a flap.
+        "membership_changes_seen": len(changes_seen),
+        "phases_s": {"kill": round(killed - t0, 2), "join": round(joined - t0, 2), "stop": round(stopping - t0, 2)},
+        # The lease's part of the takeover: until the last survivor's view dropped the killed member
+        # (the rest, until they own its pairs, is resuming them and a scrape of each member).
+        "view_changed_after_kill_s": round(max((e["t"] for e in changes_seen if e["left"] and killed - t0 < e["t"]
+                                                 < killed - t0 + takeover + 1.0), default=float("nan")) - (killed - t0), 2),
+        # Drops of a member that was alive: any outside the kill's takeover and the final stop is a flap.
+        "members_dropped_while_alive": sum(1 for e in changes_seen if e["left"] and (
+            e["t"] < killed - t0 or killed - t0 + takeover + 1.0 < e["t"] < stopping - t0)),
+        "late_renewals": sum(1 for e in events if e["event"].startswith("fleet: the lease was renewed late")),
+        "fleet_events": events[:400],
         "machine": machine(), "tree": tree(),
     }
     return result

@@ -419,6 +419,9 @@ class Daemon:
                 observer.counted_by_owner = True
                 feed = ProductionFeed(ledger)
                 feed.start()
+        # Renewals run in a thread of their own from here: start-up (the heap's freeze below) and
+        # the main loop's work must not make the others count this member gone.
+        leasing = membership.keep(self.stop_event) if membership is not None else None
         scheduler.start(owned_pairs(config, membership))
         self._fleet_metrics(metrics, scheduler, config)
         freeze_heap()
@@ -438,6 +441,8 @@ class Daemon:
         sdnotify.notify("READY=1")
         watchdog = sdnotify.watchdog_interval()
         tick = min(HEARTBEAT_EVERY, watchdog / 2) if watchdog else HEARTBEAT_EVERY
+        if membership is not None:  # a membership change is applied within half a renewal period
+            tick = min(tick, membership.every / 2)
         trimmed = time.monotonic()
         try:
             renewed = time.monotonic()
@@ -446,11 +451,13 @@ class Daemon:
                     touches = remote.poll(membership.owns)
                     if touches:
                         scheduler.touch_many(touches)
+                if membership is not None and membership.changed.is_set():
+                    membership.changed.clear()
+                    # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
+                    scheduler.apply(owned_pairs(config, membership))
+                    self._fleet_metrics(metrics, scheduler, config)
                 if membership is not None and time.monotonic() - renewed >= membership.every:
                     renewed = time.monotonic()
-                    if membership.renew():
-                        # Pairs won are resumed from the shared store; pairs lost stop and drop their series.
-                        scheduler.apply(owned_pairs(config, membership))
                     scheduler.sync_budget()  # the cap is the fleet's: every member's spend counts
                     if feed is not None:
                         # After the pairs moved: counted by whoever owns them from now on.
@@ -477,6 +484,8 @@ class Daemon:
                       inflight=left)
                 self.abandoned = left
             if membership is not None:
+                if leasing is not None:
+                    leasing.join(membership.lease)  # a renewal after the leave would take the lease back
                 membership.leave()  # the others take over at their next renewal, not after the lease
             observer.settle(everything=True)  # savings still waiting: judged now, their rows written
             if runner.ledger is not None:

@@ -9,7 +9,12 @@ renewal.
 
 When the store cannot be reached a member keeps the last view it had and goes on pinging what
 it owned: a duplicate ping costs one cache read, a lapse a write. Once it reaches the store
-again it sees who is live and yields what moved. A pair that changes owner is resumed by its
+again it sees who is live and yields what moved. An outage of the whole store lets every lease
+run out, though no member left: the first member back would find itself alone and take every
+pair, then give them back as the others return, two handovers and a duplicate ping per pair
+for nothing. So a member back from an outage keeps the members it knew for a recovery period
+(the lease, plus the longest the store waits before it tries to reconnect), time for the
+others to renew; only those still silent then have left. A pair that changes owner is resumed by its
 new owner from the shared store (its last touch, its cache's expiry): neither a cold start nor
 a duplicate ping.
 """
@@ -36,6 +41,7 @@ log = logging.getLogger("keepwarm.fleet")
 
 # A member renews this many times per lease, so one lost renewal never costs it the lease.
 RENEWALS_PER_LEASE = 3
+SLOW = 2 / 3  # a renewal later than this share of the lease after the last one is logged
 
 
 class LeaseStore(Protocol):
@@ -47,6 +53,13 @@ class LeaseStore(Protocol):
 
     def drop_lease(self, fleet: str, member: str) -> None:
         """Give the lease up at once (a clean stop): the others take over without waiting for it."""
+
+
+def reconnect_within(store: object) -> float:
+    """The longest `store` waits between two attempts to reach its database once it lost it
+    (its `reconnect_within`; 0 for a store that tries at every call)."""
+    value = getattr(store, "reconnect_within", 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 @dataclass(frozen=True)
@@ -78,10 +91,16 @@ class Membership:
         member: str | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        recovery: float | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.lease = lease
+        # After an outage, how long the members known before it stay in the view though their
+        # leases ran out: every one of them tries the store within its reconnection wait and
+        # renews within a lease.
+        self.recovery = lease + reconnect_within(store) if recovery is None else recovery
+        self._recovering_until: float | None = None  # monotonic; set when the store comes back
         self.member = member or member_id()
         self.clock = clock
         self.mono = mono
@@ -91,6 +110,7 @@ class Membership:
         self.handovers = 0  # membership changes seen (each moves pairs)
         self._lock = threading.Lock()
         self._failing = False
+        self.changed = threading.Event()  # set by `keep` at each membership change
 
     @property
     def every(self) -> float:
@@ -103,6 +123,7 @@ class Membership:
         Never raises: a store that cannot be reached keeps the last view (and the pairs it
         gives), counted in `failures` and logged once per outage.
         """
+        began = self.mono()
         try:
             live = self.store.renew_lease(self.fleet, self.member, self.clock(), self.lease)
         except Exception as exc:  # noqa: BLE001 - an outage must not stop the pinging
@@ -114,13 +135,27 @@ class Membership:
                 event(log, logging.ERROR, "fleet: cannot renew the lease; pinging on what this member owned"
                       " until the store is back", fleet=self.fleet, member=self.member, error=str(exc))
             return False
-        members = tuple(sorted({name for name, _ in live} | {self.member}))
+        names = {name for name, _ in live} | {self.member}
         with self._lock:
-            self.renewed_at = self.mono()
+            previous, self.renewed_at = self.renewed_at, (now := self.mono())
+            if previous is not None and now - previous > self.lease * SLOW and not self._failing:
+                # The others count this member gone once a lease passes without a renewal: say
+                # how close it came, and whether the store (took) or this process (late) was slow.
+                event(log, logging.WARNING, "fleet: the lease was renewed late; the others may have counted this"
+                      " member gone", fleet=self.fleet, member=self.member, since_last_s=round(now - previous, 3),
+                      took_s=round(now - began, 3), lease_s=self.lease)
             if self._failing:
                 self._failing = False
-                event(log, logging.INFO, "fleet: the store is back; lease renewed", fleet=self.fleet,
-                      member=self.member, failures=self.failures)
+                self._recovering_until = now + self.recovery
+                event(log, logging.INFO, "fleet: the store is back; lease renewed; members whose lease ran out"
+                      " meanwhile count as live until they had the time to renew", fleet=self.fleet,
+                      member=self.member, failures=self.failures, recovery_s=round(self.recovery, 3))
+            if self._recovering_until is not None:
+                if now < self._recovering_until:
+                    names |= set(self.view.members)  # a newcomer joins at once; nobody leaves yet
+                else:
+                    self._recovering_until = None
+            members = tuple(sorted(names))
             if members == self.view.members:
                 return False
             before = self.view.members
@@ -130,6 +165,26 @@ class Membership:
               members=len(members), joined=",".join(sorted(set(members) - set(before))) or None,
               left=",".join(sorted(set(before) - set(members))) or None)
         return True
+
+    def keep(self, stop: threading.Event) -> threading.Thread:
+        """Renew every `every` in a thread of its own until `stop` is set; `changed` is set at
+        each membership change, for the daemon to apply.
+
+        Not in the daemon's main loop: there a renewal waited behind the loop's tick, the work a
+        change brings (resuming a thousand pairs from the store) and start-up itself, and at a
+        short lease, with pings coming in waves, members counted each other gone while all were
+        alive (bench/fleet.py at 5,000 pairs and five members: renewals 1.4-2.9 s apart against a
+        2 s lease, each taking milliseconds in the store).
+        """
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(self.every):
+                if self.renew():
+                    self.changed.set()
+
+        thread = threading.Thread(target=renew_until_stopped, name="keepwarm-fleet-lease", daemon=True)
+        thread.start()
+        return thread
 
     def holds_lease(self) -> bool:
         """Whether the last renewal is recent enough that no other member can have taken over."""

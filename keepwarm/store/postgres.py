@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +289,10 @@ class PostgresLedger(PendingLedger):
     retried with the next write; a lost connection is reopened, with backoff.
     """
 
+    # The longest it waits before trying a lost database again: a fleet member back from an
+    # outage gives the others this long (and a lease) to renew before it counts them gone.
+    reconnect_within = RETRY_MAX
+
     def __init__(
         self,
         target: PostgresTarget | str,
@@ -302,6 +307,12 @@ class PostgresLedger(PendingLedger):
         self.target = target if isinstance(target, PostgresTarget) else PostgresTarget(target)
         self._backoff = _Backoff(mono=mono)
         self._closed = False
+        # A fleet's leases go over a connection of their own: behind the pings' commits (one a
+        # ping, each holding `_lock`) a renewal waited 0.7-1.2 s at 1,000 pairs a member
+        # (bench/fleet.py), and a lease missed counts a live member gone.
+        self._lease_lock = threading.Lock()
+        self._lease_conn: psycopg.Connection[Any] | None = None
+        self._lease_backoff = _Backoff(mono=mono)
         # Opening fails loudly, as a SQLite file that cannot open does: the daemon then runs
         # without a ledger and says so. Once open, a lost connection is only retried.
         self._conn: psycopg.Connection[Any] | None = self._open()
@@ -448,12 +459,34 @@ class PostgresLedger(PendingLedger):
                 " FROM observations WHERE (id > %s OR id = ANY(%s)) AND origin = %s ORDER BY id",
                 (after, list(also), self.origin))]
 
+    def _lease_connection(self) -> psycopg.Connection[Any]:
+        """The leases' own connection, (re)opened with its own backoff (the caller holds `_lease_lock`)."""
+        if self._closed:
+            raise LedgerError(f"ledger {self.target} is closed")
+        conn = self._lease_conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._lease_conn = None
+        if not self._lease_backoff.ready():
+            raise LedgerError(f"ledger {self.target}: the database is unreachable; next attempt in"
+                              f" {self._lease_backoff.not_before - self._lease_backoff.mono():.0f} s")
+        try:
+            self._lease_conn = connect(self.target)  # the schema was migrated when the ledger opened
+        except LedgerError:
+            self._lease_backoff.failed()
+            raise
+        self._lease_backoff.succeeded()
+        return self._lease_conn
+
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
         """Extend a fleet member's lease to `now + lease`; every live member with its expiry.
 
         Raises when the database cannot be reached: the fleet treats that as an outage."""
-        with self._lock:
-            conn = self._connection()
+        with self._lease_lock:
+            conn = self._lease_connection()
             with conn.transaction():
                 conn.execute(
                     "INSERT INTO members (fleet, member, expires, joined) VALUES (%s, %s, %s, %s)"
@@ -466,18 +499,23 @@ class PostgresLedger(PendingLedger):
 
     def drop_lease(self, fleet: str, member: str) -> None:
         """Give a member's lease up at once (a clean stop)."""
-        with self._lock:
-            conn = self._connection()
+        with self._lease_lock:
+            conn = self._lease_connection()
             with conn.transaction():
                 conn.execute("DELETE FROM members WHERE fleet = %s AND member = %s", (fleet, member))
 
     def _release(self) -> None:
-        """Close the connection."""
+        """Close the connections: the writer's, and the leases' own."""
         self._closed = True
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
+        with self._lease_lock:
+            if self._lease_conn is not None:
+                with contextlib.suppress(Exception):
+                    self._lease_conn.close()
+                self._lease_conn = None
 
 
 # --- readers -------------------------------------------------------------------------------
