@@ -205,3 +205,28 @@ def test_make_policy_builds_what_the_config_asks_for() -> None:
     assert isinstance(unpriced, FixedPolicy)
     scaled = make_policy(replace(pair, active_hours=None), prices, 4000, time_scale=0.05)
     assert isinstance(scaled, AdaptivePolicy) and scaled.default_margin == pytest.approx(1.0)
+
+
+def test_an_adaptive_pair_never_pings_a_prefix_too_short_to_cache() -> None:
+    data = {"defaults": {"models": ["claude-opus-4-6"], "policy": "adaptive"}, "experts": [{"name": "a", "system": [{"text": "rules"}]}]}
+    pair = parse_config(data, Path(".")).pairs[0]
+    prices = builtin_table()
+    minimum = prices.get("claude-opus-4-6").min_cacheable_tokens
+    assert minimum is not None
+    short = make_policy(pair, prices, minimum - 1)
+    assert isinstance(short, AdaptivePolicy) and short.miss_penalty == 0.0
+    # Production every 1.9 TTLs: a prefix that caches is kept warm between requests, a shorter
+    # one never (each ping would be billed as plain input and keep nothing warm).
+    for policy, pings in ((make_policy(pair, prices, minimum), True), (short, False)):
+        assert isinstance(policy, AdaptivePolicy)
+        sent = 0
+        for k in range(20):
+            at = 1000.0 + 570.0 * k
+            policy.observe(_prod(at))
+            decision = policy.next_ping(at, 0.0)
+            if decision.at is not None and decision.at < at + 570.0:
+                decision = policy.next_ping(decision.at, 0.0)
+                if decision.at is not None:
+                    policy.observe(_ping(decision.at))
+                    sent += 1
+        assert (sent > 0) is pings
