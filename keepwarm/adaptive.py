@@ -63,6 +63,8 @@ PRIOR_GAPS = 5000
 K_HOUR = 5.0  # pseudo-counts of the shrinkage: hour of week -> hour of day -> pair -> shared prior
 K_DAY = 5.0
 K_PAIR = 3.0
+LATENCIES = 200  # ping latencies the margin's p99 is taken over, per pair and for the whole fleet
+MIN_LATENCIES = 5  # fewer measured than this: the pair borrows the fleet's, and the fleet the default
 MAX_LOOKAHEAD = 5000  # pings considered ahead; a week of 5-minute pings is ~2,000
 # The robustness cap (learning-augmented ski rental): the pings of one idle period never cost
 # more than this many miss penalties, whatever the estimate says. A gap whose bridging costs
@@ -105,13 +107,22 @@ class SharedPrior(SortedWindow):
     then never again would read as "production always comes back within minutes".
     """
 
-    __slots__ = ("open_starts", "_open_of", "version")
+    __slots__ = ("open_starts", "_open_of", "version", "latencies", "latencies_seen")
 
     def __init__(self) -> None:
         super().__init__(PRIOR_GAPS)
         self.open_starts: list[float] = []  # sorted starts of the idle periods in progress
         self._open_of: dict[int, float] = {}
         self.version = 0  # bumped on every change: tells a cached answer it is stale
+        # Every pair's recent ping latencies: they all reach the same API, so a pair that has
+        # measured few of its own (new, or just rebuilt) spaces its pings by the fleet's.
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.latencies_seen = 0  # latencies ever added: tells a cached margin it is stale
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one ping attempt's latency, of any pair."""
+        self.latencies.append(seconds)
+        self.latencies_seen += 1
 
     def add(self, value: float) -> float | None:
         """Add a complete idle gap."""
@@ -195,7 +206,9 @@ class AdaptivePolicy:
         self.pings_this_idle = 0
         self.gaps = SortedWindow(PAIR_GAPS)
         self.by_hour: dict[int, SortedWindow] = {}
-        self.latencies: deque[float] = deque(maxlen=200)
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self._latencies_seen = 0
+        self._margin: tuple[bool, int, float] | None = None  # (own?, latencies seen, margin): a sort saved
         self._memo: tuple[tuple[float, float, float, int, int, float], tuple[bool, float]] | None = None
         # The hour-of-week and hour-of-day levels of `_distribution`, merged into one sorted list
         # each: their gaps weigh the same, so one list answers as all of them do, in one bisect.
@@ -217,6 +230,7 @@ class AdaptivePolicy:
         self._finalizer.detach()
         self._prior.close_period(id(self))
         self._prior = prior
+        self._margin = None  # it may have been the old prior's latencies
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, prior, id(self))
         if self.last_production is not None:
             prior.open_period(id(self), self.last_production)
@@ -254,6 +268,8 @@ class AdaptivePolicy:
         """Record one ping attempt's latency: the safety margin follows their p99."""
         if seconds >= 0 and math.isfinite(seconds):
             self.latencies.append(seconds)
+            self._latencies_seen += 1
+            self._prior.observe_latency(seconds)
 
     def _add_gap(self, gap: float, started: float) -> None:
         self.gaps.add(gap)
@@ -277,12 +293,24 @@ class AdaptivePolicy:
 
     @property
     def margin(self) -> float:
-        """Seconds before expiry the ping must start: p99 latency, one retry, slack."""
-        if len(self.latencies) < 5:
+        """Seconds before expiry the ping must start: p99 latency, one retry, slack.
+
+        The p99 of the pair's own latencies once it has measured a few, else of the whole
+        fleet's (the same API: a new pair need not pay the default's wide margin until its own
+        pings have been measured), else the default.
+        """
+        own = len(self.latencies) >= MIN_LATENCIES
+        source = self.latencies if own else self._prior.latencies
+        if len(source) < MIN_LATENCIES:
             return self.default_margin
-        ordered = sorted(self.latencies)
+        seen = self._latencies_seen if own else self._prior.latencies_seen
+        if self._margin is not None and self._margin[0] == own and self._margin[1] == seen:
+            return self._margin[2]
+        ordered = sorted(source)
         p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-        return 2 * p99 + RETRY_BACKOFF + SCHEDULING_SLACK
+        margin = 2 * p99 + RETRY_BACKOFF + SCHEDULING_SLACK
+        self._margin = (own, seen, margin)
+        return margin
 
     @property
     def spacing(self) -> float:

@@ -114,6 +114,28 @@ def test_spacing_follows_the_measured_latency() -> None:
     assert policy.next_ping(1000.0, 0.0).at == pytest.approx(1000.0 + TTL - 9.0)
 
 
+def test_a_pair_with_few_latencies_of_its_own_spaces_its_pings_by_the_fleets() -> None:
+    prior = SharedPrior()
+    veteran, newcomer = _adaptive(prior=prior), _adaptive(prior=prior)
+    for latency in [0.5] * 98 + [3.0] * 2:
+        veteran.observe_latency(latency)
+    # The newcomer has measured nothing, but its pings reach the same API as the veteran's.
+    assert newcomer.margin == pytest.approx(2 * 3.0 + 1.0 + 2.0)
+    for _ in range(5):
+        newcomer.observe_latency(1.0)
+    assert newcomer.margin == pytest.approx(2 * 1.0 + 1.0 + 2.0)  # its own, once it has a few
+    assert _adaptive(prior=SharedPrior()).margin == 20.0  # nothing measured anywhere: the default
+
+
+def test_the_margin_follows_new_latencies_after_it_was_computed() -> None:
+    policy = _adaptive()
+    for _ in range(5):
+        policy.observe_latency(1.0)
+    assert policy.margin == pytest.approx(5.0)
+    policy.observe_latency(4.0)  # the p99 of six is their maximum
+    assert policy.margin == pytest.approx(2 * 4.0 + 3.0)
+
+
 def test_never_closer_to_expiry_than_interval_allows() -> None:
     policy = AdaptivePolicy(15.0, 12.0, 0.0, 1.0, 10.0, default_margin=20.0)  # a time-scaled TTL
     policy.observe(_prod(100.0))
