@@ -34,13 +34,13 @@ import re
 import sqlite3
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from keepwarm.adaptive import SharedPrior
+from keepwarm.adaptive import LATENCIES, SharedPrior
 from keepwarm.budget import Budget
 from keepwarm.classify import Result, Usage
 from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
@@ -56,6 +56,8 @@ POLICIES = (*ONLINE_POLICIES, "optimum")
 # Not in the default set, reference rows: the mission's keepalive that ignores production, and
 # ski rental alone (the adaptive policy's fallback, learning nothing).
 EXTRA_POLICIES = ("fixed-plain", "ski-rental")
+# Policies whose pairs decide alone (adaptive pairs share a prior: they replay in one timeline).
+INDEPENDENT_POLICIES = ("fixed", "fixed-plain", "ski-rental")
 
 
 class TraceError(Exception):
@@ -205,6 +207,21 @@ def read_observations(path: Path | PostgresTarget) -> list[Request]:
     return [Request(float(at), str(e), str(m), int(t) if t else None, i + 1) for i, (at, e, m, t) in enumerate(rows)]
 
 
+def ledger_ping_latencies(path: Path | PostgresTarget) -> dict[str, list[float]]:
+    """Each pair's latest ping latencies in the ledger (seconds): what the daemon measured."""
+    from keepwarm.store import LedgerError, read_ledger
+
+    try:
+        rows = read_ledger(path)
+    except LedgerError:
+        return {}
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        if row.latency is not None and row.latency >= 0 and math.isfinite(row.latency):
+            out.setdefault(f"{row.expert}/{row.model}", []).append(row.latency)
+    return {key: seen[-LATENCIES:] for key, seen in out.items()}
+
+
 def ledger_prefix_tokens(path: Path | PostgresTarget) -> dict[str, int]:
     """Each pair's prefix size as its latest successful ping in the ledger saw it."""
     from keepwarm.store import LedgerError, read_ledger
@@ -350,10 +367,13 @@ def replay(
     seed: int = 0,
     budget_usd_per_day: float | None = None,
     pings: list[tuple[float, str, str, str]] | None = None,
+    latencies: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Tally]:
     """Replay `requests` (sorted) under one online policy from `start` to `until`, all pairs together.
 
     All pairs run in one timeline because the budget is shared. Appends every ping to `pings`.
+    `latencies`: per pair, ping latencies measured before the replay (the ledger's), which an
+    adaptive policy spaces its pings by, as the daemon's does; without them, its default margin.
     """
     tallies = {s.pair.key: Tally() for s in setups}
     by_key = {s.pair.key: s for s in setups}
@@ -368,6 +388,22 @@ def replay(
     prior = SharedPrior()
     budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
     policies = {s.pair.key: _policy_for(policy_name, s, prices, prior, budget) for s in setups}
+    for key, seconds in (latencies or {}).items():
+        observe_latency = getattr(policies[key], "observe_latency", None) if key in policies else None
+        if callable(observe_latency):
+            for each in seconds:
+                observe_latency(each)
+    if budget is None and policy_name in INDEPENDENT_POLICIES:
+        # Nothing couples these pairs (no shared budget, no shared prior): each replays on its
+        # own, without the timeline of every pair's events that a million rows made slow.
+        mine: dict[str, list[Request]] = {key: [] for key in policies}
+        for r in requests:
+            if r.key in mine:
+                mine[r.key].append(r)
+        for key, policy in policies.items():
+            _replay_alone(policy_name, policy, by_key[key], mine[key], tallies[key], start, until,
+                          random.Random(f"{seed}:{key}"), pings)
+        return tallies
     rngs = {key: random.Random(f"{seed}:{key}") for key in policies}
     draws = {key: rngs[key].random() for key in policies}
     armed: dict[str, float | None] = {}
@@ -433,6 +469,71 @@ def replay(
         draws[key] = rngs[key].random()
         arm(key, at)
     return tallies
+
+
+def _replay_alone(
+    policy_name: str,
+    policy: PairPolicy,
+    setup: PairSetup,
+    requests: Sequence[Request],
+    tally: Tally,
+    start: float,
+    until: float,
+    rng: random.Random,
+    pings: list[tuple[float, str, str, str]] | None,
+) -> None:
+    """`replay` for one pair whose policy depends on nothing of the others: the same events,
+    in the same order, with the same draws (tests/test_simulate.py compares the two)."""
+    key = setup.pair.key
+    refreshed: dict[str, float | None] = {key: None}
+    size = {key: setup.prefix_tokens}
+    ttl = setup.pair.ttl_seconds
+    expert, model = setup.pair.expert, setup.pair.model
+    draw = rng.random()
+    wake: float | None = None
+
+    def arm(now: float) -> float | None:
+        decision = policy.next_ping(now, draw)
+        if decision.at is None:
+            if decision.reason:
+                tally.skipped[decision.reason] += 1
+            return None
+        return max(decision.at, now)
+
+    wake = arm(start)
+    i, n = 0, len(requests)
+    while True:
+        next_request = requests[i].at if i < n else math.inf
+        next_wake = math.inf if wake is None else wake
+        if next_request <= next_wake:
+            if next_request > until:
+                return
+            r = requests[i]
+            i += 1
+            _production(tally, setup, r, policy, refreshed, size)
+            draw = rng.random()
+            if wake is None:
+                wake = arm(r.at)
+            continue
+        if next_wake > until:
+            return
+        at = next_wake
+        decision = policy.next_ping(at, draw)
+        if decision.at is None or decision.at > at + 1e-9:
+            if decision.reason:
+                tally.skipped[decision.reason] += 1
+            wake = decision.at
+            continue
+        warm = cache_alive(refreshed[key], ttl, at)
+        costs = setup.costs(size[key])
+        tally.pings += 1
+        tally.keepalive_usd += costs.ping if warm else costs.cold_ping
+        refreshed[key] = at
+        policy.observe(Touch(at, Source.PING, Result.WARM if warm else Result.REWARMED))
+        if pings is not None:
+            pings.append((at, expert, model, policy_name))
+        draw = rng.random()
+        wake = arm(at)
 
 
 def _production(
@@ -530,8 +631,12 @@ def run(
     budget_usd_per_day: float | None = None,
     pings: list[tuple[float, str, str, str]] | None = None,
     alternative_ttl: bool = True,
+    latencies: Mapping[str, Sequence[float]] | None = None,
 ) -> Simulation:
-    """Replay a trace under each policy (and the other TTL under the best one)."""
+    """Replay a trace under each policy (and the other TTL under the best one).
+
+    `latencies`: per pair, measured ping latencies (see `replay`).
+    """
     keys = {s.pair.key for s in setups}
     ignored = Counter(r.key for r in requests if r.key not in keys)
     requests = [r for r in requests if r.key in keys]
@@ -547,7 +652,7 @@ def run(
 
         def other_ttl() -> dict[str, dict[str, Tally]]:
             return run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget_usd_per_day,
-                       alternative_ttl=False).results
+                       alternative_ttl=False, latencies=latencies).results
 
         # The other TTL's replays need nothing of these: on a large trace they run beside them.
         other = _beside(other_ttl) if len(requests) >= PARALLEL_ROWS else other_ttl
@@ -556,10 +661,10 @@ def run(
         if name == "optimum":
             results[name] = {s.pair.key: optimum(s, by_pair[s.pair.key], prices, pings) for s in setups}
         else:
-            results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings)
+            results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings, latencies)
     sim = Simulation(end, start, list(setups), results, ignored=ignored)
     if other is not None:
-        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other())
+        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other(), latencies)
     return sim
 
 
@@ -624,13 +729,15 @@ def _other_ttl(
     seed: int,
     budget: float | None,
     other_results: dict[str, dict[str, Tally]],
+    latencies: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per pair: the best online policy's extra cost at the pair's TTL and at the other one."""
     # The best of every online policy on both sides, whichever policies the output shows.
     missing = [p for p in ONLINE_POLICIES if p not in sim.results]
     current = dict(sim.results)
     if missing:
-        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False).results)
+        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False,
+                           latencies=latencies).results)
     out: dict[str, dict[str, Any]] = {}
     for s in setups:
         key = s.pair.key
@@ -922,7 +1029,12 @@ def main(args: argparse.Namespace) -> int:
     policies = tuple(dict.fromkeys(args.policy)) if args.policy else POLICIES
     if "optimum" not in policies:
         policies = (*policies, "optimum")  # ratios need it; it is not printed when not asked for
-    sim = run(setups, requests, config.prices, policies, until, args.seed, config.budget_usd_per_day, pings)
+    # The ping latencies the daemon measured, where the config's ledger has them: the adaptive
+    # policy spaces its pings by their p99, as the daemon's does (else its default margin).
+    stored = location(config)
+    latencies = ledger_ping_latencies(stored) if stored is not None else {}
+    sim = run(setups, requests, config.prices, policies, until, args.seed, config.budget_usd_per_day, pings,
+              latencies=latencies)
     shown = set(args.policy or POLICIES)
     if args.pings_out is not None and pings is not None:
         write_pings(args.pings_out, [p for p in pings if p[3] in shown])
