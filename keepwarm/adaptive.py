@@ -76,21 +76,24 @@ ROBUSTNESS = 1.0
 class SortedWindow:
     """The last `size` values, kept sorted too: counts above a value in O(log n)."""
 
-    __slots__ = ("order", "values", "added")
+    __slots__ = ("order", "values", "added", "size")
 
     def __init__(self, size: int) -> None:
         self.order: deque[float] = deque(maxlen=size)
         self.values: list[float] = []
         self.added = 0  # values ever added: tells a cached answer it is stale
+        self.size = size
 
     def add(self, value: float) -> float | None:
         """Add a value, forgetting the oldest when full; return the value forgotten (None: none)."""
+        # Called three times per production request (pair, hour, prior): locals, not attributes.
+        order, values = self.order, self.values
         forgotten = None
-        if len(self.order) == self.order.maxlen:
-            forgotten = self.order[0]
-            del self.values[bisect.bisect_left(self.values, forgotten)]
-        self.order.append(value)
-        bisect.insort(self.values, value)
+        if len(order) == self.size:
+            forgotten = order[0]
+            del values[bisect.bisect_left(values, forgotten)]
+        order.append(value)
+        bisect.insort(values, value)
         self.added += 1
         return forgotten
 
@@ -127,13 +130,16 @@ class SharedPrior(SortedWindow):
     def add(self, value: float) -> float | None:
         """Add a complete idle gap."""
         self.version += 1
-        return super().add(value)
+        return SortedWindow.add(self, value)
 
     def open_period(self, owner: int, start: float) -> None:
         """Pair `owner`'s idle period in progress now started at `start` (replacing its last)."""
-        self.close_period(owner)
+        starts = self.open_starts
+        old = self._open_of.get(owner)
+        if old is not None:
+            del starts[bisect.bisect_left(starts, old)]
         self._open_of[owner] = start
-        bisect.insort(self.open_starts, start)
+        bisect.insort(starts, start)
         self.version += 1
 
     def close_period(self, owner: int) -> None:
@@ -205,7 +211,9 @@ class AdaptivePolicy:
         self.idle_since: float | None = None  # start of the current idle period
         self.pings_this_idle = 0
         self.gaps = SortedWindow(PAIR_GAPS)
-        self.by_hour: dict[int, SortedWindow] = {}
+        # Per hour of the week, its latest gaps in arrival order: only ever merged (and sorted)
+        # into `_levels`, so unlike the pair's and the prior's windows they need no sorted copy.
+        self.by_hour: dict[int, deque[float]] = {}
         self.latencies: deque[float] = deque(maxlen=LATENCIES)
         self._latencies_seen = 0
         self._margin: tuple[bool, int, float] | None = None  # (own?, latencies seen, margin): a sort saved
@@ -213,6 +221,7 @@ class AdaptivePolicy:
         # The hour-of-week and hour-of-day levels of `_distribution`, merged into one sorted list
         # each: their gaps weigh the same, so one list answers as all of them do, in one bisect.
         self._levels: tuple[int, list[float], list[float]] | None = None
+        self._owner = id(self)  # this pair in the prior's idle periods in progress
         # The prior counts this pair's idle period in progress until the policy is dropped.
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, self._prior, id(self))
 
@@ -257,7 +266,7 @@ class AdaptivePolicy:
         self.last_production = at
         self.idle_since = at
         self.pings_this_idle = 0
-        self._prior.open_period(id(self), at)
+        self._prior.open_period(self._owner, at)
 
     def replay(self, touches: Iterable[Touch]) -> None:
         """Rebuild the state from history (the ledger's pings and observations) at start."""
@@ -274,7 +283,11 @@ class AdaptivePolicy:
     def _add_gap(self, gap: float, started: float) -> None:
         self.gaps.add(gap)
         how = self._hour_of_week(started)
-        forgotten = self.by_hour.setdefault(how, SortedWindow(HOUR_GAPS)).add(gap)
+        window = self.by_hour.get(how)
+        if window is None:
+            window = self.by_hour[how] = deque(maxlen=HOUR_GAPS)
+        forgotten = window[0] if len(window) == HOUR_GAPS else None
+        window.append(gap)
         self._prior.add(gap)
         if self._levels is not None:
             # Keep the merged levels in step with their windows, rather than merging them anew
@@ -342,17 +355,18 @@ class AdaptivePolicy:
         week, day = self._hour_levels(self._hour_of_week(self.idle_since))
         # Other pairs idle at least as long (their idle periods began no later than this one).
         censored = max(0, self._prior.open_since(self.idle_since) - (self.last_production is not None))
-        levels = [([week], K_HOUR, 0), ([day], K_DAY, 0), ([self.gaps.values], K_PAIR, 0), ([self._prior.values], 0.0, censored)]
+        levels = ((week, K_HOUR, 0), (day, K_DAY, 0), (self.gaps.values, K_PAIR, 0), (self._prior.values, 0.0, censored))
         parts: list[tuple[list[float], float]] = []
         never = 0.0
         mass = 1.0  # of the distribution still to hand out to the more general levels
-        for lists, k, extra in levels:
-            n = sum(len(v) - bisect.bisect_left(v, age) for v in lists) + extra
+        for values, k, extra in levels:
+            n = len(values) - bisect.bisect_left(values, age) + extra
             if not n:
                 continue
             share = n / (n + k)
-            parts += [(v, mass * share / n) for v in lists]
-            never += mass * share / n * extra
+            weight = mass * share / n
+            parts.append((values, weight))
+            never += weight * extra
             mass *= 1.0 - share
         if mass > 0 and (parts or never):  # the most general level present takes the rest
             parts = [(v, w / (1.0 - mass)) for v, w in parts]
@@ -364,9 +378,15 @@ class AdaptivePolicy:
         started at the same hours of any day, each as one sorted list (kept in step by `_add_gap`)."""
         if self._levels is not None and self._levels[0] == how:
             return self._levels[1], self._levels[2]
-        week = sorted(v for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS)) for v in w.values)
-        day = sorted(v for day in range(7) for d in (-1, 0, 1)
-                     if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day)) for v in w.values)
+        week: list[float] = []
+        for d in (-1, 0, 1):
+            week += self.by_hour.get((how + d) % WEEK_HOURS, ())
+        day: list[float] = []
+        for d in (-1, 0, 1):
+            for weekday in range(7):
+                day += self.by_hour.get((how % 24 + d) % 24 + 24 * weekday, ())
+        week.sort()
+        day.sort()
         self._levels = (how, week, day)
         return week, day
 

@@ -401,7 +401,8 @@ def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeyp
     setups = [_setup("a", policy="adaptive"), _setup("b")]
     requests = sorted((Request(T0 + rng.uniform(0, 86400.0), name, "claude-sonnet-4-6") for name in "ab" for _ in range(300)),
                       key=lambda r: r.at)
-    here = run(setups, requests, PRICES, seed=2).ttl_alternative
+    pings: list[tuple[float, str, str, str]] = []
+    here = run(setups, requests, PRICES, seed=2, pings=pings)
     monkeypatch.setattr(simulate, "PARALLEL_ROWS", 1)
     forked: list[int] = []
     real = simulate._beside
@@ -411,7 +412,12 @@ def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeyp
         return real(work)
 
     monkeypatch.setattr(simulate, "_beside", counting)
-    assert run(setups, requests, PRICES, seed=2).ttl_alternative == here
+    beside: list[tuple[float, str, str, str]] = []
+    there = run(setups, requests, PRICES, seed=2, pings=beside)
+    assert there.ttl_alternative == here.ttl_alternative
+    # This TTL's replays but adaptive's ran in the child too: the same tallies, pings, order of rows.
+    assert list(there.results) == list(here.results) and there.results == here.results
+    assert {p[3] for p in pings} >= {"fixed", "adaptive"} and sorted(beside) == sorted(pings)
     assert forked == [1]
 
 
