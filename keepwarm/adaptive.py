@@ -63,6 +63,8 @@ PRIOR_GAPS = 5000
 K_HOUR = 5.0  # pseudo-counts of the shrinkage: hour of week -> hour of day -> pair -> shared prior
 K_DAY = 5.0
 K_PAIR = 3.0
+LATENCIES = 200  # ping latencies the margin's p99 is taken over, per pair and for the whole fleet
+MIN_LATENCIES = 5  # fewer measured than this: the pair borrows the fleet's, and the fleet the default
 MAX_LOOKAHEAD = 5000  # pings considered ahead; a week of 5-minute pings is ~2,000
 # The robustness cap (learning-augmented ski rental): the pings of one idle period never cost
 # more than this many miss penalties, whatever the estimate says. A gap whose bridging costs
@@ -74,21 +76,24 @@ ROBUSTNESS = 1.0
 class SortedWindow:
     """The last `size` values, kept sorted too: counts above a value in O(log n)."""
 
-    __slots__ = ("order", "values", "added")
+    __slots__ = ("order", "values", "added", "size")
 
     def __init__(self, size: int) -> None:
         self.order: deque[float] = deque(maxlen=size)
         self.values: list[float] = []
         self.added = 0  # values ever added: tells a cached answer it is stale
+        self.size = size
 
     def add(self, value: float) -> float | None:
         """Add a value, forgetting the oldest when full; return the value forgotten (None: none)."""
+        # Called three times per production request (pair, hour, prior): locals, not attributes.
+        order, values = self.order, self.values
         forgotten = None
-        if len(self.order) == self.order.maxlen:
-            forgotten = self.order[0]
-            del self.values[bisect.bisect_left(self.values, forgotten)]
-        self.order.append(value)
-        bisect.insort(self.values, value)
+        if len(order) == self.size:
+            forgotten = order[0]
+            del values[bisect.bisect_left(values, forgotten)]
+        order.append(value)
+        bisect.insort(values, value)
         self.added += 1
         return forgotten
 
@@ -105,24 +110,36 @@ class SharedPrior(SortedWindow):
     then never again would read as "production always comes back within minutes".
     """
 
-    __slots__ = ("open_starts", "_open_of", "version")
+    __slots__ = ("open_starts", "_open_of", "version", "latencies", "latencies_seen")
 
     def __init__(self) -> None:
         super().__init__(PRIOR_GAPS)
         self.open_starts: list[float] = []  # sorted starts of the idle periods in progress
         self._open_of: dict[int, float] = {}
         self.version = 0  # bumped on every change: tells a cached answer it is stale
+        # Every pair's recent ping latencies: they all reach the same API, so a pair that has
+        # measured few of its own (new, or just rebuilt) spaces its pings by the fleet's.
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.latencies_seen = 0  # latencies ever added: tells a cached margin it is stale
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one ping attempt's latency, of any pair."""
+        self.latencies.append(seconds)
+        self.latencies_seen += 1
 
     def add(self, value: float) -> float | None:
         """Add a complete idle gap."""
         self.version += 1
-        return super().add(value)
+        return SortedWindow.add(self, value)
 
     def open_period(self, owner: int, start: float) -> None:
         """Pair `owner`'s idle period in progress now started at `start` (replacing its last)."""
-        self.close_period(owner)
+        starts = self.open_starts
+        old = self._open_of.get(owner)
+        if old is not None:
+            del starts[bisect.bisect_left(starts, old)]
         self._open_of[owner] = start
-        bisect.insort(self.open_starts, start)
+        bisect.insort(starts, start)
         self.version += 1
 
     def close_period(self, owner: int) -> None:
@@ -194,12 +211,17 @@ class AdaptivePolicy:
         self.idle_since: float | None = None  # start of the current idle period
         self.pings_this_idle = 0
         self.gaps = SortedWindow(PAIR_GAPS)
-        self.by_hour: dict[int, SortedWindow] = {}
-        self.latencies: deque[float] = deque(maxlen=200)
+        # Per hour of the week, its latest gaps in arrival order: only ever merged (and sorted)
+        # into `_levels`, so unlike the pair's and the prior's windows they need no sorted copy.
+        self.by_hour: dict[int, deque[float]] = {}
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self._latencies_seen = 0
+        self._margin: tuple[bool, int, float] | None = None  # (own?, latencies seen, margin): a sort saved
         self._memo: tuple[tuple[float, float, float, int, int, float], tuple[bool, float]] | None = None
         # The hour-of-week and hour-of-day levels of `_distribution`, merged into one sorted list
         # each: their gaps weigh the same, so one list answers as all of them do, in one bisect.
         self._levels: tuple[int, list[float], list[float]] | None = None
+        self._owner = id(self)  # this pair in the prior's idle periods in progress
         # The prior counts this pair's idle period in progress until the policy is dropped.
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, self._prior, id(self))
 
@@ -217,6 +239,7 @@ class AdaptivePolicy:
         self._finalizer.detach()
         self._prior.close_period(id(self))
         self._prior = prior
+        self._margin = None  # it may have been the old prior's latencies
         self._finalizer = weakref.finalize(self, SharedPrior.close_period, prior, id(self))
         if self.last_production is not None:
             prior.open_period(id(self), self.last_production)
@@ -243,7 +266,7 @@ class AdaptivePolicy:
         self.last_production = at
         self.idle_since = at
         self.pings_this_idle = 0
-        self._prior.open_period(id(self), at)
+        self._prior.open_period(self._owner, at)
 
     def replay(self, touches: Iterable[Touch]) -> None:
         """Rebuild the state from history (the ledger's pings and observations) at start."""
@@ -254,11 +277,17 @@ class AdaptivePolicy:
         """Record one ping attempt's latency: the safety margin follows their p99."""
         if seconds >= 0 and math.isfinite(seconds):
             self.latencies.append(seconds)
+            self._latencies_seen += 1
+            self._prior.observe_latency(seconds)
 
     def _add_gap(self, gap: float, started: float) -> None:
         self.gaps.add(gap)
         how = self._hour_of_week(started)
-        forgotten = self.by_hour.setdefault(how, SortedWindow(HOUR_GAPS)).add(gap)
+        window = self.by_hour.get(how)
+        if window is None:
+            window = self.by_hour[how] = deque(maxlen=HOUR_GAPS)
+        forgotten = window[0] if len(window) == HOUR_GAPS else None
+        window.append(gap)
         self._prior.add(gap)
         if self._levels is not None:
             # Keep the merged levels in step with their windows, rather than merging them anew
@@ -277,12 +306,24 @@ class AdaptivePolicy:
 
     @property
     def margin(self) -> float:
-        """Seconds before expiry the ping must start: p99 latency, one retry, slack."""
-        if len(self.latencies) < 5:
+        """Seconds before expiry the ping must start: p99 latency, one retry, slack.
+
+        The p99 of the pair's own latencies once it has measured a few, else of the whole
+        fleet's (the same API: a new pair need not pay the default's wide margin until its own
+        pings have been measured), else the default.
+        """
+        own = len(self.latencies) >= MIN_LATENCIES
+        source = self.latencies if own else self._prior.latencies
+        if len(source) < MIN_LATENCIES:
             return self.default_margin
-        ordered = sorted(self.latencies)
+        seen = self._latencies_seen if own else self._prior.latencies_seen
+        if self._margin is not None and self._margin[0] == own and self._margin[1] == seen:
+            return self._margin[2]
+        ordered = sorted(source)
         p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-        return 2 * p99 + RETRY_BACKOFF + SCHEDULING_SLACK
+        margin = 2 * p99 + RETRY_BACKOFF + SCHEDULING_SLACK
+        self._margin = (own, seen, margin)
+        return margin
 
     @property
     def spacing(self) -> float:
@@ -314,17 +355,18 @@ class AdaptivePolicy:
         week, day = self._hour_levels(self._hour_of_week(self.idle_since))
         # Other pairs idle at least as long (their idle periods began no later than this one).
         censored = max(0, self._prior.open_since(self.idle_since) - (self.last_production is not None))
-        levels = [([week], K_HOUR, 0), ([day], K_DAY, 0), ([self.gaps.values], K_PAIR, 0), ([self._prior.values], 0.0, censored)]
+        levels = ((week, K_HOUR, 0), (day, K_DAY, 0), (self.gaps.values, K_PAIR, 0), (self._prior.values, 0.0, censored))
         parts: list[tuple[list[float], float]] = []
         never = 0.0
         mass = 1.0  # of the distribution still to hand out to the more general levels
-        for lists, k, extra in levels:
-            n = sum(len(v) - bisect.bisect_left(v, age) for v in lists) + extra
+        for values, k, extra in levels:
+            n = len(values) - bisect.bisect_left(values, age) + extra
             if not n:
                 continue
             share = n / (n + k)
-            parts += [(v, mass * share / n) for v in lists]
-            never += mass * share / n * extra
+            weight = mass * share / n
+            parts.append((values, weight))
+            never += weight * extra
             mass *= 1.0 - share
         if mass > 0 and (parts or never):  # the most general level present takes the rest
             parts = [(v, w / (1.0 - mass)) for v, w in parts]
@@ -336,9 +378,15 @@ class AdaptivePolicy:
         started at the same hours of any day, each as one sorted list (kept in step by `_add_gap`)."""
         if self._levels is not None and self._levels[0] == how:
             return self._levels[1], self._levels[2]
-        week = sorted(v for d in (-1, 0, 1) if (w := self.by_hour.get((how + d) % WEEK_HOURS)) for v in w.values)
-        day = sorted(v for day in range(7) for d in (-1, 0, 1)
-                     if (w := self.by_hour.get((how % 24 + d) % 24 + 24 * day)) for v in w.values)
+        week: list[float] = []
+        for d in (-1, 0, 1):
+            week += self.by_hour.get((how + d) % WEEK_HOURS, ())
+        day: list[float] = []
+        for d in (-1, 0, 1):
+            for weekday in range(7):
+                day += self.by_hour.get((how % 24 + d) % 24 + 24 * weekday, ())
+        week.sort()
+        day.sort()
         self._levels = (how, week, day)
         return week, day
 

@@ -375,6 +375,7 @@ def simulate(args: argparse.Namespace) -> int:
                       " or RFC 3339", file=sys.stderr)
             print(f"keepwarm simulate: matched {len(matched)} of {len(requests)} trace rows to {len(pairs)} of"
                   f" {len(keys)} configured pairs", file=sys.stderr)
+            args.parsed_trace = requests  # the replay reads this, not the file again (seconds for a large trace)
             if not matched:
                 seen = sorted({r.key for r in requests})
                 print(f"keepwarm simulate: no trace row names a configured pair; nothing to replay.\n"

@@ -194,6 +194,11 @@ def make_policy(
     """
     ping_cost = prices.warm_ping_cost(pair.price_key, prefix_tokens, message_tokens, max(pair.max_tokens, 1))
     penalty = prices.miss_penalty(pair.price_key, prefix_tokens, pair.ttl)
+    minimum = prices.get(pair.price_key).min_cacheable_tokens
+    if penalty is not None and minimum is not None and prefix_tokens < minimum:
+        # A prefix below the model's minimum is never cached: a ping keeps nothing warm and no
+        # miss is saved, so adaptive never pings it (it pinged such a pair every few minutes).
+        penalty = 0.0
     policy: PairPolicy
     value: Callable[[float], float]
     if pair.adaptive and ping_cost is not None and penalty is not None:

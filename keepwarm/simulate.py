@@ -22,7 +22,9 @@ could have paid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import gc
 import heapq
 import io
 import json
@@ -34,13 +36,13 @@ import re
 import sqlite3
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from keepwarm.adaptive import SharedPrior
+from keepwarm.adaptive import LATENCIES, SharedPrior
 from keepwarm.budget import Budget
 from keepwarm.classify import Result, Usage
 from keepwarm.config import DEFAULT_INTERVAL, TTL_SECONDS, Config, ConfigError, Pair, load_config
@@ -56,15 +58,21 @@ POLICIES = (*ONLINE_POLICIES, "optimum")
 # Not in the default set, reference rows: the mission's keepalive that ignores production, and
 # ski rental alone (the adaptive policy's fallback, learning nothing).
 EXTRA_POLICIES = ("fixed-plain", "ski-rental")
+# Policies whose pairs decide alone (adaptive pairs share a prior: they replay in one timeline).
+INDEPENDENT_POLICIES = ("fixed", "fixed-plain", "ski-rental")
 
 
 class TraceError(Exception):
     """A trace that cannot be replayed; the message names the line."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """One production request of a trace."""
+    """One production request of a trace (never changed once read).
+
+    Not a frozen dataclass: building one took 1.3 us instead of 0.26, a second and more of a
+    million-row trace, read twice.
+    """
 
     at: float
     expert: str
@@ -75,7 +83,7 @@ class Request:
     key: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.expert}/{self.model}")
+        self.key = f"{self.expert}/{self.model}"
 
 
 # --- reading traces ------------------------------------------------------------------------
@@ -120,8 +128,26 @@ def _rfc3339(text: str) -> float:
     return moment.timestamp()
 
 
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Pause the cycle collector: reading a trace and replaying it make no cycles, but a million
+    live requests made each of its passes scan them all again (half of the reading time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
     """The requests of a CSV trace, sorted by time; raise TraceError naming the bad line."""
+    with _no_cycle_collection():
+        return _parse_trace(stream, name)
+
+
+def _parse_trace(stream: TextIO, name: str) -> list[Request]:
     reader = csv.reader(stream)
     try:
         header = next(reader)
@@ -136,34 +162,43 @@ def parse_trace(stream: TextIO, name: str = "trace") -> list[Request]:
     if missing:
         raise TraceError(f"{name}:1: the header lacks {', '.join(missing)} (it has {', '.join(header) or 'nothing'})")
     tokens_col = columns.get("prefix_tokens")
-    out = []
+    at_col, expert_col, model_col, width = columns["at"], columns["expert"], columns["model"], len(header)
+    out: list[Request] = []
+    append = out.append  # a million rows: every lookup saved in this loop counts
     try:
         for row in reader:
             line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) < len(header):
-                raise TraceError(f"{name}:{line}: {len(row)} fields, the header has {len(header)}")
+            if len(row) < width or not row[at_col].strip():
+                # A blank row (no field, or only empty ones) is skipped; it has an empty `at`,
+                # so a row with one is the only kind worth looking at field by field.
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) < width:
+                    raise TraceError(f"{name}:{line}: {len(row)} fields, the header has {width}")
             try:
-                at = parse_time(row[columns["at"]])
+                at = parse_time(row[at_col])
             except ValueError as exc:
                 raise TraceError(f"{name}:{line}: at: {exc}") from None
-            expert, model = row[columns["expert"]].strip(), row[columns["model"]].strip()
+            expert, model = row[expert_col].strip(), row[model_col].strip()
             if not expert or not model:
                 raise TraceError(f"{name}:{line}: expert and model must not be empty")
             tokens: int | None = None
-            if tokens_col is not None and row[tokens_col].strip():
+            if tokens_col is not None and (text := row[tokens_col]) and text.strip():
                 try:
-                    tokens = int(row[tokens_col])
+                    tokens = int(text)
                     if tokens < 0:
                         raise ValueError
                 except ValueError:
-                    raise TraceError(f"{name}:{line}: prefix_tokens: expected a whole number >= 0, got {row[tokens_col]!r}") from None
-            out.append(Request(at, expert, model, tokens, line))
+                    raise TraceError(f"{name}:{line}: prefix_tokens: expected a whole number >= 0, got {text!r}") from None
+            append(Request(at, expert, model, tokens, line))
     except csv.Error as exc:
         raise TraceError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
-    out.sort(key=lambda r: (r.at, r.line))
+    out.sort(key=_at)  # stable: rows at the same time stay in line order
     return out
+
+
+def _at(request: Request) -> float:
+    return request.at
 
 
 def read_observations(path: Path | PostgresTarget) -> list[Request]:
@@ -203,6 +238,21 @@ def read_observations(path: Path | PostgresTarget) -> list[Request]:
     finally:
         db.close()
     return [Request(float(at), str(e), str(m), int(t) if t else None, i + 1) for i, (at, e, m, t) in enumerate(rows)]
+
+
+def ledger_ping_latencies(path: Path | PostgresTarget) -> dict[str, list[float]]:
+    """Each pair's latest ping latencies in the ledger (seconds): what the daemon measured."""
+    from keepwarm.store import LedgerError, read_ledger
+
+    try:
+        rows = read_ledger(path)
+    except LedgerError:
+        return {}
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        if row.latency is not None and row.latency >= 0 and math.isfinite(row.latency):
+            out.setdefault(f"{row.expert}/{row.model}", []).append(row.latency)
+    return {key: seen[-LATENCIES:] for key, seen in out.items()}
 
 
 def ledger_prefix_tokens(path: Path | PostgresTarget) -> dict[str, int]:
@@ -350,10 +400,13 @@ def replay(
     seed: int = 0,
     budget_usd_per_day: float | None = None,
     pings: list[tuple[float, str, str, str]] | None = None,
+    latencies: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Tally]:
     """Replay `requests` (sorted) under one online policy from `start` to `until`, all pairs together.
 
     All pairs run in one timeline because the budget is shared. Appends every ping to `pings`.
+    `latencies`: per pair, ping latencies measured before the replay (the ledger's), which an
+    adaptive policy spaces its pings by, as the daemon's does; without them, its default margin.
     """
     tallies = {s.pair.key: Tally() for s in setups}
     by_key = {s.pair.key: s for s in setups}
@@ -368,6 +421,22 @@ def replay(
     prior = SharedPrior()
     budget = Budget(budget_usd_per_day) if budget_usd_per_day else None
     policies = {s.pair.key: _policy_for(policy_name, s, prices, prior, budget) for s in setups}
+    for key, seconds in (latencies or {}).items():
+        observe_latency = getattr(policies[key], "observe_latency", None) if key in policies else None
+        if callable(observe_latency):
+            for each in seconds:
+                observe_latency(each)
+    if budget is None and policy_name in INDEPENDENT_POLICIES:
+        # Nothing couples these pairs (no shared budget, no shared prior): each replays on its
+        # own, without the timeline of every pair's events that a million rows made slow.
+        mine: dict[str, list[Request]] = {key: [] for key in policies}
+        for r in requests:
+            if r.key in mine:
+                mine[r.key].append(r)
+        for key, policy in policies.items():
+            _replay_alone(policy_name, policy, by_key[key], mine[key], tallies[key], start, until,
+                          random.Random(f"{seed}:{key}"), pings)
+        return tallies
     rngs = {key: random.Random(f"{seed}:{key}") for key in policies}
     draws = {key: rngs[key].random() for key in policies}
     armed: dict[str, float | None] = {}
@@ -389,22 +458,27 @@ def replay(
 
     for key in policies:
         arm(key, start)
-    i = 0
+    i, n = 0, len(requests)
     while True:
-        next_request = requests[i].at if i < len(requests) else math.inf
         next_wake = heap[0][0] if heap else math.inf
-        if min(next_request, next_wake) > until:
-            break
-        if next_request <= next_wake:
+        # The requests up to the next wake, in one go: the heap is looked at again only when a
+        # request arms a pair (a million rows, most of them between two wakes).
+        while i < n:
             r = requests[i]
+            if r.at > next_wake or r.at > until:
+                break
             i += 1
-            if r.key not in by_key:
+            setup = by_key.get(r.key)
+            if setup is None:
                 continue
-            _production(tallies[r.key], by_key[r.key], r, policies[r.key], refreshed, size)
-            draws[r.key] = rngs[r.key].random()
-            if armed.get(r.key) is None:
-                arm(r.key, r.at)
-            continue
+            key = r.key
+            _production(tallies[key], setup, r, policies[key], refreshed, size)
+            draws[key] = rngs[key].random()
+            if armed.get(key) is None:
+                arm(key, r.at)
+                next_wake = heap[0][0] if heap else math.inf
+        if next_wake > until:
+            break
         at, _, key = heapq.heappop(heap)
         if armed.get(key) != at:
             continue  # superseded
@@ -433,6 +507,71 @@ def replay(
         draws[key] = rngs[key].random()
         arm(key, at)
     return tallies
+
+
+def _replay_alone(
+    policy_name: str,
+    policy: PairPolicy,
+    setup: PairSetup,
+    requests: Sequence[Request],
+    tally: Tally,
+    start: float,
+    until: float,
+    rng: random.Random,
+    pings: list[tuple[float, str, str, str]] | None,
+) -> None:
+    """`replay` for one pair whose policy depends on nothing of the others: the same events,
+    in the same order, with the same draws (tests/test_simulate.py compares the two)."""
+    key = setup.pair.key
+    refreshed: dict[str, float | None] = {key: None}
+    size = {key: setup.prefix_tokens}
+    ttl = setup.pair.ttl_seconds
+    expert, model = setup.pair.expert, setup.pair.model
+    draw = rng.random()
+    wake: float | None = None
+
+    def arm(now: float) -> float | None:
+        decision = policy.next_ping(now, draw)
+        if decision.at is None:
+            if decision.reason:
+                tally.skipped[decision.reason] += 1
+            return None
+        return max(decision.at, now)
+
+    wake = arm(start)
+    i, n = 0, len(requests)
+    while True:
+        next_request = requests[i].at if i < n else math.inf
+        next_wake = math.inf if wake is None else wake
+        if next_request <= next_wake:
+            if next_request > until:
+                return
+            r = requests[i]
+            i += 1
+            _production(tally, setup, r, policy, refreshed, size)
+            draw = rng.random()
+            if wake is None:
+                wake = arm(r.at)
+            continue
+        if next_wake > until:
+            return
+        at = next_wake
+        decision = policy.next_ping(at, draw)
+        if decision.at is None or decision.at > at + 1e-9:
+            if decision.reason:
+                tally.skipped[decision.reason] += 1
+            wake = decision.at
+            continue
+        warm = cache_alive(refreshed[key], ttl, at)
+        costs = setup.costs(size[key])
+        tally.pings += 1
+        tally.keepalive_usd += costs.ping if warm else costs.cold_ping
+        refreshed[key] = at
+        policy.observe(Touch(at, Source.PING, Result.WARM if warm else Result.REWARMED))
+        if pings is not None:
+            pings.append((at, expert, model, policy_name))
+        draw = rng.random()
+        wake = arm(at)
 
 
 def _production(
@@ -530,8 +669,32 @@ def run(
     budget_usd_per_day: float | None = None,
     pings: list[tuple[float, str, str, str]] | None = None,
     alternative_ttl: bool = True,
+    latencies: Mapping[str, Sequence[float]] | None = None,
+    parallel: bool = True,
 ) -> Simulation:
-    """Replay a trace under each policy (and the other TTL under the best one)."""
+    """Replay a trace under each policy (and the other TTL under the best one).
+
+    `latencies`: per pair, measured ping latencies (see `replay`). `parallel`: on a large trace,
+    replay part of it in a child process (the answer is the same either way).
+    """
+    with _no_cycle_collection():
+        return _run(setups, requests, prices, policies, until, seed, budget_usd_per_day, pings, alternative_ttl,
+                    latencies, parallel)
+
+
+def _run(
+    setups: Sequence[PairSetup],
+    requests: Sequence[Request],
+    prices: PriceTable,
+    policies: Sequence[str],
+    until: float | None,
+    seed: int,
+    budget_usd_per_day: float | None,
+    pings: list[tuple[float, str, str, str]] | None,
+    alternative_ttl: bool,
+    latencies: Mapping[str, Sequence[float]] | None,
+    parallel: bool,
+) -> Simulation:
     keys = {s.pair.key for s in setups}
     ignored = Counter(r.key for r in requests if r.key not in keys)
     requests = [r for r in requests if r.key in keys]
@@ -541,30 +704,42 @@ def run(
     by_pair: dict[str, list[Request]] = defaultdict(list)
     for r in requests:
         by_pair[r.key].append(r)
-    other: Callable[[], dict[str, dict[str, Tally]]] | None = None
-    if alternative_ttl and setups:
-        other_setups = _other_ttl_setups(setups, prices)
+    large = parallel and len(requests) >= PARALLEL_ROWS
+    # Each policy's replay needs nothing of another's, nor do the other TTL's: on a large trace a
+    # child process runs all of them but this TTL's adaptive replay (the slowest; its pairs share
+    # a prior, so it cannot be split) and the optimum, beside those.
+    beside = [n for n in policies if n not in ("adaptive", "optimum")] if large else []
+    other_setups = _other_ttl_setups(setups, prices) if alternative_ttl and setups else None
+    Pings = list[tuple[float, str, str, str]]
 
-        def other_ttl() -> dict[str, dict[str, Tally]]:
-            return run(other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget_usd_per_day,
-                       alternative_ttl=False).results
+    def elsewhere() -> tuple[dict[str, dict[str, Tally]], Pings, dict[str, dict[str, Tally]] | None]:
+        theirs: Pings = []
+        done = {n: replay(n, setups, requests, prices, start, end, seed, budget_usd_per_day,
+                          theirs if pings is not None else None, latencies) for n in beside}
+        other = None if other_setups is None else run(
+            other_setups, requests, prices, ONLINE_POLICIES, end, seed, budget_usd_per_day,
+            alternative_ttl=False, latencies=latencies, parallel=False).results
+        return done, theirs, other
 
-        # The other TTL's replays need nothing of these: on a large trace they run beside them.
-        other = _beside(other_ttl) if len(requests) >= PARALLEL_ROWS else other_ttl
-    results: dict[str, dict[str, Tally]] = {}
+    waiting = _beside(elsewhere) if large and (beside or other_setups is not None) else elsewhere
+    mine: dict[str, dict[str, Tally]] = {}
     for name in policies:
         if name == "optimum":
-            results[name] = {s.pair.key: optimum(s, by_pair[s.pair.key], prices, pings) for s in setups}
-        else:
-            results[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings)
+            mine[name] = {s.pair.key: optimum(s, by_pair[s.pair.key], prices, pings) for s in setups}
+        elif name not in beside:
+            mine[name] = replay(name, setups, requests, prices, start, end, seed, budget_usd_per_day, pings, latencies)
+    done, theirs, other = waiting()
+    if pings is not None:
+        pings += theirs
+    results = {name: done[name] if name in done else mine[name] for name in policies}
     sim = Simulation(end, start, list(setups), results, ignored=ignored)
     if other is not None:
-        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other())
+        sim.ttl_alternative = _other_ttl(sim, setups, requests, prices, end, seed, budget_usd_per_day, other, latencies)
     return sim
 
 
-# Rows from which the other TTL's replays run in a child process, beside this one's: a million
-# rows took 38 s in one process. Below it a fork costs more than it saves.
+# Rows from which part of the replays run in a child process, beside the rest: a million rows
+# took 38 s in one process. Below it a fork costs more than it saves.
 PARALLEL_ROWS = 100_000
 
 _T = TypeVar("_T")
@@ -624,13 +799,15 @@ def _other_ttl(
     seed: int,
     budget: float | None,
     other_results: dict[str, dict[str, Tally]],
+    latencies: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per pair: the best online policy's extra cost at the pair's TTL and at the other one."""
     # The best of every online policy on both sides, whichever policies the output shows.
     missing = [p for p in ONLINE_POLICIES if p not in sim.results]
     current = dict(sim.results)
     if missing:
-        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False).results)
+        current.update(run(setups, requests, prices, missing, end, seed, budget, alternative_ttl=False,
+                           latencies=latencies).results)
     out: dict[str, dict[str, Any]] = {}
     for s in setups:
         key = s.pair.key
@@ -898,6 +1075,8 @@ def main(args: argparse.Namespace) -> int:
                 print(f"keepwarm simulate: {config_path} has no ledger.path or ledger.url for --from-ledger", file=sys.stderr)
                 return EX_CONFIG
             requests = read_observations(stored)
+        elif getattr(args, "parsed_trace", None) is not None:
+            requests = args.parsed_trace  # `keepwarm.cli` read it already, to say what it matched
         else:
             try:
                 with args.trace.open(encoding="utf-8-sig", newline="") as stream:
@@ -922,7 +1101,12 @@ def main(args: argparse.Namespace) -> int:
     policies = tuple(dict.fromkeys(args.policy)) if args.policy else POLICIES
     if "optimum" not in policies:
         policies = (*policies, "optimum")  # ratios need it; it is not printed when not asked for
-    sim = run(setups, requests, config.prices, policies, until, args.seed, config.budget_usd_per_day, pings)
+    # The ping latencies the daemon measured, where the config's ledger has them: the adaptive
+    # policy spaces its pings by their p99, as the daemon's does (else its default margin).
+    stored = location(config)
+    latencies = ledger_ping_latencies(stored) if stored is not None else {}
+    sim = run(setups, requests, config.prices, policies, until, args.seed, config.budget_usd_per_day, pings,
+              latencies=latencies)
     shown = set(args.policy or POLICIES)
     if args.pings_out is not None and pings is not None:
         write_pings(args.pings_out, [p for p in pings if p[3] in shown])

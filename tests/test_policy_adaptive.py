@@ -114,6 +114,28 @@ def test_spacing_follows_the_measured_latency() -> None:
     assert policy.next_ping(1000.0, 0.0).at == pytest.approx(1000.0 + TTL - 9.0)
 
 
+def test_a_pair_with_few_latencies_of_its_own_spaces_its_pings_by_the_fleets() -> None:
+    prior = SharedPrior()
+    veteran, newcomer = _adaptive(prior=prior), _adaptive(prior=prior)
+    for latency in [0.5] * 98 + [3.0] * 2:
+        veteran.observe_latency(latency)
+    # The newcomer has measured nothing, but its pings reach the same API as the veteran's.
+    assert newcomer.margin == pytest.approx(2 * 3.0 + 1.0 + 2.0)
+    for _ in range(5):
+        newcomer.observe_latency(1.0)
+    assert newcomer.margin == pytest.approx(2 * 1.0 + 1.0 + 2.0)  # its own, once it has a few
+    assert _adaptive(prior=SharedPrior()).margin == 20.0  # nothing measured anywhere: the default
+
+
+def test_the_margin_follows_new_latencies_after_it_was_computed() -> None:
+    policy = _adaptive()
+    for _ in range(5):
+        policy.observe_latency(1.0)
+    assert policy.margin == pytest.approx(5.0)
+    policy.observe_latency(4.0)  # the p99 of six is their maximum
+    assert policy.margin == pytest.approx(2 * 4.0 + 3.0)
+
+
 def test_never_closer_to_expiry_than_interval_allows() -> None:
     policy = AdaptivePolicy(15.0, 12.0, 0.0, 1.0, 10.0, default_margin=20.0)  # a time-scaled TTL
     policy.observe(_prod(100.0))
@@ -205,3 +227,28 @@ def test_make_policy_builds_what_the_config_asks_for() -> None:
     assert isinstance(unpriced, FixedPolicy)
     scaled = make_policy(replace(pair, active_hours=None), prices, 4000, time_scale=0.05)
     assert isinstance(scaled, AdaptivePolicy) and scaled.default_margin == pytest.approx(1.0)
+
+
+def test_an_adaptive_pair_never_pings_a_prefix_too_short_to_cache() -> None:
+    data = {"defaults": {"models": ["claude-opus-4-6"], "policy": "adaptive"}, "experts": [{"name": "a", "system": [{"text": "rules"}]}]}
+    pair = parse_config(data, Path(".")).pairs[0]
+    prices = builtin_table()
+    minimum = prices.get("claude-opus-4-6").min_cacheable_tokens
+    assert minimum is not None
+    short = make_policy(pair, prices, minimum - 1)
+    assert isinstance(short, AdaptivePolicy) and short.miss_penalty == 0.0
+    # Production every 1.9 TTLs: a prefix that caches is kept warm between requests, a shorter
+    # one never (each ping would be billed as plain input and keep nothing warm).
+    for policy, pings in ((make_policy(pair, prices, minimum), True), (short, False)):
+        assert isinstance(policy, AdaptivePolicy)
+        sent = 0
+        for k in range(20):
+            at = 1000.0 + 570.0 * k
+            policy.observe(_prod(at))
+            decision = policy.next_ping(at, 0.0)
+            if decision.at is not None and decision.at < at + 570.0:
+                decision = policy.next_ping(decision.at, 0.0)
+                if decision.at is not None:
+                    policy.observe(_ping(decision.at))
+                    sent += 1
+        assert (sent > 0) is pings

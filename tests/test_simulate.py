@@ -401,7 +401,8 @@ def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeyp
     setups = [_setup("a", policy="adaptive"), _setup("b")]
     requests = sorted((Request(T0 + rng.uniform(0, 86400.0), name, "claude-sonnet-4-6") for name in "ab" for _ in range(300)),
                       key=lambda r: r.at)
-    here = run(setups, requests, PRICES, seed=2).ttl_alternative
+    pings: list[tuple[float, str, str, str]] = []
+    here = run(setups, requests, PRICES, seed=2, pings=pings)
     monkeypatch.setattr(simulate, "PARALLEL_ROWS", 1)
     forked: list[int] = []
     real = simulate._beside
@@ -411,5 +412,68 @@ def test_the_other_ttl_replayed_in_a_child_process_gives_the_same_answer(monkeyp
         return real(work)
 
     monkeypatch.setattr(simulate, "_beside", counting)
-    assert run(setups, requests, PRICES, seed=2).ttl_alternative == here
+    beside: list[tuple[float, str, str, str]] = []
+    there = run(setups, requests, PRICES, seed=2, pings=beside)
+    assert there.ttl_alternative == here.ttl_alternative
+    # This TTL's replays but adaptive's ran in the child too: the same tallies, pings, order of rows.
+    assert list(there.results) == list(here.results) and there.results == here.results
+    assert {p[3] for p in pings} >= {"fixed", "adaptive"} and sorted(beside) == sorted(pings)
     assert forked == [1]
+
+
+# --- the replay's speed paths and measured latencies -------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["fixed", "fixed-plain", "ski-rental"])
+def test_pairs_replayed_alone_do_exactly_what_the_shared_timeline_does(policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs that share nothing replay one by one (fast); the result is the shared timeline's to the ping."""
+    import keepwarm.simulate as simulate
+
+    rng = random.Random(11)
+    hours = parse_config({"defaults": {"models": ["m"], "active_hours": "mon-fri 08:00-19:00 UTC"},
+                          "experts": [{"name": "c", "system": [{"text": "x"}]}]}, Path(".")).pairs[0].active_hours
+    setups = [_setup("a", jitter=10.0), _setup("b", jitter=10.0, ttl="1h", ttl_seconds=3600.0, interval=3300.0),
+              _setup("c", jitter=10.0, active_hours=hours)]
+    requests = []
+    for name in "abc":
+        t = T0
+        while t < T0 + 2 * 86400:
+            t += rng.expovariate(1 / 900) if rng.random() < 0.8 else rng.expovariate(1 / 7200)
+            requests.append(Request(t, name, "claude-sonnet-4-6", rng.choice((None, 3000, 5000))))
+    requests.append(Request(requests[-1].at, "b", "claude-sonnet-4-6"))  # a tie: the request goes first, as a wake would
+    requests.sort(key=lambda r: r.at)
+    end = requests[-1].at - 3600.0  # `until` before the last request
+    alone: list[tuple[float, str, str, str]] = []
+    fast = run(setups, requests, PRICES, (policy,), end, seed=4, pings=alone, alternative_ttl=False)
+    monkeypatch.setattr(simulate, "INDEPENDENT_POLICIES", ())
+    shared: list[tuple[float, str, str, str]] = []
+    slow = run(setups, requests, PRICES, (policy,), end, seed=4, pings=shared, alternative_ttl=False)
+    assert len(shared) > 50
+    assert sorted(alone) == sorted(shared)
+    assert fast.results == slow.results
+
+
+def test_adaptive_spaces_pings_by_the_latencies_the_ledger_measured(tmp_path: Path) -> None:
+    """With pings in the ledger, simulate's adaptive policy keeps the margin the daemon measured."""
+    ledger_path = tmp_path / "ledger.db"
+    Ledger(ledger_path).close()
+    with sqlite3.connect(ledger_path) as db:
+        for k in range(50):  # the daemon's pings: about a second each, the slowest 3 s
+            db.execute("INSERT INTO pings (time, expert, model, ttl, fingerprint, result, latency, attempts)"
+                       " VALUES (?, 'a', 'claude-sonnet-4-6', '5m', 'f', 'warm', ?, 1)", (T0 - 86400 + 240 * k, 3.0 if k == 7 else 1.0))
+    times = [T0 + 420.0 * k for k in range(200)]  # a job every 7 minutes: each gap takes one ping
+    trace = "at,expert,model,prefix_tokens\n" + "".join(f"{t},a,claude-sonnet-4-6,4000\n" for t in times)
+
+    def gaps(ledger: bool) -> set[float]:
+        config = SIM_CONFIG.replace("jitter: 0s", "jitter: 0s, policy: adaptive")
+        if ledger:
+            config += f"ledger: {{path: {ledger_path}}}\n"
+        out = tmp_path / f"pings-{ledger}.csv"
+        done = _simulate(tmp_path, trace, "--policy", "adaptive", "--pings-out", str(out), config=config)
+        assert done.returncode == 0, done.stderr
+        pinged = [float(row["at"]) for row in csv.DictReader(out.open())]
+        assert len(pinged) > 100
+        return {round(min(p - t for t in times if t <= p), 3) for p in pinged}
+
+    assert gaps(ledger=False) == {300.0 - 20.0}  # no latency measured: the default margin
+    assert gaps(ledger=True) == {300.0 - (2 * 3.0 + 1.0 + 2.0)}  # p99 3 s: twice, backoff, slack
