@@ -1,4 +1,4 @@
-"""`policy: adaptive`: keep an idle cache warm only while that is expected to pay (SPEC §9).
+"""`policy: adaptive`: keep an idle cache warm only while that is expected to pay (docs/policy.md).
 
 The unit of decision is the *idle period*: the time since the pair's last production request.
 A ping at age `a` of an idle period, followed by up to k - 1 more every `spacing` seconds, keeps

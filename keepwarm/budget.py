@@ -1,4 +1,4 @@
-"""`budget.usd_per_day`: a cap on the keepalive's own spend over the trailing 24 h (SPEC §9).
+"""`budget.usd_per_day`: a cap on the keepalive's own spend over the trailing 24 h (docs/policy.md).
 
 One `Budget` serves all pairs. It is fed the cost of every ping (`record`) and asked, when a
 pair's ping is due, whether it may go (`may_ping`). Below `near` (80 %) of the cap every pair

@@ -38,7 +38,7 @@ class Prefix:
         return out
 
     def fingerprint(self, model: str) -> str:
-        """The SPEC §1 fingerprint of this prefix on one model."""
+        """The fingerprint of this prefix on one model."""
         return fingerprint(model, list(self.system), None if self.tools is None else list(self.tools))
 
 
@@ -68,7 +68,7 @@ def build_prefix(
 
 
 def fingerprint(model: str | None, system: Any, tools: Any = None) -> str:
-    """sha256 of the canonical JSON of model, system and tools (SPEC §1)."""
+    """sha256 of the canonical JSON of model, system and tools (docs/observations.md, The fingerprint)."""
     doc: dict[str, Any] = {"model": model, "system": system}
     if tools is not None:
         doc["tools"] = tools

@@ -8,7 +8,7 @@ from typing import Any
 
 
 class Result(str, enum.Enum):
-    """The outcome of one ping (SPEC §2); the value is the metric label."""
+    """The outcome of one ping (README: Metrics, `result`); the value is the metric label."""
 
     WARM = "warm"
     REWARMED = "rewarmed"
@@ -56,7 +56,7 @@ class Usage:
 
 def _count(source: Any, name: str) -> int:
     value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
-    return int(value) if value else 0  # missing or null counts as 0 (SPEC §2)
+    return int(value) if value else 0  # missing or null counts as 0
 
 
 def usage_from_api(raw: Any, ttl: str) -> Usage:
@@ -84,7 +84,7 @@ def usage_from_api(raw: Any, ttl: str) -> Usage:
 
 
 def classify(usage: Usage | None) -> Result:
-    """Classify a ping by its usage (SPEC §2); `None` means the request failed."""
+    """Classify a ping by its usage; `None` means the request failed."""
     if usage is None:
         return Result.ERROR
     read, written = usage.cache_read > 0, usage.cache_write > 0

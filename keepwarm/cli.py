@@ -1,4 +1,4 @@
-"""The `keepwarm` command line (SPEC §4). `main(argv) -> int`; exit codes are interface."""
+"""The `keepwarm` command line (README: Commands). `main(argv) -> int`; exit codes are interface."""
 
 from __future__ import annotations
 

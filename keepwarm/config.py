@@ -102,9 +102,9 @@ class _Overridable(_Strict):
     jitter: Duration | None = None
     max_tokens: Literal[0, 1] | None = None
     ping_message: str | None = None
-    policy: Literal["fixed", "adaptive"] | None = None  # SPEC §9
+    policy: Literal["fixed", "adaptive"] | None = None  # docs/policy.md
     active_hours: str | list[str] | None = None  # parsed by keepwarm.hours in _resolve
-    account: str | None = None  # SPEC §12: which `accounts` entry; default the first
+    account: str | None = None  # which `accounts` entry (docs/providers.md); default the first
 
 
 class DefaultsSection(_Overridable):
@@ -118,7 +118,7 @@ class ExpertSection(_Overridable):
 
 
 class AccountSection(_Strict):
-    """One `accounts` entry (SPEC §12); which keys a provider takes is checked in _accounts."""
+    """One `accounts` entry (docs/providers.md); which keys a provider takes is checked in _accounts."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
     provider: Literal["anthropic", "bedrock", "vertex", "foundry"] = "anthropic"
@@ -181,7 +181,7 @@ def _ledger_off(value: Any) -> Any:
 
 
 class BudgetSection(_Strict):
-    usd_per_day: float | None = Field(default=None, gt=0)  # None: no cap (SPEC §9)
+    usd_per_day: float | None = Field(default=None, gt=0)  # None: no cap
 
 
 class FileSection(_Strict):
@@ -223,7 +223,7 @@ class Pair:
     fingerprint: str
     policy: str = "fixed"  # fixed | adaptive (keepwarm.policy.make_policy)
     active_hours: ActiveHours | None = None  # None: always
-    account: str = "default"  # the `accounts` entry whose cache this pair warms (SPEC §12)
+    account: str = "default"  # the `accounts` entry whose cache this pair warms
     provider: str = "anthropic"
     # The price table row of a provider's pair (`bedrock:geo:us.anthropic...`, priced with its
     # endpoint multiplier); empty for the Claude API, whose row is the model's (see price_key).
@@ -260,7 +260,7 @@ class ApiSettings:
 
 @dataclass(frozen=True)
 class FleetSettings:
-    """The fleet a daemon with `ledger.url` belongs to (SPEC: state, restarts and fleets)."""
+    """The fleet a daemon with `ledger.url` belongs to (README: A fleet on PostgreSQL)."""
 
     name: str = "keepwarm"
     lease: float = 20.0
@@ -295,7 +295,7 @@ class Config:
     ledger_url: str | None = None
     ledger_password_file: Path | None = None
     fleet: FleetSettings | None = None  # set exactly when ledger_url is
-    # Where the caches live (SPEC §12); without `accounts:`, one Anthropic account from `api:`.
+    # Where the caches live (docs/providers.md); without `accounts:`, one Anthropic account from `api:`.
     accounts: tuple[Account, ...] = ()
 
     def account(self, name: str) -> Account:

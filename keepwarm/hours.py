@@ -1,4 +1,4 @@
-"""`active_hours`: the weekly windows in which a pair may be pinged (SPEC §9).
+"""`active_hours`: the weekly windows in which a pair may be pinged (docs/policy.md).
 
 One range is `DAYS HH:MM-HH:MM ZONE`, e.g. `mon-fri 08:00-19:00 Europe/Berlin`:
 

@@ -511,7 +511,7 @@ def _empty_family(family: _Family) -> CounterMetricFamily | GaugeMetricFamily | 
 
 
 def _empty_info() -> GaugeMetricFamily:
-    # account and provider (SPEC §12): where the pair's cache lives; no other family carries them.
+    # account and provider: where the pair's cache lives; no other family carries them.
     return GaugeMetricFamily("keepwarm_pair_info", _INFO_HELP, labels=[*_PAIR, "ttl", "fingerprint", "account", "provider"])
 
 

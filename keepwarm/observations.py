@@ -309,7 +309,7 @@ def _validate_in_full(
         if owner is not None:
             return reject("misdirected", f"{key} is kept warm by shard {owner}", owner)
         return reject("unknown_pair", f"{key} is not a configured pair")
-    # SPEC §12: a request sent to another workspace, account or provider cannot have read this
+    # A request sent to another workspace, account or provider cannot have read this
     # pair's cache; counting it would call a cache warm that production never reads. The pair
     # is (expert, model) in one place, so elsewhere it is an unknown pair (no new metric label).
     # Either is optional (an observation in the shape of §8 has neither): only what is said is checked.

@@ -192,7 +192,7 @@ class Observer:
         """Hand over one response; returns at once (drops it, counted, when the buffer is full).
 
         `place` is (account, provider) of the client that sent it, reported so that the daemon
-        never credits a request made elsewhere to a pair's cache (SPEC §12).
+        never credits a request made elsewhere to a pair's cache (docs/providers.md).
         """
         if not self._started:
             self._start()

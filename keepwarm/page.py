@@ -378,7 +378,7 @@ def render_page(
         why = _why(s, word, info.prices)
         rows.append(
             f'<tr{" class=has-why" if why else ""}>'
-            # Where the cache lives (SPEC §12): the account and provider, when not the default Anthropic one.
+            # Where the cache lives: the account and provider, when not the default Anthropic one.
             f"<td>{html.escape(s.pair.expert)}<br><small>{html.escape(s.pair.model)}{_place(s)}</small></td>"
             f'<td class="{word}">{word}</td>{strip}<td class="n">{expires}</td>'
             f"<td>{html.escape(result)}</td>"

@@ -20,7 +20,7 @@ from keepwarm.config import Pair
 from keepwarm.providers.base import provider_facts
 from keepwarm.providers.clients import sdk_for
 
-# The error_type label values of keepwarm_ping_errors_total (SPEC §5).
+# The error_type label values of keepwarm_ping_errors_total (README: Metrics).
 ERROR_TYPES = (
     "rate_limit",
     "overloaded",
@@ -183,7 +183,7 @@ def describe_error(exc: Exception, now: float | None = None, provider: str = "an
     """Map an SDK exception to an error kind; the message never holds the key.
 
     `now` (wall time) turns an HTTP-date `retry-after` into seconds; default: the system clock.
-    `provider` reads Bedrock's and Vertex's own error names (SPEC §12).
+    `provider` reads Bedrock's and Vertex's own error names (docs/providers.md).
     """
     if provider != "anthropic":
         mapped = _provider_error(exc, provider)

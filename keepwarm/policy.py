@@ -1,4 +1,4 @@
-"""When a pair is pinged next: the keepalive policy, one pure component (SPEC §9).
+"""When a pair is pinged next: the keepalive policy, one pure component (docs/policy.md).
 
 A policy is fed *touches* in time order (keepwarm's own pings and the production requests that
 observations report) and asked when to ping next, if at all. It reads no clock and does no I/O:

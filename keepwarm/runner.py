@@ -173,7 +173,7 @@ class Runner:
         # Backoff waits on the stop event, so SIGTERM cuts a retry short; tests inject it.
         self.wait = wait if wait is not None else stop.wait
         self.gate = gate if gate is not None else Gate()
-        # The gates of accounts other than `default` (SPEC §12), made from `gate` when first needed.
+        # The gates of accounts other than `default`, made from `gate` when first needed.
         self._gates_of = self.gate
         self._account_gates: dict[str, Gate] = {}
 

@@ -828,7 +828,7 @@ class Scheduler:
         )
 
     def _skip(self, state: PairState, reason: str | None) -> None:
-        """Count a ping the policy did not send under its reason (SPEC: pings_skipped_total)."""
+        """Count a ping the policy did not send under its reason (keepwarm_pings_skipped_total)."""
         if reason is not None and not state.removed:
             self.metrics.skipped.labels(state.pair.expert, state.pair.model, reason).inc()
 

@@ -1,4 +1,4 @@
-"""`keepwarm simulate`: replay production traffic under each keepalive policy (SPEC §10).
+"""`keepwarm simulate`: replay production traffic under each keepalive policy (docs/policy.md).
 
 A trace is CSV with a header: `at` (unix seconds or RFC 3339), `expert`, `model` and optionally
 `prefix_tokens`; other columns are ignored, rows may come in any order. The replay drives the very

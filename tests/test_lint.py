@@ -1,4 +1,4 @@
-"""The package stays `mypy --strict` and `ruff` clean (STYLE.md), checked like any other test.
+"""The package stays `mypy --strict` and `ruff` clean, checked like any other test.
 
 The tools run from this interpreter's environment (`python -m ...`): on a fresh machine the
 virtualenv's `bin` is not on PATH, so looking them up there would fail or find another copy.

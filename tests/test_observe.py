@@ -173,7 +173,7 @@ def test_a_plain_call_is_observed_with_usage_fingerprint_time_and_request_id(
     for observation, entry in zip(receiver.observations, log, strict=True):
         assert observation["expert"] == "analyst" and observation["model"] == SONNET
         assert observation["usage"] == expected(entry.usage)
-        # The SPEC fingerprint, through keepwarm.prefix: the emulator computes it independently.
+        # The documented fingerprint, through keepwarm.prefix: the emulator computes it independently.
         assert observation["fingerprint"] == PREFIX.fingerprint(SONNET) == entry.fingerprint
         assert observation["request_id"] == entry.request_id
         assert before <= observation["at"] <= after

@@ -1,4 +1,4 @@
-"""The policy component (SPEC §9): pure, fed touches in time order."""
+"""The policy component: pure, fed touches in time order."""
 
 from keepwarm.classify import Result
 from keepwarm.policy import Decision, FixedPolicy, Source, Touch

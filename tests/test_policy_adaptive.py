@@ -1,4 +1,4 @@
-"""The adaptive policy, the active-hours and budget wrappers, and make_policy (SPEC §9)."""
+"""The adaptive policy, the active-hours and budget wrappers, and make_policy."""
 
 from dataclasses import replace
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The config keys of SPEC §9: policy, active_hours, budget.usd_per_day."""
+"""The policy config keys: policy, active_hours, budget.usd_per_day."""
 
 from pathlib import Path
 from typing import Any

@@ -1,4 +1,4 @@
-"""The review's policy defects, reproduced, and the adaptive policy's worst-case bound (SPEC §9)."""
+"""The review's policy defects, reproduced, and the adaptive policy's worst-case bound."""
 
 import random
 from datetime import datetime

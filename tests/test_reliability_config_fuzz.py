@@ -1,7 +1,7 @@
 """Whatever a config file holds, loading it ends in a Config or a ConfigError that says where.
 
-A daemon that meets a bad config must exit 78 with every problem named and located (SPEC §3,
-§4), never with a traceback: any other exception from `parse_config`/`load_config` is a bug.
+A daemon that meets a bad config must exit 78 with every problem named and located (README:
+Configuration, Commands), never with a traceback: any other exception from `parse_config`/`load_config` is a bug.
 Hypothesis feeds them arbitrary YAML documents, arbitrary text, and valid configs with a few
 random mutations (wrong types at random keys, unknown keys, deleted keys, odd durations, odd
 file names). The explicit cases at the end pin the bugs these properties found, one by one.

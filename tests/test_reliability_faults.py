@@ -4,7 +4,7 @@ One `keepwarm run` serves the whole module (starting a daemon costs seconds; the
 cost what their faults cost). It pings two pairs every half second against an emulator
 whose 5-minute TTL lasts 3 s. Each test waits until every pair has pinged warm since it
 began, injects its fault into the emulator (which runs in this process), checks the error
-is counted under its SPEC §5 `error_type`, and then waits until every pair pings warm
+is counted under its documented `error_type`, and then waits until every pair pings warm
 again with no restart. No test sleeps for a schedule: each polls with a deadline.
 """
 

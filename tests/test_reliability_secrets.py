@@ -3,7 +3,7 @@
 Every command runs for real against `keepwarm emulator --api-key KEY` (a separate process
 that accepts only that key), with the key coming from each of its three sources. Everything
 any of them prints or writes is collected and searched for the key. Only its last four
-characters may appear (SPEC §4), so the search is for everything before them.
+characters may appear in a log, so the search is for everything before them.
 """
 
 from __future__ import annotations

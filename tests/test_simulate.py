@@ -1,4 +1,4 @@
-"""`keepwarm simulate` (SPEC §10): traces, the replay, the hindsight optimum, the command."""
+"""`keepwarm simulate`: traces, the replay, the hindsight optimum, the command."""
 
 import csv
 import io

@@ -405,7 +405,7 @@ def test_a_month_of_traffic_draws_in_bounded_markup() -> None:
 
 
 def test_a_pair_whose_cache_lives_elsewhere_says_where() -> None:
-    """An account other than the default Anthropic one is named beside the model (SPEC §12)."""
+    """An account other than the default Anthropic one is named beside the model."""
     from dataclasses import replace
 
     states = _states()

@@ -78,7 +78,7 @@ class LogEntry:
 
     time: float  # emulator clock at arrival
     model: str | None
-    fingerprint: str | None  # SPEC §1 fingerprint; None when the body was not a JSON object
+    fingerprint: str | None  # the prefix's fingerprint (keepwarm.cachekey); None when the body was not a JSON object
     usage: dict[str, Any] | None  # messages: the response usage; count_tokens: its answer
     status: int  # HTTP status; 0 when no response was sent (hang, drop)
     request_id: str

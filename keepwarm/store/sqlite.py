@@ -568,7 +568,7 @@ class Ledger(PendingLedger):
                 event(log, logging.WARNING, "ledger is not in WAL mode; readers may block pings",
                       path=where, journal_mode=mode)
             # FULL, not NORMAL: with WAL, NORMAL survives a process crash but can lose the
-            # last commits on power loss, and the SPEC allows losing only the ping in flight.
+            # last commits on power loss, and the contract (README: Restarts and state) allows losing only the ping in flight.
             # The price is one fsync per ping, a few a minute: nothing.
             db.execute("PRAGMA synchronous=FULL")
             migrate(db, where)
