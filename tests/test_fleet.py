@@ -247,3 +247,50 @@ def test_savings_are_judged_against_the_fleet_s_history_not_one_member_s(tmp_pat
         c = Observer(config, Metrics(), ledger=lambda: ledger, clock=clock)
         alone = validate({**pair, "at": T0 + 1}, 0, c.pairs, clock.now)
         assert isinstance(alone, Observation) and c.record([alone])[0].saved
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_savings_with_observations_split_at_random_equal_one_daemons(tmp_path: Path, seed: int) -> None:
+    """Production's requests, in time order, each posted to one of three members at random: the
+    fleet credits exactly the savings one daemon that saw them all credits, pair by pair."""
+    import random
+
+    from conftest import basic_doc
+
+    from keepwarm.observations import Observer
+
+    rng = random.Random(seed)
+    config = parse_config(basic_doc("http://127.0.0.1:9"), tmp_path)
+    keys = [(p.expert, p.model) for p in config.pairs]
+    ttl = config.pairs[0].ttl_seconds
+    # Gaps around the TTL (bursts, near misses, long silences), so both verdicts are common.
+    stream, at = [], T0
+    for _ in range(300):
+        at += rng.choice([rng.uniform(1, 60), rng.uniform(ttl - 30, ttl + 30), rng.uniform(ttl, 4 * ttl)])
+        expert, model = rng.choice(keys)
+        read = rng.choice([0, 1500, 1500, 3000])
+        stream.append({"expert": expert, "model": model, "at": at, "usage": {
+            "input_tokens": 10, "cache_read_input_tokens": read, "cache_creation_input_tokens": 1500 - min(read, 1500),
+            "output_tokens": 5}})
+
+    def saved_by_pair(ledger: Ledger) -> dict[tuple[str, str], float]:
+        out: Counter[tuple[str, str]] = Counter()
+        for row in ledger.observations():
+            out[(row.expert, row.model)] += row.saved_usd or 0.0
+        return dict(out)
+
+    clock = Clock()
+    with Ledger(tmp_path / "one.db", clock=clock) as one, Ledger(tmp_path / "fleet.db", clock=clock) as shared:
+        alone = Observer(config, Metrics(), ledger=lambda: one, clock=clock)
+        members = [Observer(config, Metrics(), ledger=lambda: shared, clock=clock) for _ in range(3)]
+        for member in members:
+            member.fleet_history = shared.last_requests
+        for item in stream:
+            clock.now = item["at"] + 0.5
+            assert alone.accept([item])[0] == 202
+            assert rng.choice(members).accept([item])[0] == 202
+        expected, got = saved_by_pair(one), saved_by_pair(shared)
+    assert sum(expected.values()) > 0, "the stream credits some savings"
+    assert got.keys() == expected.keys()
+    for key, usd in expected.items():
+        assert got[key] == pytest.approx(usd, rel=1e-9), key
