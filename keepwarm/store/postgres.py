@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import psycopg
 from psycopg import sql as pgsql
@@ -261,6 +261,11 @@ def _as_sqlite(conn: psycopg.Connection[Any]) -> sqlite3.Connection:
     return cast("sqlite3.Connection", _Qmark(conn))
 
 
+def _alive(conn: psycopg.Connection[Any] | None) -> TypeGuard[psycopg.Connection[Any]]:
+    """Whether a connection is open and unbroken (one that is neither is reopened)."""
+    return conn is not None and not conn.closed and not conn.broken
+
+
 @dataclass
 class _Backoff:
     """When the next reconnection may be tried: after 1 s, then doubling up to RETRY_MAX."""
@@ -342,24 +347,31 @@ class PostgresLedger(PendingLedger):
         """The live connection, reconnecting (with backoff) if the last one broke (the caller holds the lock)."""
         if self._closed:
             raise LedgerError(f"ledger {self.target} is closed")
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-            self._conn = None
-        if not self._backoff.ready():
-            raise LedgerError(f"ledger {self.target}: the database is unreachable; next attempt in"
-                              f" {self._backoff.not_before - self._backoff.mono():.0f} s")
-        try:
-            self._conn = self._open()
-        except LedgerError:
-            self._backoff.failed()
-            raise
-        self._backoff.succeeded()
+        old = self._conn
+        if _alive(old):
+            return old
+        self._conn = None
+        self._conn = self._reconnect(old, self._backoff, self._open)
         event(log, logging.INFO, "ledger reconnected", ledger=str(self.target))
         return self._conn
+
+    def _reconnect(
+        self, old: psycopg.Connection[Any] | None, backoff: _Backoff, open_: Callable[[], psycopg.Connection[Any]]
+    ) -> psycopg.Connection[Any]:
+        """A new connection in place of `old` (closed here), tried no sooner than `backoff` allows."""
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        if not backoff.ready():
+            raise LedgerError(f"ledger {self.target}: the database is unreachable; next attempt in"
+                              f" {backoff.not_before - backoff.mono():.0f} s")
+        try:
+            conn = open_()
+        except LedgerError:
+            backoff.failed()
+            raise
+        backoff.succeeded()
+        return conn
 
     def _flush(self) -> None:
         """Commit every pending row, and the summaries they move, in one transaction (the caller holds the lock)."""
@@ -463,22 +475,12 @@ class PostgresLedger(PendingLedger):
         """The leases' own connection, (re)opened with its own backoff (the caller holds `_lease_lock`)."""
         if self._closed:
             raise LedgerError(f"ledger {self.target} is closed")
-        conn = self._lease_conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-            self._lease_conn = None
-        if not self._lease_backoff.ready():
-            raise LedgerError(f"ledger {self.target}: the database is unreachable; next attempt in"
-                              f" {self._lease_backoff.not_before - self._lease_backoff.mono():.0f} s")
-        try:
-            self._lease_conn = connect(self.target)  # the schema was migrated when the ledger opened
-        except LedgerError:
-            self._lease_backoff.failed()
-            raise
-        self._lease_backoff.succeeded()
+        old = self._lease_conn
+        if _alive(old):
+            return old
+        self._lease_conn = None
+        # The schema was migrated when the ledger opened: a plain connection will do.
+        self._lease_conn = self._reconnect(old, self._lease_backoff, lambda: connect(self.target))
         return self._lease_conn
 
     def renew_lease(self, fleet: str, member: str, now: float, lease: float) -> list[tuple[str, float]]:
