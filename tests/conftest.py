@@ -421,3 +421,19 @@ def _start_postgres(server: PostgresServer, data: Path, owner: str | None) -> No
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server, as a conninfo over its unix socket."""
     return postgres_server.admin_url(postgres_server.new_database())
+
+
+class RecordedRows:
+    """A ledger that keeps the observation rows it is given, for an Observer's tests."""
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+
+    def record_observations(self, rows: list[Any]) -> None:
+        self.rows.extend(rows)
+
+    def can_keep(self) -> bool:
+        return True
+
+    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
+        return False

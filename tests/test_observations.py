@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import basic_doc, write_config
+from conftest import RecordedRows, basic_doc, write_config
 
 from keepwarm.classify import Result, Usage
 from keepwarm.config import Config, parse_config
@@ -638,20 +638,6 @@ def test_batched_touches_leave_the_scheduler_as_one_by_one_touches_do(tmp_path: 
         assert one.prior.added, "the touches taught the shared prior something"
 
 
-class _Rows:
-    def __init__(self) -> None:
-        self.rows: list[Any] = []
-
-    def record_observations(self, rows: list[Any]) -> None:
-        self.rows.extend(rows)
-
-    def can_keep(self) -> bool:
-        return True
-
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        return False
-
-
 def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Path) -> None:
     import math
 
@@ -659,7 +645,7 @@ def test_summed_pricing_equals_the_sum_of_each_observation_s_price(tmp_path: Pat
     from keepwarm.pricing import COST_KINDS
 
     config = _config(tmp_path)
-    rows, metrics = _Rows(), Metrics()
+    rows, metrics = RecordedRows(), Metrics()
     observer = Observer(config, metrics, ledger=lambda: rows, clock=FakeClock(T0 + 200_000))
     rng = random.Random(9)
     keys = [p.key for p in config.pairs]

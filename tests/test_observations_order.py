@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import basic_doc
+from conftest import RecordedRows, basic_doc
 
 from keepwarm.config import Config, parse_config
 from keepwarm.metrics import Metrics
@@ -27,20 +27,6 @@ READ = 1500
 # a TTL later, and a request that wrote instead of reading opening a third (no saving).
 EVENTS = {"A": (0.0, READ), "B": (250.0, READ), "X": (500.0, READ), "Y": (900.0, READ), "W": (1300.0, 0),
           "Z": (1400.0, READ)}
-
-
-class _Rows:
-    def __init__(self) -> None:
-        self.rows: list[Any] = []
-
-    def record_observations(self, rows: list[Any]) -> None:
-        self.rows.extend(rows)
-
-    def can_keep(self) -> bool:
-        return True
-
-    def refreshed_between(self, expert: str, model: str, start: float, end: float) -> bool:
-        return False
 
 
 class Clock:
@@ -76,7 +62,7 @@ class World:
     def __init__(self, tmp_path: Path, now: float) -> None:
         self.config = _config(tmp_path)
         self.clock = Clock(now)
-        self.rows = _Rows()
+        self.rows = RecordedRows()
         self.metrics = Metrics()
         self.observer = Observer(self.config, self.metrics, clock=self.clock, ledger=lambda: self.rows, settle=SETTLE)
 
