@@ -32,16 +32,8 @@ ERROR_TYPES = {
 def make_client(account: Account, secret: str | None, timeout: float, base_url: str | None) -> Any:
     """An `AnthropicBedrock` client for the account's region (and profile, or API key); with
     `bedrock_api: mantle`, an `AnthropicBedrockMantle` for Bedrock's Messages API endpoint."""
-    if account.bedrock_api == "mantle":
-        return AnthropicBedrockMantle(
-            aws_region=account.region,
-            aws_profile=account.aws_profile,
-            api_key=secret,
-            base_url=base_url or account.base_url,
-            timeout=timeout,
-            max_retries=0,
-        )
-    return AnthropicBedrock(
+    client = AnthropicBedrockMantle if account.bedrock_api == "mantle" else AnthropicBedrock
+    return client(
         aws_region=account.region,
         aws_profile=account.aws_profile,
         api_key=secret,
